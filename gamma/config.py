@@ -1,0 +1,90 @@
+"""Architecture hyper-parameters, independent of the checkpoint format."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+ARCHITECTURES = ("whisper", "llama", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of one of the supported architectures.
+
+    Decoder LMs (llama, qwen3) use ``n_layers``/``n_heads``/``n_kv_heads``.
+    Whisper uses the ``encoder_*``/``decoder_*`` fields; ``d_model`` is shared.
+    """
+
+    arch: str                      # "whisper" | "llama" | "qwen3"
+    d_model: int
+    vocab_size: int = 0
+    # decoder-only LMs
+    n_layers: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0              # 0 -> d_model // n_heads
+    d_ff: int = 0
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False   # q/k/v biases (Qwen2 style)
+    # whisper
+    n_mels: int = 80
+    encoder_layers: int = 0
+    encoder_heads: int = 0
+    encoder_ffn_dim: int = 0
+    decoder_layers: int = 0
+    decoder_heads: int = 0
+    decoder_ffn_dim: int = 0
+    max_source_positions: int = 1500
+    max_target_positions: int = 448
+    layer_norm_eps: float = 1e-5
+    # free-form provenance (what was read, what was inferred)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            from .errors import GammaError
+            raise GammaError(f"unknown architecture '{self.arch}' (supported: {', '.join(ARCHITECTURES)})")
+        if self.arch != "whisper" and not self.head_dim and self.n_heads:
+            self.head_dim = self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: float32 tensors under canonical (Hugging Face) names.
+
+    ``tensors`` maps canonical HF names (``model.layers.0.self_attn.q_proj.weight``,
+    ``model.encoder.layers.0.fc1.weight``, ...) to float32 CPU tensors in HF
+    orientation (Linear weights are ``(out, in)``).  Quantized weights are
+    dequantized on load; ``dtypes`` keeps the source type of every tensor
+    (``"F16"``, ``"Q4_1"``, ...).
+    """
+
+    path: str
+    format: str                    # "safetensors" | "gguf" | "ct2" | "pytorch"
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    dtypes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # what was inferred, warnings
+    source_names: dict[str, str] = field(default_factory=dict)  # canonical -> name in file
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+        from .errors import GammaError
+        if name not in self.tensors:
+            raise GammaError(f"{self.path}: missing tensor '{name}' for {self.config.arch}")
+        t = self.tensors[name]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise GammaError(f"{self.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return t

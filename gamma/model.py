@@ -1,0 +1,167 @@
+"""A loaded model: checkpoint + graph builders + verification input points.
+
+Input points (the centre of the verification box):
+
+* Whisper encoder: log-mel features ``(n_mels, 2T)``.  Default: a
+  deterministic pseudo-random array (``torch.Generator`` seed 0, normal with
+  standard deviation 0.5, clipped to [-1, 1.5], the range of Whisper's
+  normalised log-mel features).
+* Decoder LMs and the Whisper decoder: token embeddings ``(T, d)``.  Default
+  tokens: ``T`` ids drawn with ``torch.Generator`` seed 0 from ``[0, vocab)``.
+  ``--tokens 1,2,3`` picks them; ``--center zeros`` uses all-zero inputs (as
+  gamma-crown does); ``--input FILE.npy`` gives the exact array.
+* The Whisper decoder holds the encoder output at its nominal value, computed
+  from the default (or given) encoder input of the same ``seq_len``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import Checkpoint
+from .errors import GammaError
+from .graph import Graph
+from .models import llama as _llama
+from .models import whisper as _whisper
+from .ops import evaluate
+
+COMPONENTS = {"whisper": ("encoder", "decoder"), "llama": ("decoder",), "qwen3": ("decoder",)}
+
+
+@dataclass
+class InputPoint:
+    x: torch.Tensor                      # float64, the graph's input shape
+    description: str
+    tokens: Optional[list[int]] = None
+    extra: dict = field(default_factory=dict)
+
+
+class Model:
+    """A checkpoint with the graphs gamma verifies."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    @property
+    def config(self):
+        return self.ckpt.config
+
+    @property
+    def arch(self) -> str:
+        return self.ckpt.config.arch
+
+    @property
+    def path(self) -> str:
+        return self.ckpt.path
+
+    def component(self, component: Optional[str]) -> str:
+        allowed = COMPONENTS[self.arch]
+        if component in (None, "auto"):
+            return allowed[0]
+        if component not in allowed:
+            raise GammaError(f"{self.arch} has no component '{component}' (choose from {', '.join(allowed)})")
+        return component
+
+    # -- input points -----------------------------------------------------
+    def input_point(self, component: Optional[str] = None, seq_len: int = 8, *,
+                    input_path: Optional[str] = None, tokens: Optional[Sequence[int]] = None,
+                    center: Optional[str] = None) -> InputPoint:
+        comp = self.component(component)
+        if seq_len < 1:
+            raise GammaError(f"--seq-len must be >= 1, got {seq_len}")
+        shape = self._input_shape(comp, seq_len)
+        if input_path is not None:
+            x = _load_npy(input_path)
+            if tuple(x.shape) != shape:
+                raise GammaError(f"{input_path}: input has shape {tuple(x.shape)}, expected {shape} "
+                                 f"for {self.arch} {comp} at --seq-len {seq_len}")
+            return InputPoint(x, f"file {os.path.basename(input_path)}")
+        if center not in (None, "default", "zeros"):
+            raise GammaError(f"unknown --center '{center}' (choose zeros or default)")
+        if center == "zeros":
+            return InputPoint(torch.zeros(shape, dtype=torch.float64), "zeros")
+        if comp == "encoder":
+            if tokens is not None:
+                raise GammaError("--tokens applies to decoders; the Whisper encoder takes --input FEATURES.npy")
+            return InputPoint(default_mel(shape), "default mel (seed 0)")
+        vocab = self._vocab()
+        if tokens is None:
+            gen = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
+            desc = "default tokens (seed 0)"
+        else:
+            tokens = [int(t) for t in tokens]
+            if len(tokens) != seq_len:
+                seq_len = len(tokens)
+            desc = "tokens " + ",".join(map(str, tokens))
+        return InputPoint(self.embed(tokens, comp), desc, tokens=list(tokens))
+
+    def _vocab(self) -> int:
+        name = "model.decoder.embed_tokens.weight" if self.arch == "whisper" else "model.embed_tokens.weight"
+        return self.ckpt.get(name).shape[0]
+
+    def embed(self, tokens: Sequence[int], component: str = "decoder") -> torch.Tensor:
+        if self.arch == "whisper":
+            emb = self.ckpt.get("model.decoder.embed_tokens.weight")
+            bad = [t for t in tokens if not 0 <= t < emb.shape[0]]
+            if bad:
+                raise GammaError(f"token ids {bad} out of range [0, {emb.shape[0]})")
+            return emb[torch.tensor(list(tokens), dtype=torch.long)].double()
+        return _llama.embed_tokens(self.ckpt, list(tokens))
+
+    def _input_shape(self, comp: str, seq_len: int) -> tuple[int, ...]:
+        cfg = self.config
+        if comp == "encoder":
+            return (cfg.n_mels, 2 * seq_len)
+        return (seq_len, cfg.d_model)
+
+    # -- graphs -------------------------------------------------------------
+    def graph(self, component: Optional[str] = None, seq_len: int = 8, output: str = "hidden",
+              encoder_input: Optional[torch.Tensor] = None) -> Graph:
+        """The graph whose input is the verification input point."""
+        comp = self.component(component)
+        if output not in ("hidden", "logits"):
+            raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")
+        if comp == "encoder":
+            if output == "logits":
+                raise GammaError("--output logits applies to decoders, not the Whisper encoder")
+            return _whisper.build_encoder(self.ckpt, seq_len)
+        if self.arch == "whisper":
+            enc_out = self.encoder_output(seq_len, encoder_input)
+            return _whisper.build_decoder(self.ckpt, seq_len, enc_out, output)
+        return _llama.build_llama(self.ckpt, seq_len, output)
+
+    def encoder_output(self, seq_len: int, encoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        enc = _whisper.build_encoder(self.ckpt, seq_len)
+        x = default_mel(enc.input_shape) if encoder_input is None else encoder_input.double()
+        return evaluate(enc, x)
+
+    def forward(self, x: torch.Tensor, component: Optional[str] = None, output: str = "hidden") -> torch.Tensor:
+        comp = self.component(component)
+        seq_len = x.shape[-1] // 2 if comp == "encoder" else x.shape[-2]
+        return evaluate(self.graph(comp, seq_len, output), x.double())
+
+
+def default_mel(shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5).clamp(-1.0, 1.5)
+
+
+def _load_npy(path: str) -> torch.Tensor:
+    if not os.path.exists(path):
+        raise GammaError(f"{path}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types on corrupt files
+        raise GammaError(f"{path}: not a readable .npy array ({type(e).__name__})") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise GammaError(f"{path}: input must be a float array, got {arr.dtype}")
+    x = torch.from_numpy(np.asarray(arr, dtype=np.float64))
+    if not torch.isfinite(x).all():
+        raise GammaError(f"{path}: input contains NaN or inf")
+    return x

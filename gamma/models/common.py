@@ -1,0 +1,49 @@
+"""Building blocks shared by the architecture builders."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import Checkpoint
+from ..graph import Graph
+
+
+def f32_const(value: float) -> float:
+    """A Python scalar as the float32 value a float32 engine multiplies by."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+class Weights:
+    """Shape-checked float64 views of a checkpoint's float32 tensors."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        return self.ckpt.get(name, shape).to(torch.float64)
+
+    def optional(self, name: str, *shape: int) -> Optional[torch.Tensor]:
+        return self(name, *shape) if name in self.ckpt.tensors else None
+
+
+def causal_mask(t: int, s: Optional[int] = None) -> torch.Tensor:
+    """(T, S) bool, True where query t may attend key s (s <= t)."""
+    s = t if s is None else s
+    return torch.ones(t, s, dtype=torch.bool).tril()
+
+
+def attention_core(g: Graph, b: str, prefix: str, q: str, k: str, v: str, *,
+                   scale: Optional[float], mask: Optional[torch.Tensor]) -> str:
+    """softmax(q k^T [* scale] [masked]) v for per-head q (H,T,dh), k (H,S,dh), v (H,S,dh).
+
+    Returns the merged output node (T, H*dh).
+    """
+    s = g.add(f"{prefix}.qk", "matmul", q, k, block=b)                      # (H, T, S)
+    if scale is not None:
+        s = g.add(f"{prefix}.scores", "mul_const", s, block=b, c=scale)
+    p = g.add(f"{prefix}.softmax", "softmax", s, block=b, mask=mask)       # (H, T, S)
+    vt = g.add(f"{prefix}.v_t", "transpose", v, block=b)                  # (H, dh, S)
+    o = g.add(f"{prefix}.av", "matmul", p, vt, block=b)                   # (H, T, dh)
+    return g.add(f"{prefix}.merge", "merge_heads", o, block=b)            # (T, H*dh)

@@ -1,0 +1,291 @@
+"""Primitive ops: exact forward functions and facts as data.
+
+Every op in a :class:`gamma.graph.Graph` has an entry in :data:`FORWARD`.
+Ops whose map is affine in their bounded inputs also have an
+:class:`Affine` entry in :data:`AFFINE`, giving the linear part, its
+transpose (for backward bound propagation), the linear part with absolute
+values (for interval radii) and the constant offset.  Bound methods get
+every affine op for free from these four functions.
+
+All functions accept extra leading batch dimensions ``(..., *shape)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GammaError
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------- helpers
+def rotate_half(x: Tensor) -> Tensor:
+    """(..., dh) -> (..., dh): [-x2, x1] as in HF's rotate_half."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate_half_abs(x: Tensor) -> Tensor:
+    """|rotate_half| applied to a non-negative tensor: the permutation only."""
+    h = x.shape[-1] // 2
+    return torch.cat((x[..., h:], x[..., :h]), dim=-1)
+
+
+def rotate_half_T(x: Tensor) -> Tensor:
+    """Transpose of rotate_half (it is antisymmetric)."""
+    return -rotate_half(x)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(..., T, H*dh) -> (..., H, T, dh)."""
+    *lead, t, hd = x.shape
+    return x.reshape(*lead, t, heads, hd // heads).transpose(-3, -2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(..., H, T, dh) -> (..., T, H*dh)."""
+    *lead, h, t, dh = x.shape
+    return x.transpose(-3, -2).reshape(*lead, t, h * dh)
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """(..., Hkv, T, dh) -> (..., Hkv*n_rep, T, dh); head h reads kv head h // n_rep."""
+    return x if n_rep == 1 else torch.repeat_interleave(x, n_rep, dim=-3)
+
+
+def repeat_kv_T(lam: Tensor, n_rep: int) -> Tensor:
+    """Transpose of repeat_kv: sum each group of n_rep heads."""
+    if n_rep == 1:
+        return lam
+    *lead, h, t, dh = lam.shape
+    return lam.reshape(*lead, h // n_rep, n_rep, t, dh).sum(-3)
+
+
+def _conv1d(x: Tensor, w: Tensor, b: Optional[Tensor], stride: int, padding: int) -> Tensor:
+    """x (..., C_in, L) -> (..., C_out, L')."""
+    lead = x.shape[:-2]
+    y = F.conv1d(x.reshape(-1, *x.shape[-2:]), w, b, stride=stride, padding=padding)
+    return y.reshape(*lead, *y.shape[-2:])
+
+
+def _conv1d_T(lam: Tensor, w: Tensor, stride: int, padding: int, in_len: int) -> Tensor:
+    """Transpose of the conv's linear part: (..., C_out, L') -> (..., C_in, in_len)."""
+    lead = lam.shape[:-2]
+    lam2 = lam.reshape(-1, *lam.shape[-2:])
+    out_len = lam2.shape[-1]
+    natural = (out_len - 1) * stride - 2 * padding + w.shape[-1]
+    y = F.conv_transpose1d(lam2, w, stride=stride, padding=padding, output_padding=in_len - natural)
+    return y.reshape(*lead, *y.shape[-2:])
+
+
+def softmax_masked(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Softmax over the last dim; masked-out positions (mask False) are exactly 0."""
+    if mask is None:
+        return torch.softmax(x, dim=-1)
+    x = x.masked_fill(~mask, float("-inf"))
+    return torch.softmax(x, dim=-1)
+
+
+def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    mu = x.mean(-1, keepdim=True)
+    c = x - mu
+    var = (c * c).mean(-1, keepdim=True)
+    return c * torch.rsqrt(var + eps) * w + b
+
+
+def rmsnorm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    var = (x * x).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + eps) * w
+
+
+def gelu(x: Tensor) -> Tensor:
+    return F.gelu(x)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# ---------------------------------------------------------------- forward table
+def _p(node, k):
+    return node.params[k]
+
+
+FORWARD: dict[str, Callable] = {
+    "linear": lambda n, x: F.linear(x, _p(n, "weight"), n.params.get("bias")),
+    "conv1d": lambda n, x: _conv1d(x, _p(n, "weight"), n.params.get("bias"), _p(n, "stride"), _p(n, "padding")),
+    "transpose": lambda n, x: x.transpose(-1, -2),
+    "add": lambda n, x, y: x + y,
+    "add_const": lambda n, x: x + _p(n, "c"),
+    "mul_const": lambda n, x: x * _p(n, "c"),
+    "split_heads": lambda n, x: split_heads(x, _p(n, "heads")),
+    "merge_heads": lambda n, x: merge_heads(x),
+    "repeat_kv": lambda n, x: repeat_kv(x, _p(n, "n_rep")),
+    "rope": lambda n, x: x * _p(n, "cos") + rotate_half(x) * _p(n, "sin"),
+    "matmul_const": lambda n, x: torch.matmul(x, _p(n, "c")),
+    "gelu": lambda n, x: gelu(x),
+    "gelu_tanh": lambda n, x: gelu_tanh(x),
+    "silu": lambda n, x: F.silu(x),
+    "mul": lambda n, x, y: x * y,
+    "matmul": lambda n, x, y: torch.matmul(x, y.transpose(-1, -2)),   # (.., T, a) @ (.., S, a)^T
+    "softmax": lambda n, x: softmax_masked(x, n.params.get("mask")),
+    "layernorm": lambda n, x: layernorm(x, _p(n, "weight"), _p(n, "bias"), _p(n, "eps")),
+    "rmsnorm": lambda n, x: rmsnorm(x, _p(n, "weight"), _p(n, "eps")),
+}
+
+ELEMENTWISE = {"gelu", "gelu_tanh", "silu"}      # unary, scalar relaxations in bounds.relax
+BILINEAR = {"mul", "matmul"}                     # products of two bounded tensors
+JACOBIAN = {"softmax", "layernorm", "rmsnorm"}   # smooth vector maps, mean-value linearisation
+
+
+# ---------------------------------------------------------------- affine facts
+@dataclass(frozen=True)
+class Affine:
+    """y = lin(x1, x2, ...) + offset, with lin linear in the bounded inputs.
+
+    ``lin(node, *xs)``: the linear part; ``lin_T(node, lam, in_shapes)``: its
+    transpose, returning one cotangent per input; ``lin_abs(node, *rs)``: the
+    linear part with every coefficient replaced by its absolute value,
+    applied to non-negative tensors (radii); ``offset(node)``: the constant
+    term or None.
+    """
+    lin: Callable
+    lin_T: Callable
+    lin_abs: Callable
+    offset: Callable
+
+
+def _none(node):
+    return None
+
+
+def _sum_to(lam: Tensor, shape: tuple) -> Tensor:
+    """Sum a broadcasted cotangent back to ``shape`` (trailing dims)."""
+    extra = lam.dim() - len(shape)
+    dims = [extra + i for i, s in enumerate(shape) if s == 1 and lam.shape[extra + i] != 1]
+    return lam.sum(dims, keepdim=True) if dims else lam
+
+
+AFFINE: dict[str, Affine] = {
+    "linear": Affine(
+        lin=lambda n, x: torch.matmul(x, _p(n, "weight").T),
+        lin_T=lambda n, lam, shapes: (torch.matmul(lam, _p(n, "weight")),),
+        lin_abs=lambda n, r: torch.matmul(r, _p(n, "weight").abs().T),
+        offset=lambda n: n.params.get("bias"),
+    ),
+    "conv1d": Affine(
+        lin=lambda n, x: _conv1d(x, _p(n, "weight"), None, _p(n, "stride"), _p(n, "padding")),
+        lin_T=lambda n, lam, shapes: (_conv1d_T(lam, _p(n, "weight"), _p(n, "stride"), _p(n, "padding"), shapes[0][-1]),),
+        lin_abs=lambda n, r: _conv1d(r, _p(n, "weight").abs(), None, _p(n, "stride"), _p(n, "padding")),
+        offset=lambda n: None if n.params.get("bias") is None else n.params["bias"][:, None],
+    ),
+    "transpose": Affine(
+        lin=lambda n, x: x.transpose(-1, -2),
+        lin_T=lambda n, lam, shapes: (lam.transpose(-1, -2),),
+        lin_abs=lambda n, r: r.transpose(-1, -2),
+        offset=_none,
+    ),
+    "add": Affine(
+        lin=lambda n, x, y: x + y,
+        lin_T=lambda n, lam, shapes: (lam, lam),
+        lin_abs=lambda n, rx, ry: rx + ry,
+        offset=_none,
+    ),
+    "add_const": Affine(
+        lin=lambda n, x: x,
+        lin_T=lambda n, lam, shapes: (lam,),
+        lin_abs=lambda n, r: r,
+        offset=lambda n: _p(n, "c"),
+    ),
+    "mul_const": Affine(
+        lin=lambda n, x: x * _p(n, "c"),
+        lin_T=lambda n, lam, shapes: (lam * _p(n, "c"),),
+        lin_abs=lambda n, r: r * (_p(n, "c").abs() if isinstance(_p(n, "c"), Tensor) else abs(_p(n, "c"))),
+        offset=_none,
+    ),
+    "split_heads": Affine(
+        lin=lambda n, x: split_heads(x, _p(n, "heads")),
+        lin_T=lambda n, lam, shapes: (merge_heads(lam),),
+        lin_abs=lambda n, r: split_heads(r, _p(n, "heads")),
+        offset=_none,
+    ),
+    "merge_heads": Affine(
+        lin=lambda n, x: merge_heads(x),
+        lin_T=lambda n, lam, shapes: (split_heads(lam, shapes[0][-3]),),
+        lin_abs=lambda n, r: merge_heads(r),
+        offset=_none,
+    ),
+    "repeat_kv": Affine(
+        lin=lambda n, x: repeat_kv(x, _p(n, "n_rep")),
+        lin_T=lambda n, lam, shapes: (repeat_kv_T(lam, _p(n, "n_rep")),),
+        lin_abs=lambda n, r: repeat_kv(r, _p(n, "n_rep")),
+        offset=_none,
+    ),
+    "rope": Affine(
+        lin=lambda n, x: x * _p(n, "cos") + rotate_half(x) * _p(n, "sin"),
+        lin_T=lambda n, lam, shapes: (lam * _p(n, "cos") + rotate_half_T(lam * _p(n, "sin")),),
+        lin_abs=lambda n, r: r * _p(n, "cos").abs() + rotate_half_abs(r) * _p(n, "sin").abs(),
+        offset=_none,
+    ),
+    "matmul_const": Affine(
+        lin=lambda n, x: torch.matmul(x, _p(n, "c")),
+        lin_T=lambda n, lam, shapes: (torch.matmul(lam, _p(n, "c").transpose(-1, -2)),),
+        lin_abs=lambda n, r: torch.matmul(r, _p(n, "c").abs()),
+        offset=_none,
+    ),
+}
+
+
+def affine_offset(node) -> Optional[Tensor]:
+    return AFFINE[node.op].offset(node)
+
+
+# ---------------------------------------------------------------- evaluation
+def forward_op(node, *xs: Tensor) -> Tensor:
+    try:
+        fn = FORWARD[node.op]
+    except KeyError:
+        raise GammaError(f"no forward rule for op '{node.op}' (node {node.name})") from None
+    return fn(node, *xs)
+
+
+def evaluate(graph, x: Tensor, keep_all: bool = False, upto: Optional[str] = None):
+    """Exact forward pass of ``graph`` at ``x`` (shape ``(..., *input_shape)``).
+
+    Returns the output tensor, or a dict of every node's value when
+    ``keep_all``.  Computed in the dtype of ``x`` and of the graph's
+    constants (float64 by default: the exact real-valued function up to
+    float64 rounding).
+    """
+    values = {graph.input: x}
+    consumers = None if keep_all else _last_use(graph)
+    target = upto or graph.output
+    for idx, node in enumerate(graph):
+        if node.op == "input":
+            continue
+        values[node.name] = forward_op(node, *(values[i] for i in node.inputs))
+        if node.name == target and not keep_all:
+            return values[node.name]
+        if consumers is not None:
+            for i in node.inputs:
+                if consumers[i] == idx and i != target:
+                    del values[i]
+    return values if keep_all else values[target]
+
+
+def _last_use(graph) -> dict[str, int]:
+    last = {}
+    for idx, node in enumerate(graph):
+        for i in node.inputs:
+            last[i] = idx
+    return last
+
+
+def gelu_exact_scalar(x: float) -> float:
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))

@@ -1,0 +1,145 @@
+"""Per-node float32 rounding margins.
+
+gamma bounds the real-valued function in float64 and then, at every node,
+adds an outward margin ``m`` that bounds |fl32(op(x)) - op(x)| for every x
+in the node's input box, where fl32 is any float32 evaluation of the op
+(any summation order, FMA or not, scale applied before or after a matmul).
+By induction over the graph, bounds that contain the float32 inputs of a
+node and are widened by its margin contain its float32 output.  IBP and
+zonotopes add ``m`` to the node's radius; CROWN adds ``|Lambda| . m`` to the
+constant of the backward bound at that node.
+
+The float64 rounding of gamma's own bound arithmetic is about 2^29 times
+smaller than these float32 margins at the same magnitudes, so the margins
+cover it as well.
+
+Each rule takes ``(node, inputs: list[Interval], out: Interval)`` and
+returns a tensor of the node's shape, or None for exact ops (permutations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fp
+from .interval import Interval
+from .jacobian import _norm_stats
+
+U = 2.0 ** -24
+SAFETY = 2.0          # every margin is doubled: soundness over tightness
+
+
+def _rel(out: Interval, k: float) -> torch.Tensor:
+    return k * U * out.abs_max()
+
+
+def _linear(node, ins, out):
+    x = ins[0].abs_max()
+    w = node.params["weight"]
+    s = x @ w.abs().T
+    b = node.params.get("bias")
+    if b is not None:
+        s = s + b.abs()
+    return fp.dot_error(s, w.shape[1] + 4)
+
+
+def _conv1d(node, ins, out):
+    from ..ops import _conv1d as conv
+    w = node.params["weight"]
+    s = conv(ins[0].abs_max(), w.abs(), None, node.params["stride"], node.params["padding"])
+    b = node.params.get("bias")
+    if b is not None:
+        s = s + b.abs()[:, None]
+    return fp.dot_error(s, w.shape[1] * w.shape[2] + 4)
+
+
+def _matmul(node, ins, out):
+    x, y = ins[0].abs_max(), ins[1].abs_max()
+    return fp.dot_error(x @ y.transpose(-1, -2), x.shape[-1] + 4)
+
+
+def _matmul_const(node, ins, out):
+    c = node.params["c"]
+    return fp.dot_error(ins[0].abs_max() @ c.abs(), c.shape[-2] + 4)
+
+
+def _rope(node, ins, out):
+    from ..ops import rotate_half_abs
+    x = ins[0].abs_max()
+    s = x * node.params["cos"].abs() + rotate_half_abs(x) * node.params["sin"].abs()
+    return 3 * U * s
+
+
+def _elementwise(node, ins, out):
+    return fp.elementwise_error(node.op, ins[0].lower, ins[0].upper)
+
+
+def _softmax(node, ins, out):
+    x = ins[0]
+    mask = node.params.get("mask")
+    n = x.lower.shape[-1]
+    hi = x.upper if mask is None else x.upper.masked_fill(~mask, float("-inf"))
+    row_max = hi.max(-1, keepdim=True).values
+    lo = x.lower if mask is None else x.lower.masked_fill(~mask, 0.0)
+    span = (row_max - lo).clamp_min(0)                    # |x_j - max| over the box
+    e = U * span + 4 * U                                  # relative error of each exp term
+    e_max = e if mask is None else e.masked_fill(~mask, 0.0)
+    rel = e + e_max.max(-1, keepdim=True).values + fp.gamma(n + 2) + 2 * U
+    m = out.upper * rel + 2.0 ** -126
+    return m if mask is None else m.masked_fill(~mask, 0.0)
+
+
+def _norm(node, ins, out):
+    """LayerNorm / RMSNorm evaluated as mean, centre, mean of squares (or
+    E[x^2] - E[x]^2), rsqrt, two products and a bias add."""
+    x = ins[0]
+    centered = node.op == "layernorm"
+    d = x.lower.shape[-1]
+    eps = node.params["eps"]
+    w = node.params["weight"].abs()
+    (nl, nu), (sl, su), (vl, vh), (cl, cu) = _norm_stats(x, eps, centered)
+    xa = x.abs_max()
+    g = fp.gamma(d + 4)
+    c_abs = torch.maximum(cl.abs(), cu.abs())
+    if centered:
+        e_mu = g * xa.mean(-1, keepdim=True)
+        e_c = e_mu + U * (c_abs + e_mu)
+    else:
+        e_c = torch.zeros_like(c_abs)
+    # variance error: two-pass form and E[x^2] - E[x]^2 form, whichever is larger
+    e_var_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True) + g * (vh + eps)
+    e_var_raw = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
+    e_var = torch.maximum(e_var_two, e_var_raw) if centered else e_var_two
+    rel_s = 0.5 * e_var / (vl + eps) + 4 * U                # rsqrt result
+    n_abs = torch.maximum(nl.abs(), nu.abs())
+    e_n = e_c * su + n_abs * rel_s + U * n_abs
+    return w * e_n + 2 * U * (w * n_abs + out.abs_max()) + 2.0 ** -126
+
+
+def _add(node, ins, out):
+    return _rel(out, 1.0)
+
+
+def _mul(node, ins, out):
+    return _rel(out, 1.0) + 2.0 ** -149
+
+
+def _mul_const(node, ins, out):
+    return _rel(out, 1.0) + 2.0 ** -149
+
+
+MARGIN = {
+    "linear": _linear, "conv1d": _conv1d, "matmul": _matmul, "matmul_const": _matmul_const,
+    "rope": _rope, "gelu": _elementwise, "gelu_tanh": _elementwise, "silu": _elementwise,
+    "softmax": _softmax, "layernorm": _norm, "rmsnorm": _norm,
+    "add": _add, "add_const": _add, "mul": _mul, "mul_const": _mul_const,
+    "transpose": None, "split_heads": None, "merge_heads": None, "repeat_kv": None,
+}
+
+
+def margin(node, ins: list[Interval], out: Interval):
+    """Float32 rounding margin of ``node`` (tensor of its shape) or None if exact."""
+    rule = MARGIN[node.op]
+    if rule is None:
+        return None
+    return SAFETY * rule(node, ins, out)

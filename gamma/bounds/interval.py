@@ -1,0 +1,113 @@
+"""The interval domain and interval bound propagation (IBP).
+
+:class:`Interval` is the one bound type every method reports.  IBP rules work
+in centre/radius form, so an affine op costs two applications of its linear
+part (one with absolute coefficients).  Rules are looked up in :data:`IBP`;
+every affine op gets its rule from :data:`gamma.ops.AFFINE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UnsupportedOp
+from ..ops import AFFINE, ELEMENTWISE, FORWARD
+from . import relax
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Interval:
+    lower: Tensor
+    upper: Tensor
+
+    @staticmethod
+    def from_center(center: Tensor, radius) -> "Interval":
+        return Interval(center - radius, center + radius)
+
+    @property
+    def center(self) -> Tensor:
+        return (self.lower + self.upper) / 2
+
+    @property
+    def radius(self) -> Tensor:
+        return (self.upper - self.lower) / 2
+
+    def width(self) -> Tensor:
+        return self.upper - self.lower
+
+    def abs_max(self) -> Tensor:
+        return torch.maximum(self.lower.abs(), self.upper.abs())
+
+    def widen(self, margin) -> "Interval":
+        if margin is None:
+            return self
+        return Interval(self.lower - margin, self.upper + margin)
+
+    def intersect(self, other: "Interval") -> "Interval":
+        return Interval(torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper))
+
+    def contains(self, x: Tensor, tol: float = 0.0) -> Tensor:
+        return (x >= self.lower - tol) & (x <= self.upper + tol)
+
+    def to(self, *args, **kw) -> "Interval":
+        return Interval(self.lower.to(*args, **kw), self.upper.to(*args, **kw))
+
+
+# ---------------------------------------------------------------- rules
+def _affine(node, *xs: Interval) -> Interval:
+    fact = AFFINE[node.op]
+    c = fact.lin(node, *(x.center for x in xs))
+    off = fact.offset(node)
+    if off is not None:
+        c = c + off
+    r = fact.lin_abs(node, *(x.radius for x in xs))
+    return Interval(c - r, c + r)
+
+
+def _elementwise(node, x: Interval) -> Interval:
+    lo, hi = relax.interval(node.op, x.lower, x.upper)
+    return Interval(lo, hi)
+
+
+def mul_interval(x: Interval, y: Interval) -> Interval:
+    """Exact interval of an elementwise product (corner min/max)."""
+    c = torch.stack([x.lower * y.lower, x.lower * y.upper, x.upper * y.lower, x.upper * y.upper])
+    return Interval(c.min(0).values, c.max(0).values)
+
+
+def _mul(node, x: Interval, y: Interval) -> Interval:
+    return mul_interval(x, y)
+
+
+def _matmul(node, x: Interval, y: Interval) -> Interval:
+    """x (.., T, a) @ y (.., S, a)^T in midpoint-radius form (sound, 4 matmuls)."""
+    cx, rx, cy, ry = x.center, x.radius, y.center, y.radius
+    yt = lambda t: t.transpose(-1, -2)
+    c = cx @ yt(cy)
+    r = cx.abs() @ yt(ry) + rx @ yt(cy.abs()) + rx @ yt(ry)
+    return Interval(c - r, c + r)
+
+
+def _jacobian_op(node, x: Interval) -> Interval:
+    from .jacobian import interval_bound
+    return interval_bound(node, x)
+
+
+IBP: dict = {op: _affine for op in AFFINE}
+IBP.update({op: _elementwise for op in ELEMENTWISE})
+IBP.update({"mul": _mul, "matmul": _matmul,
+            "softmax": _jacobian_op, "layernorm": _jacobian_op, "rmsnorm": _jacobian_op})
+
+assert set(IBP) == set(FORWARD), set(FORWARD) ^ set(IBP)
+
+
+def ibp_node(node, *xs: Interval) -> Interval:
+    try:
+        rule = IBP[node.op]
+    except KeyError:
+        raise UnsupportedOp(node.op, "ibp", node.name) from None
+    return rule(node, *xs)

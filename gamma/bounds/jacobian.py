@@ -1,0 +1,215 @@
+"""Mean-value linearisation of smooth vector ops: softmax, LayerNorm, RMSNorm.
+
+For a smooth f and a box [l, u] with centre x0 and radius r, the mean value
+theorem applied to each output component gives, for every x in the box,
+
+    |f(x) - f(x0) - J0 (x - x0)|_i  <=  sum_j D_ij r_j =: err_i,
+
+where J0 is the Jacobian at x0 and D_ij bounds |J_ij(xi) - J0_ij| over the
+whole box.  D comes from an interval enclosure of the Jacobian, built from
+interval bounds of the op's internal quantities (softmax probabilities,
+normalised values n and inverse scale s).  The same linearisation serves
+CROWN (backward: ``vjp``), zonotopes (forward: ``jvp``) and IBP (``y0 +-
+(|J0| r + err)``, intersected with a direct interval rule).
+
+J0 is applied in structured form (diagonal plus rank one/two), so the
+backward pass costs O(d) per row; only the error term uses the dense D,
+processed a few rows at a time.
+
+Shapes: softmax works on rows of the last dim ``(.., R, S)`` with an
+optional (R, S) mask; the norms on rows ``(.., d)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..ops import FORWARD
+from .interval import Interval
+
+Tensor = torch.Tensor
+ROW_CHUNK_ELEMS = 1 << 22   # dense per-row Jacobian entries processed at once
+
+
+@dataclass
+class Linearization:
+    x0: Tensor                        # expansion point (input shape)
+    y0: Tensor                        # f(x0)
+    err: Tensor                       # bound of the remainder over the box (output shape)
+    jvp: Callable[[Tensor], Tensor]   # J0 dx,   (..., *in) -> (..., *out)
+    vjp: Callable[[Tensor], Tensor]   # J0^T lam, (..., *out) -> (..., *in)
+    abs_jvp: Callable[[Tensor], Tensor]   # |J0| r for r >= 0
+    naive: Interval                   # a direct interval enclosure of f over the box
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    return t.reshape(-1, n)
+
+
+def _chunked_rows(n_rows: int, row_elems: int):
+    step = max(1, ROW_CHUNK_ELEMS // max(1, row_elems))
+    for s in range(0, n_rows, step):
+        yield slice(s, min(n_rows, s + step))
+
+
+# ---------------------------------------------------------------- softmax
+def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
+    """Tight interval of softmax over a box: y_i = 1 / sum_j exp(x_j - x_i)."""
+    a = u.unsqueeze(-2) - l.unsqueeze(-1)          # (.., i, j): u_j - l_i
+    b = l.unsqueeze(-2) - u.unsqueeze(-1)          # (.., i, j): l_j - u_i
+    eye = torch.eye(l.shape[-1], dtype=torch.bool, device=l.device)
+    a = a.masked_fill(eye, 0.0)
+    b = b.masked_fill(eye, 0.0)
+    if mask is not None:
+        m = mask.unsqueeze(-2).expand(a.shape[-3:] if a.dim() >= 3 else a.shape)   # key mask per row i
+        a = a.masked_fill(~m, float("-inf"))
+        b = b.masked_fill(~m, float("-inf"))
+    lo = torch.exp(-torch.logsumexp(a, -1))
+    hi = torch.exp(-torch.logsumexp(b, -1))
+    if mask is not None:
+        lo = lo.masked_fill(~mask, 0.0)
+        hi = hi.masked_fill(~mask, 0.0)
+    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
+def _softmax_lin(node, x: Interval) -> Linearization:
+    mask = node.params.get("mask")
+    x0, r = x.center, x.radius
+    y0 = FORWARD["softmax"](node, x0)
+    naive = softmax_interval(x.lower, x.upper, mask)
+    yl, yu = naive.lower, naive.upper
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    # interval Jacobian: J_ii = y_i - y_i^2, J_ij = -y_i y_j
+    jlo = -(yu.unsqueeze(-1) * yu.unsqueeze(-2))
+    jhi = -(yl.unsqueeze(-1) * yl.unsqueeze(-2))
+    h = lambda t: t - t * t
+    dlo = torch.minimum(h(yl), h(yu))
+    dhi = h(torch.minimum(torch.maximum(torch.full_like(yl, 0.5), yl), yu))
+    j0 = -(y0.unsqueeze(-1) * y0.unsqueeze(-2))
+    d0 = h(y0)
+    jlo = torch.diagonal_scatter(jlo, dlo, 0, -2, -1)
+    jhi = torch.diagonal_scatter(jhi, dhi, 0, -2, -1)
+    j0 = torch.diagonal_scatter(j0, d0, 0, -2, -1)
+    D = torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
+    err = (D @ r.unsqueeze(-1)).squeeze(-1)
+
+    def jvp(dx):
+        return y0 * (dx - (y0 * dx).sum(-1, keepdim=True))
+
+    def abs_jvp(rr):
+        s = (y0 * rr).sum(-1, keepdim=True)
+        return y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+
+    return Linearization(x0, y0, err, jvp, jvp, abs_jvp, naive)
+
+
+# ---------------------------------------------------------------- LayerNorm / RMSNorm
+def _norm_stats(x: Interval, eps: float, centered: bool):
+    """Interval bounds of the normalised values n and the inverse scale s."""
+    d = x.lower.shape[-1]
+    cx, rx = x.center, x.radius
+    if centered:
+        c_c = cx - cx.mean(-1, keepdim=True)
+        c_r = rx * (1 - 1 / d) + (rx.sum(-1, keepdim=True) - rx) / d
+    else:
+        c_c, c_r = cx, rx
+    cl, cu = c_c - c_r, c_c + c_r
+    sq_lo = torch.clamp(torch.maximum(cl, -cu), min=0) ** 2
+    sq_hi = torch.maximum(cl * cl, cu * cu)
+    v_lo, v_hi = sq_lo.mean(-1, keepdim=True), sq_hi.mean(-1, keepdim=True)
+    s_lo, s_hi = torch.rsqrt(v_hi + eps), torch.rsqrt(v_lo + eps)
+    n_lo = torch.minimum(cl * s_lo, cl * s_hi)
+    n_hi = torch.maximum(cu * s_lo, cu * s_hi)
+    bound = math.sqrt(d)
+    return (n_lo.clamp(-bound, bound), n_hi.clamp(-bound, bound)), (s_lo, s_hi), (v_lo, v_hi), (cl, cu)
+
+
+def _norm_lin(node, x: Interval) -> Linearization:
+    centered = node.op == "layernorm"
+    w = node.params["weight"]
+    b = node.params.get("bias")
+    eps = node.params["eps"]
+    d = x.lower.shape[-1]
+    x0, r = x.center, x.radius
+    c0 = x0 - x0.mean(-1, keepdim=True) if centered else x0
+    s0 = torch.rsqrt((c0 * c0).mean(-1, keepdim=True) + eps)
+    n0 = c0 * s0
+    y0 = n0 * w + (b if b is not None else 0)
+    (nl, nu), (sl, su), _, _ = _norm_stats(x, eps, centered)
+    naive_n = Interval(nl, nu)
+    wl, wu = torch.minimum(w * nl, w * nu), torch.maximum(w * nl, w * nu)
+    naive = Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
+
+    # dense error term, a few rows at a time: J_ij = w_i s (delta_ij - [1/d] - n_i n_j / d)
+    shape = x0.shape
+    rows = x0.numel() // d
+    NL, NU, SL, SU = _rows(nl, d), _rows(nu, d), sl.reshape(-1, 1), su.reshape(-1, 1)
+    N0, S0, R = _rows(n0, d), s0.reshape(-1, 1), _rows(r, d)
+    err = torch.empty(rows, d, dtype=x0.dtype, device=x0.device)
+    eye = torch.eye(d, dtype=x0.dtype, device=x0.device)
+    off = 1.0 / d if centered else 0.0
+    for sl_ in _chunked_rows(rows, d * d):
+        a, bb = NL[sl_], NU[sl_]
+        p = torch.stack([a.unsqueeze(-1) * a.unsqueeze(-2), a.unsqueeze(-1) * bb.unsqueeze(-2),
+                         bb.unsqueeze(-1) * a.unsqueeze(-2), bb.unsqueeze(-1) * bb.unsqueeze(-2)])
+        p_lo, p_hi = p.min(0).values, p.max(0).values
+        del p
+        sq_lo = torch.clamp(torch.maximum(a, -bb), min=0) ** 2      # n_i^2 on the diagonal
+        sq_hi = torch.maximum(a * a, bb * bb)
+        p_lo = torch.diagonal_scatter(p_lo, sq_lo, 0, -2, -1)
+        p_hi = torch.diagonal_scatter(p_hi, sq_hi, 0, -2, -1)
+        a_lo = eye - off - p_hi / d                                   # A = delta - 1/d - n n^T / d
+        a_hi = eye - off - p_lo / d
+        s_lo, s_hi = SL[sl_].unsqueeze(-1), SU[sl_].unsqueeze(-1)
+        j_lo = torch.minimum(s_lo * a_lo, s_hi * a_lo)                # s * A  (s > 0)
+        j_hi = torch.maximum(s_lo * a_hi, s_hi * a_hi)
+        n0r = N0[sl_]
+        j0 = S0[sl_].unsqueeze(-1) * (eye - off - n0r.unsqueeze(-1) * n0r.unsqueeze(-2) / d)
+        D = torch.maximum(j_hi - j0, j0 - j_lo).clamp_min(0) * w.abs().unsqueeze(-1)
+        err[sl_] = (D @ R[sl_].unsqueeze(-1)).squeeze(-1)
+    err = err.reshape(shape)
+
+    ws0 = w * s0
+
+    def jvp(dx):
+        g = dx - dx.mean(-1, keepdim=True) if centered else dx
+        return ws0 * (g - n0 * (n0 * dx).sum(-1, keepdim=True) / d)
+
+    def vjp(lam):
+        g = lam * ws0
+        out = g - g.mean(-1, keepdim=True) if centered else g
+        return out - n0 * (n0 * g).sum(-1, keepdim=True) / d
+
+    def abs_jvp(rr):
+        RR = rr.expand(shape).reshape(-1, d)
+        O = torch.empty(rows, d, dtype=x0.dtype, device=x0.device)
+        for sl_ in _chunked_rows(rows, d * d):
+            n0r = N0[sl_]
+            M = (eye - off - n0r.unsqueeze(-1) * n0r.unsqueeze(-2) / d).abs()
+            O[sl_] = (M @ RR[sl_].unsqueeze(-1)).squeeze(-1)
+        out = O.reshape(shape)
+        return out * ws0.abs()
+
+    lin = Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive)
+    lin.naive_n = naive_n
+    return lin
+
+
+LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}
+
+
+def linearize(node, x: Interval) -> Linearization:
+    return LINEARIZE[node.op](node, x)
+
+
+def interval_bound(node, x: Interval) -> Interval:
+    """Direct enclosure intersected with the mean-value enclosure."""
+    lin = linearize(node, x)
+    rad = lin.abs_jvp(x.radius) + lin.err
+    mvt = Interval(lin.y0 - rad, lin.y0 + rad)
+    return lin.naive.intersect(mvt)

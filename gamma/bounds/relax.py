@@ -1,0 +1,494 @@
+"""Sound interval and linear bounds of scalar elementwise functions.
+
+Every function is a :class:`ScalarFn` record in :data:`FUNCTIONS`: its
+float64 formula, first and second derivatives, and its facts as data
+(monotonicity, the pieces of the real line on which it is convex or concave,
+the global minimum of the non-monotone ones, and how accurate its float64
+formula is).  The two public rules work for every entry:
+
+``interval(fn, l, u) -> (lo, hi)``
+    ``lo <= f(x) <= hi`` for every real ``x`` in ``[l, u]``.  Monotone
+    functions use the endpoints; the non-monotone ones (gelu, gelu_tanh, silu,
+    square) are unimodal (proof sketches at their entries), so the maximum is
+    at an endpoint and the minimum is the stored lower bound ``fmin_lo`` of the
+    global minimum when ``[l, u]`` contains the minimiser.
+
+``linear(fn, l, u, alpha=None) -> (al, bl, au, bu)``
+    ``al*x + bl <= f(x) <= au*x + bu`` for every real ``x`` in ``[l, u]``.
+
+Slopes (the only thing ``alpha`` changes, so every alpha is sound):
+
+* convex (exp, reciprocal, rsqrt, square): upper = chord slope; lower =
+  ``f'(t)`` with ``t = l + alpha*(u - l)`` (default alpha 0.5, the tangent of
+  least area).  Concave (sqrt): the mirror image.
+* non-convex (gelu, gelu_tanh, silu, sigmoid, tanh): both slopes are the chord
+  slope by default; with ``alpha`` the slope is ``f'(l + alpha*(u-l))``.
+  ``alpha`` may be one tensor (the same point for both sides) or a pair
+  ``(alpha_lower, alpha_upper)``.  By the mean value theorem the chord slope
+  is one of these, so optimising alpha can only do better.
+
+Offsets never trust the slope: for any slope ``a`` the offsets bound the
+extremes of ``g(x) = f(x) - a*x`` on ``[l, u]`` (:func:`offsets`).  ``[l, u]``
+is cut at the inflection points of ``f``; on a convex piece the maximum of
+``g`` is at the piece's ends, on a concave piece ``g`` lies below its tangent
+at any point ``c`` of the piece.  So the maximum of ``g`` is at most the
+largest of ``g(l)``, ``g(u)`` and, for each concave piece ``[p, q]``,
+``g(c) + max(g'(c)(p - c), g'(c)(q - c))`` with ``c`` a numerical root of
+``f'(c) = a`` (safeguarded Newton).  The minimum is the mirror image with
+convex pieces.  ``c`` only affects tightness, never soundness.
+
+Rounding: every float64 value of ``f`` / ``f'`` carries an error bound
+``EPS*(rel64*|f| + abs64)`` (per-function data, validated against mpmath in
+``tests/test_relax.py``); each candidate adds it, the slope-times-width error,
+a slack for the float64 position of the inflection points
+(``m3 * delta**2 * width``) and, once per line, the rounding of evaluating
+``a*x + b`` and ``f(x)`` in float64.  Widths at or below ``1e-12`` relative
+(and ``l == u``) use constant bounds ``(0, lo)`` / ``(0, hi)``; any non-finite
+slope or offset (e.g. exp beyond ~709) falls back the same way.
+
+``alpha`` is differentiable: ``b`` is ``f(c) - a*c`` with ``c`` detached
+(envelope theorem), all margins are detached, and alpha is clamped to [0, 1].
+All results are float64 tensors of the broadcast shape of ``l`` and ``u``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import GammaError, UnsupportedOp
+
+__all__ = ["ScalarFn", "FUNCTIONS", "get", "interval", "linear", "offsets"]
+
+Tensor = torch.Tensor
+Alpha = Union[None, Tensor, float, Sequence]
+
+EPS = 2.0 ** -52          # float64 machine epsilon (2 units of roundoff)
+TINY = 2.0 ** -1000       # absolute floor covering float64 underflow
+REL_WIDTH = 1e-12         # widths below this (relative) get constant bounds
+NEWTON_STEPS = 30         # root finding for the tangent points (tightness only)
+INF = math.inf
+
+_SQRT1_2 = 0.7071067811865476            # 1/sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327       # 1/sqrt(2*pi)
+_K_TANH = 0.7978845608028654             # sqrt(2/pi)
+_C_TANH = 0.044715
+
+
+@dataclass(frozen=True)
+class ScalarFn:
+    """Facts about one scalar function, as data.
+
+    ``pieces``: ``(start, end, +1 convex / -1 concave)`` covering the domain;
+    the ends are float64 approximations (within ``delta``) of the true
+    inflection points and ``m3`` bounds ``|f'''|`` near them.
+    ``monotone``: +1 increasing, -1 decreasing, 0 unimodal (then ``argmin``,
+    ``argmin_tol`` and ``fmin_lo <= min f`` are given).
+    ``domain``: ``(bound, strict)`` meaning ``x > bound`` (strict) or
+    ``x >= bound``; ``None`` is the whole real line.
+    Float64 accuracy: ``|fl(f(x)) - f(x)| <= EPS*(rel64*|f(x)| + abs64) + TINY``
+    and the same for ``df`` with ``drel64``, ``dabs64``.
+    """
+
+    name: str
+    f: Callable[[Tensor], Tensor]
+    df: Callable[[Tensor], Tensor]
+    d2f: Callable[[Tensor], Tensor]
+    pieces: tuple
+    monotone: int = 0
+    domain: Optional[tuple] = None
+    argmin: float = math.nan
+    argmin_tol: float = 0.0
+    fmin_lo: float = math.nan
+    rel64: float = 16.0
+    abs64: float = 0.0
+    drel64: float = 16.0
+    dabs64: float = 0.0
+    delta: float = 0.0
+    m3: float = 0.0
+
+    @property
+    def convex(self) -> bool:
+        return all(s > 0 for _, _, s in self.pieces)
+
+    @property
+    def concave(self) -> bool:
+        return all(s < 0 for _, _, s in self.pieces)
+
+
+# ----------------------------------------------------------------------------
+# float64 formulas (stable forms: no 1 + erf / 1 + tanh cancellation)
+
+def _sig(x):
+    return torch.sigmoid(x)
+
+
+def _dsig(x):                      # s(x) s(-x), no 1 - s cancellation
+    return torch.sigmoid(x) * torch.sigmoid(-x)
+
+
+def _gelu(x):
+    return 0.5 * x * torch.special.erfc(-x * _SQRT1_2)
+
+
+def _gelu_d(x):
+    return 0.5 * torch.special.erfc(-x * _SQRT1_2) + x * (_INV_SQRT_2PI * torch.exp(-0.5 * x * x))
+
+
+def _gelu_d2(x):
+    return torch.nan_to_num(_INV_SQRT_2PI * torch.exp(-0.5 * x * x) * (2.0 - x * x))
+
+
+def _gt_w(x):                      # 1 + tanh(z) = 2 sigmoid(2z), z = k (x + c x^3)
+    return (2.0 * _K_TANH) * (x + _C_TANH * x * x * x)
+
+
+def _gt_w1(x):
+    return (2.0 * _K_TANH) * (1.0 + 3.0 * _C_TANH * x * x)
+
+
+def _gelu_tanh(x):
+    return x * _sig(_gt_w(x))
+
+
+def _gelu_tanh_d(x):
+    x = x.clamp(-1e30, 1e30)       # f' is exactly 0 / 1 in float64 beyond; avoids 0*inf
+    w = _gt_w(x)
+    return _sig(w) + x * _dsig(w) * _gt_w1(x)
+
+
+def _gelu_tanh_d2(x):
+    x = x.clamp(-1e30, 1e30)
+    w, w1 = _gt_w(x), _gt_w1(x)
+    s1 = _dsig(w)
+    s2 = -s1 * torch.tanh(0.5 * w)
+    w2 = (12.0 * _K_TANH * _C_TANH) * x
+    return torch.nan_to_num(2.0 * s1 * w1 + x * s2 * w1 * w1 + x * s1 * w2)
+
+
+def _silu(x):
+    return x * _sig(x)
+
+
+def _silu_d(x):
+    return _sig(x) + x * _dsig(x)
+
+
+def _silu_d2(x):
+    return torch.nan_to_num(_dsig(x) * (2.0 - x * torch.tanh(0.5 * x)))
+
+
+def _tanh_d(x):
+    return 4.0 * _dsig(2.0 * x)
+
+
+def _tanh_d2(x):
+    return -2.0 * torch.tanh(x) * _tanh_d(x)
+
+
+_ALL = ((-INF, INF, +1),)
+
+
+def _fns() -> dict:
+    r2 = 1.4142135623730951        # gelu inflections: +-sqrt(2)
+    xs = 2.3993572805154675        # silu inflections: x tanh(x/2) = 2
+    xt = 1.4185040087908283        # gelu_tanh inflections (mpmath, 50 digits)
+    table = [
+        # gelu: f' = Phi + x phi; for x < 0 the sign of Phi/phi + x, whose
+        # derivative 2 + x Phi/phi > 1 (Mills ratio), so one root: unimodal.
+        ScalarFn("gelu", _gelu, _gelu_d, _gelu_d2,
+                 ((-INF, -r2, -1), (-r2, r2, +1), (r2, INF, -1)),
+                 argmin=-0.7517915246935645, argmin_tol=1e-12,
+                 fmin_lo=-0.16997120747990388, abs64=2.0, dabs64=4.0,
+                 delta=1e-15, m3=2.0),
+        # gelu_tanh = x s(w): f' = s(w) (1 + x s(-w) w'); for x < 0,
+        # q = x s(-w) w' is strictly increasing from -inf to 0: unimodal.
+        ScalarFn("gelu_tanh", _gelu_tanh, _gelu_tanh_d, _gelu_tanh_d2,
+                 ((-INF, -xt, -1), (-xt, xt, +1), (xt, INF, -1)),
+                 argmin=-0.7524614220710163, argmin_tol=1e-12,
+                 fmin_lo=-0.17004075057125428, abs64=4.0, dabs64=8.0,
+                 delta=1e-12, m3=2.0),
+        # silu: the gelu_tanh argument with w = x.
+        ScalarFn("silu", _silu, _silu_d, _silu_d2,
+                 ((-INF, -xs, -1), (-xs, xs, +1), (xs, INF, -1)),
+                 argmin=-1.2784645427610737, argmin_tol=1e-12,
+                 fmin_lo=-0.27846454276107424, abs64=1.0, dabs64=4.0,
+                 delta=1e-12, m3=1.0),
+        ScalarFn("exp", torch.exp, torch.exp, torch.exp, _ALL, monotone=+1),
+        ScalarFn("reciprocal", torch.reciprocal, lambda x: -1.0 / (x * x),
+                 lambda x: 2.0 / (x * x * x), ((0.0, INF, +1),), monotone=-1,
+                 domain=(0.0, True), rel64=4.0, drel64=4.0),
+        ScalarFn("rsqrt", torch.rsqrt, lambda x: -0.5 * torch.rsqrt(x) / x,
+                 lambda x: 0.75 * torch.rsqrt(x) / (x * x), ((0.0, INF, +1),),
+                 monotone=-1, domain=(0.0, True), rel64=4.0, drel64=8.0),
+        ScalarFn("sqrt", torch.sqrt, lambda x: 0.5 / torch.sqrt(x),
+                 lambda x: -0.25 / (x * torch.sqrt(x)), ((0.0, INF, -1),),
+                 monotone=+1, domain=(0.0, False), rel64=4.0, drel64=4.0),
+        ScalarFn("square", lambda x: x * x, lambda x: 2.0 * x,
+                 lambda x: torch.full_like(x, 2.0), _ALL,
+                 argmin=0.0, argmin_tol=0.0, fmin_lo=0.0, rel64=4.0, drel64=4.0),
+        ScalarFn("sigmoid", _sig, _dsig, lambda x: -_dsig(x) * torch.tanh(0.5 * x),
+                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0),
+        ScalarFn("tanh", torch.tanh, _tanh_d, _tanh_d2,
+                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0),
+    ]
+    return {s.name: s for s in table}
+
+
+FUNCTIONS: dict = _fns()
+
+
+def get(fn: Union[str, ScalarFn]) -> ScalarFn:
+    """The :class:`ScalarFn` named ``fn``; an unknown name raises UnsupportedOp."""
+    if isinstance(fn, ScalarFn):
+        return fn
+    try:
+        return FUNCTIONS[fn]
+    except (KeyError, TypeError):
+        raise UnsupportedOp(str(fn), "relax") from None
+
+
+# ----------------------------------------------------------------------------
+# helpers
+
+def _prep(spec: ScalarFn, l, u):
+    """(l, u) as broadcast float64 tensors; check order, NaN and domain."""
+    l = torch.as_tensor(l, dtype=torch.float64)
+    u = torch.as_tensor(u, dtype=torch.float64)
+    l, u = torch.broadcast_tensors(l, u)
+    if torch.isnan(l).any() or torch.isnan(u).any():
+        raise GammaError(f"{spec.name}: input bounds contain NaN")
+    if (l > u).any():
+        raise GammaError(f"{spec.name}: lower bound above upper bound")
+    if spec.domain is not None and l.numel():
+        bound, strict = spec.domain
+        lmin = float(l.min())
+        if (lmin <= bound) if strict else (lmin < bound):
+            rel = ">" if strict else ">="
+            raise GammaError(f"{spec.name} is defined only for x {rel} {bound:g}, "
+                             f"but the input interval reaches {lmin:g}")
+    return l, u
+
+
+def _err(x: Tensor, fx: Tensor, rel: float, ab: float) -> Tensor:
+    """Bound on the float64 evaluation error of a value fx (any x)."""
+    return EPS * (rel * fx.abs() + ab) + TINY
+
+
+def _solve(spec: ScalarFn, a: Tensor, p: Tensor, q: Tensor, sgn: int,
+           x0: Optional[Tensor] = None) -> Tensor:
+    """A point c of [p, q] near the root of f'(c) = a (f' monotone there).
+
+    ``sgn`` is +1 on convex pieces (f' increasing), -1 on concave ones.
+    Safeguarded Newton on a shrinking bracket; the result only affects
+    tightness.  No gradient.
+    """
+    with torch.no_grad():
+        a = a.detach()
+        h = lambda x: sgn * (spec.df(x) - a)           # increasing in x
+        hp, hq = h(p), h(q)
+        lo, hi = p.clone(), q.clone()
+        x = 0.5 * (p + q)
+        if x0 is not None:
+            x0 = x0.detach()
+            x = torch.where((x0 >= p) & (x0 <= q), x0, x)
+        for _ in range(NEWTON_STEPS):
+            hx = h(x)
+            neg = hx < 0
+            lo = torch.where(neg, x, lo)
+            hi = torch.where(neg, hi, x)
+            xn = x - hx / (sgn * spec.d2f(x))
+            ok = torch.isfinite(xn) & (xn > lo) & (xn < hi)
+            x = torch.where(ok, xn, 0.5 * (lo + hi))
+        x = torch.where(hq <= 0, q, x)
+        x = torch.where(hp >= 0, p, x)
+        return x.clamp(min=p, max=q)
+
+
+def _extreme(spec: ScalarFn, a: Tensor, l: Tensor, u: Tensor, fl: Tensor, fu: Tensor,
+             upper: bool, x0: Optional[Tensor] = None) -> Tensor:
+    """Sound bound of max (upper) or min (lower) of g = f - a x over [l, u].
+
+    The value part f(c) - a c keeps its gradient w.r.t. ``a``; margins and
+    the tangent extension are detached.
+    """
+    sign = 1.0 if upper else -1.0
+    ad = a.detach()
+
+    def endpoint(x, fx):
+        e = _err(x, fx, spec.rel64, spec.abs64) + 2 * EPS * (fx.abs() + (ad * x).abs())
+        return fx - a * x + sign * e.detach()
+
+    best = endpoint(l, fl)
+    other = endpoint(u, fu)
+    best = torch.maximum(best, other) if upper else torch.minimum(best, other)
+    want = -1 if upper else +1                      # concave pieces for max
+    for start, end, s in spec.pieces:
+        if s != want:
+            continue
+        p = torch.clamp(l, min=start)
+        q = torch.clamp(u, max=end)
+        valid = p <= q
+        if not bool(valid.any()):
+            continue
+        p = torch.where(valid, p, l)
+        q = torch.where(valid, q, l)
+        c = _solve(spec, ad, p, q, s, x0)
+        fc = spec.f(c)
+        dc = spec.df(c)
+        with torch.no_grad():
+            gp = dc - ad
+            t1, t2 = gp * (p - c), gp * (q - c)
+            ext = torch.maximum(t1, t2) if upper else torch.minimum(t1, t2)
+            w = q - p
+            e = (_err(c, fc, spec.rel64, spec.abs64) + 2 * EPS * (fc.abs() + (ad * c).abs())
+                 + (_err(c, dc, spec.drel64, spec.dabs64) + 2 * EPS * (dc.abs() + ad.abs())) * w
+                 + 2 * EPS * ext.abs() + spec.m3 * spec.delta ** 2 * w)
+            extra = ext + sign * e
+        cand = fc - a * c + extra
+        fill = -INF if upper else INF
+        cand = torch.where(valid, cand, torch.full_like(cand, fill))
+        best = torch.maximum(best, cand) if upper else torch.minimum(best, cand)
+    return best
+
+
+def _line_slack(spec: ScalarFn, a: Tensor, b: Tensor, fmag: Tensor, xmag: Tensor) -> Tensor:
+    """Margin for evaluating a*x + b and f(x) in float64 anywhere in [l, u]."""
+    with torch.no_grad():
+        return (EPS * (spec.rel64 * fmag + spec.abs64) + TINY
+                + 4 * EPS * (a.detach().abs() * xmag + b.detach().abs()))
+
+
+def _bounds_f(spec, l, u):
+    """f(l), f(u) and their float64 error bounds."""
+    fl, fu = spec.f(l), spec.f(u)
+    return fl, fu, _err(l, fl, spec.rel64, spec.abs64), _err(u, fu, spec.rel64, spec.abs64)
+
+
+# ----------------------------------------------------------------------------
+# public rules
+
+def interval(fn: Union[str, ScalarFn], l, u):
+    """Sound ``(lo, hi)`` with ``lo <= f(x) <= hi`` for all real x in [l, u].
+
+    l, u: tensors (broadcast), float64 results of the broadcast shape.
+    """
+    spec = get(fn)
+    l, u = _prep(spec, l, u)
+    with torch.no_grad():
+        fl, fu, el, eu = _bounds_f(spec, l, u)
+        if spec.monotone > 0:
+            lo, hi = fl - el, fu + eu
+        elif spec.monotone < 0:
+            lo, hi = fu - eu, fl + el
+        else:
+            hi = torch.maximum(fl + el, fu + eu)
+            lo = torch.minimum(fl - el, fu - eu)
+            inside = (l <= spec.argmin + spec.argmin_tol) & (u >= spec.argmin - spec.argmin_tol)
+            lo = torch.where(inside, torch.full_like(lo, spec.fmin_lo), lo)
+        lo = torch.where(torch.isnan(lo), torch.full_like(lo, -INF), lo)
+        hi = torch.where(torch.isnan(hi), torch.full_like(hi, INF), hi)
+    return lo, hi
+
+
+def _split_alpha(alpha: Alpha):
+    if alpha is None:
+        return None, None
+    if isinstance(alpha, (tuple, list)):
+        if len(alpha) != 2:
+            raise GammaError("alpha must be a tensor or a pair (alpha_lower, alpha_upper)")
+        return alpha[0], alpha[1]
+    return alpha, alpha
+
+
+def _tangent_point(spec, l, u, alpha):
+    """t = l + clamp(alpha, 0, 1) * (u - l), inside [l, u] (differentiable)."""
+    al = torch.as_tensor(alpha, dtype=torch.float64).clamp(0.0, 1.0)
+    t = torch.minimum(torch.maximum(l + al * (u - l), l), u)
+    if spec.name == "sqrt":        # f'(0) = inf: keep the tangent point off 0
+        t = torch.maximum(t, 1e-6 * u)
+    return t
+
+
+def offsets(fn: Union[str, ScalarFn], l, u, a_lower, a_upper):
+    """Sound offsets for given slopes: ``(bl, bu)`` with
+    ``a_lower*x + bl <= f(x) <= a_upper*x + bu`` on [l, u].
+
+    Any finite slopes are allowed; non-finite results are returned as
+    -inf / +inf (callers may replace them by interval bounds).
+    """
+    spec = get(fn)
+    l, u = _prep(spec, l, u)
+    a_lower = torch.as_tensor(a_lower, dtype=torch.float64).expand_as(l)
+    a_upper = torch.as_tensor(a_upper, dtype=torch.float64).expand_as(l)
+    bl, bu, _ = _offsets(spec, l, u, a_lower, a_upper, None, None)
+    return (torch.where(torch.isfinite(bl), bl, torch.full_like(bl, -INF)),
+            torch.where(torch.isfinite(bu), bu, torch.full_like(bu, INF)))
+
+
+def _offsets(spec, l, u, al, au, x0l, x0u):
+    fl, fu = spec.f(l), spec.f(u)
+    lo, hi = interval(spec, l, u)
+    fmag = torch.maximum(lo.abs(), hi.abs())
+    xmag = torch.maximum(l.abs(), u.abs())
+    with torch.no_grad():
+        safe = torch.isfinite(al) & torch.isfinite(au)
+    al0 = torch.where(safe, al, torch.zeros_like(al))
+    au0 = torch.where(safe, au, torch.zeros_like(au))
+    bl = _extreme(spec, al0, l, u, fl, fu, upper=False, x0=x0l)
+    bu = _extreme(spec, au0, l, u, fl, fu, upper=True, x0=x0u)
+    bl = bl - _line_slack(spec, al0, bl, fmag, xmag)
+    bu = bu + _line_slack(spec, au0, bu, fmag, xmag)
+    nan = torch.full_like(bl, math.nan)
+    return torch.where(safe, bl, nan), torch.where(safe, bu, nan), (lo, hi)
+
+
+def linear(fn: Union[str, ScalarFn], l, u, alpha: Alpha = None):
+    """Sound linear bounds ``(al, bl, au, bu)`` of f on [l, u].
+
+    ``al*x + bl <= f(x) <= au*x + bu`` for every real x in [l, u].
+    ``alpha``: None, a tensor in [0, 1] (clamped) broadcastable to l, or a
+    pair ``(alpha_lower, alpha_upper)``; see the module docstring for what it
+    selects.  Differentiable w.r.t. alpha.
+    """
+    spec = get(fn)
+    l, u = _prep(spec, l, u)
+    w = u - l
+    with torch.no_grad():
+        degen = w <= REL_WIDTH * torch.maximum(l.abs(), u.abs())
+    ws = torch.where(degen, torch.ones_like(w), w)
+    fl, fu = spec.f(l), spec.f(u)
+    chord = (fu - fl) / ws
+    alpha_l, alpha_u = _split_alpha(alpha)
+    x0l = x0u = None
+    if spec.convex or spec.concave:
+        tangent_alpha = alpha_l if spec.convex else alpha_u
+        t = _tangent_point(spec, l, u, 0.5 if tangent_alpha is None else tangent_alpha)
+        tangent = spec.df(t)
+        if spec.convex:
+            al, au, x0l = tangent, chord, t
+        else:
+            al, au, x0u = chord, tangent, t
+    else:
+        al = au = chord
+        if alpha_l is not None:
+            x0l = _tangent_point(spec, l, u, alpha_l)
+            al = spec.df(x0l)
+        if alpha_u is not None:
+            x0u = _tangent_point(spec, l, u, alpha_u)
+            au = spec.df(x0u)
+    zero = torch.zeros_like(w)
+    al = torch.where(degen, zero, al)
+    au = torch.where(degen, zero, au)
+    bl, bu, (lo, hi) = _offsets(spec, l, u, al, au, x0l, x0u)
+    with torch.no_grad():
+        bad_l = degen | ~torch.isfinite(bl) | ~torch.isfinite(al)
+        bad_u = degen | ~torch.isfinite(bu) | ~torch.isfinite(au)
+    al = torch.where(bad_l, zero, al)
+    bl = torch.where(bad_l, lo, bl)
+    au = torch.where(bad_u, zero, au)
+    bu = torch.where(bad_u, hi, bu)
+    return al, bl, au, bu

@@ -129,7 +129,8 @@ def backward(ctx: Context, target: str, spec: Tensor, box: Interval) -> Tensor:
     graph = ctx.graph
     lams = {target: spec}
     bias = spec.new_zeros(spec.shape[0])
-    order = [n for n in graph if n.name in graph.ancestors(target)]
+    anc = graph.ancestors(target)
+    order = [n for n in graph if n.name in anc]
     final = None
     for node in reversed(order):
         lam = lams.pop(node.name, None)

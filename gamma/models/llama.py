@@ -34,7 +34,7 @@ def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph
     if seq_len > cfg.max_positions:
         raise GammaError(f"--seq-len {seq_len} exceeds the model's {cfg.max_positions} positions")
     W = Weights(ckpt)
-    eps = cfg.norm_eps
+    eps = f32_const(cfg.norm_eps)
     cos, sin = rope_tables(seq_len, dh, cfg.rope_theta)
     mask = causal_mask(seq_len)
     scale = f32_const(dh ** -0.5)

@@ -52,7 +52,8 @@ def _ln(g: Graph, W: Weights, name: str, x: str, p: str, d: int, eps: float, blo
 
 def build_encoder(ckpt: Checkpoint, seq_len: int) -> Graph:
     cfg = ckpt.config
-    d, H, ff, eps = cfg.d_model, cfg.encoder_heads, cfg.encoder_ffn_dim, cfg.layer_norm_eps
+    d, H, ff = cfg.d_model, cfg.encoder_heads, cfg.encoder_ffn_dim
+    eps = f32_const(cfg.layer_norm_eps)
     if seq_len > cfg.max_source_positions:
         raise GammaError(f"--seq-len {seq_len} exceeds the encoder's {cfg.max_source_positions} positions")
     W = Weights(ckpt)
@@ -94,7 +95,8 @@ def cross_kv(ckpt: Checkpoint, layer: int, enc_out: torch.Tensor) -> tuple[torch
 def build_decoder(ckpt: Checkpoint, seq_len: int, enc_out: torch.Tensor, output: str = "hidden") -> Graph:
     """Decoder graph from token embeddings (T, d); ``enc_out`` (S, d) is a constant."""
     cfg = ckpt.config
-    d, H, ff, eps = cfg.d_model, cfg.decoder_heads, cfg.decoder_ffn_dim, cfg.layer_norm_eps
+    d, H, ff = cfg.d_model, cfg.decoder_heads, cfg.decoder_ffn_dim
+    eps = f32_const(cfg.layer_norm_eps)
     if seq_len > cfg.max_target_positions:
         raise GammaError(f"--seq-len {seq_len} exceeds the decoder's {cfg.max_target_positions} positions")
     W = Weights(ckpt)

@@ -1,0 +1,191 @@
+"""Soundness of every op under every method, plus exact cases and ordering.
+
+Each op is wrapped in a tiny graph; boxes of several kinds (narrow, wide,
+straddling zero, large magnitudes) are checked with 1,000 samples and a PGD
+attack, evaluated both in float64 (the real function) and in float32 (what a
+reference engine computes).  Zero violations allowed.
+"""
+
+import math
+
+import pytest
+import torch
+
+from gamma.bounds import METHODS, compute_bounds
+from gamma.errors import GammaError, UnsupportedOp
+from gamma.graph import Graph
+from gamma.models.common import causal_mask
+from gamma.models.llama import rope_tables
+from soundness import graph_fn, violations
+
+G = torch.Generator().manual_seed(1234)
+
+
+def rnd(*shape, scale=1.0):
+    return torch.randn(shape, generator=G, dtype=torch.float64) * scale
+
+
+def g_linear():
+    g = Graph("linear", "x", (3, 8))
+    g.add("y", "linear", "x", weight=rnd(5, 8), bias=rnd(5))
+    return g
+
+
+def g_conv1d():
+    g = Graph("conv1d", "x", (4, 10))
+    g.add("y", "conv1d", "x", weight=rnd(6, 4, 3), bias=rnd(6), stride=2, padding=1)
+    return g
+
+
+def g_elementwise(op):
+    def build():
+        g = Graph(op, "x", (4, 6))
+        g.add("y", op, "x")
+        return g
+    return build
+
+
+def g_add_mul(op):
+    def build():
+        g = Graph(op, "x", (3, 6))
+        a = g.add("a", "linear", "x", weight=rnd(6, 6, scale=0.5), bias=rnd(6))
+        b = g.add("b", "linear", "x", weight=rnd(6, 6, scale=0.5), bias=rnd(6))
+        g.add("y", op, a, b)
+        return g
+    return build
+
+
+def g_matmul():
+    g = Graph("matmul", "x", (4, 8))
+    q = g.add("q", "split_heads", g.add("qp", "linear", "x", weight=rnd(8, 8, scale=0.5)), heads=2)
+    k = g.add("k", "split_heads", g.add("kp", "linear", "x", weight=rnd(8, 8, scale=0.5)), heads=2)
+    g.add("y", "matmul", q, k)
+    return g
+
+
+def g_softmax(masked):
+    def build():
+        g = Graph("softmax", "x", (2, 5, 5))
+        g.add("y", "softmax", "x", mask=causal_mask(5) if masked else None)
+        return g
+    return build
+
+
+def g_norm(op):
+    def build():
+        g = Graph(op, "x", (3, 16))
+        kw = dict(weight=rnd(16, scale=0.5) + 1, eps=1e-5)
+        if op == "layernorm":
+            kw["bias"] = rnd(16, scale=0.1)
+        g.add("y", op, "x", **kw)
+        return g
+    return build
+
+
+def g_structural():
+    """rope, repeat_kv, transpose, merge, add_const, mul_const, matmul_const in one chain."""
+    cos, sin = rope_tables(4, 8, 10000.0)
+    g = Graph("structural", "x", (4, 16))
+    h = g.add("h", "split_heads", "x", heads=2)                # (2, 4, 8)
+    h = g.add("r", "rope", h, cos=cos, sin=sin)
+    h = g.add("rep", "repeat_kv", h, n_rep=2)                  # (4, 4, 8)
+    h = g.add("t", "transpose", h)                             # (4, 8, 4)
+    h = g.add("mc", "matmul_const", h, c=rnd(4, 4, 3))         # (4, 8, 3)
+    h = g.add("s", "mul_const", h, c=0.125)
+    h = g.add("ac", "add_const", h, c=rnd(4, 8, 3))
+    g.add("y", "merge_heads", h)                               # (8, 12)
+    return g
+
+
+OPS = {
+    "linear": g_linear, "conv1d": g_conv1d,
+    "gelu": g_elementwise("gelu"), "gelu_tanh": g_elementwise("gelu_tanh"), "silu": g_elementwise("silu"),
+    "add": g_add_mul("add"), "mul": g_add_mul("mul"), "matmul": g_matmul,
+    "softmax": g_softmax(False), "softmax_causal": g_softmax(True),
+    "layernorm": g_norm("layernorm"), "rmsnorm": g_norm("rmsnorm"), "structural": g_structural,
+}
+
+# (centre scale, centre offset, epsilon)
+BOXES = {
+    "narrow": (1.0, 0.0, 1e-6),
+    "medium": (1.0, 0.0, 1e-2),
+    "wide": (1.0, 0.0, 0.5),
+    "straddle_zero": (0.01, 0.0, 0.05),
+    "large": (30.0, 20.0, 1e-3),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("box", list(BOXES))
+@pytest.mark.parametrize("op", list(OPS))
+def test_op_sound(op, box, method):
+    g = OPS[op]().infer_shapes()
+    scale, offset, eps = BOXES[box]
+    x0 = rnd(*g.input_shape, scale=scale) + offset
+    if op.startswith("softmax") and box == "large":
+        x0 = rnd(*g.input_shape, scale=10.0)
+    r = compute_bounds(g, x0, eps, method, alpha_iters=3)
+    assert torch.all(r.lower <= r.upper)
+    for dtype in (torch.float64, torch.float32):
+        bad = violations(graph_fn(g, dtype), x0, eps, r.lower, r.upper, steps=10)
+        assert bad == 0, f"{op}/{box}/{method}/{dtype}: {bad} violations"
+
+
+def test_linear_exact_by_hand():
+    """y = 2 x0 - 3 x1 + 1 on x = (1, 2) +- 0.1: y in [-3.5 - m, -2.5 + m] with a tiny float32 margin."""
+    g = Graph("hand", "x", (2,))
+    g.add("y", "linear", "x", weight=torch.tensor([[2.0, -3.0]], dtype=torch.float64),
+          bias=torch.tensor([1.0], dtype=torch.float64))
+    g.infer_shapes()
+    for method in METHODS:
+        r = compute_bounds(g, torch.tensor([1.0, 2.0], dtype=torch.float64), 0.1, method)
+        assert r.lower.item() == pytest.approx(-3.5, abs=1e-5) and r.lower.item() <= -3.5
+        assert r.upper.item() == pytest.approx(-2.5, abs=1e-5) and r.upper.item() >= -2.5
+
+
+def test_softmax_interval_by_hand():
+    """x0 in [0, 1], x1 in [-0.5, 0.5]: p0 = 1/(1 + e^(x1 - x0)) spans [1/(1+e^0.5), 1/(1+e^-1.5)]."""
+    g = Graph("sm", "x", (2,))
+    g.add("y", "softmax", "x")
+    g.infer_shapes()
+    r = compute_bounds(g, torch.tensor([0.5, 0.0], dtype=torch.float64), 0.5, "ibp")
+    lo, hi = 1 / (1 + math.exp(0.5)), 1 / (1 + math.exp(-1.5))
+    # the only slack is the float32 rounding margin of softmax (a few ulp-relative terms)
+    assert lo - 1e-5 < r.lower[0].item() <= lo
+    assert hi <= r.upper[0].item() < hi + 1e-5
+
+
+def test_alpha_never_looser_than_crown():
+    g = OPS["gelu"]().infer_shapes()
+    x0 = rnd(*g.input_shape)
+    c = compute_bounds(g, x0, 0.3, "crown")
+    a = compute_bounds(g, x0, 0.3, "alpha", alpha_iters=5)
+    assert torch.all(a.lower >= c.lower) and torch.all(a.upper <= c.upper)
+
+
+def test_crown_tighter_than_ibp_on_cancellation():
+    """y = x - x through two paths: CROWN keeps the input symbolic and gets ~0 width."""
+    g = Graph("cancel", "x", (4,))
+    a = g.add("a", "linear", "x", weight=torch.eye(4, dtype=torch.float64))
+    b = g.add("b", "mul_const", "x", c=-1.0)
+    g.add("y", "add", a, b)
+    g.infer_shapes()
+    x0 = rnd(4)
+    ibp = compute_bounds(g, x0, 0.1, "ibp").width().max().item()
+    for m in ("crown", "zonotope"):
+        w = compute_bounds(g, x0, 0.1, m).width().max().item()
+        assert w < 1e-5 < ibp
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_epsilon(eps):
+    g = g_linear().infer_shapes()
+    with pytest.raises(GammaError, match=r"--epsilon must be a finite number > 0"):
+        compute_bounds(g, torch.zeros(g.input_shape, dtype=torch.float64), eps, "crown")
+
+
+def test_unknown_op_names_op_and_method():
+    g = g_linear().infer_shapes()
+    g.nodes["y"].op = "mystery"
+    with pytest.raises(UnsupportedOp, match="method 'ibp' has no rule for op 'mystery' \\(node y\\)"):
+        compute_bounds(g, torch.zeros(g.input_shape, dtype=torch.float64), 0.1, "ibp")

@@ -42,14 +42,20 @@ def optimize(ctx: Context, target: str, box: Interval, init: Interval, iters: in
         for it in range(iters):
             opt.zero_grad()
             b = node_bounds(ctx, target, box)
-            loss = (b.upper - b.lower).sum()
-            loss.backward()
-            opt.step()
+            width = b.upper - b.lower
+            loss = torch.where(torch.isfinite(width), width, torch.zeros_like(width)).sum()
+            if loss.requires_grad:
+                loss.backward()
+                for p in params:              # a non-finite gradient is no direction
+                    if p.grad is not None:
+                        p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                opt.step()
             with torch.no_grad():
                 for p in params:
-                    p.clamp_(0.0, 1.0)
-                best_lo = torch.maximum(best_lo, b.lower.detach())
-                best_hi = torch.minimum(best_hi, b.upper.detach())
+                    p.nan_to_num_(nan=0.5).clamp_(0.0, 1.0)
+                lo, hi = b.lower.detach(), b.upper.detach()
+                best_lo = torch.where(torch.isnan(lo), best_lo, torch.maximum(best_lo, lo))
+                best_hi = torch.where(torch.isnan(hi), best_hi, torch.minimum(best_hi, hi))
             if progress:
                 progress(f"alpha {it + 1}/{iters}: width sum {float((best_hi - best_lo).sum()):.4g}")
     finally:

@@ -273,8 +273,8 @@ def _prep(spec: ScalarFn, l, u):
     return l, u
 
 
-def _err(x: Tensor, fx: Tensor, rel: float, ab: float) -> Tensor:
-    """Bound on the float64 evaluation error of a value fx (any x)."""
+def _err(fx: Tensor, rel: float, ab: float) -> Tensor:
+    """Bound on the float64 evaluation error of a computed value fx."""
     return EPS * (rel * fx.abs() + ab) + TINY
 
 
@@ -282,76 +282,82 @@ def _solve(spec: ScalarFn, a: Tensor, p: Tensor, q: Tensor, sgn: int,
            x0: Optional[Tensor] = None) -> Tensor:
     """A point c of [p, q] near the root of f'(c) = a (f' monotone there).
 
-    ``sgn`` is +1 on convex pieces (f' increasing), -1 on concave ones.
-    Safeguarded Newton on a shrinking bracket; the result only affects
-    tightness.  No gradient.
+    1-D tensors.  ``sgn`` is +1 on convex pieces (f' increasing), -1 on
+    concave ones.  Safeguarded Newton on a shrinking bracket, run only on the
+    elements whose root is inside (p, q), until ``|f'(c) - a| * (q - p)`` is
+    negligible.  The result only affects tightness, never soundness.
     """
     with torch.no_grad():
-        a = a.detach()
-        h = lambda x: sgn * (spec.df(x) - a)           # increasing in x
-        hp, hq = h(p), h(q)
-        lo, hi = p.clone(), q.clone()
-        x = 0.5 * (p + q)
+        hp, hq = sgn * (spec.df(p) - a), sgn * (spec.df(q) - a)   # increasing
+        c = torch.where(hq <= 0, q, p)
+        (idx,) = ((hp < 0) & (hq > 0)).nonzero(as_tuple=True)
+        if idx.numel() == 0:
+            return c
+        lo, hi, a = p[idx], q[idx], a[idx]
+        w = hi - lo
+        tol = 1e-14 * (1.0 + a.abs() * torch.maximum(lo.abs(), hi.abs()))
+        x = 0.5 * (lo + hi)
         if x0 is not None:
-            x0 = x0.detach()
-            x = torch.where((x0 >= p) & (x0 <= q), x0, x)
+            x0 = x0[idx]
+            x = torch.where((x0 >= lo) & (x0 <= hi), x0, x)
+        best, best_h = x, torch.full_like(x, INF)
         for _ in range(NEWTON_STEPS):
-            hx = h(x)
+            hx = sgn * (spec.df(x) - a)
+            better = hx.abs() < best_h
+            best = torch.where(better, x, best)
+            best_h = torch.where(better, hx.abs(), best_h)
+            if bool((best_h * w <= tol).all()):
+                break
             neg = hx < 0
             lo = torch.where(neg, x, lo)
             hi = torch.where(neg, hi, x)
             xn = x - hx / (sgn * spec.d2f(x))
             ok = torch.isfinite(xn) & (xn > lo) & (xn < hi)
-            x = torch.where(ok, xn, 0.5 * (lo + hi))
-        x = torch.where(hq <= 0, q, x)
-        x = torch.where(hp >= 0, p, x)
-        return x.clamp(min=p, max=q)
+            x = torch.where(hx == 0, x, torch.where(ok, xn, 0.5 * (lo + hi)))
+        c[idx] = best
+        return torch.minimum(torch.maximum(c, p), q)
 
 
 def _extreme(spec: ScalarFn, a: Tensor, l: Tensor, u: Tensor, fl: Tensor, fu: Tensor,
              upper: bool, x0: Optional[Tensor] = None) -> Tensor:
     """Sound bound of max (upper) or min (lower) of g = f - a x over [l, u].
 
-    The value part f(c) - a c keeps its gradient w.r.t. ``a``; margins and
-    the tangent extension are detached.
+    1-D tensors.  The value part f(c) - a c keeps its gradient w.r.t. ``a``
+    (c is detached: envelope theorem); margins and the tangent extension are
+    detached.
     """
     sign = 1.0 if upper else -1.0
+    pick = torch.maximum if upper else torch.minimum
     ad = a.detach()
 
     def endpoint(x, fx):
-        e = _err(x, fx, spec.rel64, spec.abs64) + 2 * EPS * (fx.abs() + (ad * x).abs())
+        e = _err(fx, spec.rel64, spec.abs64) + 2 * EPS * (fx.abs() + (ad * x).abs())
         return fx - a * x + sign * e.detach()
 
-    best = endpoint(l, fl)
-    other = endpoint(u, fu)
-    best = torch.maximum(best, other) if upper else torch.minimum(best, other)
-    want = -1 if upper else +1                      # concave pieces for max
+    best = pick(endpoint(l, fl), endpoint(u, fu))
+    want = -1 if upper else +1                      # concave pieces for the max
     for start, end, s in spec.pieces:
         if s != want:
             continue
-        p = torch.clamp(l, min=start)
-        q = torch.clamp(u, max=end)
-        valid = p <= q
-        if not bool(valid.any()):
+        (idx,) = ((l <= end) & (u >= start)).nonzero(as_tuple=True)
+        if idx.numel() == 0:
             continue
-        p = torch.where(valid, p, l)
-        q = torch.where(valid, q, l)
-        c = _solve(spec, ad, p, q, s, x0)
+        p, q, ai, adi = l[idx].clamp(min=start), u[idx].clamp(max=end), a[idx], ad[idx]
+        c = _solve(spec, adi, p, q, s, None if x0 is None else x0.detach()[idx])
         fc = spec.f(c)
         dc = spec.df(c)
         with torch.no_grad():
-            gp = dc - ad
+            gp = dc - adi
             t1, t2 = gp * (p - c), gp * (q - c)
             ext = torch.maximum(t1, t2) if upper else torch.minimum(t1, t2)
             w = q - p
-            e = (_err(c, fc, spec.rel64, spec.abs64) + 2 * EPS * (fc.abs() + (ad * c).abs())
-                 + (_err(c, dc, spec.drel64, spec.dabs64) + 2 * EPS * (dc.abs() + ad.abs())) * w
+            e = (_err(fc, spec.rel64, spec.abs64) + 2 * EPS * (fc.abs() + (adi * c).abs())
+                 + (_err(dc, spec.drel64, spec.dabs64) + 2 * EPS * (dc.abs() + adi.abs())) * w
                  + 2 * EPS * ext.abs() + spec.m3 * spec.delta ** 2 * w)
             extra = ext + sign * e
-        cand = fc - a * c + extra
-        fill = -INF if upper else INF
-        cand = torch.where(valid, cand, torch.full_like(cand, fill))
-        best = torch.maximum(best, cand) if upper else torch.minimum(best, cand)
+        cand = fc - ai * c + extra
+        full = torch.full_like(best, -INF if upper else INF).index_put((idx,), cand)
+        best = pick(best, full)
     return best
 
 
@@ -365,7 +371,7 @@ def _line_slack(spec: ScalarFn, a: Tensor, b: Tensor, fmag: Tensor, xmag: Tensor
 def _bounds_f(spec, l, u):
     """f(l), f(u) and their float64 error bounds."""
     fl, fu = spec.f(l), spec.f(u)
-    return fl, fu, _err(l, fl, spec.rel64, spec.abs64), _err(u, fu, spec.rel64, spec.abs64)
+    return fl, fu, _err(fl, spec.rel64, spec.abs64), _err(fu, spec.rel64, spec.abs64)
 
 
 # ----------------------------------------------------------------------------
@@ -406,30 +412,37 @@ def _split_alpha(alpha: Alpha):
 
 def _tangent_point(spec, l, u, alpha):
     """t = l + clamp(alpha, 0, 1) * (u - l), inside [l, u] (differentiable)."""
-    al = torch.as_tensor(alpha, dtype=torch.float64).clamp(0.0, 1.0)
-    t = torch.minimum(torch.maximum(l + al * (u - l), l), u)
+    t = torch.minimum(torch.maximum(l + alpha.clamp(0.0, 1.0) * (u - l), l), u)
     if spec.name == "sqrt":        # f'(0) = inf: keep the tangent point off 0
         t = torch.maximum(t, 1e-6 * u)
     return t
+
+
+def _flat(x, shape):
+    return torch.as_tensor(x, dtype=torch.float64).expand(shape).reshape(-1)
 
 
 def offsets(fn: Union[str, ScalarFn], l, u, a_lower, a_upper):
     """Sound offsets for given slopes: ``(bl, bu)`` with
     ``a_lower*x + bl <= f(x) <= a_upper*x + bu`` on [l, u].
 
-    Any finite slopes are allowed; non-finite results are returned as
-    -inf / +inf (callers may replace them by interval bounds).
+    Any slopes are allowed (tensors broadcast with l, u); where a slope or
+    the result is not finite the offset is -inf / +inf.
     """
     spec = get(fn)
     l, u = _prep(spec, l, u)
-    a_lower = torch.as_tensor(a_lower, dtype=torch.float64).expand_as(l)
-    a_upper = torch.as_tensor(a_upper, dtype=torch.float64).expand_as(l)
-    bl, bu, _ = _offsets(spec, l, u, a_lower, a_upper, None, None)
-    return (torch.where(torch.isfinite(bl), bl, torch.full_like(bl, -INF)),
-            torch.where(torch.isfinite(bu), bu, torch.full_like(bu, INF)))
+    shape = torch.broadcast_shapes(l.shape, torch.as_tensor(a_lower).shape,
+                                   torch.as_tensor(a_upper).shape)
+    l, u, al, au = (_flat(x, shape) for x in (l, u, a_lower, a_upper))
+    bl, bu, _ = _offsets(spec, l, u, al, au, None, None)
+    bl = torch.where(torch.isfinite(bl), bl, torch.full_like(bl, -INF))
+    bu = torch.where(torch.isfinite(bu), bu, torch.full_like(bu, INF))
+    return bl.reshape(shape), bu.reshape(shape)
 
 
 def _offsets(spec, l, u, al, au, x0l, x0u):
+    """1-D tensors: sound (bl, bu) for slopes (al, au), NaN where a slope is
+    not finite, and the interval (lo, hi) of f on [l, u]."""
     fl, fu = spec.f(l), spec.f(u)
     lo, hi = interval(spec, l, u)
     fmag = torch.maximum(lo.abs(), hi.abs())
@@ -450,23 +463,31 @@ def linear(fn: Union[str, ScalarFn], l, u, alpha: Alpha = None):
     """Sound linear bounds ``(al, bl, au, bu)`` of f on [l, u].
 
     ``al*x + bl <= f(x) <= au*x + bu`` for every real x in [l, u].
-    ``alpha``: None, a tensor in [0, 1] (clamped) broadcastable to l, or a
+    ``alpha``: None, a tensor in [0, 1] (clamped) broadcastable with l, or a
     pair ``(alpha_lower, alpha_upper)``; see the module docstring for what it
-    selects.  Differentiable w.r.t. alpha.
+    selects.  Differentiable w.r.t. alpha.  Results: float64 tensors of the
+    broadcast shape of l, u and alpha.
     """
     spec = get(fn)
     l, u = _prep(spec, l, u)
+    alpha_l, alpha_u = _split_alpha(alpha)
+    shape = torch.broadcast_shapes(l.shape, *(torch.as_tensor(x).shape
+                                              for x in (alpha_l, alpha_u) if x is not None))
+    l, u = _flat(l, shape), _flat(u, shape)
+    alpha_l = None if alpha_l is None else _flat(alpha_l, shape)
+    alpha_u = None if alpha_u is None else _flat(alpha_u, shape)
     w = u - l
     with torch.no_grad():
         degen = w <= REL_WIDTH * torch.maximum(l.abs(), u.abs())
     ws = torch.where(degen, torch.ones_like(w), w)
     fl, fu = spec.f(l), spec.f(u)
     chord = (fu - fl) / ws
-    alpha_l, alpha_u = _split_alpha(alpha)
     x0l = x0u = None
     if spec.convex or spec.concave:
         tangent_alpha = alpha_l if spec.convex else alpha_u
-        t = _tangent_point(spec, l, u, 0.5 if tangent_alpha is None else tangent_alpha)
+        if tangent_alpha is None:
+            tangent_alpha = torch.full_like(l, 0.5)
+        t = _tangent_point(spec, l, u, tangent_alpha)
         tangent = spec.df(t)
         if spec.convex:
             al, au, x0l = tangent, chord, t
@@ -491,4 +512,4 @@ def linear(fn: Union[str, ScalarFn], l, u, alpha: Alpha = None):
     bl = torch.where(bad_l, lo, bl)
     au = torch.where(bad_u, zero, au)
     bu = torch.where(bad_u, hi, bu)
-    return al, bl, au, bu
+    return tuple(t.reshape(shape) for t in (al, bl, au, bu))

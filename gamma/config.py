@@ -32,6 +32,7 @@ class ModelConfig:
     max_positions: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False   # q/k/v biases (Qwen2 style)
+    attention_out_bias: bool = False  # o_proj bias (Llama/Qwen3 attention_bias=True; not Qwen2)
     # whisper
     n_mels: int = 80
     encoder_layers: int = 0
@@ -78,7 +79,8 @@ class Checkpoint:
 
     @property
     def n_params(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
+        # tied tensors (lm_head / proj_out sharing the embedding) are one object: count it once
+        return sum(t.numel() for t in {id(t): t for t in self.tensors.values()}.values())
 
     def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
         from .errors import GammaError

@@ -92,10 +92,14 @@ class Graph:
                 out[i].append(node.name)
         return out
 
-    def ancestors(self, name: str) -> set[str]:
+    def ancestors(self, name: str, stop: Optional[str] = None) -> set[str]:
+        """``name`` and every node it depends on (not looking past ``stop``)."""
         seen, stack = {name}, [name]
         while stack:
-            for i in self.nodes[stack.pop()].inputs:
+            cur = stack.pop()
+            if cur == stop:
+                continue
+            for i in self.nodes[cur].inputs:
                 if i not in seen:
                     seen.add(i)
                     stack.append(i)
@@ -124,7 +128,7 @@ class Graph:
     def subgraph(self, input_name: str, output_name: str, name: Optional[str] = None) -> "Graph":
         """The part of the graph between ``input_name`` (which becomes the
         input node) and ``output_name``."""
-        keep = self.ancestors(output_name)
+        keep = self.ancestors(output_name, stop=input_name)
         sub = Graph(name or f"{self.name}[{input_name}->{output_name}]", input_name,
                     self.nodes[input_name].shape)
         for node in self.nodes.values():

@@ -22,7 +22,8 @@ library functions it calls.  With ``U = 2**-24`` (unit roundoff):
   (derivations at each entry): gelu ``0.5*x*(1+erf(x/sqrt2))``, gelu_tanh
   ``0.5*x*(1+tanh(k*(x+0.044715*x^3)))``, silu ``x/(1+exp(-x))`` or
   ``x*sigmoid(x)``, sigmoid ``1/(1+exp(-x))``, rsqrt ``1/sqrt(x)`` or a
-  <= 3 ulp rsqrt, ``x*x``, correctly rounded ``1/x`` and ``sqrt``.  Inputs are
+  <= 3 ulp rsqrt, ``x*x`` (IEEE), ``1/x`` and ``sqrt`` within 2 ulp (torch's
+  CPU float32 sqrt is not correctly rounded: 0.75 ulp).  Inputs are
   not flushed (DAZ off), except that sqrt pays 2**-63 and reciprocal/rsqrt
   give inf below 2**-126 in case they are.
 * dot products and sums (:func:`dot_error`): ``gamma(n) * sum|a_i b_i|``
@@ -86,10 +87,11 @@ MODELS = {
     # 4 ulp library function
     "exp": F32Model(rel=8.0, overflow_above=88.7),
     "tanh": F32Model(rel=8.0),
-    # correctly rounded (2 ulp allowed) / 1/sqrt(x) two roundings or <= 3 ulp
+    # 1/x, sqrt: 2 ulp allowed (torch CPU float32 sqrt is 0.75 ulp, not correctly
+    # rounded); rsqrt: 1/sqrt(x), two roundings, or a <= 3 ulp rsqrt
     "reciprocal": F32Model(rel=4.0, overflow_below=NORMAL_MIN),
     "rsqrt": F32Model(rel=6.0, overflow_below=NORMAL_MIN),
-    "sqrt": F32Model(rel=2.0, daz=2.0 ** -63),
+    "sqrt": F32Model(rel=4.0, daz=2.0 ** -63),
     "square": F32Model(rel=2.0, overflow_abs=1.8e19),
 }
 

@@ -24,8 +24,10 @@ Slopes (the only thing ``alpha`` changes, so every alpha is sound):
 * non-convex (gelu, gelu_tanh, silu, sigmoid, tanh): both slopes are the chord
   slope by default; with ``alpha`` the slope is ``f'(l + alpha*(u-l))``.
   ``alpha`` may be one tensor (the same point for both sides) or a pair
-  ``(alpha_lower, alpha_upper)``.  By the mean value theorem the chord slope
-  is one of these, so optimising alpha can only do better.
+  ``(alpha_lower, alpha_upper)``; convex / concave functions ignore the alpha
+  of their chord side (the chord is the best line there).  By the mean value
+  theorem the chord slope is one of the ``f'(t)``, so optimising alpha can
+  only do better than the default.
 
 Offsets never trust the slope: for any slope ``a`` the offsets bound the
 extremes of ``g(x) = f(x) - a*x`` on ``[l, u]`` (:func:`offsets`).  ``[l, u]``
@@ -48,7 +50,9 @@ slope or offset (e.g. exp beyond ~709) falls back the same way.
 
 ``alpha`` is differentiable: ``b`` is ``f(c) - a*c`` with ``c`` detached
 (envelope theorem), all margins are detached, and alpha is clamped to [0, 1].
-All results are float64 tensors of the broadcast shape of ``l`` and ``u``.
+All results are float64 tensors of the broadcast shape of ``l``, ``u`` (and
+``alpha``).  Inputs with NaN, ``l > u`` or outside the domain raise
+:class:`GammaError`; an unknown function raises :class:`UnsupportedOp`.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class ScalarFn:
     dabs64: float = 0.0
     delta: float = 0.0
     m3: float = 0.0
+    d12: Optional[Callable] = None     # (f', f'') sharing work; Newton only
 
     @property
     def convex(self) -> bool:
@@ -142,6 +147,12 @@ def _gelu_d2(x):
     return torch.nan_to_num(_INV_SQRT_2PI * torch.exp(-0.5 * x * x) * (2.0 - x * x))
 
 
+def _gelu_d12(x):
+    e = _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+    return (0.5 * torch.special.erfc(-x * _SQRT1_2) + x * e,
+            torch.nan_to_num(e * (2.0 - x * x)))
+
+
 def _gt_w(x):                      # 1 + tanh(z) = 2 sigmoid(2z), z = k (x + c x^3)
     return (2.0 * _K_TANH) * (x + _C_TANH * x * x * x)
 
@@ -169,6 +180,16 @@ def _gelu_tanh_d2(x):
     return torch.nan_to_num(2.0 * s1 * w1 + x * s2 * w1 * w1 + x * s1 * w2)
 
 
+def _gelu_tanh_d12(x):
+    x = x.clamp(-1e30, 1e30)
+    w, w1 = _gt_w(x), _gt_w1(x)
+    sp, sm = _sig(w), _sig(-w)
+    s1 = sp * sm
+    d1 = sp + x * s1 * w1
+    d2 = 2.0 * s1 * w1 + x * s1 * (sm - sp) * w1 * w1 + x * s1 * ((12.0 * _K_TANH * _C_TANH) * x)
+    return d1, torch.nan_to_num(d2)
+
+
 def _silu(x):
     return x * _sig(x)
 
@@ -179,6 +200,24 @@ def _silu_d(x):
 
 def _silu_d2(x):
     return torch.nan_to_num(_dsig(x) * (2.0 - x * torch.tanh(0.5 * x)))
+
+
+def _silu_d12(x):
+    sp, sm = _sig(x), _sig(-x)
+    s1 = sp * sm
+    return sp + x * s1, torch.nan_to_num(s1 * (2.0 + x * (sm - sp)))
+
+
+def _sig_d12(x):
+    sp, sm = _sig(x), _sig(-x)
+    s1 = sp * sm
+    return s1, s1 * (sm - sp)
+
+
+def _tanh_d12(x):
+    sp, sm = _sig(2.0 * x), _sig(-2.0 * x)
+    d1 = 4.0 * sp * sm
+    return d1, -2.0 * (sp - sm) * d1
 
 
 def _tanh_d(x):
@@ -203,20 +242,20 @@ def _fns() -> dict:
                  ((-INF, -r2, -1), (-r2, r2, +1), (r2, INF, -1)),
                  argmin=-0.7517915246935645, argmin_tol=1e-12,
                  fmin_lo=-0.16997120747990388, abs64=2.0, dabs64=4.0,
-                 delta=1e-15, m3=2.0),
+                 delta=1e-15, m3=2.0, d12=_gelu_d12),
         # gelu_tanh = x s(w): f' = s(w) (1 + x s(-w) w'); for x < 0,
         # q = x s(-w) w' is strictly increasing from -inf to 0: unimodal.
         ScalarFn("gelu_tanh", _gelu_tanh, _gelu_tanh_d, _gelu_tanh_d2,
                  ((-INF, -xt, -1), (-xt, xt, +1), (xt, INF, -1)),
                  argmin=-0.7524614220710163, argmin_tol=1e-12,
                  fmin_lo=-0.17004075057125428, abs64=4.0, dabs64=8.0,
-                 delta=1e-12, m3=2.0),
+                 delta=1e-12, m3=2.0, d12=_gelu_tanh_d12),
         # silu: the gelu_tanh argument with w = x.
         ScalarFn("silu", _silu, _silu_d, _silu_d2,
                  ((-INF, -xs, -1), (-xs, xs, +1), (xs, INF, -1)),
                  argmin=-1.2784645427610737, argmin_tol=1e-12,
                  fmin_lo=-0.27846454276107424, abs64=1.0, dabs64=4.0,
-                 delta=1e-12, m3=1.0),
+                 delta=1e-12, m3=1.0, d12=_silu_d12),
         ScalarFn("exp", torch.exp, torch.exp, torch.exp, _ALL, monotone=+1),
         ScalarFn("reciprocal", torch.reciprocal, lambda x: -1.0 / (x * x),
                  lambda x: 2.0 / (x * x * x), ((0.0, INF, +1),), monotone=-1,
@@ -231,9 +270,9 @@ def _fns() -> dict:
                  lambda x: torch.full_like(x, 2.0), _ALL,
                  argmin=0.0, argmin_tol=0.0, fmin_lo=0.0, rel64=4.0, drel64=4.0),
         ScalarFn("sigmoid", _sig, _dsig, lambda x: -_dsig(x) * torch.tanh(0.5 * x),
-                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0),
+                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0, d12=_sig_d12),
         ScalarFn("tanh", torch.tanh, _tanh_d, _tanh_d2,
-                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0),
+                 ((-INF, 0.0, +1), (0.0, INF, -1)), monotone=+1, dabs64=4.0, d12=_tanh_d12),
     ]
     return {s.name: s for s in table}
 
@@ -283,9 +322,10 @@ def _solve(spec: ScalarFn, a: Tensor, p: Tensor, q: Tensor, sgn: int,
     """A point c of [p, q] near the root of f'(c) = a (f' monotone there).
 
     1-D tensors.  ``sgn`` is +1 on convex pieces (f' increasing), -1 on
-    concave ones.  Safeguarded Newton on a shrinking bracket, run only on the
-    elements whose root is inside (p, q), until ``|f'(c) - a| * (q - p)`` is
-    negligible.  The result only affects tightness, never soundness.
+    concave ones.  Safeguarded Newton from the regula-falsi point (or ``x0``)
+    on a shrinking bracket, run only on the elements whose root is inside
+    (p, q) and not yet converged (``|f'(c) - a| * (q - p)`` negligible).
+    The result only affects tightness, never soundness.
     """
     with torch.no_grad():
         hp, hq = sgn * (spec.df(p) - a), sgn * (spec.df(q) - a)   # increasing
@@ -293,27 +333,41 @@ def _solve(spec: ScalarFn, a: Tensor, p: Tensor, q: Tensor, sgn: int,
         (idx,) = ((hp < 0) & (hq > 0)).nonzero(as_tuple=True)
         if idx.numel() == 0:
             return c
-        lo, hi, a = p[idx], q[idx], a[idx]
+        lo, hi, a, hl, hh = p[idx], q[idx], a[idx], hp[idx], hq[idx]
         w = hi - lo
-        tol = 1e-14 * (1.0 + a.abs() * torch.maximum(lo.abs(), hi.abs()))
-        x = 0.5 * (lo + hi)
+        tol = 1e-14 * (1.0 + a.abs() * torch.maximum(lo.abs(), hi.abs())) / w
+        x = lo - hl * (w / (hh - hl))                  # regula falsi
+        x = torch.where(torch.isfinite(x) & (x > lo) & (x < hi), x, 0.5 * (lo + hi))
         if x0 is not None:
             x0 = x0[idx]
             x = torch.where((x0 >= lo) & (x0 <= hi), x0, x)
-        best, best_h = x, torch.full_like(x, INF)
+        best_h = torch.full_like(x, INF)
+        pos = torch.arange(x.numel(), device=x.device)  # working slot -> subset index
+        out = x.clone()
+        d12 = spec.d12 or (lambda t: (spec.df(t), spec.d2f(t)))
+        best = x.clone()
         for _ in range(NEWTON_STEPS):
-            hx = sgn * (spec.df(x) - a)
+            d1, d2 = d12(x)
+            hx = sgn * (d1 - a)
             better = hx.abs() < best_h
             best = torch.where(better, x, best)
             best_h = torch.where(better, hx.abs(), best_h)
-            if bool((best_h * w <= tol).all()):
-                break
             neg = hx < 0
             lo = torch.where(neg, x, lo)
             hi = torch.where(neg, hi, x)
-            xn = x - hx / (sgn * spec.d2f(x))
+            xn = x - hx / (sgn * d2)
             ok = torch.isfinite(xn) & (xn > lo) & (xn < hi)
             x = torch.where(hx == 0, x, torch.where(ok, xn, 0.5 * (lo + hi)))
+            live = best_h > tol
+            n_live = int(live.sum())
+            if n_live == 0:
+                break
+            if 2 * n_live < live.numel():              # compact the working set
+                out[pos] = best
+                pos, x, lo, hi, a, tol, best, best_h = (
+                    t[live] for t in (pos, x, lo, hi, a, tol, best, best_h))
+        out[pos] = best
+        best = out
         c[idx] = best
         return torch.minimum(torch.maximum(c, p), q)
 

@@ -1,0 +1,66 @@
+"""Shared last step of every loader: tie outputs, validate, build the Checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import Checkpoint, ModelConfig
+from ..errors import GammaError
+from .names import TIED_OUTPUT
+from .validate import validate
+
+
+def np_to_f32(a: np.ndarray) -> torch.Tensor:
+    """A float32 torch tensor; copies only what is not already a writable float32 array
+    (read-only views of a memory-mapped file are copied so the tensor owns its data)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
+
+
+class Collected:
+    """Canonical tensors gathered by a loader, with where each came from."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, str] = {}
+        self.source_names: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def add(self, name: str, t: torch.Tensor, dtype: str, source: str) -> None:
+        if name in self.tensors:
+            raise GammaError(f"{self.path}: tensors '{self.source_names[name]}' and '{source}' "
+                             f"both map to '{name}'")
+        self.tensors[name] = t
+        self.dtypes[name] = dtype
+        self.source_names[name] = source
+
+    def shapes(self) -> dict[str, tuple]:
+        return {n: tuple(t.shape) for n, t in self.tensors.items()}
+
+
+def _tie(c: Collected, cfg: ModelConfig) -> None:
+    out, emb = TIED_OUTPUT[cfg.arch]
+    if emb not in c.tensors:
+        return                                   # validate reports it missing
+    if out not in c.tensors:
+        if cfg.tie_word_embeddings:
+            c.tensors[out] = c.tensors[emb]      # the same object, as in HF's tied state_dict
+            c.dtypes[out] = c.dtypes[emb]
+            c.source_names[out] = c.source_names[emb]
+        return
+    if cfg.tie_word_embeddings and c.tensors[out] is not c.tensors[emb]:
+        if c.tensors[out].shape != c.tensors[emb].shape or not torch.equal(c.tensors[out], c.tensors[emb]):
+            raise GammaError(f"{c.path}: config ties '{out}' to '{emb}' but the file stores a different '{out}'")
+        c.tensors[out] = c.tensors[emb]
+
+
+def finish(c: Collected, fmt: str, cfg: ModelConfig) -> Checkpoint:
+    """Tie the output projection if needed, validate everything, return the Checkpoint."""
+    _tie(c, cfg)
+    validate(c.path, cfg, c.tensors, c.source_names)
+    return Checkpoint(path=c.path, format=fmt, config=cfg, tensors=c.tensors, dtypes=c.dtypes,
+                      notes=c.notes, source_names=c.source_names)

@@ -1,0 +1,197 @@
+"""The float32 error model (gamma.bounds.fp) against torch's float32 kernels.
+
+Observed errors are measured against a float64 reference whose own error
+bound is *added* to the observed error, so the check is one-sided in the
+model's disfavour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.special as sp
+import torch
+import torch.nn.functional as F
+
+from gamma.bounds import fp
+from gamma.errors import UnsupportedOp
+
+EPS64 = 2.0 ** -52
+K_TANH = math.sqrt(2 / math.pi)
+SEED = 4321
+N_POINTS = 1_000_000
+
+# the actual float32 formulas of the reference engine (torch)
+TORCH32 = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "exp": torch.exp,
+    "reciprocal": torch.reciprocal,
+    "rsqrt": torch.rsqrt,
+    "sqrt": torch.sqrt,
+    "square": lambda x: x * x,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+POSITIVE = {"reciprocal", "rsqrt", "sqrt"}
+
+
+def ref64(fn: str, x: np.ndarray):
+    """(value, error bound) of a float64 reference of fn at float32 points x.
+
+    Stable formulas; the error bound accounts for the rounding of the inner
+    argument (condition number x^2 for gelu, |w| for gelu_tanh) and 32 ulp
+    for the library calls and outer operations.
+    """
+    if fn == "gelu":
+        v = 0.5 * x * sp.erfc(-x / np.sqrt(2.0))
+        cond = np.where(x < 0, 4 * x * x, 4.0)          # erfc(|y|) is ill-conditioned
+    elif fn == "gelu_tanh":
+        w = 2 * K_TANH * (x + 0.044715 * x ** 3)
+        v = x * sp.expit(w)
+        cond = 8 * np.abs(w) * sp.expit(-w)             # relative condition of sigmoid(w)
+    else:
+        v = {"silu": lambda t: t * sp.expit(t), "exp": np.exp, "reciprocal": lambda t: 1.0 / t,
+             "rsqrt": lambda t: 1.0 / np.sqrt(t), "sqrt": np.sqrt, "square": lambda t: t * t,
+             "sigmoid": sp.expit, "tanh": np.tanh}[fn](x)
+        cond = 0.0
+    return v, EPS64 * (32 + cond) * np.abs(v) + 1e-300
+
+
+def sample_points(fn: str, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """float32 points across magnitudes: 1e-45 .. 1e4, uniform [-20, 20], specials."""
+    k = n // 2
+    mag = 10 ** rng.uniform(-45, 4, k)
+    sign = np.where(rng.random(k) < 0.5, -1.0, 1.0)
+    specials = np.array([0.0, 2.0 ** -149, 2.0 ** -126, 2.0 ** -127, 1e-38, 1e-30, 1e-7, 0.5,
+                         1.0, 2.0, math.sqrt(2), 3.0, 5.5, 10.0, 13.2, 20.0, 40.0, 87.0,
+                         88.5, 100.0, 1e3, 1e4])
+    x = np.concatenate([sign * mag, rng.uniform(-20, 20, n - k), specials, -specials])
+    x = x.astype(np.float32)
+    if fn in POSITIVE:
+        x = np.abs(x)
+        x = x[x > 0] if fn != "sqrt" else x
+    if fn == "exp":
+        x = x[x <= 88.5]
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("fn", sorted(TORCH32))
+def test_elementwise_model_covers_torch_float32(fn):
+    rng = np.random.default_rng(SEED + sorted(TORCH32).index(fn))
+    x32 = sample_points(fn, N_POINTS, rng)
+    got = TORCH32[fn](x32).double().numpy()
+    xd = x32.double().numpy()
+    v, ref_err = ref64(fn, xd)
+    observed = np.abs(got - v) + ref_err
+    bound = fp.elementwise_error(fn, x32.double(), x32.double()).numpy()
+    bad = ~(observed <= bound)
+    i = np.nonzero(bad)[0]
+    assert i.size == 0, (f"{fn}: {i.size} points over the model, e.g. x={xd[i[0]]!r}: "
+                         f"observed {observed[i[0]]:.3g} > bound {bound[i[0]]:.3g}")
+    # the model is not vacuous: on ordinary inputs it is within ~100x of what torch does
+    ordinary = (np.abs(xd) > 1e-3) & (np.abs(xd) < 20)
+    assert (bound[ordinary] <= 1e-5 * (1 + np.abs(v[ordinary]) + np.abs(xd[ordinary]))).all()
+
+
+@pytest.mark.parametrize("fn", sorted(TORCH32))
+def test_elementwise_model_over_intervals(fn):
+    """Points inside [l, u] are covered by the bound of the whole interval."""
+    rng = np.random.default_rng(SEED + 50 + sorted(TORCH32).index(fn))
+    n, k = 2000, 64
+    if fn in POSITIVE:
+        l = 10 ** rng.uniform(-6, 3, n)
+        u = l * (1 + 10 ** rng.uniform(-6, 1, n))
+    else:
+        c = rng.uniform(-30, 30, n) if fn != "exp" else rng.uniform(-80, 80, n)
+        w = 10 ** rng.uniform(-6, 1, n)
+        l, u = c - w, c + w
+        if fn == "exp":
+            u = np.minimum(u, 88.5)
+    l = l.astype(np.float32).astype(np.float64)
+    u = np.maximum(u.astype(np.float32).astype(np.float64), l)
+    t = rng.random((n, k))
+    x32 = (l[:, None] + (u - l)[:, None] * t).astype(np.float32)
+    x32 = np.clip(x32, l[:, None].astype(np.float32), u[:, None].astype(np.float32))
+    got = TORCH32[fn](torch.from_numpy(x32)).double().numpy()
+    v, ref_err = ref64(fn, x32.astype(np.float64))
+    bound = fp.elementwise_error(fn, torch.tensor(l), torch.tensor(u)).numpy()
+    assert (np.abs(got - v) + ref_err <= bound[:, None]).all()
+
+
+def test_overflow_gives_inf():
+    assert fp.elementwise_error("exp", torch.tensor([0.0]), torch.tensor([89.0])).item() == math.inf
+    assert torch.isinf(torch.exp(torch.tensor([89.0]))).all()
+    assert fp.elementwise_error("square", torch.tensor([-2e19]), torch.tensor([0.0])).item() == math.inf
+    assert fp.elementwise_error("reciprocal", torch.tensor([1e-39]), torch.tensor([1.0])).item() == math.inf
+    assert math.isfinite(fp.elementwise_error("reciprocal", torch.tensor([1e-30]), torch.tensor([1.0])).item())
+    with pytest.raises(UnsupportedOp):
+        fp.elementwise_error("softplus", torch.tensor([0.0]), torch.tensor([1.0]))
+
+
+def test_floor_and_shapes():
+    e = fp.elementwise_error("gelu", torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    assert e.shape == (2, 3) and e.dtype == torch.float64
+    assert (e >= 2.0 ** -126).all()
+
+
+# ---------------------------------------------------------------- dot products
+def test_gamma():
+    assert fp.gamma(1) == pytest.approx(2.0 ** -24, rel=1e-6)
+    assert fp.gamma(2 ** 24) == math.inf
+    g = fp.gamma(torch.tensor([16, 2 ** 25]))
+    assert g[0].item() == pytest.approx(16 * 2.0 ** -24, rel=1e-6) and g[1].item() == math.inf
+
+
+def test_dot_error_formula():
+    n = 100
+    e = fp.dot_error(torch.tensor([0.0, 1.0, 3.5e38]), n)
+    assert e[0].item() >= n * 2.0 ** -149
+    assert e[1].item() >= n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    assert e[2].item() == math.inf
+    assert fp.dot_error(torch.tensor(1.0), 2 ** 24).item() == math.inf
+
+
+def _mixed(rng, shape):
+    """Random float32 values of mixed sign and magnitude (1e-3 .. 1e3)."""
+    return (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 3, shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [16, 64, 257, 1024, 4096])
+def test_dot_error_covers_matmul_and_sum(n):
+    rng = np.random.default_rng(SEED + n)
+    a, b = _mixed(rng, (64, n)), _mixed(rng, (n, 48))
+    # cancellation-heavy rows: a row paired with its negated copy
+    a[1, : n // 2] = -a[0, : n // 2]
+    ad, bd = a.astype(np.float64), b.astype(np.float64)
+    prod_abs = np.abs(ad) @ np.abs(bd)                       # sum |a_i b_i|
+    gamma64 = n * EPS64 / (1 - n * EPS64)                    # error of the float64 reference
+    checks = []
+    got = (torch.from_numpy(a) @ torch.from_numpy(b)).double().numpy()
+    checks.append((got, ad @ bd, prod_abs))
+    got = (torch.from_numpy(a)[:, :, None] * torch.from_numpy(b)[None]).sum(1).double().numpy()
+    checks.append((got, ad @ bd, prod_abs))
+    got = torch.from_numpy(a).sum(1).double().numpy()
+    checks.append((got, ad.sum(1), np.abs(ad).sum(1)))
+    x, y = torch.from_numpy(a[0]), torch.from_numpy(b[:, 0])
+    checks.append((np.array([torch.dot(x, y).item()]), np.array([ad[0] @ bd[:, 0]]),
+                   np.array([np.abs(ad[0]) @ np.abs(bd[:, 0])])))
+    for got, ref, abs_sum in checks:
+        bound = fp.dot_error(torch.tensor(abs_sum), n).numpy()
+        observed = np.abs(got - ref) + 2 * gamma64 * abs_sum
+        assert (observed <= bound).all()
+        # not vacuous: observed errors are a sizeable fraction of sqrt(n) u |.|
+        assert (bound <= 2 * n * 2.0 ** -24 * abs_sum + 1e-30).all()
+
+
+def test_dot_error_tiny_values_underflow():
+    rng = np.random.default_rng(SEED)
+    a = (rng.standard_normal(512) * 1e-23).astype(np.float32)
+    b = (rng.standard_normal(512) * 1e-23).astype(np.float32)
+    got = torch.dot(torch.from_numpy(a), torch.from_numpy(b)).item()
+    ad, bd = a.astype(np.float64), b.astype(np.float64)
+    ref, abs_sum = ad @ bd, np.abs(ad) @ np.abs(bd)
+    assert abs(got - ref) <= fp.dot_error(torch.tensor(abs_sum), 512).item()

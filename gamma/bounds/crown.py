@@ -30,7 +30,7 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax
-from .interval import Interval
+from .interval import Interval, simplex_shift
 from .jacobian import linearize
 
 Tensor = torch.Tensor
@@ -109,7 +109,13 @@ def _matmul(node, lam, ctx):
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = x.center, y.center
     t = lambda v: v.transpose(-1, -2)
-    bias = -_dot(lam, cx @ t(cy)) - _dot(lam.abs(), x.radius @ t(y.radius))
+    m = simplex_shift(node, cy)                     # z = x (y - m)^T + m^T when x rows sum to 1
+    bias = lam.new_zeros(lam.shape[0])
+    if m is not None:
+        # x (y - m)^T relaxed around (cx, cy - m): the y-term is cx (y - m)^T = cx y^T - cx m^T
+        cy = cy - m
+        bias = bias + _dot(lam, t(m).expand(node.shape)) - _dot(lam, cx @ t(m.expand(y.center.shape)))
+    bias = bias - _dot(lam, cx @ t(cy)) - _dot(lam.abs(), x.radius @ t(y.radius))
     return [lam @ cy, t(lam) @ cx], bias
 
 
@@ -127,20 +133,29 @@ BACKWARD.update({"mul": _mul, "matmul": _matmul,
 
 
 # ---------------------------------------------------------------- the walk
-def backward(ctx: Context, target: str, spec: Tensor, box: Interval) -> Tensor:
-    """Lower bounds (S,) of ``spec_s . value(target)`` over the input box."""
+def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset()) -> Tensor:
+    """Lower bounds (S,) of ``sum_k lams[k] . value(k) + bias`` over the input box.
+
+    Walks the ancestors of the nodes in ``lams`` in reverse topological order.
+    At a node in ``stop`` (whose bounds are known) the remaining term is
+    concretised over that node's interval instead of being propagated further.
+    """
     graph = ctx.graph
-    lams = {target: spec}
-    bias = spec.new_zeros(spec.shape[0])
-    anc = graph.ancestors(target)
+    lams = dict(lams)
+    anc: set = set()
+    for k in lams:
+        anc |= graph.ancestors(k, stop=None)
     order = [n for n in graph if n.name in anc]
-    final = None
     for node in reversed(order):
         lam = lams.pop(node.name, None)
         if lam is None:
             continue
         if node.op == "input":
-            final = lam
+            bias = bias + _dot(lam, box.center) - _dot(lam.abs(), box.radius)
+            continue
+        if node.name in stop:
+            iv = ctx.bounds[node.name]
+            bias = bias + _dot(lam, iv.center) - _dot(lam.abs(), iv.radius)
             continue
         m = ctx.margins.get(node.name)
         if m is not None:
@@ -153,19 +168,50 @@ def backward(ctx: Context, target: str, spec: Tensor, box: Interval) -> Tensor:
         bias = bias + b
         for name, li in zip(node.inputs, ins):
             lams[name] = lams[name] + li if name in lams else li
-    if final is None:
-        return bias
-    return _dot(final, box.center) - _dot(final.abs(), box.radius) + bias
+    return bias
 
 
-def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 << 24) -> Interval:
+def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
+    """Cotangents after the target node for the specs ``[e_idx; -e_idx]``.
+
+    For a linear target the rows of W are placed directly (no product with an
+    identity matrix); otherwise the spec itself is returned.
+    """
+    graph = ctx.graph
+    node = graph[target]
+    shape = node.shape
+    k = len(idx)
+    n = _numel(shape)
+    m = ctx.margins.get(target)
+    if node.op == "linear" and len(shape) >= 1:
+        W = node.params["weight"]                               # (out, in)
+        out = shape[-1]
+        tok, unit = idx // out, idx % out                       # flat leading index, output unit
+        in_shape = graph[node.inputs[0]].shape
+        lead = _numel(in_shape[:-1])
+        lam = torch.zeros(k, lead, in_shape[-1], dtype=dtype, device=device)
+        lam[torch.arange(k), tok] = W[unit]
+        lam = torch.cat([lam, -lam]).reshape(2 * k, *in_shape)
+        b = node.params.get("bias")
+        const = b[unit] if b is not None else torch.zeros(k, dtype=dtype, device=device)
+        bias = torch.cat([const, -const])
+        if m is not None:
+            mm = m.reshape(-1)[idx]
+            bias = bias - torch.cat([mm, mm])
+        return {node.inputs[0]: lam}, bias
+    eye = torch.zeros(k, n, dtype=dtype, device=device)
+    eye[torch.arange(k), idx] = 1.0
+    spec = torch.cat([eye, -eye]).reshape(2 * k, *shape)
+    return {target: spec}, spec.new_zeros(2 * k)
+
+
+def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 << 24,
+                stop: frozenset = frozenset()) -> Interval:
     """CROWN bounds of every element of ``target``, in chunks of spec rows."""
     graph = ctx.graph
     shape = graph[target].shape
-    n = 1
-    for s in shape:
-        n *= s
-    widest = max(graph[a].shape and _numel(graph[a].shape) for a in graph.ancestors(target))
+    n = _numel(shape)
+    widest = max(_numel(graph[a].shape) for a in graph.ancestors(target))
     rows = max(1, min(n, chunk_elems // max(1, 2 * widest)))
     dtype, device = box.lower.dtype, box.lower.device
     lo = torch.empty(n, dtype=dtype, device=device)
@@ -173,10 +219,8 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 <
     for s in range(0, n, rows):
         e = min(n, s + rows)
         k = e - s
-        eye = torch.zeros(k, n, dtype=dtype, device=device)
-        eye[torch.arange(k), torch.arange(s, e)] = 1.0
-        spec = torch.cat([eye, -eye]).reshape(2 * k, *shape)
-        lb = backward(ctx, target, spec, box)
+        lams, bias = _first_step(ctx, target, torch.arange(s, e, device=device), dtype, device)
+        lb = backward(ctx, lams, bias, box, stop)
         lo[s:e] = lb[:k]
         hi[s:e] = -lb[k:]
     return Interval(lo.reshape(shape), hi.reshape(shape))

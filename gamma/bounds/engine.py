@@ -33,6 +33,7 @@ from .interval import Interval, ibp_node
 from .zonotope import Zono, zono_node
 
 METHODS = ("ibp", "crown", "alpha", "zonotope")
+INTERMEDIATE = ("crown", "cut", "ibp")
 NONLINEAR = ELEMENTWISE | BILINEAR | JACOBIAN
 
 
@@ -54,13 +55,42 @@ def _sanitize(iv: Interval) -> Interval:
     return Interval(torch.nan_to_num(iv.lower, nan=-math.inf), torch.nan_to_num(iv.upper, nan=math.inf))
 
 
+# ops whose IBP image of CROWN bounds is as tight as CROWN itself: permutations
+# and copies are exact; a unary elementwise op on an interval is optimal
+PASS_THROUGH = {"transpose", "split_heads", "merge_heads", "repeat_kv"} | ELEMENTWISE
+
+
 def needs_bounds(graph) -> set[str]:
-    """Nodes whose bounds a CROWN relaxation uses: inputs of nonlinear ops."""
+    """Nodes that get CROWN bounds: the inputs of nonlinear ops, traced back
+    through ops whose IBP image is as tight (so CROWN runs on fewer, smaller nodes)."""
     need = set()
     for node in graph:
         if node.op in NONLINEAR:
-            need.update(node.inputs)
+            for name in node.inputs:
+                while graph[name].op in PASS_THROUGH:
+                    name = graph[name].inputs[0]
+                if graph[name].op != "input":
+                    need.add(name)
     return need
+
+
+def cut_points(graph, need: set[str]) -> dict[str, frozenset]:
+    """For ``intermediate='cut'``: per needed node, the residual-stream node
+    feeding the nearest normalisation that dominates it (all its paths to the
+    input pass through it); CROWN stops there and uses that node's bounds."""
+    norm_inputs = [n.inputs[0] for n in graph if n.op in ("layernorm", "rmsnorm")]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    out = {}
+    for name in need:
+        best = None
+        for s in norm_inputs:
+            if s == graph.input or order[s] >= order[name]:
+                continue
+            if s in graph.ancestors(name) and graph.input not in graph.ancestors(name, stop=s):
+                if best is None or order[s] > order[best]:
+                    best = s
+        out[name] = frozenset([best]) if best else frozenset()
+    return out
 
 
 def check_epsilon(epsilon) -> float:
@@ -87,8 +117,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``."""
     if method not in METHODS:
         raise GammaError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if intermediate not in ("crown", "ibp"):
-        raise GammaError(f"unknown --intermediate '{intermediate}' (choose crown or ibp)")
+    if intermediate not in INTERMEDIATE:
+        raise GammaError(f"unknown --intermediate '{intermediate}' (choose {', '.join(INTERMEDIATE)})")
     eps = float(epsilon) if (allow_zero and epsilon == 0) else check_epsilon(epsilon)
     dev = resolve_device(device)
     if tuple(center.shape) != tuple(graph.input_shape):
@@ -103,7 +133,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
 
     zonos = {graph.input: Zono.from_box(box)} if method == "zonotope" else None
     ctx = Context(graph, bounds, margins)
-    need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate == "crown") else set()
+    need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
+    stops = cut_points(graph, need) if intermediate == "cut" else {}
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
     for idx, node in enumerate(graph):
@@ -127,7 +158,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         elif node.name in need or (node.name == graph.output and method != "ibp"):
             if progress:
                 progress(f"crown {node.name}")
-            iv = iv.intersect(node_bounds(ctx, node.name, box))
+            iv = iv.intersect(node_bounds(ctx, node.name, box, stop=stops.get(node.name, frozenset())))
             stats["crown_nodes"] += 1
         bounds[node.name] = _sanitize(iv)
 

@@ -83,12 +83,26 @@ def _mul(node, x: Interval, y: Interval) -> Interval:
     return mul_interval(x, y)
 
 
+def simplex_shift(node, y_center: Tensor):
+    """For ``z = x @ y^T`` whose x rows sum to one (softmax probabilities):
+    the per-row constant m (.., S', 1) with ``z = x @ (y - m)^T + m^T`` exactly.
+    Centring y this way removes its common offset from every relaxation."""
+    if not node.params.get("rows_sum_to_one"):
+        return None
+    return y_center.mean(-1, keepdim=True)
+
+
 def _matmul(node, x: Interval, y: Interval) -> Interval:
     """x (.., T, a) @ y (.., S, a)^T in midpoint-radius form (sound, 4 matmuls)."""
     cx, rx, cy, ry = x.center, x.radius, y.center, y.radius
+    m = simplex_shift(node, cy)
+    if m is not None:
+        cy = cy - m
     yt = lambda t: t.transpose(-1, -2)
     c = cx @ yt(cy)
     r = cx.abs() @ yt(ry) + rx @ yt(cy.abs()) + rx @ yt(ry)
+    if m is not None:
+        c = c + yt(m)
     return Interval(c - r, c + r)
 
 

@@ -25,7 +25,7 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax
-from .interval import Interval
+from .interval import Interval, simplex_shift
 from .jacobian import linearize
 
 Tensor = torch.Tensor
@@ -88,9 +88,12 @@ def _matmul(node, zs, ivs):
     x, y = zs
     t = lambda v: v.transpose(-1, -2)
     rem = _dev(x, ivs[0]) @ t(_dev(y, ivs[1]))
-    G = x.G @ t(y.c) + x.c @ t(y.G)
-    box = x.box @ t(y.c.abs()) + x.c.abs() @ t(y.box) + rem
-    return Zono(x.c @ t(y.c), G, box)
+    m = simplex_shift(node, y.c)                    # z = x (y - m)^T + m^T when x rows sum to 1
+    yc = y.c if m is None else y.c - m
+    G = x.G @ t(yc) + x.c @ t(y.G)
+    box = x.box @ t(yc.abs()) + x.c.abs() @ t(y.box) + rem
+    c = x.c @ t(yc)
+    return Zono(c if m is None else c + t(m), G, box)
 
 
 def _jacobian(node, zs, ivs):

@@ -45,5 +45,5 @@ def attention_core(g: Graph, b: str, prefix: str, q: str, k: str, v: str, *,
         s = g.add(f"{prefix}.scores", "mul_const", s, block=b, c=scale)
     p = g.add(f"{prefix}.softmax", "softmax", s, block=b, mask=mask)       # (H, T, S)
     vt = g.add(f"{prefix}.v_t", "transpose", v, block=b)                  # (H, dh, S)
-    o = g.add(f"{prefix}.av", "matmul", p, vt, block=b)                   # (H, T, dh)
+    o = g.add(f"{prefix}.av", "matmul", p, vt, block=b, rows_sum_to_one=True)   # (H, T, dh)
     return g.add(f"{prefix}.merge", "merge_heads", o, block=b)            # (T, H*dh)

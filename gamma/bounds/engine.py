@@ -33,6 +33,9 @@ from .interval import Interval, ibp_node
 from .zonotope import Zono, zono_node
 
 METHODS = ("ibp", "crown", "alpha", "zonotope")
+# facts: ranges an op's float32 output can never leave (softmax: a correctly
+# rounded a / b with 0 <= a <= b stays in [0, 1])
+OUTPUT_RANGE = {"softmax": (0.0, 1.0)}
 INTERMEDIATE = ("crown", "cut", "ibp")
 NONLINEAR = ELEMENTWISE | BILINEAR | JACOBIAN
 
@@ -145,6 +148,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         m = margin(node, ins, iv)
         margins[node.name] = m
         iv = iv.widen(m)
+        if node.op in OUTPUT_RANGE:
+            lo, hi = OUTPUT_RANGE[node.op]
+            iv = Interval(iv.lower.clamp(lo, hi), iv.upper.clamp(lo, hi))
         if zonos is not None:
             z = zono_node(node, [zonos[i] for i in node.inputs], ins)
             if m is not None:

@@ -7,6 +7,7 @@ line ``gamma: error: ...`` on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -40,6 +41,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--center", choices=("zeros", "default"), help="zeros: all-zero input (as gamma-crown)")
     g.add_argument("--output", choices=("hidden", "logits"), default="hidden",
                    help="output point: final hidden state (default) or logits (decoders)")
+
+
+# further subcommands, each in gamma/commands/<name>.py with add_parser(subparsers)
+COMMAND_MODULES = ("weights", "analyze", "compare", "regress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,9 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bounds of intermediate nodes for crown/alpha (default crown)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
+    g = s.add_argument_group("scale-out (--block-wise)")
+    g.add_argument("--workers", type=int, metavar="N", help="blocks in N local processes (cores / N threads each)")
+    g.add_argument("--ray", metavar="ADDRESS", help="blocks as Ray tasks: auto, local or host:port (pip install ray)")
+    g.add_argument("--checkpoint", metavar="FILE", help="append finished blocks here; a rerun skips them")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
     s.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     s.set_defaults(func=cmd_verify)
+
+    for name in COMMAND_MODULES:          # each module adds its own subcommands
+        importlib.import_module(f"gamma.commands.{name}").add_parser(sub)
     return p
 
 
@@ -134,7 +146,8 @@ def cmd_verify(args) -> int:
         result = verify(args.model, eps, args.method, block_wise=block_wise, layer_by_layer=args.layer_by_layer,
                         blocks=args.blocks, tolerance=args.tolerance, property=args.property,
                         worst_k=args.worst_k, intermediate=args.intermediate, device=args.device,
-                        alpha_iters=args.alpha_iters, progress=progress, **_input_kwargs(args))
+                        alpha_iters=args.alpha_iters, workers=args.workers, ray=args.ray,
+                        checkpoint=args.checkpoint, progress=progress, **_input_kwargs(args))
     finally:
         progress.done()
     if args.save_bounds:
@@ -143,6 +156,9 @@ def cmd_verify(args) -> int:
         print(json.dumps(result.to_dict(), allow_nan=False))
     else:
         print("\n".join(report.verify_lines(result.report)))
+        for b in result.report.get("blocks", []):
+            if b["status"] == "FAILED":
+                print(f"block {b['block_name']} FAILED: {b['error']}")
         if args.save_bounds:
             print(f"bounds written to {args.save_bounds}")
     return 0
@@ -223,7 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as e:          # --help, --version, bad options (already reported)
             return e.code if isinstance(e.code, int) else 2
         if args.command is None:
-            raise GammaError("choose a command: inspect, forward or verify (gamma --help)")
+            raise GammaError("choose a command: inspect, forward, verify, weights, analyze, compare, diff or regress "
+                             "(gamma --help)")
         return args.func(args)
     except GammaError as e:
         print(f"gamma: error: {e}", file=sys.stderr)

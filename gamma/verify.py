@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__, bounds
+from . import __version__, bounds, parallel
 from .bounds import METHODS
 from .errors import GammaError
 from .graph import Graph
@@ -383,6 +383,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            output: str = "hidden", blocks=None, tolerance: Optional[float] = None,
            property: Union[str, Sequence[Assertion], None] = None, worst_k: int = 5,
            intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
+           workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None) -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
@@ -390,6 +391,9 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     ``tolerance``: verdict "verified" iff every output width (block-wise:
     every selected block's max output width) is <= tolerance.  ``property``:
     a VNN-LIB file (or parsed assertions) that the output bounds must prove.
+    ``workers`` / ``ray`` / ``checkpoint`` (block-wise only): spread the
+    blocks over local processes or a Ray cluster, and resume from a
+    checkpoint file (:mod:`gamma.parallel`).
     """
     t_start = time.perf_counter()
     eps = check_epsilon(epsilon)
@@ -399,6 +403,10 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     mode = "block_wise" if block_wise else "layer_by_layer" if layer_by_layer else "full"
     if blocks is not None and mode != "block_wise":
         raise GammaError("--blocks applies to --block-wise runs")
+    scale = {"workers": parallel.check_workers(workers), "ray": ray, "checkpoint": checkpoint}
+    for opt, value in (("--workers", workers), ("--ray", ray), ("--checkpoint", checkpoint)):
+        if value is not None and mode != "block_wise":
+            raise GammaError(f"{opt} applies to --block-wise runs")
     assertions = None
     if property is not None:
         if mode == "block_wise":
@@ -424,8 +432,9 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     }
     opts = dict(method=method, intermediate=intermediate, device=device, alpha_iters=alpha_iters)
     if mode == "block_wise":
+        scale["key"] = parallel.run_key(report, alpha_iters, point.x)
         body, arrays, timings = _run_blocks(graph, point.x, eps, select_blocks(blocks, len(graph.blocks())),
-                                            worst_k, tolerance, opts, progress)
+                                            worst_k, tolerance, opts, progress, scale)
     else:
         body, arrays, timings = _run_full(graph, point.x, eps, mode, tolerance, assertions, opts, progress)
     report.update(body)
@@ -509,7 +518,7 @@ def _block_growth(graph: Graph, widths: dict[str, Width], records: list[dict], e
     return rows
 
 
-def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress):
+def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale=None):
     names = graph.blocks()
     t0 = time.perf_counter()
     values = evaluate(graph, x, keep_all=True)
@@ -517,20 +526,19 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress):
     arrays = {"input": _np(x), "nominal": _np(values[graph.output])}
     rows = []
     t_all = time.perf_counter()
-    for j, k in enumerate(picked):
-        b = names[k]
-        sub = graph.block_graph(b)
-        tag = f"block {j + 1}/{len(picked)} {b}"
-        if progress:
-            progress(tag)
-        t0 = time.perf_counter()
-        res = _compute(sub, values[sub.input], eps, opts,
-                       (lambda m, tag=tag: progress(f"{tag}: {m}")) if progress else None)
-        seconds = time.perf_counter() - t0
-        widths = _widths(sub, res)
-        rows.append(_block_row(sub, k, b, widths, eps, seconds))
-        arrays.update({f"block{k}_input": _np(values[sub.input]), f"block{k}_lower": _np(res.lower),
-                       f"block{k}_upper": _np(res.upper), f"block{k}_nominal": _np(values[sub.output])})
+    tasks = []
+    for k in picked:
+        sub = graph.block_graph(names[k])
+        tasks.append(parallel.BlockTask(k, names[k], sub, values[sub.input], eps, opts))
+    outcomes = parallel.run_blocks(tasks, _solve_block, progress=progress, **(scale or {}))
+    for task, out in zip(tasks, outcomes):
+        k, sub = task.index, task.graph
+        if out.failed:
+            rows.append(_failed_row(k, task.name, eps, out.error, out.seconds))
+            continue
+        rows.append(out.row)
+        arrays.update({f"block{k}_input": _np(values[sub.input]), f"block{k}_lower": out.lower,
+                       f"block{k}_upper": out.upper, f"block{k}_nominal": _np(values[sub.output])})
     t_bounds = time.perf_counter() - t_all
     body: dict[str, Any] = {
         "selected_blocks": picked,
@@ -539,6 +547,8 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress):
         "has_nan": any(r["has_nan"] for r in rows),
         "has_infinite": any(r["has_infinite"] for r in rows),
         "seconds": t_bounds,
+        "failed_blocks": [o.name for o in outcomes if o.failed],
+        "resumed_blocks": [o.index for o in outcomes if o.resumed],
     }
     if tolerance is not None:
         for r in rows:
@@ -558,6 +568,23 @@ _BLOCK_PROBES = {
     "cross_qk_width": "cross.qk",
     "cross_attn_width": "cross.o",
 }
+
+
+def _solve_block(task, progress: Progress = None):
+    """One block: (record, lower, upper); run by :mod:`gamma.parallel` here or in a worker."""
+    t0 = time.perf_counter()
+    res = _compute(task.graph, task.center, task.epsilon, task.opts, progress)
+    seconds = time.perf_counter() - t0
+    row = _block_row(task.graph, task.index, task.name, _widths(task.graph, res), task.epsilon, seconds)
+    return row, _np(res.lower), _np(res.upper)
+
+
+def _failed_row(index: int, name: str, eps: float, error: str, seconds: float) -> dict:
+    """The record of a block that failed twice: no bounds, status FAILED, the error."""
+    return {"block_index": index, "block_name": name, "input_width": 2 * eps, "output_width": math.nan,
+            "mean_width": math.nan, "sensitivity": math.nan, "status": "FAILED", "degraded": False,
+            "has_nan": False, "has_infinite": False, "first_degraded_node": None, "num_nodes": 0,
+            "nodes": [], "seconds": seconds, "error": error}
 
 
 def _block_row(sub: Graph, index: int, name: str, widths: dict[str, Width], eps: float, seconds: float) -> dict:

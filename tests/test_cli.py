@@ -107,7 +107,7 @@ def test_bad_blocks(capsys, llama_dir, blocks, msg):
     (["verify", "--seq-len", "two"], "argument --seq-len: invalid int value: 'two'"),
     (["verify", "--device", "tpu"], "unknown --device 'tpu' (choose cpu or cuda)"),
     (["frobnicate"], None),
-    ([], "choose a command: inspect, forward or verify (gamma --help)"),
+    ([], "choose a command: inspect, forward, verify, weights, analyze, compare, diff or regress (gamma --help)"),
     (["forward"], "the following arguments are required: --out"),
     (["verify", "--save-bounds", "/nonexistent/dir/b.npz"],
      "/nonexistent/dir/b.npz: cannot write (no such directory /nonexistent/dir)"),

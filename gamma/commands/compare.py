@@ -1,0 +1,211 @@
+"""``gamma compare`` (certified difference over a box) and ``gamma diff`` (point-wise, node by node).
+
+Wiring (in ``gamma.cli.build_parser``)::
+
+    from .commands import compare as _compare
+    _compare.add_parser(sub)          # adds "compare" and "diff", each with set_defaults(func=...)
+
+``run_compare`` / ``run_diff`` return the exit status (0); user errors are
+raised as :class:`~gamma.errors.GammaError` for the CLI to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Optional
+
+from .. import compare as lib
+from ..bounds import METHODS
+from ..bounds.engine import INTERMEDIATE
+from ..errors import GammaError
+from ..report import num, seconds, table
+from ..verify import json_safe
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input point (the REFERENCE's; the centre of the box)")
+    g.add_argument("--component", choices=("encoder", "decoder"),
+                   help="Whisper: encoder (default) or decoder; decoder LMs: decoder")
+    g.add_argument("--seq-len", type=int, default=8, metavar="T",
+                   help="sequence length (Whisper encoder: T frames = 2T mel columns; default 8)")
+    g.add_argument("--tokens", metavar="IDS", help="decoder token ids, e.g. 1,2,3 (sets --seq-len)")
+    g.add_argument("--input", dest="input_path", metavar="FILE.npy", help="the exact input array")
+    g.add_argument("--center", choices=("zeros", "default"), help="zeros: all-zero input")
+    g.add_argument("--output", choices=("hidden", "logits"), default="hidden",
+                   help="compare the final hidden state (default) or the logits (decoders)")
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``compare`` and ``diff`` subcommands."""
+    s = subparsers.add_parser(
+        "compare", help="certified max |REFERENCE - TARGET| over an L-inf box",
+        description="Can two versions of a model (same architecture and sizes, any formats) differ by more "
+                    "than TOLERANCE anywhere in [x - eps, x + eps]? Bounds one difference network (shared "
+                    "input, identical sub-computations merged) and attacks the difference. Verdict: equivalent "
+                    "(certified max <= T), not equivalent (an input with |difference| > T was found) or unknown.")
+    s.add_argument("reference", metavar="REFERENCE", help="reference checkpoint (its input point is used)")
+    s.add_argument("target", metavar="TARGET", help="target checkpoint")
+    _input_options(s)
+    s.add_argument("--epsilon", required=True, metavar="E", help="box radius (L-inf)")
+    s.add_argument("--tolerance", required=True, type=float, metavar="T", help="allowed max |difference|")
+    s.add_argument("--method", choices=METHODS, default="crown", help="bound method (default crown)")
+    s.add_argument("--block-wise", action="store_true",
+                   help="compare block by block, each fed the reference's nominal block input +- eps")
+    s.add_argument("--blocks", metavar="SEL", help="blocks for --block-wise: 0:4, 3 or 0,2,5")
+    s.add_argument("--save-counterexample", metavar="FILE.npy",
+                   help="write an input whose |difference| exceeds the tolerance (float64), if found")
+    s.add_argument("--no-naive", dest="naive", action="store_false",
+                   help="skip the independent bounds of each model (the naive comparison)")
+    s.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="do not merge identical computations (bounds then also hold for two different engines)")
+    s.add_argument("--samples", type=int, default=256, metavar="N", help="random box samples (default 256)")
+    s.add_argument("--attack-steps", type=int, default=20, metavar="N", help="PGD steps (default 20; 0: none)")
+    s.add_argument("--restarts", type=int, default=2, metavar="N", help="PGD restarts (default 2)")
+    s.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
+    s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
+                   help="bounds of intermediate nodes for crown/alpha (default crown)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    s.set_defaults(func=run_compare)
+
+    d = subparsers.add_parser(
+        "diff", help="point-wise: every node of REFERENCE vs TARGET at the input point",
+        description="Evaluate both models (float64) at the reference's input point and compare the output "
+                    "and every intermediate node (matched by name); name the first node whose max |difference| "
+                    "exceeds TOLERANCE (default 0: the first node that differs at all).")
+    d.add_argument("reference", metavar="REFERENCE")
+    d.add_argument("target", metavar="TARGET")
+    _input_options(d)
+    d.add_argument("--tolerance", type=float, default=0.0, metavar="T", help="default 0")
+    d.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    d.set_defaults(func=run_diff)
+
+
+def _input_kwargs(args) -> dict:
+    return dict(component=args.component, seq_len=args.seq_len, tokens=args.tokens, input_path=args.input_path,
+                center=None if args.center == "default" else args.center, output=args.output)
+
+
+def _progress(args):
+    if args.quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from ..cli import _Progress          # imported late: gamma.cli imports this module
+    p = _Progress(enabled=True)
+    return p, p.done
+
+
+def run_compare(args) -> int:
+    progress, done = _progress(args)
+    try:
+        res = lib.compare(args.reference, args.target, args.epsilon, args.tolerance, args.method,
+                          block_wise=args.block_wise, blocks=args.blocks, merge=args.merge, naive=args.naive,
+                          samples=args.samples, attack_steps=args.attack_steps, restarts=args.restarts,
+                          seed=args.seed, intermediate=args.intermediate, device=args.device,
+                          alpha_iters=args.alpha_iters, progress=progress, **_input_kwargs(args))
+    finally:
+        done()
+    saved = bool(args.save_counterexample) and res.save_counterexample(args.save_counterexample)
+    res.report["counterexample_file"] = args.save_counterexample if saved else None
+    if args.json:
+        print(json.dumps(json_safe(res.report), allow_nan=False))
+    else:
+        print("\n".join(compare_lines(res.report)))
+    return 0
+
+
+def run_diff(args) -> int:
+    rep = lib.diff(args.reference, args.target, tolerance=args.tolerance, **_input_kwargs(args))
+    if args.json:
+        print(json.dumps(json_safe(rep), allow_nan=False))
+    else:
+        print("\n".join(diff_lines(rep)))
+    return 0
+
+
+# ------------------------------------------------------------------ text
+def _models(r: dict) -> list[str]:
+    def one(m):
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(m["dtypes"].items(), key=lambda kv: -kv[1]))
+        return f"{m['arch']} ({m['format']}; {types}) {m['path']}"
+    ip = r["input_point"]
+    return [f"reference  {one(r['reference'])}", f"target     {one(r['target'])}",
+            f"input      {ip['description']}, shape {tuple(ip['shape'])}, {r['component']} -> {r['output']}"]
+
+
+def _ratio(v: Optional[float]) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return "inf" if math.isinf(v) else f"x{v:.3g}"
+
+
+def compare_lines(r: dict, top: int = 5) -> list[str]:
+    mode = "block-wise" if r["mode"] == "block_wise" else "full network"
+    lines = _models(r) + [f"run        {mode}, method {r['method']}, epsilon {r['epsilon']:g}, "
+                          f"tolerance {num(r['tolerance'])}" + ("" if r["merged"] else ", no merging")]
+    if r["mode"] == "full":
+        g = r["difference_graph"]
+        lines.append(f"network    {g['nodes']} nodes, {g['shared_nodes']} shared of {g['reference_nodes']} + "
+                     f"{g['target_nodes']}" + ("; outputs identical: difference exactly 0" if g["identical"] else ""))
+        lines += ["", "max |reference - target| over the box:"]
+        rows = [["certified (difference network)", num(r["certified_max"]), num(r["certified_width"])],
+                ["naive (independent bounds)", num(r["naive_max"]), num(r["naive_width"])],
+                ["empirical (samples + PGD)", num(r["empirical_max"]), ""],
+                ["at the input point", num(r["nominal_max"]), ""]]
+        lines += ["  " + s for s in table(["", "max |diff|", "bound width"], rows, "lrr")]
+        lines.append(f"  gain (naive width / certified width) {_ratio(r['gain'])}; "
+                     f"{r['points']} points evaluated")
+        if len(r["per_position"]) > 1:
+            lines += ["", "per position:"]
+            lines += ["  " + s for s in table(
+                ["#", "certified", "naive", "empirical"],
+                [[p["index"], num(p["certified_max"]), num(p["naive_max"]), num(p["empirical_max"])]
+                 for p in r["per_position"]], "rrrr")]
+        s = r["seconds"]
+        lines.append(f"time       bounds {seconds(s['bounds'])}, naive {seconds(s['naive'])}, "
+                     f"attack {seconds(s['attack'])}, total {seconds(r['timings']['total'])}")
+    else:
+        lines += ["", "blocks by drift (max |reference - target| over each block's box):"]
+        rows = sorted(r["blocks"], key=lambda b: -lib._drift_key(b["certified_max"]))
+        lines += ["  " + s for s in table(
+            ["#", "block", "certified", "naive", "gain", "empirical", "shared", "verdict", "time"],
+            [[b["block_index"], b["block_name"], num(b["certified_max"]), num(b["naive_max"]), _ratio(b["gain"]),
+              num(b["empirical_max"]), f"{b['difference_graph']['shared_nodes']}", b["verdict"] or "-",
+              seconds(sum(b["seconds"].values()))] for b in rows], "rlrrrrrlr")]
+        lines.append(f"time       total {seconds(r['timings']['total'])}")
+    if r.get("violations"):
+        lines.append(f"WARNING    {r['violations']} attacked differences fall outside the certified bounds")
+    if r.get("counterexample_file"):
+        where = f" (input of {r['counterexample_block']})" if r.get("counterexample_block") else ""
+        lines.append(f"counterexample written to {r['counterexample_file']}{where}")
+    if r.get("verdict"):
+        lines.append(f"verdict    {r['verdict'].upper()}")
+    return lines
+
+
+def diff_lines(r: dict) -> list[str]:
+    lines = _models(r)
+    lines.append(f"output     {r['output_node']}: max |reference - target| {num(r['output_max_abs_diff'])} "
+                 f"(tolerance {num(r['tolerance'])})")
+    f = r["first_exceeding"]
+    lines.append(f"first node over tolerance: {f['name']} ({f['layer_type']}, max |diff| {num(f['max_abs_diff'])})"
+                 if f else "no node exceeds the tolerance")
+    if r["blocks"]:
+        lines += ["", "blocks:"]
+        lines += ["  " + s for s in table(
+            ["block", "output diff", "max node diff", "worst node"],
+            [[b["block_name"], num(b["output_diff"]), num(b["max_node_diff"]), b["worst_node"]]
+             for b in r["blocks"]], "lrrl")]
+    lines += ["", "nodes:"]
+    lines += ["  " + s for s in table(
+        ["node", "op", "max |diff|", "max |ref|", "relative"],
+        [[n["name"], n["layer_type"], num(n["max_abs_diff"]), num(n["max_abs_reference"]), num(n["relative"])]
+         for n in r["nodes"]], "llrrr")]
+    for key, label in (("only_in_reference", "only in reference"), ("only_in_target", "only in target")):
+        if r[key]:
+            lines.append(f"{label}: {', '.join(r[key])}")
+    return lines

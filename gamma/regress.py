@@ -45,7 +45,7 @@ from .attack import explore
 from .errors import GammaError
 from .model import Model
 from .ops import evaluate
-from .verify import METHODS, check_epsilon, json_safe, load, verify, versions
+from .verify import INTERMEDIATE, METHODS, check_epsilon, json_safe, load, verify, versions
 
 try:
     import tomllib
@@ -72,8 +72,9 @@ FIXTURES = {
 }
 _KEYS = {"name", "model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks",
          "output", "track", "tolerance", "time_factor", "memory_factor", "min_seconds", "samples",
-         "attack_steps"}
-_CONFIG = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output")
+         "attack_steps", "intermediate"}
+_CONFIG = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output",
+           "intermediate")
 
 Progress = Optional[Callable[[str], None]]
 
@@ -93,6 +94,7 @@ class Case:
     center: Optional[str] = None
     blocks: Any = None
     output: str = "hidden"
+    intermediate: str = "crown"         # crown / alpha: how intermediate bounds are computed (crown, cut, ibp)
     tolerance: float = 0.01
     time_factor: float = 3.0
     memory_factor: float = 2.0
@@ -155,6 +157,11 @@ def _case(path: str, i: int, t: dict) -> Case:
         if fig == "median_sensitivity" and mode != "block_wise":
             raise GammaError(f"{where}: median_sensitivity is a block-wise figure")
     kw = {k: t[k] for k in ("component", "seq_len", "center", "output", "samples", "attack_steps") if k in t}
+    if "intermediate" in t:
+        if t["intermediate"] not in INTERMEDIATE:
+            raise GammaError(f"{where}: unknown intermediate '{t['intermediate']}' "
+                             f"(choose from {', '.join(INTERMEDIATE)})")
+        kw["intermediate"] = t["intermediate"]
     for k in ("tolerance", "time_factor", "memory_factor", "min_seconds"):
         if k in t:
             v = t[k]
@@ -380,7 +387,8 @@ def run_case(case: Case, models: Models, prov: Optional[dict] = None, run_id: Op
             t0 = time.perf_counter()
             result = verify(model, case.epsilon, case.method, block_wise=case.mode == "block_wise",
                             component=case.component, seq_len=case.seq_len, tokens=case.tokens,
-                            center=case.center, blocks=case.blocks, output=case.output, progress=progress)
+                            center=case.center, blocks=case.blocks, output=case.output,
+                            intermediate=case.intermediate, progress=progress)
             seconds = time.perf_counter() - t0
         if progress:
             progress("soundness check")

@@ -37,12 +37,12 @@ import torch
 
 from . import __version__, bounds, parallel
 from .bounds import METHODS
+from .bounds.engine import INTERMEDIATE       # crown, cut, ibp
 from .errors import GammaError
 from .graph import Graph
 from .model import InputPoint, Model
 from .ops import evaluate
 
-INTERMEDIATE = ("crown", "ibp")
 MODES = ("full", "layer_by_layer", "block_wise")
 
 SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no information

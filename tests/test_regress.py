@@ -35,6 +35,7 @@ mode = "block-wise"
 seq_len = 2
 samples = 40
 attack_steps = 3
+min_seconds = 30           # timing noise on a loaded machine must not decide these tests
 track = ["max_sensitivity", "median_sensitivity", "seconds"]
 """
 
@@ -95,6 +96,8 @@ def test_shipped_suites_parse():
     ('name="a"\nmodel="m"\nmethod="ibp"\nepsilon=1e-3\nmode="sideways"', "mode must be 'full' or 'block-wise'"),
     ('name="a"\nmodel="m"\nmethod="ibp"\nepsilon=1e-3\nmode="full"\ntolerance=-1', "'tolerance' must be"),
     ('name="a"\nmethod="ibp"\nepsilon=1e-3\nmode="full"', "'model' is required"),
+    ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nintermediate="half"',
+     "unknown intermediate 'half' (choose from crown, cut, ibp)"),
 ])
 def test_suite_errors_name_the_case_and_key(tmp_path, body, message):
     p = tmp_path / "s.toml"

@@ -1,0 +1,117 @@
+"""Random-weight checkpoints for the benchmarks, written as GGUF with gguf-py.
+
+The benchmarks build their own large models (nothing is downloaded): seeded
+numpy weights in the shape of a real architecture, written the way llama.cpp
+writes a ``qwen3`` GGUF (gguf-py's tensor names, ``qwen3.*`` metadata,
+1-D tensors in F32, matrices in the requested quant type).
+
+Weights follow transformers' initialisation of a fresh ``Qwen3ForCausalLM``
+(normal, std ``initializer_range`` = 0.02); the norm weights are 1 plus a
+small seeded perturbation so that a swapped norm tensor changes the function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    """A Qwen3 decoder's sizes (defaults: Qwen3-0.6B with a small vocabulary;
+    the vocabulary does not change a block or the hidden output)."""
+    num_hidden_layers: int = 28
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 3072
+    vocab_size: int = 1000
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    initializer_range: float = 0.02
+
+    def params(self) -> int:
+        """Number of weights (embedding and untied LM head included)."""
+        d, h, kv, hd, f = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
+                           self.head_dim, self.intermediate_size)
+        block = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f + 2 * d + 2 * hd
+        return self.num_hidden_layers * block + 2 * self.vocab_size * d + d
+
+
+QWEN3_0_6B = Qwen3Shape()
+
+
+def qwen3_tensors(shape: Qwen3Shape, seed: int = SEED):
+    """Yield (hf name, float32 array) for every tensor of a random Qwen3 model.
+    Matrices are (out_features, in_features), as in transformers' state dict."""
+    rng = np.random.default_rng(seed)
+    s = shape
+    std = s.initializer_range
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    yield "model.embed_tokens.weight", mat(s.vocab_size, s.hidden_size)
+    for i in range(s.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", norm(s.hidden_size)
+        yield p + "self_attn.q_proj.weight", mat(q, s.hidden_size)
+        yield p + "self_attn.k_proj.weight", mat(kv, s.hidden_size)
+        yield p + "self_attn.v_proj.weight", mat(kv, s.hidden_size)
+        yield p + "self_attn.o_proj.weight", mat(s.hidden_size, q)
+        yield p + "self_attn.q_norm.weight", norm(s.head_dim)
+        yield p + "self_attn.k_norm.weight", norm(s.head_dim)
+        yield p + "post_attention_layernorm.weight", norm(s.hidden_size)
+        yield p + "mlp.gate_proj.weight", mat(s.intermediate_size, s.hidden_size)
+        yield p + "mlp.up_proj.weight", mat(s.intermediate_size, s.hidden_size)
+        yield p + "mlp.down_proj.weight", mat(s.hidden_size, s.intermediate_size)
+    yield "model.norm.weight", norm(s.hidden_size)
+    yield "lm_head.weight", mat(s.vocab_size, s.hidden_size)
+
+
+def write_qwen3_gguf(path: str, shape: Qwen3Shape = QWEN3_0_6B, qtype: str = "Q8_0", seed: int = SEED) -> str:
+    """Write a random Qwen3 model as a GGUF file (matrices in ``qtype``:
+    Q8_0, F16 or F32; 1-D tensors F32, as llama.cpp does)."""
+    import gguf
+    s = shape
+    Q = gguf.GGMLQuantizationType
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, s.num_hidden_layers)
+    w = gguf.GGUFWriter(path, "qwen3")
+    w.add_name("random-qwen3-" + "x".join(str(v) for v in (s.num_hidden_layers, s.hidden_size)))
+    w.add_block_count(s.num_hidden_layers)
+    w.add_context_length(s.max_position_embeddings)
+    w.add_embedding_length(s.hidden_size)
+    w.add_feed_forward_length(s.intermediate_size)
+    w.add_head_count(s.num_attention_heads)
+    w.add_head_count_kv(s.num_key_value_heads)
+    w.add_layer_norm_rms_eps(s.rms_norm_eps)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_vocab_size(s.vocab_size)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    for name, data in qwen3_tensors(s, seed):
+        if data.ndim == 1 or qtype == "F32":
+            arr, raw = data, None
+        elif qtype == "F16":
+            arr, raw = data.astype(np.float16), None
+        else:
+            arr, raw = gguf.quants.quantize(data, Q[qtype]), Q[qtype]
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), arr, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def describe(shape: Qwen3Shape) -> dict:
+    return {**asdict(shape), "params": shape.params()}

@@ -14,11 +14,15 @@ the stem at its default mel input).
   nominal output must equal gamma's ``evaluate`` to 1e-5 before it is bounded.
   ``BoundedModule`` + ``PerturbationLpNorm(norm=inf, eps)``, methods CROWN, IBP.
 
-Every (tool, config, eps, method) runs in its own subprocess under a wall-time
-limit and an address-space limit (``RLIMIT_AS``), so a timeout or an OOM is a
-recorded failure.  Peak memory is the child's ``ru_maxrss`` (from ``wait4``);
+Every (tool, config, eps) runs in its own subprocess (set up once, then IBP,
+then CROWN) under a wall-time limit and an address-space limit (``RLIMIT_AS``:
+``--mem-gb``, or the machine's free memory when that is less), so a timeout or
+an OOM is a recorded failure.  Peak memory is the child's ``ru_maxrss``;
 "bound RSS" is that peak minus the child's peak before the bound call.  Both
-sides' bounds are checked against the nominal output and box samples.
+sides' bounds are checked against gamma's float64 forward pass at the centre,
+box corners and uniform samples.  The table goes to ``--out`` (default
+``benchmarks/out/autolirpa.md``) and stdout; the numbers also to a ``.json``
+beside it.
 
     python benchmarks/autolirpa.py [--quick] [--out FILE.md] [--timeout S] [--mem-gb G]
 
@@ -33,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import subprocess
@@ -255,11 +260,15 @@ def run_child(job: dict, folder: str, timeout: float, mem_bytes: int) -> dict:
     with open(job_path, "w") as f:
         json.dump(job, f)
 
+    # the smaller of the cap and the memory free now: past it the kernel's OOM killer would pick
+    # a process (on a shared machine, maybe another job's) instead of a clean MemoryError here
+    load0, avail0 = os.getloadavg()[0], mem_available_gb()
+    cap = min(mem_bytes, int(avail0 * 2**30)) if math.isfinite(avail0) else mem_bytes
+
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    load0, avail0 = os.getloadavg()[0], mem_available_gb()
     with open(log_path, "w") as log:
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", job_path], stdout=log,
                              stderr=subprocess.STDOUT, preexec_fn=limit, env=env)
@@ -274,7 +283,7 @@ def run_child(job: dict, folder: str, timeout: float, mem_bytes: int) -> dict:
             time.sleep(0.05)
         p.returncode = os.waitstatus_to_exitcode(status)       # reaped here; keep Popen from waiting again
     run = {"peak_mb": usage.ru_maxrss / 1024.0, "wall_s": time.perf_counter() - t0,
-           "load": (load0, os.getloadavg()[0]), "avail_gb": avail0}
+           "load": (load0, os.getloadavg()[0]), "avail_gb": avail0, "cap_gb": cap / 2**30}
     with open(log_path) as f:
         log_text = f.read()
     done = torch.load(job["result"]) if os.path.exists(job["result"]) else {"methods": {}}
@@ -282,18 +291,20 @@ def run_child(job: dict, folder: str, timeout: float, mem_bytes: int) -> dict:
     if killed:
         why = f"timeout after {timeout:.0f} s"
     elif p.returncode != 0:
-        why = _failure(log_text, p.returncode, mem_bytes)
+        why = _failure(log_text, p.returncode, cap)
+    if why is None and not all(m in done["methods"] for m in job["methods"]):
+        why = f"exit 0 without results: {log_text.strip()[-200:]}"
     out: dict = {"_run": run}
+    reported = False                         # the failure goes to the first method without a result
     for method in job["methods"]:
         if method in done["methods"]:
             out[method] = {**{k: v for k, v in done.items() if k != "methods"}, **done["methods"][method]}
-        elif why and not out.get("_failed"):
-            why += f" [{run['avail_gb']:.1f} GiB of machine memory available at the worker's start]"
-            out[method] = {"failed": why, "peak_mb": run["peak_mb"], "wall_s": run["wall_s"]}
-            out["_failed"] = True
+        elif not reported:
+            out[method] = {"failed": f"{why} [{run['avail_gb']:.1f} GiB of machine memory free at the worker's "
+                                     "start]", "peak_mb": run["peak_mb"], "wall_s": run["wall_s"]}
+            reported = True
         else:
             out[method] = {"skipped": "not run: the previous method failed"}
-    out.pop("_failed", None)
     return out
 
 
@@ -306,15 +317,17 @@ def mem_available_gb() -> float:
         return math.nan
 
 
-def _failure(log: str, rc: int, mem_bytes: int) -> str:
+def _failure(log: str, rc: int, cap: int) -> str:
     lines = [ln.strip() for ln in log.strip().splitlines() if ln.strip()]
     last = lines[-1] if lines else ""
-    if "MemoryError" in log or "DefaultCPUAllocator: can't allocate memory" in log or "out of memory" in log:
-        return f"out of memory (address-space limit {mem_bytes / 2**30:.0f} GiB): {last[:160]}"
+    m = re.search(r"tried to allocate (\d+) bytes", log)
+    if m or "MemoryError" in log or "out of memory" in log:
+        what = f": an allocation of {int(m.group(1)) / 2**20:.0f} MiB failed" if m else ""
+        return f"out of memory at the {cap / 2**30:.1f} GiB address-space limit{what}"
     if rc == -signal.SIGKILL:
-        return f"killed by SIGKILL (not by this benchmark: the kernel's OOM killer, machine memory exhausted): {last[:120]}"
+        return "killed by SIGKILL from outside this benchmark (the kernel's OOM killer?)"
     if rc < 0:
-        return f"killed by signal {-rc}: {last[:160]}"
+        return f"killed by signal {-rc}"
     return f"exit {rc}: {last[:200]}"
 
 
@@ -371,7 +384,8 @@ def gamma_version() -> str:
 def table(rows: list[dict], lirpa: str, args, started: float) -> str:
     out = [f"### gamma vs auto_LiRPA on pre-LN Whisper encoder blocks ({'quick' if args.quick else 'full'} run)", "",
            f"Machine: {machine()}; {args.threads} torch threads per side. {gamma_version()}.",
-           f"auto_LiRPA: {lirpa}. Limits per run: {args.timeout:.0f} s wall, {args.mem_gb:g} GiB address space.", "",
+           f"auto_LiRPA: {lirpa}. Limits per worker: {args.timeout:.0f} s wall; address space {args.mem_gb:g} GiB, "
+           "or the machine's free memory at the worker's start when less.", "",
            "| block | eps | method | tool | setup s | bound s | peak RSS MB | bound RSS MB | mean width | max width "
            "| outside / points | load | status |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -434,6 +448,8 @@ def table(rows: list[dict], lirpa: str, args, started: float) -> str:
             "(0 when the call stayed below an earlier peak).",
             f"* outside / points: points whose float64 output (gamma's forward pass) leaves the bounds, over the "
             f"centre, {SAMPLES // 2} box corners and {SAMPLES // 2} uniform samples.",
+            "* auto_LiRPA's setup time is mostly `BoundGelu`'s precomputed tangent table (built per GELU node when "
+            "the `BoundedModule` is created), so it does not grow with the block's width.",
             "* load: the machine's 1-minute load average before and after the worker (2 cores, shared with other "
             "jobs): times are wall-clock and shift with it.",
             f"* Total wall time of this benchmark: {(time.perf_counter() - started) / 60:.1f} min."]
@@ -503,8 +519,10 @@ def main(argv=None) -> None:
                         ran = run_child(job, folder, args.timeout, mem)
                         run = ran.pop("_run")
                         for method, r in ran.items():
-                            r["load"] = run["load"]
                             res[method] = r
+                            if "skipped" in r:
+                                continue
+                            r["load"] = run["load"]
                             if "failed" in r:
                                 failed.setdefault((tool, method), []).append(cfg)
                                 dead[method] = f"not run: {tool} {method} failed at eps {eps:g}"
@@ -527,7 +545,28 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"machine": machine(), "gamma": gamma_version(), "auto_LiRPA": lirpa, "rows": plain(rows)}, f,
+                  indent=1)
     print(text)
+
+
+def plain(rows: list[dict]) -> list[dict]:
+    """Rows without tensors: widths instead of bounds (JSON)."""
+    out = []
+    for r in rows:
+        row = {k: r[k] for k in ("label", "eps", "method")}
+        for tool in ("gamma", "auto_LiRPA"):
+            x = r[tool]
+            if x is None:
+                row[tool] = None
+                continue
+            x = {k: v for k, v in x.items() if k not in ("lower", "upper")}
+            if "lower" in r[tool]:
+                x["mean_width"], x["max_width"] = widths(r[tool])
+            row[tool] = x
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

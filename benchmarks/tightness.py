@@ -50,10 +50,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--methods", default="ibp,zonotope,crown,alpha")
+    ap.add_argument("--models", default="whisper,smollm2", help="which real models (comma-separated)")
+    ap.add_argument("--smollm2-seq-len", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cases = [("whisper-tiny.en encoder", zoo.whisper_tiny_en(), 8, ["layer0", "layer3"]),
-             ("SmolLM2-135M Q4_1", zoo.smollm2_135m(), 4, ["layer1", "layer15", "layer29"])]
+             ("SmolLM2-135M Q4_1", zoo.smollm2_135m(), args.smollm2_seq_len, ["layer1", "layer15", "layer29"])]
+    keep = {"whisper": "whisper", "smollm2": "SmolLM2"}
+    cases = [c for c in cases if any(keep[m] in c[0] for m in args.models.split(",") if m in keep)]
     if args.quick:
         cases = [(n, p, t, b[:1]) for n, p, t, b in cases]
     rows = []

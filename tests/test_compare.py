@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -92,15 +93,19 @@ def models(lms):
 
 
 # ---------------------------------------------------------------- soundness helpers
-def _f32_points(x: torch.Tensor, center: torch.Tensor, eps: float) -> torch.Tensor:
-    """Float32-representable points inside the float64 box (rounded towards the centre)."""
+def _f32_points(x: torch.Tensor, center: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """Float32-representable points inside the float64 box (rounded towards the centre), or
+    None when some coordinate's box holds no float32 at all (large activations, tiny eps):
+    a float32 engine cannot be fed such a box, so there is nothing to check in float32."""
     lo, hi = center - eps, center + eps
     y = x.float()
     c32 = center.float().expand_as(y)
-    out = (y.double() < lo) | (y.double() > hi)
-    y = torch.where(out, torch.nextafter(y, c32), y)
-    assert bool(((y.double() >= lo) & (y.double() <= hi)).all())
-    return y
+    for _ in range(4):
+        out = (y.double() < lo) | (y.double() > hi)
+        if not bool(out.any()):
+            return y
+        y = torch.where(out, torch.nextafter(y, c32), y)
+    return None
 
 
 def _contained(ys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> int:
@@ -117,6 +122,8 @@ def check_sound(ref, tgt, x, eps, lower, upper, hf_pair=None, n=300, seed=0) -> 
     gen = torch.Generator().manual_seed(seed + 1)
     pts = torch.cat([x[None], sample_points(x, eps, n, gen), att.worst_input[None]])
     p32 = _f32_points(pts, x, eps)
+    if p32 is None:
+        return bad, seen
     g32 = as_dtype(dg.graph, torch.float32)
     with torch.no_grad():
         y32 = evaluate(g32, p32).double()

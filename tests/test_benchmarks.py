@@ -1,0 +1,104 @@
+"""benchmarks/: the random Qwen3 GGUF writer and the pieces of run.py that
+turn timings into tables.
+
+The writer must produce the function a reference engine computes from the
+same file (else the benchmark times some other model); the IBP timer must
+leave the engine as it found it; a per-block table of a subset must label
+its whole-model total as an extrapolation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import gamma
+from gamma.bounds import engine
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fixtures as F  # noqa: E402
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def _module(name: str):
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod              # dataclasses look their module up here
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            intermediate_size=128, vocab_size=50)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _module("_models")
+
+
+@pytest.fixture(scope="module")
+def run():
+    return _module("run")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, models):
+    shape = models.Qwen3Shape(**TINY)
+    path = str(tmp_path_factory.mktemp("bench") / "qwen3-q8_0.gguf")
+    return models.write_qwen3_gguf(path, shape, "Q8_0"), shape
+
+
+def test_writer_config_and_size(tiny_gguf, models):
+    path, shape = tiny_gguf
+    m = gamma.load(path)
+    c = m.config
+    assert m.arch == "qwen3"
+    assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == \
+        (2, 64, 4, 2, 32, 128)
+    assert m.ckpt.n_params == shape.params()
+    assert set(m.ckpt.dtypes.values()) == {"Q8_0", "F32"}
+
+
+def test_writer_matches_transformers_on_the_same_file(tiny_gguf):
+    """gamma's forward on the benchmark's GGUF == transformers' own GGUF loading."""
+    path, _ = tiny_gguf
+    hf = F.hf_from_gguf(path)
+    m = gamma.load(path)
+    tokens = [3, 17, 42, 8]
+    ours = m.forward(m.embed(tokens))
+    with torch.no_grad():
+        ref = hf.model(torch.tensor([tokens])).last_hidden_state[0].double()
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def test_ibp_ratio_and_breakdown_restore_the_engine(tiny_gguf, run):
+    path, _ = tiny_gguf
+    m = gamma.load(path)
+    graph, x = m.graph(None, 1), m.input_point(None, 1).x
+    rule, margin = engine.ibp_node, engine.margin
+    r = run.ibp_ratio(graph, x, repeats=2, budget=60.0, breakdown=True)
+    assert (engine.ibp_node, engine.margin) == (rule, margin)
+    assert r["repeats"] == 2 and r["ratio"] == pytest.approx(r["ibp_s"] / r["forward_s"])
+    b = r["breakdown"]
+    counted = sum(n for n, _, _ in b["ops"].values())
+    assert counted == sum(1 for node in graph if node.op != "input")
+    assert sum(a + c for _, a, c in b["ops"].values()) <= b["total"]
+
+
+def test_subset_total_is_labelled_extrapolation(run):
+    rows = [{"block": k, "seconds": 2.0, "hwm_kib": 2**20, "output_width": 1.0, "status": "OK", "load": "1"}
+            for k in (0, 27)]
+    base = {"killed": None, "stopped": False, "not_run": [], "error": None, "skipped": None, "load_s": 1.0}
+    text = "\n".join(run.block_table("m", 28, 8, {"crown": dict(base, rows=rows)}, 600))
+    assert "4 s measured over 2 of 28 blocks" in text
+    assert "~56.0 s" in text and "extrapolation, not measured" in text
+    full = [dict(r, block=k) for k, r in enumerate(rows * 14)]
+    text = "\n".join(run.block_table("m", 28, 8, {"crown": dict(base, rows=full)}, 600))
+    assert "measured (all 28 blocks)" in text and "extrapolation" not in text

@@ -30,28 +30,12 @@ from gamma.attack import explore              # noqa: E402
 from gamma.io import load_checkpoint          # noqa: E402
 
 
-def whisper_hf(ck):
-    """transformers' Whisper holding a loaded Whisper checkpoint's tensors (eager attention)."""
-    import transformers
-    c = ck.config
-    F.quiet_transformers()
-    hf = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
-        vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
-        encoder_attention_heads=c.encoder_heads, decoder_attention_heads=c.decoder_heads,
-        encoder_ffn_dim=c.encoder_ffn_dim, decoder_ffn_dim=c.decoder_ffn_dim, num_mel_bins=c.n_mels,
-        max_source_positions=c.max_source_positions, max_target_positions=c.max_target_positions,
-        pad_token_id=50256, bos_token_id=50256, eos_token_id=50256, decoder_start_token_id=50257,
-        attn_implementation="eager")).eval()
-    hf.load_state_dict(ck.tensors, strict=False)
-    return hf
-
-
 def layer_functions(run: dict, path: str) -> dict:
     """block index -> fn(x (n, T, d) float64) -> (n, T, d) float32 output of transformers' layer."""
     arch, comp = run["model"]["arch"], run["component"]
     T = run["seq_len"]
     if arch == "whisper":
-        hf = whisper_hf(load_checkpoint(path))
+        hf = F.whisper_hf_from_checkpoint(load_checkpoint(path))
         if comp == "encoder":
             layers = hf.model.encoder.layers
             def make_enc(layer):

@@ -30,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"gamma: error: {message}\n")
 
 
-def _add_input_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input point (the centre of the box)")
+def _add_input_options(p: argparse.ArgumentParser, title: str = "input point (the centre of the box)") -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--component", choices=("encoder", "decoder"),
                    help="Whisper: encoder (default) or decoder; decoder LMs: decoder")
     g.add_argument("--seq-len", type=int, default=8, metavar="T",

@@ -217,6 +217,22 @@ def hf_from_gguf(path: str):
     return model.eval()
 
 
+def whisper_hf_from_checkpoint(ck):
+    """transformers' Whisper (float32, eager attention) holding a loaded Whisper Checkpoint's tensors."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    c = ck.config
+    quiet_transformers()
+    hf = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
+        encoder_attention_heads=c.encoder_heads, decoder_attention_heads=c.decoder_heads,
+        encoder_ffn_dim=c.encoder_ffn_dim, decoder_ffn_dim=c.decoder_ffn_dim, num_mel_bins=c.n_mels,
+        max_source_positions=c.max_source_positions, max_target_positions=c.max_target_positions,
+        pad_token_id=50256, bos_token_id=50256, eos_token_id=50256, decoder_start_token_id=50257,
+        attn_implementation="eager")).eval()
+    hf.load_state_dict(ck.tensors, strict=True)
+    return hf
+
+
 def write_json(path: str, obj) -> str:
     with open(path, "w") as f:
         json.dump(obj, f)

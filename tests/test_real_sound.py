@@ -13,19 +13,6 @@ from soundness import violations
 transformers = pytest.importorskip("transformers")
 
 
-def _whisper_hf(ck):
-    c = ck.config
-    F.quiet_transformers()
-    hf = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
-        vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers, decoder_layers=c.decoder_layers,
-        encoder_attention_heads=c.encoder_heads, decoder_attention_heads=c.decoder_heads,
-        encoder_ffn_dim=c.encoder_ffn_dim, decoder_ffn_dim=c.decoder_ffn_dim, num_mel_bins=c.n_mels,
-        pad_token_id=50256, bos_token_id=50256, eos_token_id=50256, decoder_start_token_id=50257,
-        attn_implementation="eager")).eval()
-    hf.load_state_dict(ck.tensors, strict=True)
-    return hf
-
-
 def _layer_fn(layer):
     def fn(x):
         out = layer(x.float(), None)
@@ -45,7 +32,7 @@ def test_real_whisper_block0_contains_transformers(whisper_tiny_en_checkpoint, m
     bg = g.block_graph("layer0")
     x = vals[bg.input]
     r = compute_bounds(bg, x, eps, method)
-    layer = _whisper_hf(ck).model.encoder.layers[0]
+    layer = F.whisper_hf_from_checkpoint(ck).model.encoder.layers[0]
     bad = violations(_layer_fn(layer), x, eps, r.lower, r.upper, n_samples=1000, steps=15, restarts=1)
     assert bad == 0
     assert torch.isfinite(r.width()).all()

@@ -26,16 +26,8 @@ from ..verify import json_safe
 
 
 def _input_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input point (the REFERENCE's; the centre of the box)")
-    g.add_argument("--component", choices=("encoder", "decoder"),
-                   help="Whisper: encoder (default) or decoder; decoder LMs: decoder")
-    g.add_argument("--seq-len", type=int, default=8, metavar="T",
-                   help="sequence length (Whisper encoder: T frames = 2T mel columns; default 8)")
-    g.add_argument("--tokens", metavar="IDS", help="decoder token ids, e.g. 1,2,3 (sets --seq-len)")
-    g.add_argument("--input", dest="input_path", metavar="FILE.npy", help="the exact input array")
-    g.add_argument("--center", choices=("zeros", "default"), help="zeros: all-zero input")
-    g.add_argument("--output", choices=("hidden", "logits"), default="hidden",
-                   help="compare the final hidden state (default) or the logits (decoders)")
+    from ..cli import _add_input_options          # the same options as every command that runs a model
+    _add_input_options(p, "input point (the REFERENCE's; the centre of the box)")
 
 
 def add_parser(subparsers) -> None:

@@ -2,27 +2,36 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--out BENCHMARKS.md]
                              [--qwen-blocks 0,27|all] [--smol-blocks 0,15,29|all]
+                             [--max-minutes 45] [--threads N] [--sections 1,2,3,4,5 [--update]]
 
 Sections (each a table in the output file; progress goes to stderr):
 
 1. IBP cost in nominal forward passes on whole real models (Whisper tiny.en
    encoder, SmolLM2-135M): ``gamma.ops.evaluate`` and
    ``gamma.bounds.compute_bounds(..., "ibp")`` timed alternately in one
-   process, median of N each, and where IBP's time goes (per op type).
+   process, median of N each; the same at 1 torch thread; where IBP's time
+   goes (per op type).
 2. Block-wise CROWN on a Qwen3-0.6B-shaped model (random weights, GGUF Q8_0,
-   written here into a temporary directory): seconds and peak memory per
-   block from ``gamma.verify(..., block_wise=True, blocks=k)``, with
-   ``--intermediate cut`` and zonotopes on the same blocks; a plot.
-3. The same per-block timing on Whisper tiny.en (encoder) and SmolLM2-135M.
+   written here into a temporary directory by ``_models.py``): seconds and
+   peak memory per block from ``gamma.verify(..., block_wise=True,
+   blocks=k)``, with ``intermediate="cut"`` and zonotopes on the same
+   blocks; a plot in ``benchmarks/out/`` (not committed).
+3. The same per-block timing on Whisper tiny.en (encoder) and SmolLM2-135M,
+   breadth first (the first block of every model and method, then the rest).
 4. Scale-out: serial vs ``workers=2`` (identical bounds asserted).
 5. CUDA vs CPU when a CUDA device is present.
 
 Timings on a shared machine are noisy: every ratio is measured side by side
 in one run, and the load average is written next to the per-block times.
-Per-block runs happen in a child process per (model, method) so that peak
-memory is that of the block (``VmHWM`` reset before each block through
-``/proc/self/clear_refs``); a block that exceeds ``--block-timeout`` is
-killed and reported as not finished, never estimated.
+Per-block runs happen in a child process per (model, method); peak memory is
+the child's ``VmHWM`` during the block's ``gamma.verify`` call (reset before
+each block through ``/proc/self/clear_refs``; the whole model's weights are
+included).  A block that runs past ``--block-timeout``, or past the run's
+``--max-minutes`` budget, is killed and reported as not finished (a lower
+bound, never an estimate); a child killed by the kernel's OOM killer is
+reported as such.  Totals over a subset of blocks are labelled as
+extrapolations.  ``--update`` re-measures only ``--sections`` in an existing
+output file and keeps the other sections.
 """
 
 from __future__ import annotations

@@ -172,10 +172,33 @@ def _sum_to(lam: Tensor, shape: tuple) -> Tensor:
     return lam.sum(dims, keepdim=True) if dims else lam
 
 
+SPARSE_ROWS_BELOW = 0.5   # row-compacted product when fewer rows than this fraction are non-zero
+
+
+def matmul_sparse_rows(lam: Tensor, w: Tensor) -> Tensor:
+    """``lam @ w`` for lam (.., n) and w (n, m), skipping all-zero rows of lam.
+
+    CROWN cotangents are mostly zero rows: a spec row at token t touches only
+    token t until attention mixes tokens, and only tokens <= t after a causal
+    one.  The product of the non-zero rows is scattered into zeros, so the
+    result equals the dense product while the flops follow the non-zeros.
+    """
+    flat = lam.reshape(-1, lam.shape[-1])                       # (R, n)
+    live = (flat != 0).any(-1)                                  # NaN counts as non-zero
+    k = int(live.sum())
+    if k >= SPARSE_ROWS_BELOW * flat.shape[0]:
+        return torch.matmul(lam, w)
+    idx = live.nonzero().squeeze(1)
+    out = flat.new_zeros(flat.shape[0], w.shape[-1])            # (R, m)
+    if k:
+        out.index_copy_(0, idx, flat.index_select(0, idx) @ w)
+    return out.reshape(*lam.shape[:-1], w.shape[-1])
+
+
 AFFINE: dict[str, Affine] = {
     "linear": Affine(
         lin=lambda n, x: torch.matmul(x, _p(n, "weight").T),
-        lin_T=lambda n, lam, shapes: (torch.matmul(lam, _p(n, "weight")),),
+        lin_T=lambda n, lam, shapes: (matmul_sparse_rows(lam, _p(n, "weight")),),
         lin_abs=lambda n, r: torch.matmul(r, _p(n, "weight").abs().T),
         offset=lambda n: n.params.get("bias"),
     ),

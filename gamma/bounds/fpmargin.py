@@ -34,13 +34,18 @@ def _rel(out: Interval, k: float) -> torch.Tensor:
 
 
 def _linear(node, ins, out):
-    x = ins[0].abs_max()
-    w = node.params["weight"]
-    s = x @ w.abs().T
+    s = getattr(out, "abs_sums", None)        # left by the IBP rule: the same product, computed once
+    if s is None:
+        s = ins[0].abs_max() @ node.params["weight"].abs().T
+    return _linear_from_sums(node, s)
+
+
+def _linear_from_sums(node, s):
+    """Margin of ``x W^T + b`` from ``s = |x|max |W|^T``."""
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()
-    return fp.dot_error(s, w.shape[1] + 4)
+    return fp.dot_error(s, node.params["weight"].shape[1] + 4)
 
 
 def _conv1d(node, ins, out):

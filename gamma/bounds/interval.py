@@ -68,6 +68,21 @@ def _affine(node, *xs: Interval) -> Interval:
     return Interval(c - r, c + r)
 
 
+def _linear(node, x: Interval) -> Interval:
+    """``x W^T + b`` with one pass over |W|: ``[r; |c|] |W|^T`` gives the radius
+    and, summed (``|x|max = |c| + r``), the sums ``|x|max |W|^T`` that the
+    float32 margin needs (left on the result as ``abs_sums``)."""
+    w = node.params["weight"]
+    c = x.center @ w.T
+    b = node.params.get("bias")
+    if b is not None:
+        c = c + b
+    rc = torch.stack([x.radius, x.center.abs()]) @ w.abs().T      # (2, .., out)
+    out = Interval(c - rc[0], c + rc[0])
+    out.abs_sums = rc[0] + rc[1]
+    return out
+
+
 def _elementwise(node, x: Interval) -> Interval:
     lo, hi = relax.interval(node.op, x.lower, x.upper)
     return Interval(lo, hi)
@@ -113,7 +128,7 @@ def _jacobian_op(node, x: Interval) -> Interval:
 
 IBP: dict = {op: _affine for op in AFFINE}
 IBP.update({op: _elementwise for op in ELEMENTWISE})
-IBP.update({"mul": _mul, "matmul": _matmul,
+IBP.update({"linear": _linear, "mul": _mul, "matmul": _matmul,
             "softmax": _jacobian_op, "layernorm": _jacobian_op, "rmsnorm": _jacobian_op})
 
 assert set(IBP) == set(FORWARD), set(FORWARD) ^ set(IBP)

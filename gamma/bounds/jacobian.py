@@ -32,6 +32,7 @@ from ..ops import FORWARD
 from .interval import Interval
 
 Tensor = torch.Tensor
+ULP64 = 2.0 ** -52
 ROW_CHUNK_ELEMS = 1 << 22   # dense per-row Jacobian entries processed at once
 
 
@@ -74,6 +75,57 @@ def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
         lo = lo.masked_fill(~mask, 0.0)
         hi = hi.masked_fill(~mask, 0.0)
     return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
+def _loo_logsumexp(a: Tensor) -> Tensor:
+    """``log sum_{j != i} exp(a_j)`` per i along the last dim, in O(S):
+    prefix and suffix log-cumsum-exp (sums of positive terms, no cancellation)."""
+    ninf = torch.full_like(a[..., :1], float("-inf"))
+    pre = torch.cat([ninf, torch.logcumsumexp(a, -1)[..., :-1]], -1)                 # j < i
+    suf = torch.cat([torch.logcumsumexp(a.flip(-1), -1).flip(-1)[..., 1:], ninf], -1)  # j > i
+    return torch.logaddexp(pre, suf)
+
+
+def softmax_interval_fast(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
+    """The same interval as :func:`softmax_interval` in O(S) per row:
+    ``y_i >= sigmoid(l_i - log sum_{j!=i} e^{u_j})`` and
+    ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``."""
+    if mask is not None:
+        l = l.masked_fill(~mask, float("-inf"))
+        u = u.masked_fill(~mask, float("-inf"))
+    lo = torch.sigmoid(l - _loo_logsumexp(u))
+    hi = torch.sigmoid(u - _loo_logsumexp(l))
+    if mask is not None:
+        lo = lo.masked_fill(~mask, 0.0)
+        hi = hi.masked_fill(~mask, 0.0)
+    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
+def softmax_ibp(node, x: Interval) -> Interval:
+    """IBP rule of softmax in O(S) per row: the direct interval intersected with
+    ``y0 +- (|J0| r + err)``, where the remainder uses, with ``dy = max |y - y0|``
+    and ``Y = max y`` over the box, ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j``
+    off the diagonal and the exact range of ``y - y^2`` on it."""
+    mask = node.params.get("mask")
+    x0, r = x.center, x.radius
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    y0 = FORWARD["softmax"](node, x0)
+    naive = softmax_interval_fast(x.lower, x.upper, mask)
+    yl, yu = naive.lower, naive.upper
+    h = lambda t: t - t * t
+    dlo = torch.minimum(h(yl), h(yu))
+    dhi = h(torch.minimum(torch.maximum(torch.full_like(yl, 0.5), yl), yu))
+    d0 = h(y0)
+    dd = torch.maximum(dhi - d0, d0 - dlo).clamp_min(0)
+    dy = torch.maximum(yu - y0, y0 - yl).clamp_min(0)
+    sum_yr = (yu * r).sum(-1, keepdim=True)
+    sum_dr = (dy * r).sum(-1, keepdim=True)
+    err = dd * r + dy * (sum_yr - yu * r).clamp_min(0) + y0 * (sum_dr - dy * r).clamp_min(0)
+    s0 = (y0 * r).sum(-1, keepdim=True)
+    absj = y0 * (1 - y0) * r + y0 * (s0 - y0 * r).clamp_min(0)
+    rad = (absj + err) * (1 + 8 * x0.shape[-1] * ULP64)
+    return naive.intersect(Interval(y0 - rad, y0 + rad))
 
 
 def _softmax_lin(node, x: Interval) -> Linearization:
@@ -193,8 +245,6 @@ def _norm_lin(node, x: Interval) -> Linearization:
     return lin
 
 
-ULP64 = 2.0 ** -52
-
 
 def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:
     """Exact ``|M| r`` per row for ``M = I - [1/d] - n0 n0^T / d`` (rows (.., d),
@@ -292,6 +342,8 @@ def interval_bound(node, x: Interval) -> Interval:
     """Direct enclosure intersected with the mean-value enclosure."""
     if node.op in ("layernorm", "rmsnorm"):
         return norm_interval(node, x)
+    if node.op == "softmax":
+        return softmax_ibp(node, x)
     lin = linearize(node, x)
     rad = lin.abs_jvp(x.radius) + lin.err
     mvt = Interval(lin.y0 - rad, lin.y0 + rad)

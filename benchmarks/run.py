@@ -772,7 +772,7 @@ def main(argv=None) -> int:
     q = args.quick
     # quick: every code path once, on the smallest inputs (a smoke test, not the configurations)
     args.ibp_models = ["whisper"] if q else ["whisper", "smol"]
-    args.ibp_T = [2] if q else [8, 16]
+    args.ibp_T = [2] if q else [8, 16, 64, 256]
     args.repeats = args.repeats or (2 if q else 5)
     args.qwen_layers = args.qwen_layers or (2 if q else 28)
     args.qwen_blocks = args.qwen_blocks or ("0" if q else "0,27")

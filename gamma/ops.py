@@ -172,7 +172,7 @@ def _sum_to(lam: Tensor, shape: tuple) -> Tensor:
     return lam.sum(dims, keepdim=True) if dims else lam
 
 
-SPARSE_ROWS_BELOW = 0.5   # row-compacted product when fewer rows than this fraction are non-zero
+SPARSE_ROWS_BELOW = 0.9   # row-compacted product when fewer rows than this fraction are non-zero
 
 
 def matmul_sparse_rows(lam: Tensor, w: Tensor) -> Tensor:

@@ -109,3 +109,26 @@ def test_model_bounds_contain_transformers(models, case, eps, method):
     assert bad == 0, f"{case} {method} eps={eps}: {bad} violations"
     if method != "ibp":   # these random models amplify ~100x per block: keep the test meaningful
         assert torch.isfinite(r.width()).all()
+
+
+@pytest.mark.parametrize("method,intermediate", [("crown", "crown"), ("crown", "cut"), ("alpha", "crown")])
+@pytest.mark.parametrize("case", CASES)
+def test_compact_rows_equal_dense(models, case, method, intermediate, monkeypatch):
+    """Token-compact cotangents (gamma.bounds.rows) give the dense walk's bounds
+    at every node, on whole models (encoder front end with conv and transposes
+    included: the walk falls back to dense there) and block graphs."""
+    from gamma.bounds import crown
+    model, _ = models[case]
+    comp = "decoder" if case != "whisper-encoder" else "encoder"
+    ip = model.input_point(comp, seq_len=4)
+    g = model.graph(comp, seq_len=4)
+    got = {}
+    for compact in (True, False):
+        monkeypatch.setattr(crown, "COMPACT_ROWS", compact)
+        got[compact] = compute_bounds(g, ip.x, 1e-4, method, intermediate=intermediate, alpha_iters=2)
+    a, b = got[True], got[False]
+    assert a.nodes.keys() == b.nodes.keys()
+    for name in a.nodes:
+        for x, y in ((a.nodes[name].lower, b.nodes[name].lower), (a.nodes[name].upper, b.nodes[name].upper)):
+            scale = float(y.abs().max()) + 1e-30
+            assert float((x - y).abs().max()) <= 1e-9 * scale, name

@@ -29,9 +29,12 @@ import torch
 
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
-from . import relax
+from . import relax, rows
 from .interval import Interval, simplex_shift
 from .jacobian import linearize
+from .rows import Rows
+
+COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
 
 Tensor = torch.Tensor
 
@@ -45,6 +48,7 @@ class Context:
         self.margins = margins          # name -> Tensor | None
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self._lin: dict = {}
+        self._const: dict = {}
         self._relax: dict = {}
 
     def inb(self, node, k: int = 0) -> Interval:
@@ -54,6 +58,13 @@ class Context:
         if node.name not in self._lin:
             self._lin[node.name] = linearize(node, self.inb(node))
         return self._lin[node.name]
+
+    def lin_const(self, node):
+        """``y0 - J0 x0`` of a linearised node (the constant of its linear form)."""
+        if node.name not in self._const:
+            lin = self.linearization(node)
+            self._const[node.name] = lin.y0 - lin.jvp(lin.x0)
+        return self._const[node.name]
 
     def relaxation(self, node):
         """(al, bl, au, bu) lines of an elementwise node on its input bounds."""
@@ -121,7 +132,7 @@ def _matmul(node, lam, ctx):
 
 def _jacobian(node, lam, ctx):
     lin = ctx.linearization(node)
-    const = lin.y0 - lin.jvp(lin.x0)
+    const = ctx.lin_const(node)
     bias = _dot(lam, const) - _dot(lam.abs(), lin.err)
     return [lin.vjp(lam)], bias
 
@@ -150,24 +161,31 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         lam = lams.pop(node.name, None)
         if lam is None:
             continue
-        if node.op == "input":
-            bias = bias + _dot(lam, box.center) - _dot(lam.abs(), box.radius)
+        if node.op == "input" or node.name in stop:
+            iv = box if node.op == "input" else ctx.bounds[node.name]
+            if isinstance(lam, Rows):
+                bias = bias + lam.dot(iv.center) - lam.like(lam.t.abs()).dot(iv.radius)
+            else:
+                bias = bias + _dot(lam, iv.center) - _dot(lam.abs(), iv.radius)
             continue
-        if node.name in stop:
-            iv = ctx.bounds[node.name]
-            bias = bias + _dot(lam, iv.center) - _dot(lam.abs(), iv.radius)
-            continue
+        if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
+            lam = lam.dense()
         m = ctx.margins.get(node.name)
-        if m is not None:
-            bias = bias - _dot(lam.abs(), m)
-        try:
-            rule = BACKWARD[node.op]
-        except KeyError:
-            raise UnsupportedOp(node.op, "crown", node.name) from None
-        ins, b = rule(node, lam, ctx)
+        if isinstance(lam, Rows):
+            if m is not None:
+                bias = bias - lam.like(lam.t.abs()).dot(m)
+            ins, b = rows.COMPACT[node.op](node, lam, ctx)
+        else:
+            if m is not None:
+                bias = bias - _dot(lam.abs(), m)
+            try:
+                rule = BACKWARD[node.op]
+            except KeyError:
+                raise UnsupportedOp(node.op, "crown", node.name) from None
+            ins, b = rule(node, lam, ctx)
         bias = bias + b
         for name, li in zip(node.inputs, ins):
-            lams[name] = lams[name] + li if name in lams else li
+            lams[name] = rows.add(lams[name], li) if name in lams else li
     return bias
 
 
@@ -183,6 +201,25 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
     k = len(idx)
     n = _numel(shape)
     m = ctx.margins.get(target)
+    if COMPACT_ROWS and node.op == "linear" and len(shape) >= 2:
+        W = node.params["weight"]                               # (out, in)
+        in_shape = graph[node.inputs[0]].shape
+        T, out = shape[-2], shape[-1]
+        unit, tok, lead = idx % out, (idx // out) % T, idx // (out * T)
+        t = torch.zeros(k, max(1, _numel(in_shape[:-2])), in_shape[-1], dtype=dtype, device=device)
+        t[torch.arange(k, device=device), lead] = W[unit]
+        t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
+        lam = Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
+        b = node.params.get("bias")
+        const = b[unit] if b is not None else torch.zeros(k, dtype=dtype, device=device)
+        bias = torch.cat([const, -const])
+        if m is not None:
+            mm = m.reshape(-1)[idx]
+            bias = bias - torch.cat([mm, mm])
+        return {node.inputs[0]: lam}, bias
+    if COMPACT_ROWS and len(shape) >= 2:
+        return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
+                                                                                          device=device)
     if node.op == "linear" and len(shape) >= 1:
         W = node.params["weight"]                               # (out, in)
         out = shape[-1]
@@ -212,12 +249,12 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 <
     shape = graph[target].shape
     n = _numel(shape)
     widest = max(_numel(graph[a].shape) for a in graph.ancestors(target))
-    rows = max(1, min(n, chunk_elems // max(1, 2 * widest)))
+    n_rows = max(1, min(n, chunk_elems // max(1, 2 * widest)))
     dtype, device = box.lower.dtype, box.lower.device
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
+    for s in range(0, n, n_rows):
+        e = min(n, s + n_rows)
         k = e - s
         lams, bias = _first_step(ctx, target, torch.arange(s, e, device=device), dtype, device)
         lb = backward(ctx, lams, bias, box, stop)

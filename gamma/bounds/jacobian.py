@@ -45,6 +45,7 @@ class Linearization:
     vjp: Callable[[Tensor], Tensor]   # J0^T lam, (..., *out) -> (..., *in)
     abs_jvp: Callable[[Tensor], Tensor]   # |J0| r for r >= 0
     naive: Interval                   # a direct interval enclosure of f over the box
+    vjp_at: Optional[Callable] = None  # take -> vjp with the per-row state gathered by take (rows.py)
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -157,7 +158,11 @@ def _softmax_lin(node, x: Interval) -> Linearization:
         s = (y0 * rr).sum(-1, keepdim=True)
         return y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
 
-    return Linearization(x0, y0, err, jvp, jvp, abs_jvp, naive)
+    def vjp_at(take):
+        y = take(y0)
+        return lambda lam: y * (lam - (y * lam).sum(-1, keepdim=True))
+
+    return Linearization(x0, y0, err, jvp, jvp, abs_jvp, naive, vjp_at)
 
 
 # ---------------------------------------------------------------- LayerNorm / RMSNorm
@@ -232,15 +237,21 @@ def _norm_lin(node, x: Interval) -> Linearization:
         g = dx - dx.mean(-1, keepdim=True) if centered else dx
         return ws0 * (g - n0 * (n0 * dx).sum(-1, keepdim=True) / d)
 
-    def vjp(lam):
-        g = lam * ws0
-        out = g - g.mean(-1, keepdim=True) if centered else g
-        return out - n0 * (n0 * g).sum(-1, keepdim=True) / d
+    def vjp_at(take):
+        ws, n = take(ws0), take(n0)
+
+        def vjp_rows(lam):
+            g = lam * ws
+            out = g - g.mean(-1, keepdim=True) if centered else g
+            return out - n * (n * g).sum(-1, keepdim=True) / d
+        return vjp_rows
+
+    vjp = vjp_at(lambda t: t)
 
     def abs_jvp(rr):
         return norm_abs_jvp(n0, rr.expand(shape), centered) * ws0.abs()
 
-    lin = Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive)
+    lin = Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive, vjp_at)
     lin.naive_n = naive_n
     return lin
 

@@ -1,0 +1,196 @@
+"""Token-compact CROWN cotangents.
+
+A CROWN spec row for an output at token t has a cotangent that is zero at
+every other token until the backward walk crosses an op that mixes tokens
+(the key/value side of attention).  :class:`Rows` stores such a cotangent
+as one token slice per row: ``t`` (S, *lead, 1, n) with row s living at
+token ``tok[s]`` of axis -2 of the node's shape (T tokens).  Rules in
+:data:`COMPACT` map a compact cotangent of a node's output to cotangents of
+its inputs (compact, or dense where the op spreads a row over tokens) and a
+constant, with every per-token constant of the node gathered at each row's
+token (:meth:`Rows.take`).  The dense walk (:mod:`.crown`) falls back to
+:meth:`Rows.dense` for any other op or shape, so results equal the dense
+computation; memory and work follow S x n instead of S x T x n.
+
+Ops are token-local along axis -2 when they act on the last axis (linear,
+norms, softmax rows), elementwise (activations, add, mul, rope with
+per-token tables), or move axis -2 to axis -2 (split/merge heads,
+repeat_kv).  ``x @ y^T`` keeps x's rows and spreads y's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ..ops import AFFINE, ELEMENTWISE
+from .interval import simplex_shift
+
+Tensor = torch.Tensor
+
+# per-op parameters that broadcast against the node's value (gathered per row)
+TOKEN_PARAMS = {"rope": ("cos", "sin"), "add_const": ("c",), "mul_const": ("c",)}
+# ops whose inputs all have the node's own shape (no broadcasting between inputs)
+SAME_SHAPE = ELEMENTWISE | {"add", "mul", "softmax", "layernorm", "rmsnorm", "add_const", "mul_const", "rope"}
+
+
+@dataclass
+class Rows:
+    t: Tensor        # (S, *lead, 1, n)
+    tok: Tensor      # (S,) token of each row on axis -2
+    T: int           # tokens on axis -2 of the node
+
+    @property
+    def shape(self):
+        return self.t.shape
+
+    def dense(self) -> Tensor:
+        """(S, *lead, T, n) with each row's slice at its token, zeros elsewhere."""
+        S = self.t.shape[0]
+        z = self.t.new_zeros(S, self.T, *self.t.shape[1:-2], self.t.shape[-1])     # (S, T, *lead, n)
+        z = z.index_put((torch.arange(S, device=self.t.device), self.tok), self.t.squeeze(-2))
+        return z.movedim(1, -2)
+
+    def like(self, t: Tensor) -> "Rows":
+        return Rows(t, self.tok, self.T)
+
+    def take(self, c):
+        """c (broadcastable to the node's shape) at each row's token, shaped to
+        broadcast against ``t``: (S, *lead', 1, n') or c itself when c has no
+        token axis."""
+        if not isinstance(c, Tensor) or c.dim() < 2 or c.shape[-2] == 1:
+            return c
+        g = c.index_select(c.dim() - 2, self.tok).movedim(-2, 0).unsqueeze(-2)   # (S, *clead, 1, n')
+        pad = self.t.dim() - g.dim()
+        return g.reshape(g.shape[0], *([1] * pad), *g.shape[1:])
+
+    def dot(self, c) -> Tensor:
+        """(S,): sum over each row of ``t * c`` for c broadcastable to the node's shape."""
+        S = self.t.shape[0]
+        if not isinstance(c, Tensor):
+            return self.t.reshape(S, -1).sum(1) * c
+        g = self.take(c)
+        if g is c:                                   # no token axis: one mat-vec
+            v = c.to(self.t.dtype).expand(self.t.shape[1:]).reshape(-1)
+            return self.t.reshape(S, -1) @ v
+        return (self.t * g).reshape(S, -1).sum(1)
+
+
+def add(a, b):
+    """Sum of two cotangents of one node (compact or dense)."""
+    if isinstance(a, Rows) and isinstance(b, Rows):
+        return a.like(a.t + b.t)
+    if isinstance(a, Rows):
+        a = a.dense()
+    if isinstance(b, Rows):
+        b = b.dense()
+    return a + b
+
+
+def applies(graph, node, lam: Rows) -> bool:
+    """Whether the compact rule of ``node`` is valid for ``lam``: axis -2 of
+    the node and of its row-keeping inputs holds lam.T tokens."""
+    if node.op not in COMPACT or len(node.shape) < 2 or node.shape[-2] != lam.T:
+        return False
+    ins = node.inputs[:1] if node.op == "matmul" else node.inputs
+    for name in ins:
+        shape = graph[name].shape
+        if len(shape) < 2 or shape[-2] != lam.T:
+            return False
+        if node.op in SAME_SHAPE and tuple(shape) != tuple(node.shape):
+            return False
+    return True
+
+
+def first_rows(graph, target: str, idx: Tensor, dtype, device):
+    """Compact specs ``[e_idx; -e_idx]`` of ``target`` (None if it has no token axis)."""
+    node = graph[target]
+    shape = node.shape
+    if len(shape) < 2:
+        return None
+    T, n = shape[-2], shape[-1]
+    k = len(idx)
+    unit, tok, lead = idx % n, (idx // n) % T, idx // (n * T)
+    lead_shape = tuple(shape[:-2])
+    t = torch.zeros(k, max(1, _numel(lead_shape)), n, dtype=dtype, device=device)
+    t[torch.arange(k, device=device), lead, unit] = 1.0
+    t = t.reshape(k, *lead_shape, 1, n)
+    return Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
+
+
+# ---------------------------------------------------------------- rules
+def _view(node, lam: Rows):
+    keys = TOKEN_PARAMS.get(node.op, ())
+    if not keys:
+        return node
+    params = {k: (lam.take(v) if k in keys else v) for k, v in node.params.items()}
+    return SimpleNamespace(name=node.name, op=node.op, params=params, shape=node.shape)
+
+
+def _affine(node, lam: Rows, ctx):
+    fact = AFFINE[node.op]
+    view = _view(node, lam)
+    shapes = [ctx.graph[i].shape for i in node.inputs]
+    ins = fact.lin_T(view, lam.t, shapes)
+    off = fact.offset(node)
+    bias = lam.dot(off) if off is not None else lam.t.new_zeros(lam.t.shape[0])
+    return [lam.like(i) for i in ins], bias
+
+
+def _elementwise(node, lam: Rows, ctx):
+    al, bl, au, bu = ctx.relaxation(node)
+    pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
+    bias = lam.like(pos).dot(bl) + lam.like(neg).dot(bu)
+    return [lam.like(pos * lam.take(al) + neg * lam.take(au))], bias
+
+
+def _mul(node, lam: Rows, ctx):
+    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
+    cx, cy = lam.take(x.center), lam.take(y.center)
+    rr = x.radius * y.radius
+    bias = -(lam.t * cx * cy).reshape(lam.t.shape[0], -1).sum(1) - lam.like(lam.t.abs()).dot(rr)
+    return [lam.like(lam.t * cy), lam.like(lam.t * cx)], bias
+
+
+def _matmul(node, lam: Rows, ctx):
+    """z = x y^T: lam (S, .., 1, Tk) keeps x's rows; y's cotangent is dense.
+
+    The x-side product runs with the rows as the matrix dimension, one
+    (S, Tk) @ (Tk, a) per head, and serves the constant too:
+    ``sum lam * (cx cy^T) = sum (lam cy) * cx``."""
+    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
+    cy = y.center
+    t = lambda v: v.transpose(-1, -2)
+    m = simplex_shift(node, cy)
+    cx_rows = lam.take(x.center)                                   # (S, .., 1, a)
+    S = lam.t.shape[0]
+    bias = lam.t.new_zeros(S)
+    if m is not None:
+        cy = cy - m
+        bias = bias + lam.dot(t(m).expand(node.shape)) - lam.dot(x.center @ t(m.expand(y.center.shape)))
+    lx = (lam.t.squeeze(-2).movedim(0, -2) @ cy).movedim(-2, 0).unsqueeze(-2)   # (S, .., 1, a)
+    bias = bias - (lx * cx_rows).reshape(S, -1).sum(1) - lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
+    return [lam.like(lx), t(lam.t) * cx_rows], bias     # (S, .., Tk, 1) * (S, .., 1, a): outer products
+
+
+def _jacobian(node, lam: Rows, ctx):
+    lin = ctx.linearization(node)
+    const = ctx.lin_const(node)
+    bias = lam.dot(const) - lam.like(lam.t.abs()).dot(lin.err)
+    return [lam.like(lin.vjp_at(lam.take)(lam.t))], bias
+
+
+COMPACT: dict = {op: _affine for op in ("linear", "add", "add_const", "mul_const", "split_heads",
+                                        "merge_heads", "repeat_kv", "rope", "matmul_const")}
+COMPACT.update({op: _elementwise for op in ELEMENTWISE})
+COMPACT.update({"mul": _mul, "matmul": _matmul, "softmax": _jacobian, "layernorm": _jacobian,
+                "rmsnorm": _jacobian})
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -242,7 +242,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
     return {target: spec}, spec.new_zeros(2 * k)
 
 
-def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 << 24,
+def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 << 22,
                 stop: frozenset = frozenset()) -> Interval:
     """CROWN bounds of every element of ``target``, in chunks of spec rows."""
     graph = ctx.graph

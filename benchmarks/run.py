@@ -535,11 +535,18 @@ def measure_model(key: str, path: str, T: int, blocks: list[int], n_blocks: int,
     runs = {}
     for name in methods:
         method, inter = METHOD_RUNS[name]
-        log(f"{LABELS[key]} T={T} {name}: blocks {blocks} (load {load_avg()})")
-        runs[name] = run_blocks(path, T, method, inter, blocks, args.device, args.block_timeout, args.crown_limit,
+        these = blocks[name] if isinstance(blocks, dict) else blocks
+        log(f"{LABELS[key]} T={T} {name}: blocks {these} (load {load_avg()})")
+        runs[name] = run_blocks(path, T, method, inter, these, args.device, args.block_timeout, args.crown_limit,
                                 args.deadline)
         results.setdefault("blocks", []).append({"model": key, "T": T, "method": name, **runs[name]})
     return runs
+
+
+def _span(blocks: list[int]) -> str:
+    if len(blocks) > 3 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]} (all {len(blocks)})" if blocks[0] == 0 else f"{blocks[0]}-{blocks[-1]}"
+    return str(blocks)
 
 
 def section_qwen(args, out: list[str], results: dict) -> None:
@@ -555,6 +562,8 @@ def section_qwen(args, out: list[str], results: dict) -> None:
         t_write = time.perf_counter() - t0
         size = os.path.getsize(path)
         blocks = parse_blocks(args.qwen_blocks, shape.num_hidden_layers)
+        cut_blocks = parse_blocks(args.qwen_cut_blocks, shape.num_hidden_layers)
+        per_method = {name: (cut_blocks if name == "crown (cut)" else blocks) for name in args.qwen_methods}
         out += [f"Model: {shape.num_hidden_layers} blocks, hidden {shape.hidden_size}, "
                 f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} kv heads, head_dim "
                 f"{shape.head_dim}, MLP {shape.intermediate_size}, vocab {shape.vocab_size}; "
@@ -565,11 +574,12 @@ def section_qwen(args, out: list[str], results: dict) -> None:
                 f"in a child process; 'seconds' is the block's own time from the result row; 'peak GiB' is the "
                 "process's peak resident memory during that call (the whole model's weights and the nominal "
                 "forward pass included). Blocks measured: "
-                f"{blocks} of {shape.num_hidden_layers} (`--qwen-blocks`). A method stops after a block slower "
+                f"crown (cut) {_span(cut_blocks)} (`--qwen-cut-blocks`), the other methods {_span(blocks)} "
+                f"(`--qwen-blocks`), of {shape.num_hidden_layers}. A method stops after a block slower "
                 f"than {args.crown_limit:.0f} s (`--crown-limit`); a block still running after "
                 f"{args.block_timeout:.0f} s (`--block-timeout`) is killed and reported as not finished. "
                 "Target: every block, in total, under 10 min and 8 GB.", ""]
-        runs = measure_model("qwen", path, args.qwen_T, blocks, shape.num_hidden_layers, args.qwen_methods, args,
+        runs = measure_model("qwen", path, args.qwen_T, per_method, shape.num_hidden_layers, args.qwen_methods, args,
                              results)
     out += block_table(LABELS["qwen"], shape.num_hidden_layers, args.qwen_T, runs, args.block_timeout)
     png = plot("qwen3_0.6b_shape", f"Qwen3-0.6B shape T={args.qwen_T}", runs)
@@ -747,6 +757,8 @@ def main(argv=None) -> int:
                     help="IBP section: stop repeating (after 2 pairs) once a configuration used this many s "
                          "(default 150)")
     ap.add_argument("--qwen-blocks", help="blocks of the Qwen3 shape: 0,27 (default), a slice, or all")
+    ap.add_argument("--qwen-cut-blocks", help="blocks of the Qwen3 shape for crown (cut): all (default) or as "
+                    "--qwen-blocks")
     ap.add_argument("--qwen-layers", type=int, help="blocks in the Qwen3 shape (default 28; quick 2)")
     ap.add_argument("--whisper-blocks", help="default all (4)")
     ap.add_argument("--smol-blocks", help="default 0,15,29; all for every block")
@@ -776,6 +788,7 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (2 if q else 5)
     args.qwen_layers = args.qwen_layers or (2 if q else 28)
     args.qwen_blocks = args.qwen_blocks or ("0" if q else "0,27")
+    args.qwen_cut_blocks = args.qwen_cut_blocks or ("0" if q else "all")
     args.qwen_T = 1 if q else 8
     args.block_T = 1 if q else 16
     args.scale_T = 1 if q else 4

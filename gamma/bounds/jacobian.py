@@ -102,17 +102,20 @@ def softmax_interval_fast(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Inter
     return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
 
 
-def softmax_ibp(node, x: Interval) -> Interval:
-    """IBP rule of softmax in O(S) per row: the direct interval intersected with
-    ``y0 +- (|J0| r + err)``, where the remainder uses, with ``dy = max |y - y0|``
-    and ``Y = max y`` over the box, ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j``
-    off the diagonal and the exact range of ``y - y^2`` on it."""
+def softmax_directional(node, box: Interval, dc: Tensor, dr: Tensor) -> Interval:
+    """Enclosure of ``J(xi) d`` for every xi in ``box`` and every d in
+    ``[dc - dr, dc + dr]`` (J: softmax's Jacobian), in O(S) per row:
+    ``J0 d +- (|J0| dr + sum_j D_ij |d_j|)`` with J0 at the box centre and,
+    with ``dy = max |y - y0|`` and ``Y = max y`` over the box,
+    ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j`` off the diagonal and the
+    exact range of ``y - y^2`` on it."""
     mask = node.params.get("mask")
-    x0, r = x.center, x.radius
+    x0 = box.center
     if mask is not None:
-        r = r.masked_fill(~mask, 0.0)
+        dc, dr = dc.masked_fill(~mask, 0.0), dr.masked_fill(~mask, 0.0)
+    r = dc.abs() + dr
     y0 = FORWARD["softmax"](node, x0)
-    naive = softmax_interval_fast(x.lower, x.upper, mask)
+    naive = softmax_interval_fast(box.lower, box.upper, mask)
     yl, yu = naive.lower, naive.upper
     h = lambda t: t - t * t
     dlo = torch.minimum(h(yl), h(yu))
@@ -123,10 +126,20 @@ def softmax_ibp(node, x: Interval) -> Interval:
     sum_yr = (yu * r).sum(-1, keepdim=True)
     sum_dr = (dy * r).sum(-1, keepdim=True)
     err = dd * r + dy * (sum_yr - yu * r).clamp_min(0) + y0 * (sum_dr - dy * r).clamp_min(0)
-    s0 = (y0 * r).sum(-1, keepdim=True)
-    absj = y0 * (1 - y0) * r + y0 * (s0 - y0 * r).clamp_min(0)
-    rad = (absj + err) * (1 + 8 * x0.shape[-1] * ULP64)
-    return naive.intersect(Interval(y0 - rad, y0 + rad))
+    s0 = (y0 * dr).sum(-1, keepdim=True)
+    absj = y0 * (1 - y0) * dr + y0 * (s0 - y0 * dr).clamp_min(0)
+    c = y0 * (dc - (y0 * dc).sum(-1, keepdim=True))
+    rad = (absj + err) * (1 + 8 * x0.shape[-1] * ULP64) + 8 * x0.shape[-1] * ULP64 * c.abs()
+    return Interval(c - rad, c + rad)
+
+
+def softmax_ibp(node, x: Interval) -> Interval:
+    """IBP rule of softmax in O(S) per row: the direct interval intersected with
+    ``y0 + J(xi) (x - x0)`` (:func:`softmax_directional`)."""
+    y0 = FORWARD["softmax"](node, x.center)
+    naive = softmax_interval_fast(x.lower, x.upper, node.params.get("mask"))
+    d = softmax_directional(node, x, torch.zeros_like(x.center), x.radius)
+    return naive.intersect(Interval(y0 + d.lower, y0 + d.upper))
 
 
 def _softmax_lin(node, x: Interval) -> Linearization:
@@ -324,22 +337,45 @@ def norm_err_separable(n0, s0, nl, nu, sl, su, r, centered: bool) -> Tensor:
     return (first + second) * (1 + 8 * d * ULP64)
 
 
+def _norm_point(node, x0: Tensor):
+    centered = node.op == "layernorm"
+    c0 = x0 - x0.mean(-1, keepdim=True) if centered else x0
+    s0 = torch.rsqrt((c0 * c0).mean(-1, keepdim=True) + node.params["eps"])
+    return c0 * s0, s0
+
+
+def norm_directional(node, box: Interval, dc: Tensor, dr: Tensor) -> Interval:
+    """Enclosure of ``J(xi) d`` for every xi in ``box`` and d in
+    ``[dc - dr, dc + dr]`` (J: the LayerNorm/RMSNorm Jacobian, weight
+    included), in O(d log d) per row: ``J0 d +- (|J0| dr + remainder)``."""
+    centered = node.op == "layernorm"
+    w, d = node.params["weight"], box.lower.shape[-1]
+    n0, s0 = _norm_point(node, box.center)
+    (nl, nu), (sl, su), _, _ = _norm_stats(box, node.params["eps"], centered)
+    g = dc - dc.mean(-1, keepdim=True) if centered else dc
+    c = w * s0 * (g - n0 * (n0 * dc).sum(-1, keepdim=True) / d)
+    rad = norm_abs_jvp(n0, dr, centered) * (w * s0).abs() \
+        + norm_err_separable(n0, s0, nl, nu, sl, su, dc.abs() + dr, centered) * w.abs() \
+        + 8 * d * ULP64 * c.abs()
+    return Interval(c - rad, c + rad)
+
+
+def norm_naive(node, x: Interval) -> Interval:
+    """Direct enclosure ``w n + b`` from the interval of the normalised values."""
+    w, b = node.params["weight"], node.params.get("bias")
+    (nl, nu), _, _, _ = _norm_stats(x, node.params["eps"], node.op == "layernorm")
+    wl, wu = torch.minimum(w * nl, w * nu), torch.maximum(w * nl, w * nu)
+    return Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
+
+
 def norm_interval(node, x: Interval) -> Interval:
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
-    enclosure intersected with ``y0 +- (|J0| r + separable remainder)``."""
-    centered = node.op == "layernorm"
-    w, b, eps = node.params["weight"], node.params.get("bias"), node.params["eps"]
-    x0, r = x.center, x.radius
-    c0 = x0 - x0.mean(-1, keepdim=True) if centered else x0
-    s0 = torch.rsqrt((c0 * c0).mean(-1, keepdim=True) + eps)
-    n0 = c0 * s0
-    y0 = n0 * w + (b if b is not None else 0)
-    (nl, nu), (sl, su), _, _ = _norm_stats(x, eps, centered)
-    wl, wu = torch.minimum(w * nl, w * nu), torch.maximum(w * nl, w * nu)
-    naive = Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
-    rad = norm_abs_jvp(n0, r, centered) * (w * s0).abs() \
-        + norm_err_separable(n0, s0, nl, nu, sl, su, r, centered) * w.abs()
-    return naive.intersect(Interval(y0 - rad, y0 + rad))
+    enclosure intersected with ``y0 + J(xi) (x - x0)``."""
+    n0, _ = _norm_point(node, x.center)
+    b = node.params.get("bias")
+    y0 = n0 * node.params["weight"] + (b if b is not None else 0)
+    d = norm_directional(node, x, torch.zeros_like(x.center), x.radius)
+    return norm_naive(node, x).intersect(Interval(y0 + d.lower, y0 + d.upper))
 
 
 LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}
@@ -359,3 +395,4 @@ def interval_bound(node, x: Interval) -> Interval:
     rad = lin.abs_jvp(x.radius) + lin.err
     mvt = Interval(lin.y0 - rad, lin.y0 + rad)
     return lin.naive.intersect(mvt)
+

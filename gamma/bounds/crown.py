@@ -189,6 +189,18 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
     return bias
 
 
+def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, dtype, device) -> Tensor:
+    """Constants (2k,) of the specs ``[e_idx; -e_idx]`` placed through a linear
+    target: its bias and, outward, its float32 margin."""
+    b = node.params.get("bias")
+    const = b[unit] if b is not None else torch.zeros(len(idx), dtype=dtype, device=device)
+    bias = torch.cat([const, -const])
+    if m is not None:
+        mm = m.reshape(-1)[idx]
+        bias = bias - torch.cat([mm, mm])
+    return bias
+
+
 def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
     """Cotangents after the target node for the specs ``[e_idx; -e_idx]``.
 
@@ -210,13 +222,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         t[torch.arange(k, device=device), lead] = W[unit]
         t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
         lam = Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
-        b = node.params.get("bias")
-        const = b[unit] if b is not None else torch.zeros(k, dtype=dtype, device=device)
-        bias = torch.cat([const, -const])
-        if m is not None:
-            mm = m.reshape(-1)[idx]
-            bias = bias - torch.cat([mm, mm])
-        return {node.inputs[0]: lam}, bias
+        return {node.inputs[0]: lam}, _linear_spec_bias(node, idx, unit, m, dtype, device)
     if COMPACT_ROWS and len(shape) >= 2:
         return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
                                                                                           device=device)
@@ -229,13 +235,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         lam = torch.zeros(k, lead, in_shape[-1], dtype=dtype, device=device)
         lam[torch.arange(k), tok] = W[unit]
         lam = torch.cat([lam, -lam]).reshape(2 * k, *in_shape)
-        b = node.params.get("bias")
-        const = b[unit] if b is not None else torch.zeros(k, dtype=dtype, device=device)
-        bias = torch.cat([const, -const])
-        if m is not None:
-            mm = m.reshape(-1)[idx]
-            bias = bias - torch.cat([mm, mm])
-        return {node.inputs[0]: lam}, bias
+        return {node.inputs[0]: lam}, _linear_spec_bias(node, idx, unit, m, dtype, device)
     eye = torch.zeros(k, n, dtype=dtype, device=device)
     eye[torch.arange(k), idx] = 1.0
     spec = torch.cat([eye, -eye]).reshape(2 * k, *shape)

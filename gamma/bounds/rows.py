@@ -20,6 +20,7 @@ repeat_kv).  ``x @ y^T`` keeps x's rows and spreads y's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -114,7 +115,7 @@ def first_rows(graph, target: str, idx: Tensor, dtype, device):
     k = len(idx)
     unit, tok, lead = idx % n, (idx // n) % T, idx // (n * T)
     lead_shape = tuple(shape[:-2])
-    t = torch.zeros(k, max(1, _numel(lead_shape)), n, dtype=dtype, device=device)
+    t = torch.zeros(k, max(1, math.prod(lead_shape)), n, dtype=dtype, device=device)
     t[torch.arange(k, device=device), lead, unit] = 1.0
     t = t.reshape(k, *lead_shape, 1, n)
     return Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
@@ -188,9 +189,3 @@ COMPACT.update({op: _elementwise for op in ELEMENTWISE})
 COMPACT.update({"mul": _mul, "matmul": _matmul, "softmax": _jacobian, "layernorm": _jacobian,
                 "rmsnorm": _jacobian})
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -46,3 +46,20 @@ def test_compact_rules_are_used(monkeypatch):
     b = compute_bounds(g, x0, 1e-2, "crown")
     assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-14)
     assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-14)
+
+
+def test_matmul_sparse_rows_equals_dense():
+    """The row-compacted transpose product equals the dense one, zero rows,
+    a NaN row (kept: NaN must propagate) and the all-zero case included."""
+    from gamma.ops import matmul_sparse_rows
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    lam = torch.zeros(4, 3, 6, dtype=torch.float64)
+    lam[0, 1] = torch.randn(6, generator=gen, dtype=torch.float64)
+    lam[2, 0, 3] = -2.0
+    got = matmul_sparse_rows(lam, w)
+    assert got.shape == (4, 3, 5) and torch.equal(got[lam.abs().sum(-1) == 0], torch.zeros(10, 5, dtype=torch.float64))
+    assert torch.allclose(got, lam @ w, rtol=1e-15, atol=0)
+    lam[3, 2, 0] = float("nan")
+    assert torch.isnan(matmul_sparse_rows(lam, w)[3, 2]).all()
+    assert torch.equal(matmul_sparse_rows(torch.zeros(2, 6, dtype=torch.float64), w), torch.zeros(2, 5, dtype=torch.float64))

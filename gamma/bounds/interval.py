@@ -8,7 +8,8 @@ every affine op gets its rule from :data:`gamma.ops.AFFINE`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -23,6 +24,8 @@ Tensor = torch.Tensor
 class Interval:
     lower: Tensor
     upper: Tensor
+    # linear nodes' IBP image only: |x|max |W|^T, reused by the float32 margin
+    abs_sums: Optional[Tensor] = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def from_center(center: Tensor, radius) -> "Interval":
@@ -78,9 +81,7 @@ def _linear(node, x: Interval) -> Interval:
     if b is not None:
         c = c + b
     rc = torch.stack([x.radius, x.center.abs()]) @ w.abs().T      # (2, .., out)
-    out = Interval(c - rc[0], c + rc[0])
-    out.abs_sums = rc[0] + rc[1]
-    return out
+    return Interval(c - rc[0], c + rc[0], abs_sums=rc[0] + rc[1])
 
 
 def _elementwise(node, x: Interval) -> Interval:

@@ -9,12 +9,14 @@ where J0 is the Jacobian at x0 and D_ij bounds |J_ij(xi) - J0_ij| over the
 whole box.  D comes from an interval enclosure of the Jacobian, built from
 interval bounds of the op's internal quantities (softmax probabilities,
 normalised values n and inverse scale s).  The same linearisation serves
-CROWN (backward: ``vjp``), zonotopes (forward: ``jvp``) and IBP (``y0 +-
-(|J0| r + err)``, intersected with a direct interval rule).
+CROWN (backward: ``vjp``) and zonotopes (forward: ``jvp``).
 
 J0 is applied in structured form (diagonal plus rank one/two), so the
 backward pass costs O(d) per row; only the error term uses the dense D,
-processed a few rows at a time.
+processed a few rows at a time.  IBP (:func:`interval_bound`) must cost a
+few forward passes: it uses ``y0 +- (|J0| r + err)`` with |J0| r computed
+exactly in O(d log d) and err from a separable bound of D, intersected
+with the direct interval rule.
 
 Shapes: softmax works on rows of the last dim ``(.., R, S)`` with an
 optional (R, S) mask; the norms on rows ``(.., d)``.
@@ -59,25 +61,6 @@ def _chunked_rows(n_rows: int, row_elems: int):
 
 
 # ---------------------------------------------------------------- softmax
-def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
-    """Tight interval of softmax over a box: y_i = 1 / sum_j exp(x_j - x_i)."""
-    a = u.unsqueeze(-2) - l.unsqueeze(-1)          # (.., i, j): u_j - l_i
-    b = l.unsqueeze(-2) - u.unsqueeze(-1)          # (.., i, j): l_j - u_i
-    eye = torch.eye(l.shape[-1], dtype=torch.bool, device=l.device)
-    a = a.masked_fill(eye, 0.0)
-    b = b.masked_fill(eye, 0.0)
-    if mask is not None:
-        m = mask.unsqueeze(-2).expand(a.shape[-3:] if a.dim() >= 3 else a.shape)   # key mask per row i
-        a = a.masked_fill(~m, float("-inf"))
-        b = b.masked_fill(~m, float("-inf"))
-    lo = torch.exp(-torch.logsumexp(a, -1))
-    hi = torch.exp(-torch.logsumexp(b, -1))
-    if mask is not None:
-        lo = lo.masked_fill(~mask, 0.0)
-        hi = hi.masked_fill(~mask, 0.0)
-    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
-
-
 def _loo_logsumexp(a: Tensor) -> Tensor:
     """``log sum_{j != i} exp(a_j)`` per i along the last dim, in O(S):
     prefix and suffix log-cumsum-exp (sums of positive terms, no cancellation)."""
@@ -87,10 +70,10 @@ def _loo_logsumexp(a: Tensor) -> Tensor:
     return torch.logaddexp(pre, suf)
 
 
-def softmax_interval_fast(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
-    """The same interval as :func:`softmax_interval` in O(S) per row:
-    ``y_i >= sigmoid(l_i - log sum_{j!=i} e^{u_j})`` and
-    ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``."""
+def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
+    """Tight interval of softmax over a box, in O(S) per row: y_i is smallest
+    with x_i = l_i and every other x_j = u_j, i.e. ``y_i >= sigmoid(l_i - log
+    sum_{j!=i} e^{u_j})``, and ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``."""
     if mask is not None:
         l = l.masked_fill(~mask, float("-inf"))
         u = u.masked_fill(~mask, float("-inf"))
@@ -102,20 +85,17 @@ def softmax_interval_fast(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Inter
     return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
 
 
-def softmax_directional(node, box: Interval, dc: Tensor, dr: Tensor) -> Interval:
-    """Enclosure of ``J(xi) d`` for every xi in ``box`` and every d in
-    ``[dc - dr, dc + dr]`` (J: softmax's Jacobian), in O(S) per row:
-    ``J0 d +- (|J0| dr + sum_j D_ij |d_j|)`` with J0 at the box centre and,
-    with ``dy = max |y - y0|`` and ``Y = max y`` over the box,
-    ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j`` off the diagonal and the
-    exact range of ``y - y^2`` on it."""
+def softmax_radius(node, box: Interval, r: Tensor) -> Tensor:
+    """Bound of ``|J(xi) d|`` for every xi in ``box`` and ``|d| <= r`` (J:
+    softmax's Jacobian), in O(S) per row: ``|J0| r + sum_j D_ij r_j`` with J0
+    at the box centre and, with ``dy = max |y - y0|`` and ``Y = max y`` over
+    the box, ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j`` off the
+    diagonal and the exact range of ``y - y^2`` on it."""
     mask = node.params.get("mask")
-    x0 = box.center
     if mask is not None:
-        dc, dr = dc.masked_fill(~mask, 0.0), dr.masked_fill(~mask, 0.0)
-    r = dc.abs() + dr
-    y0 = FORWARD["softmax"](node, x0)
-    naive = softmax_interval_fast(box.lower, box.upper, mask)
+        r = r.masked_fill(~mask, 0.0)
+    y0 = FORWARD["softmax"](node, box.center)
+    naive = softmax_interval(box.lower, box.upper, mask)
     yl, yu = naive.lower, naive.upper
     h = lambda t: t - t * t
     dlo = torch.minimum(h(yl), h(yu))
@@ -126,20 +106,17 @@ def softmax_directional(node, box: Interval, dc: Tensor, dr: Tensor) -> Interval
     sum_yr = (yu * r).sum(-1, keepdim=True)
     sum_dr = (dy * r).sum(-1, keepdim=True)
     err = dd * r + dy * (sum_yr - yu * r).clamp_min(0) + y0 * (sum_dr - dy * r).clamp_min(0)
-    s0 = (y0 * dr).sum(-1, keepdim=True)
-    absj = y0 * (1 - y0) * dr + y0 * (s0 - y0 * dr).clamp_min(0)
-    c = y0 * (dc - (y0 * dc).sum(-1, keepdim=True))
-    rad = (absj + err) * (1 + 8 * x0.shape[-1] * ULP64) + 8 * x0.shape[-1] * ULP64 * c.abs()
-    return Interval(c - rad, c + rad)
+    s0 = (y0 * r).sum(-1, keepdim=True)
+    absj = y0 * (1 - y0) * r + y0 * (s0 - y0 * r).clamp_min(0)
+    return (absj + err) * (1 + 8 * box.lower.shape[-1] * ULP64)
 
 
 def softmax_ibp(node, x: Interval) -> Interval:
     """IBP rule of softmax in O(S) per row: the direct interval intersected with
-    ``y0 + J(xi) (x - x0)`` (:func:`softmax_directional`)."""
+    ``y0 +- softmax_radius`` (mean value theorem)."""
     y0 = FORWARD["softmax"](node, x.center)
-    naive = softmax_interval_fast(x.lower, x.upper, node.params.get("mask"))
-    d = softmax_directional(node, x, torch.zeros_like(x.center), x.radius)
-    return naive.intersect(Interval(y0 + d.lower, y0 + d.upper))
+    rad = softmax_radius(node, x, x.radius)
+    return softmax_interval(x.lower, x.upper, node.params.get("mask")).intersect(Interval(y0 - rad, y0 + rad))
 
 
 def _softmax_lin(node, x: Interval) -> Linearization:
@@ -206,14 +183,10 @@ def _norm_lin(node, x: Interval) -> Linearization:
     eps = node.params["eps"]
     d = x.lower.shape[-1]
     x0, r = x.center, x.radius
-    c0 = x0 - x0.mean(-1, keepdim=True) if centered else x0
-    s0 = torch.rsqrt((c0 * c0).mean(-1, keepdim=True) + eps)
-    n0 = c0 * s0
+    n0, s0 = _norm_point(node, x0)
     y0 = n0 * w + (b if b is not None else 0)
     (nl, nu), (sl, su), _, _ = _norm_stats(x, eps, centered)
-    naive_n = Interval(nl, nu)
-    wl, wu = torch.minimum(w * nl, w * nu), torch.maximum(w * nl, w * nu)
-    naive = Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
+    naive = norm_naive(node, x)
 
     # dense error term, a few rows at a time: J_ij = w_i s (delta_ij - [1/d] - n_i n_j / d)
     shape = x0.shape
@@ -264,10 +237,7 @@ def _norm_lin(node, x: Interval) -> Linearization:
     def abs_jvp(rr):
         return norm_abs_jvp(n0, rr.expand(shape), centered) * ws0.abs()
 
-    lin = Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive, vjp_at)
-    lin.naive_n = naive_n
-    return lin
-
+    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive, vjp_at)
 
 
 def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:
@@ -344,20 +314,16 @@ def _norm_point(node, x0: Tensor):
     return c0 * s0, s0
 
 
-def norm_directional(node, box: Interval, dc: Tensor, dr: Tensor) -> Interval:
-    """Enclosure of ``J(xi) d`` for every xi in ``box`` and d in
-    ``[dc - dr, dc + dr]`` (J: the LayerNorm/RMSNorm Jacobian, weight
-    included), in O(d log d) per row: ``J0 d +- (|J0| dr + remainder)``."""
+def norm_radius(node, box: Interval, r: Tensor) -> Tensor:
+    """Bound of ``|J(xi) d|`` for every xi in ``box`` and ``|d| <= r`` (J: the
+    LayerNorm/RMSNorm Jacobian, weight included), in O(d log d) per row:
+    ``|J0| r`` exactly plus the separable remainder."""
     centered = node.op == "layernorm"
-    w, d = node.params["weight"], box.lower.shape[-1]
+    w = node.params["weight"]
     n0, s0 = _norm_point(node, box.center)
     (nl, nu), (sl, su), _, _ = _norm_stats(box, node.params["eps"], centered)
-    g = dc - dc.mean(-1, keepdim=True) if centered else dc
-    c = w * s0 * (g - n0 * (n0 * dc).sum(-1, keepdim=True) / d)
-    rad = norm_abs_jvp(n0, dr, centered) * (w * s0).abs() \
-        + norm_err_separable(n0, s0, nl, nu, sl, su, dc.abs() + dr, centered) * w.abs() \
-        + 8 * d * ULP64 * c.abs()
-    return Interval(c - rad, c + rad)
+    return norm_abs_jvp(n0, r, centered) * (w * s0).abs() \
+        + norm_err_separable(n0, s0, nl, nu, sl, su, r, centered) * w.abs()
 
 
 def norm_naive(node, x: Interval) -> Interval:
@@ -370,12 +336,12 @@ def norm_naive(node, x: Interval) -> Interval:
 
 def norm_interval(node, x: Interval) -> Interval:
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
-    enclosure intersected with ``y0 + J(xi) (x - x0)``."""
+    enclosure intersected with ``y0 +- norm_radius`` (mean value theorem)."""
     n0, _ = _norm_point(node, x.center)
     b = node.params.get("bias")
     y0 = n0 * node.params["weight"] + (b if b is not None else 0)
-    d = norm_directional(node, x, torch.zeros_like(x.center), x.radius)
-    return norm_naive(node, x).intersect(Interval(y0 + d.lower, y0 + d.upper))
+    rad = norm_radius(node, x, x.radius)
+    return norm_naive(node, x).intersect(Interval(y0 - rad, y0 + rad))
 
 
 LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}
@@ -385,14 +351,10 @@ def linearize(node, x: Interval) -> Linearization:
     return LINEARIZE[node.op](node, x)
 
 
-def interval_bound(node, x: Interval) -> Interval:
-    """Direct enclosure intersected with the mean-value enclosure."""
-    if node.op in ("layernorm", "rmsnorm"):
-        return norm_interval(node, x)
-    if node.op == "softmax":
-        return softmax_ibp(node, x)
-    lin = linearize(node, x)
-    rad = lin.abs_jvp(x.radius) + lin.err
-    mvt = Interval(lin.y0 - rad, lin.y0 + rad)
-    return lin.naive.intersect(mvt)
+IBP_RULES = {"softmax": softmax_ibp, "layernorm": norm_interval, "rmsnorm": norm_interval}
 
+
+def interval_bound(node, x: Interval) -> Interval:
+    """IBP image of softmax / LayerNorm / RMSNorm: the direct enclosure
+    intersected with the mean-value enclosure, without any d x d matrix."""
+    return IBP_RULES[node.op](node, x)

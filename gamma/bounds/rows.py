@@ -43,10 +43,6 @@ class Rows:
     tok: Tensor      # (S,) token of each row on axis -2
     T: int           # tokens on axis -2 of the node
 
-    @property
-    def shape(self):
-        return self.t.shape
-
     def dense(self) -> Tensor:
         """(S, *lead, T, n) with each row's slice at its token, zeros elsewhere."""
         S = self.t.shape[0]

@@ -15,7 +15,10 @@ intermediate bounds:
   sign of Lambda (optionally parameterised by alpha);
 * products ``x*y`` and ``x @ y^T``: ``xy = cy x + cx y - cx cy + dx dy`` with
   ``|dx dy| <= rx ry`` (centres and radii of the intermediate bounds);
-* softmax / LayerNorm / RMSNorm: mean-value linearisation (:mod:`.jacobian`).
+* softmax: mean-value linearisation; LayerNorm / RMSNorm: per row the
+  mean-value or the decomposed form (:mod:`.jacobian`), with the mean square
+  of the centred input bounded by its own small backward pass
+  (:func:`norm_mean_square`).
 
 At each node the float32 margin ``m`` adds ``-|Lambda| . m`` to the constant.
 The walk itself (:func:`backward`) knows nothing about the ops.
@@ -31,7 +34,7 @@ from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .interval import Interval, simplex_shift
-from .jacobian import linearize
+from .jacobian import _norm_stats, linearize
 from .rows import Rows
 
 COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
@@ -47,6 +50,7 @@ class Context:
         self.bounds = bounds            # name -> Interval (sound, float64)
         self.margins = margins          # name -> Tensor | None
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
+        self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
         self._lin: dict = {}
         self._const: dict = {}
         self._relax: dict = {}
@@ -56,7 +60,9 @@ class Context:
 
     def linearization(self, node):
         if node.name not in self._lin:
-            self._lin[node.name] = linearize(node, self.inb(node))
+            refine = REFINE.get(node.op)
+            refined = refine(self, node) if refine is not None else {}
+            self._lin[node.name] = linearize(node, self.inb(node), **refined)
         return self._lin[node.name]
 
     def lin_const(self, node):
@@ -141,6 +147,79 @@ BACKWARD: dict = {op: _affine for op in AFFINE}
 BACKWARD.update({op: _elementwise for op in ELEMENTWISE})
 BACKWARD.update({"mul": _mul, "matmul": _matmul,
                  "softmax": _jacobian, "layernorm": _jacobian, "rmsnorm": _jacobian})
+
+
+# ---------------------------------------------------------------- refinements
+def norm_mean_square(ctx: Context, node) -> dict:
+    """CROWN bounds of the mean square ``q = mean(c^2)``, ``c = P x`` (x: the
+    norm's input, P: centring or identity), per row: with ``[cl, cu]`` the
+    box of c and t its centre,
+
+        mean(m c) - mean(cl cu)  >=  q  >=  mean(2 t c) - mean(t^2)    (m = cl + cu)
+
+    (chords and tangents of c^2), both linear in x, bounded by one backward
+    pass of 2R rows (R = rows of x).  The box gives q's range from independent
+    c_j intervals; this keeps the correlation between them, which is what
+    makes the norm's inverse scale, and so its relaxation, tight."""
+    x = ctx.inb(node)
+    centered = node.op == "layernorm"
+    c = centred_bounds(ctx, node) if centered else None
+    _, _, _, (cl, cu) = _norm_stats(x, node.params["eps"], centered, c=c)
+    shape = x.lower.shape
+    d = shape[-1]
+    R = x.lower.numel() // d
+    P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
+    t = 0.5 * (cl + cu)
+    up = P(cl + cu).reshape(R, d) / d                       # q <= up . x_row - mean(cl cu)
+    lo = P(2 * t).reshape(R, d) / d                         # q >= lo . x_row - mean(t^2)
+    lam = x.lower.new_zeros(2 * R, R, d)
+    ar = torch.arange(R, device=lam.device)
+    lam[ar, ar] = -up
+    lam[R + ar, ar] = lo
+    lb = backward(ctx, {node.inputs[0]: lam.reshape(2 * R, *shape)}, lam.new_zeros(2 * R),
+                  ctx.bounds[ctx.graph.input], ctx.stops.get(node.inputs[0], frozenset()))
+    row = shape[:-1] + (1,)
+    q_hi = (-lb[:R]).reshape(row) - (cl * cu).mean(-1, keepdim=True)
+    q_lo = lb[R:].reshape(row) - (t * t).mean(-1, keepdim=True)
+    slack = 1e-12 * (q_hi.abs() + q_lo.abs()) + 1e-300        # float64 rounding of the pass
+    return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
+
+
+def centred_bounds(ctx: Context, node, chunk_elems: int = 1 << 22) -> tuple:
+    """CROWN bounds ``(lower, upper)`` of LayerNorm's centred input ``x - mean(x)``
+    (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
+    The box of x loses the correlation between x_i and mean(x)."""
+    graph = ctx.graph
+    name = node.inputs[0]
+    shape = graph[name].shape
+    n = _numel(shape)
+    d = shape[-1]
+    box = ctx.bounds[graph.input]
+    dtype, device = box.lower.dtype, box.lower.device
+    widest = max(_numel(graph[a].shape) for a in graph.ancestors(name) | {name})
+    step = max(1, min(n, chunk_elems // max(1, 2 * widest)))
+    lo = torch.empty(n, dtype=dtype, device=device)
+    hi = torch.empty(n, dtype=dtype, device=device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        idx = torch.arange(s, e, device=device)
+        lam = rows.first_rows(graph, name, idx, dtype, device) if COMPACT_ROWS else None
+        if lam is not None:
+            lam = lam.like(lam.t - lam.t.mean(-1, keepdim=True))
+        else:
+            eye = torch.zeros(e - s, n, dtype=dtype, device=device)
+            eye[torch.arange(e - s), idx] = 1.0
+            eye = eye.reshape(e - s, -1, d)
+            eye = (eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape)
+            lam = torch.cat([eye, -eye])
+        lb = backward(ctx, {name: lam}, torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
+                      ctx.stops.get(name, frozenset()))
+        lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
+    slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
+    return (lo - slack).reshape(shape), (hi + slack).reshape(shape)
+
+
+REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square}
 
 
 # ---------------------------------------------------------------- the walk

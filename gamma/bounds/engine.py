@@ -138,6 +138,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     ctx = Context(graph, bounds, margins)
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
+    ctx.stops = stops
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
     for idx, node in enumerate(graph):

@@ -18,6 +18,13 @@ few forward passes: it uses ``y0 +- (|J0| r + err)`` with |J0| r computed
 exactly in O(d log d) and err from a separable bound of D, intersected
 with the direct interval rule.
 
+LayerNorm / RMSNorm have a second linear form, the decomposed relaxation of
+their formula ``w (c s) + b`` (:func:`_norm_decomposed`), whose remainder is
+not summed over the row; CROWN and zonotopes take per row whichever form has
+the smaller remainder, and CROWN first tightens the norm's internals (the
+centred input c and the mean square) with small backward passes of its own
+(:func:`gamma.bounds.crown.norm_mean_square`).
+
 Shapes: softmax works on rows of the last dim ``(.., R, S)`` with an
 optional (R, S) mask; the norms on rows ``(.., d)``.
 """
@@ -35,6 +42,7 @@ from .interval import Interval
 
 Tensor = torch.Tensor
 ULP64 = 2.0 ** -52
+NORM_DECOMPOSED = True      # False: LayerNorm/RMSNorm use the mean-value form only (benchmarks compare)
 ROW_CHUNK_ELEMS = 1 << 22   # dense per-row Jacobian entries processed at once
 
 
@@ -156,8 +164,10 @@ def _softmax_lin(node, x: Interval) -> Linearization:
 
 
 # ---------------------------------------------------------------- LayerNorm / RMSNorm
-def _norm_stats(x: Interval, eps: float, centered: bool):
-    """Interval bounds of the normalised values n and the inverse scale s."""
+def _norm_stats(x: Interval, eps: float, centered: bool, q: Optional[tuple] = None, c: Optional[tuple] = None):
+    """Interval bounds of the normalised values n, the inverse scale s, the mean
+    square q (intersected with ``q = (q_lo, q_hi)``, (.., 1) each, when given)
+    and the centred values c."""
     d = x.lower.shape[-1]
     cx, rx = x.center, x.radius
     if centered:
@@ -166,9 +176,15 @@ def _norm_stats(x: Interval, eps: float, centered: bool):
     else:
         c_c, c_r = cx, rx
     cl, cu = c_c - c_r, c_c + c_r
+    if c is not None:
+        cl, cu = torch.maximum(cl, c[0]), torch.minimum(cu, c[1])
+        cu = torch.maximum(cu, cl)
     sq_lo = torch.clamp(torch.maximum(cl, -cu), min=0) ** 2
     sq_hi = torch.maximum(cl * cl, cu * cu)
     v_lo, v_hi = sq_lo.mean(-1, keepdim=True), sq_hi.mean(-1, keepdim=True)
+    if q is not None:
+        v_lo, v_hi = torch.maximum(v_lo, q[0]), torch.minimum(v_hi, q[1])
+        v_hi = torch.maximum(v_hi, v_lo)                 # empty only through rounding: keep it an interval
     s_lo, s_hi = torch.rsqrt(v_hi + eps), torch.rsqrt(v_lo + eps)
     n_lo = torch.minimum(cl * s_lo, cl * s_hi)
     n_hi = torch.maximum(cu * s_lo, cu * s_hi)
@@ -176,7 +192,10 @@ def _norm_stats(x: Interval, eps: float, centered: bool):
     return (n_lo.clamp(-bound, bound), n_hi.clamp(-bound, bound)), (s_lo, s_hi), (v_lo, v_hi), (cl, cu)
 
 
-def _norm_lin(node, x: Interval) -> Linearization:
+def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None):
+    """Mean-value form of LayerNorm/RMSNorm around the box centre: the exact
+    Jacobian ``a P + u v^T P`` (a = w s0, u = -w s0 n0 / d, v = n0) and the
+    dense remainder bound err (rows (.., d); d x d per row, a few rows at a time)."""
     centered = node.op == "layernorm"
     w = node.params["weight"]
     b = node.params.get("bias")
@@ -185,8 +204,7 @@ def _norm_lin(node, x: Interval) -> Linearization:
     x0, r = x.center, x.radius
     n0, s0 = _norm_point(node, x0)
     y0 = n0 * w + (b if b is not None else 0)
-    (nl, nu), (sl, su), _, _ = _norm_stats(x, eps, centered)
-    naive = norm_naive(node, x)
+    (nl, nu), (sl, su), _, _ = _norm_stats(x, eps, centered, q, c)
 
     # dense error term, a few rows at a time: J_ij = w_i s (delta_ij - [1/d] - n_i n_j / d)
     shape = x0.shape
@@ -215,29 +233,114 @@ def _norm_lin(node, x: Interval) -> Linearization:
         j0 = S0[sl_].unsqueeze(-1) * (eye - off - n0r.unsqueeze(-1) * n0r.unsqueeze(-2) / d)
         D = torch.maximum(j_hi - j0, j0 - j_lo).clamp_min(0) * w.abs().unsqueeze(-1)
         err[sl_] = (D @ R[sl_].unsqueeze(-1)).squeeze(-1)
-    err = err.reshape(shape)
-
     ws0 = w * s0
+    return y0, ws0, -ws0 * n0 / d, n0, err.reshape(shape)
 
-    def jvp(dx):
-        g = dx - dx.mean(-1, keepdim=True) if centered else dx
-        return ws0 * (g - n0 * (n0 * dx).sum(-1, keepdim=True) / d)
+
+def _inv_sqrt_line(ql: Tensor, qu: Tensor, eps: float):
+    """One slope for ``f(q) = (q + eps)^-1/2`` on [ql, qu] (convex, decreasing):
+    ``f(q) in beta q + [k_lo, k_hi]``.  beta is the chord slope (f' at the
+    midpoint when the interval is too narrow for a chord); for any beta the
+    intercepts are rigorous: ``g = f - beta q`` is convex, so its maximum is at
+    an end point and its minimum is at least ``g(t) + min(0, g'(t) (ql - t),
+    g'(t) (qu - t))`` for the computed minimiser t."""
+    f = lambda q: torch.rsqrt(q + eps)
+    fp = lambda q: -0.5 * torch.rsqrt(q + eps) ** 3
+    span = qu - ql
+    narrow = span <= 1e-9 * (ql + eps)
+    beta = torch.where(narrow, fp(0.5 * (ql + qu)), (f(qu) - f(ql)) / torch.where(narrow, torch.ones_like(span), span))
+    g = lambda q: f(q) - beta * q
+    k_hi = torch.maximum(g(ql), g(qu))
+    t = torch.where(beta < 0, (-2 * beta).clamp_min(1e-300) ** (-2.0 / 3.0) - eps, qu)
+    t = torch.minimum(torch.maximum(t, ql), qu)
+    gp = fp(t) - beta
+    k_lo = g(t) + torch.minimum(torch.zeros_like(t), torch.minimum(gp * (ql - t), gp * (qu - t)))
+    slack = 16 * ULP64 * (f(ql) + beta.abs() * qu)           # float64 rounding of these formulas
+    return beta, k_lo - slack, k_hi + slack
+
+
+def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None):
+    """LayerNorm/RMSNorm relaxed as its formula ``y = w (c s) + b``, ``c = P x``
+    (P: centring or identity), ``q = mean(c^2)``, ``s = (q + eps)^-1/2``, one
+    slope per quantity over the box:
+
+        c_j^2 in m_j c_j + [-(m_j/2)^2, -cl_j cu_j]         (m = cl + cu; tangent at the midpoint, chord)
+        s     in beta q + [k_lo, k_hi]                       (:func:`_inv_sqrt_line`)
+        c_i s in s_m c_i + c_m_i s - c_m_i s_m +- (cu_i - cl_i)(su - sl) / 4
+                                                             (half-sum of the two McCormick planes)
+
+    Composed: ``y in a*(Px) + u (v . Px) + k +- e`` per row with ``a = w s_m``,
+    ``u = w c_m beta / d``, ``v = m``.  Every remainder is second order in the
+    box radius and none is summed over the row (the mean-value remainder is),
+    which keeps it tight at large radii.  Returns (a, u, v, k, e)."""
+    centered = node.op == "layernorm"
+    w = node.params["weight"]
+    b = node.params.get("bias")
+    eps = node.params["eps"]
+    d = x.lower.shape[-1]
+    _, (sl, su), (ql, qu), (cl, cu) = _norm_stats(x, eps, centered, q, c)
+    m = cl + cu                                                   # (.., d)
+    kq = (-(0.25 * m * m) - cl * cu).mean(-1, keepdim=True) * 0.5  # centre of mean([-(m/2)^2, -cl cu])
+    gq = ((cu - cl) ** 2).mean(-1, keepdim=True) / 8               # its half-width
+    beta, ks_lo, ks_hi = _inv_sqrt_line(ql, qu, eps)               # (.., 1)
+    ks, gs = 0.5 * (ks_lo + ks_hi), 0.5 * (ks_hi - ks_lo)
+    s_m, c_m = 0.5 * (sl + su), 0.5 * (cl + cu)
+    g_cs = 0.25 * (cu - cl) * (su - sl)
+    a = w * s_m
+    u = w * c_m * beta / d
+    k = w * (c_m * (beta * kq + ks) - c_m * s_m) + (b if b is not None else 0)
+    e = w.abs() * (g_cs + c_m.abs() * (gs + beta.abs() * gq))
+    # float64 rounding of these formulas and of the linear form's evaluation
+    c_abs = torch.maximum(cl.abs(), cu.abs())
+    mag = a.abs() * c_abs + u.abs() * (m.abs() * c_abs).sum(-1, keepdim=True) + k.abs() + e
+    return a, u, m, k, e + 64 * d * ULP64 * mag
+
+
+def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None) -> Linearization:
+    """Per row, whichever of the mean-value form (:func:`_norm_mv`) and the
+    decomposed form (:func:`_norm_decomposed`) has the smaller total
+    remainder; both are ``y in a*(Px) + u (v . Px) + k +- e``.  ``q``: sound
+    bounds of the mean square ``mean((Px)^2)`` per row, tighter than the box's
+    (CROWN passes them, :func:`gamma.bounds.crown.norm_mean_square`)."""
+    centered = node.op == "layernorm"
+    shape = x.center.shape
+    x0 = x.center
+    y0_mv, a_mv, u_mv, v_mv, e_mv = _norm_mv(node, x, q, c)
+    a_dc, u_dc, v_dc, k_dc, e_dc = _norm_decomposed(node, x, q, c)
+    dec = e_dc.sum(-1, keepdim=True) < e_mv.sum(-1, keepdim=True)           # (.., 1) per row
+    if not NORM_DECOMPOSED:
+        dec = torch.zeros_like(dec)
+    pick = lambda p, q: torch.where(dec, p, q).expand(shape)
+    a, u, v, err = pick(a_dc, a_mv), pick(u_dc, u_mv), pick(v_dc, v_mv), pick(e_dc, e_mv)
+    P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
+
+    def lin_at(a, u, v):
+        def jvp(dx):
+            g = P(dx)
+            return a * g + u * (v * g).sum(-1, keepdim=True)
+
+        def vjp(lam):
+            return P(a * lam + v * (u * lam).sum(-1, keepdim=True))
+        return jvp, vjp
+
+    jvp, vjp = lin_at(a, u, v)
+    y0 = torch.where(dec, k_dc + jvp(x0), y0_mv)
 
     def vjp_at(take):
-        ws, n = take(ws0), take(n0)
+        return lin_at(take(a), take(u), take(v))[1]
 
-        def vjp_rows(lam):
-            g = lam * ws
-            out = g - g.mean(-1, keepdim=True) if centered else g
-            return out - n * (n * g).sum(-1, keepdim=True) / d
-        return vjp_rows
-
-    vjp = vjp_at(lambda t: t)
+    n0, _ = _norm_point(node, x0)
 
     def abs_jvp(rr):
-        return norm_abs_jvp(n0, rr.expand(shape), centered) * ws0.abs()
+        rr = rr.expand(shape)
+        exact_mv = norm_abs_jvp(n0, rr, centered) * a_mv.abs()
+        pr = (1 - 1 / shape[-1]) * rr + (rr.sum(-1, keepdim=True) - rr) / shape[-1] if centered else rr
+        vp = P(v) if centered else v
+        bound = a.abs() * pr + u.abs() * (vp.abs() * rr).sum(-1, keepdim=True)
+        bound = bound * (1 + 8 * shape[-1] * ULP64)
+        return torch.where(dec, bound, exact_mv)
 
-    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, naive, vjp_at)
+    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at)
 
 
 def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:
@@ -347,8 +450,9 @@ def norm_interval(node, x: Interval) -> Interval:
 LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}
 
 
-def linearize(node, x: Interval) -> Linearization:
-    return LINEARIZE[node.op](node, x)
+def linearize(node, x: Interval, **refined) -> Linearization:
+    """``refined``: extra sound facts about the op's internals (``q`` for norms)."""
+    return LINEARIZE[node.op](node, x, **refined)
 
 
 IBP_RULES = {"softmax": softmax_ibp, "layernorm": norm_interval, "rmsnorm": norm_interval}

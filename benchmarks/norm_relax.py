@@ -1,0 +1,111 @@
+"""LayerNorm / RMSNorm relaxations in CROWN, side by side in one process.
+
+Three variants, alternated per case (the machine is noisy):
+
+* ``mean-value``: the mean-value form alone (J0 plus a remainder summed over
+  the row), what gamma used before;
+* ``decomposed``: per row the smaller of that and the decomposed form
+  (``w (c s) + b`` relaxed step by step), intermediate quantities from the box;
+* ``+ internals``: the default: the decomposed form with CROWN bounds of the
+  centred input and of the mean square (``crown.REFINE``).
+
+Cases: the pre-LN Whisper block of ``benchmarks/autolirpa.py`` (width 64, 16
+tokens, where auto_LiRPA runs) at eps 1e-3 and 1e-2, Whisper tiny.en block 0
+and SmolLM2-135M block 15.  Writes a markdown table
+(``benchmarks/out/norm_relax.md`` by default).
+
+    python benchmarks/norm_relax.py [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from gamma.bounds import compute_bounds, crown, jacobian  # noqa: E402
+from gamma.ops import evaluate  # noqa: E402
+from gamma.verify import load  # noqa: E402
+
+from _common import ROOT, fmt_s, load_avg, log, machine, table, zoo_models  # noqa: E402
+
+VARIANTS = ("mean-value", "decomposed", "+ internals")
+
+
+def _set(variant: str, refine: dict) -> None:
+    jacobian.NORM_DECOMPOSED = variant != "mean-value"
+    crown.REFINE.clear()
+    if variant == "+ internals":
+        crown.REFINE.update(refine)
+
+
+def cases(quick: bool):
+    """(label, graph, block input, eps list)."""
+    import autolirpa
+    cfg = autolirpa.QUICK[0]
+    job = autolirpa.prepare(cfg, tempfile.mkdtemp(prefix="gamma-normrelax-"))
+    yield f"pre-LN Whisper block {cfg.label()}", job["graph"], job["x"], (1e-3,) if quick else (1e-3, 1e-2)
+    if quick:
+        return
+    paths = zoo_models(["whisper", "smol"])
+    for key, (block, T) in {"whisper": ("layer0", 8), "smol": ("layer15", 4)}.items():
+        if key not in paths:
+            log(f"{key}: not installed, skipped")
+            continue
+        model = load(paths[key])
+        g = model.graph(seq_len=T) if key == "smol" else model.graph("encoder", T)
+        x = model.input_point(seq_len=T).x if key == "smol" else model.input_point("encoder", T).x
+        sub = g.block_graph(block)
+        xb = evaluate(g, x, keep_all=True)[sub.input]
+        yield f"{'SmolLM2-135M' if key == 'smol' else 'Whisper tiny.en'} {block}, T={T}", sub, xb, (1e-3,)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the width-64 block at eps 1e-3 only")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "norm_relax.md"))
+    args = ap.parse_args(argv)
+    refine = dict(crown.REFINE)
+    rows = []
+    try:
+        for label, g, x, epss in cases(args.quick):
+            for eps in epss:
+                got = {}
+                for v in VARIANTS:
+                    _set(v, refine)
+                    t0 = time.perf_counter()
+                    res = compute_bounds(g, x, eps, "crown")
+                    dt = time.perf_counter() - t0
+                    w = res.upper - res.lower
+                    got[v] = (float(w.mean()), float(w.max()), dt)
+                    log(f"{label} eps {eps:g} {v}: mean width {got[v][0]:.4g}, {dt:.1f}s")
+                base = got["mean-value"]
+                for v in VARIANTS:
+                    m, mx, dt = got[v]
+                    rows.append([label, f"{eps:g}", v, f"{m:.4g}", f"{mx:.4g}", f"{base[0] / m:.2f}",
+                                 fmt_s(dt), f"{dt / base[2]:.2f}", load_avg()])
+    finally:
+        _set("+ internals", refine)
+    lines = ["### LayerNorm / RMSNorm relaxations in CROWN (side by side, one process)", ""]
+    lines += machine(sys.argv[1:])[:1] + [f"- command: `python benchmarks/norm_relax.py {' '.join(sys.argv[1:])}`"]
+    lines += machine([])[2:6] + [""]
+    lines += table(["case", "eps", "variant", "mean width", "max width", "mean-value / this (mean)",
+                    "CROWN s", "time / mean-value", "load"], rows)
+    lines += ["", "Bounds of the block output, `compute_bounds(..., 'crown')` (intermediate bounds by CROWN), "
+              "float32 margins included. Variants alternate within each case; see the module docstring."]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""CROWN's refinements of a norm's internals (gamma/bounds/crown.py):
+:func:`centred_bounds` (bounds of ``x - mean(x)``) and
+:func:`norm_mean_square` (bounds of ``mean(c^2)``) contain every sampled and
+attacked value, and are tighter than what the box of x gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gamma.bounds import compute_bounds
+from gamma.bounds.crown import Context, centred_bounds, norm_mean_square
+from gamma.bounds.jacobian import _norm_stats
+from gamma.graph import Graph
+from gamma.ops import evaluate
+
+from soundness import violations
+
+GEN = torch.Generator().manual_seed(5)
+
+
+def rnd(*shape, scale=1.0):
+    return torch.randn(*shape, generator=GEN, dtype=torch.float64) * scale
+
+
+def mixed_norm_graph(op, d=24, T=4):
+    """x -> linear (mixes features, so h_i and mean(h) correlate) -> gelu -> linear -> norm."""
+    g = Graph(op, "x", (T, d))
+    g.add("h1", "linear", "x", weight=rnd(d, d, scale=0.4), bias=rnd(d, scale=0.1))
+    g.add("a", "gelu", "h1")
+    g.add("h", "linear", "a", weight=rnd(d, d, scale=0.4) + 0.3, bias=rnd(d, scale=0.1))
+    kw = dict(weight=rnd(d, scale=0.3) + 1, eps=1e-5)
+    if op == "layernorm":
+        kw["bias"] = rnd(d, scale=0.1)
+    g.add("y", op, "h", **kw)
+    return g.infer_shapes()
+
+
+def _ctx(g, x0, eps):
+    res = compute_bounds(g, x0, eps, "crown")
+    bounds = dict(res.nodes)
+    ctx = Context(g, bounds, {n.name: None for n in g})
+    return ctx
+
+
+@pytest.mark.parametrize("eps", [1e-3, 5e-2])
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_norm_internals_sound_and_tighter(op, eps):
+    g = mixed_norm_graph(op)
+    x0 = rnd(4, 24)
+    ctx = _ctx(g, x0, eps)
+    node = g["y"]
+    centered = op == "layernorm"
+    P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
+    refined = norm_mean_square(ctx, node)
+    q_lo, q_hi = refined["q"]
+    _, _, (bq_lo, bq_hi), (bcl, bcu) = _norm_stats(ctx.bounds["h"], node.params["eps"], centered)
+
+    def internals(xs):                                  # (c, q) of the norm's input, flattened
+        c = P(evaluate(g, xs, upto="h"))
+        return torch.cat([c.flatten(-2), (c * c).mean(-1)], -1)
+
+    if centered:
+        cl, cu = refined["c"]
+        assert torch.all(cu - cl <= bcu - bcl + 1e-12) and float((cu - cl).sum()) < float((bcu - bcl).sum())
+    else:
+        assert refined["c"] is None
+        cl, cu = bcl, bcu
+    lower = torch.cat([cl.flatten(), q_lo.flatten()])
+    upper = torch.cat([cu.flatten(), q_hi.flatten()])
+    assert violations(internals, x0, eps, lower, upper, targets=torch.arange(lower.numel()), steps=20) == 0
+    assert torch.all(q_hi - q_lo <= bq_hi - bq_lo + 1e-12)
+    assert float((q_hi - q_lo).sum()) < 0.8 * float((bq_hi - bq_lo).sum())
+
+
+@pytest.mark.parametrize("intermediate", ["crown", "cut"])
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_crown_with_refined_norm_sound(op, intermediate):
+    g = mixed_norm_graph(op)
+    g.add("out", "linear", "y", weight=rnd(6, 24, scale=0.3))
+    g.infer_shapes()
+    x0, eps = rnd(4, 24), 3e-2
+    res = compute_bounds(g, x0, eps, "crown", intermediate=intermediate)
+    assert violations(lambda xs: evaluate(g, xs), x0, eps, res.lower, res.upper, targets=torch.arange(24)) == 0

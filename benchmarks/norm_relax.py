@@ -51,7 +51,7 @@ def cases(quick: bool):
     import autolirpa
     cfg = autolirpa.QUICK[0]
     job = autolirpa.prepare(cfg, tempfile.mkdtemp(prefix="gamma-normrelax-"))
-    yield f"pre-LN Whisper block {cfg.label()}", job["graph"], job["x"], (1e-3,) if quick else (1e-3, 1e-2)
+    yield f"pre-LN Whisper block {cfg.label}", job["graph"], job["x"], (1e-3,) if quick else (1e-3, 1e-2)
     if quick:
         return
     paths = zoo_models(["whisper", "smol"])

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--out BENCHMARKS.md]
                              [--qwen-blocks 0,27|all] [--smol-blocks 0,15,29|all]
-                             [--max-minutes 45] [--threads N] [--sections 1,2,3,4,5 [--update]]
+                             [--max-minutes 45] [--threads N] [--sections 1,...,7 [--update]]
 
 Sections (each a table in the output file; progress goes to stderr):
 
@@ -20,6 +20,10 @@ Sections (each a table in the output file; progress goes to stderr):
    breadth first (the first block of every model and method, then the rest).
 4. Scale-out: serial vs ``workers=2`` (identical bounds asserted).
 5. CUDA vs CPU when a CUDA device is present.
+6. Side by side with auto_LiRPA (``autolirpa.py`` in a child process: one
+   worker per tool, config and eps; skipped with a note when auto_LiRPA is not
+   installed).
+7. LayerNorm / RMSNorm relaxations in CROWN side by side (``norm_relax.py``).
 
 Timings on a shared machine are noisy: every ratio is measured side by side
 in one run, and the load average is written next to the per-block times.
@@ -397,6 +401,33 @@ def section_cuda(args, out: list[str], results: dict) -> None:
     results["cuda"] = rows
 
 
+# ------------------------------------------------------------------ 6, 7. the other scripts
+def _script(script: str, title: str, args, out: list[str]) -> None:
+    """Run ``benchmarks/SCRIPT --out TMP [--quick]`` and inline its markdown."""
+    import subprocess
+    path = os.path.join(tempfile.mkdtemp(prefix="gamma-bench-"), "out.md")
+    cmd = [sys.executable, os.path.join(HERE, script), "--out", path] + (["--quick"] if args.quick else [])
+    log(f"{script}: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+    out += [f"## {title}", ""]
+    if rc != 0 or not os.path.exists(path):
+        out += [f"**`{script}` failed (exit {rc}); its progress went to stderr.**", ""]
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    out += [f"`python benchmarks/{script}{' --quick' if args.quick else ''}` ({fmt_s(time.perf_counter() - t0)} s):",
+            ""] + lines[1:] + [""]
+
+
+def section_autolirpa(args, out: list[str], results: dict) -> None:
+    _script("autolirpa.py", "6. Side by side with auto_LiRPA (pre-LN Whisper blocks)", args, out)
+
+
+def section_norms(args, out: list[str], results: dict) -> None:
+    _script("norm_relax.py", "7. LayerNorm / RMSNorm relaxations in CROWN", args, out)
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -408,7 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", dest="json_out", help="also write every measurement here")
     ap.add_argument("--update", action="store_true",
                     help="replace only the sections run now in an existing --out file (keep the others)")
-    ap.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default all)")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run (default all)")
     ap.add_argument("--repeats", type=int, help="IBP section: at most N forward/IBP pairs (default 5; quick 2)")
     ap.add_argument("--ibp-budget", type=float,
                     help="IBP section: stop repeating (after 2 pairs) once a configuration used this many s "
@@ -475,7 +506,8 @@ def main(argv=None) -> int:
     # cheap sections first, so that the per-block ones use what is left of --max-minutes
     steps = [("1", "IBP ratio", section_ibp), ("4", "scale-out", section_scaleout),
              ("2", "Qwen3-0.6B shape", section_qwen), ("3", "Whisper / SmolLM2 blocks", section_real_blocks),
-             ("5", "CUDA", section_cuda)]
+             ("5", "CUDA", section_cuda), ("7", "norm relaxations", section_norms),
+             ("6", "auto_LiRPA", section_autolirpa)]
 
     old = _read_sections(args.out) if args.update else None
 

@@ -195,3 +195,59 @@ def test_dot_error_tiny_values_underflow():
     ad, bd = a.astype(np.float64), b.astype(np.float64)
     ref, abs_sum = ad @ bd, np.abs(ad) @ np.abs(bd)
     assert abs(got - ref) <= fp.dot_error(torch.tensor(abs_sum), 512).item()
+
+
+# ------------------------------------------------------------------ float32 products with upward rounding
+def _exact_rational_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    from fractions import Fraction
+    return float(sum(Fraction(float(x)) * Fraction(float(y)) for x, y in zip(a.tolist(), b.tolist())))
+
+
+@pytest.mark.parametrize("float32_weights", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 384, 1536])
+def test_abs_matmul_upper_is_an_upper_bound_and_tight(n, float32_weights):
+    """Against the exact (rational) value: float32 weights take the float32
+    product, others the float64 one; both are upper bounds within
+    2 gamma_n + 2^-21 relative (plus the underflow allowance)."""
+    g = torch.Generator().manual_seed(n)
+    a = torch.rand(4, n, generator=g, dtype=torch.float64) * 3
+    a[0] = a[0] * 1e-40                                  # float32 subnormal range
+    a[1, : n // 2] = 0.0
+    w = torch.randn(5, n, generator=g, dtype=torch.float64)
+    w[1] = w[1] * 1e-30
+    w[2] = w[2].to(torch.float16).to(torch.float64)
+    if float32_weights:
+        w = w.to(torch.float32).to(torch.float64)        # as weights read from a checkpoint are
+    up = fp.abs_matmul_upper(a, w)
+    assert fp._EXACT32[id(w)] is float32_weights
+    for i in range(4):
+        for j in range(5):
+            exact = _exact_rational_dot(a[i], w[j].abs())
+            assert float(up[i, j]) >= exact
+            assert float(up[i, j]) <= exact * (1 + 2 * fp.gamma(n) + 2 ** -21) + (n + 1) * 2.0 ** -148
+
+
+def test_matmul_upper_batched_and_overflow():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 6, 16, generator=g, dtype=torch.float64)
+    b = torch.rand(2, 3, 16, 5, generator=g, dtype=torch.float64)
+    up = fp.matmul_upper(a, b)
+    ref = a @ b
+    assert up.shape == ref.shape and torch.all(up >= ref) and torch.all(up <= ref * (1 + 1e-5))
+    a[0, 0, 0, 0] = 1e39                                  # beyond float32: the bound is inf, never wrong
+    assert math.isinf(float(fp.matmul_upper(a, b)[0, 0, 0, 0]))
+    w32 = b[0, 0].T.to(torch.float32).to(torch.float64)
+    assert math.isinf(float(fp.abs_matmul_upper(a[0, 0], w32)[0, 0]))
+
+
+def test_float32_products_fall_back_when_matmuls_may_use_tf32():
+    a = torch.rand(3, 8, dtype=torch.float64)
+    w = torch.randn(4, 8, dtype=torch.float64)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        w = w.to(torch.float32).to(torch.float64)
+        up, ref = fp.abs_matmul_upper(a, w), a @ w.abs().T
+        assert torch.all(up >= ref) and torch.allclose(up, ref, rtol=1e-14, atol=0)    # the float64 path
+    finally:
+        torch.set_float32_matmul_precision(old)

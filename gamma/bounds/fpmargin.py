@@ -60,7 +60,7 @@ def _conv1d(node, ins, out):
 
 def _matmul(node, ins, out):
     x, y = ins[0].abs_max(), ins[1].abs_max()
-    return fp.dot_error(x @ y.transpose(-1, -2), x.shape[-1] + 4)
+    return fp.dot_error(fp.matmul_upper(x, y.transpose(-1, -2)), x.shape[-1] + 4)
 
 
 def _matmul_const(node, ins, out):
@@ -76,7 +76,7 @@ def _rope(node, ins, out):
 
 
 def _elementwise(node, ins, out):
-    return fp.elementwise_error(node.op, ins[0].lower, ins[0].upper)
+    return fp.elementwise_error(node.op, ins[0].lower, ins[0].upper, image=(out.lower, out.upper))
 
 
 def _softmax(node, ins, out):
@@ -102,7 +102,8 @@ def _norm(node, ins, out):
     d = x.lower.shape[-1]
     eps = node.params["eps"]
     w = node.params["weight"].abs()
-    (nl, nu), (sl, su), (vl, vh), (cl, cu) = _norm_stats(x, eps, centered)
+    stats = out.stats if out.stats is not None else _norm_stats(x, eps, centered)
+    (nl, nu), (sl, su), (vl, vh), (cl, cu) = stats
     xa = x.abs_max()
     g = fp.gamma(d + 4)
     c_abs = torch.maximum(cl.abs(), cu.abs())

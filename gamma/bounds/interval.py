@@ -16,6 +16,7 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE, FORWARD
 from . import relax
+from .fp import abs_matmul_upper, matmul_upper
 
 Tensor = torch.Tensor
 
@@ -26,6 +27,8 @@ class Interval:
     upper: Tensor
     # linear nodes' IBP image only: |x|max |W|^T, reused by the float32 margin
     abs_sums: Optional[Tensor] = field(default=None, repr=False, compare=False)
+    # norm nodes' IBP image only: the input's ``jacobian._norm_stats``, reused by the float32 margin
+    stats: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def from_center(center: Tensor, radius) -> "Interval":
@@ -80,7 +83,7 @@ def _linear(node, x: Interval) -> Interval:
     b = node.params.get("bias")
     if b is not None:
         c = c + b
-    rc = torch.stack([x.radius, x.center.abs()]) @ w.abs().T      # (2, .., out)
+    rc = abs_matmul_upper(torch.stack([x.radius, x.center.abs()]), w)   # (2, .., out), upper bounds
     return Interval(c - rc[0], c + rc[0], abs_sums=rc[0] + rc[1])
 
 
@@ -116,7 +119,7 @@ def _matmul(node, x: Interval, y: Interval) -> Interval:
         cy = cy - m
     yt = lambda t: t.transpose(-1, -2)
     c = cx @ yt(cy)
-    r = cx.abs() @ yt(ry) + rx @ yt(cy.abs()) + rx @ yt(ry)
+    r = matmul_upper(cx.abs(), yt(ry)) + matmul_upper(rx, yt(cy.abs() + ry))   # |cx| ry^T + rx (|cy| + ry)^T
     if m is not None:
         c = c + yt(m)
     return Interval(c - r, c + r)

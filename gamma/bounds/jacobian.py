@@ -93,7 +93,8 @@ def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
     return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
 
 
-def softmax_radius(node, box: Interval, r: Tensor) -> Tensor:
+def softmax_radius(node, box: Interval, r: Tensor, y0: Optional[Tensor] = None,
+                   naive: Optional[Interval] = None) -> Tensor:
     """Bound of ``|J(xi) d|`` for every xi in ``box`` and ``|d| <= r`` (J:
     softmax's Jacobian), in O(S) per row: ``|J0| r + sum_j D_ij r_j`` with J0
     at the box centre and, with ``dy = max |y - y0|`` and ``Y = max y`` over
@@ -102,8 +103,10 @@ def softmax_radius(node, box: Interval, r: Tensor) -> Tensor:
     mask = node.params.get("mask")
     if mask is not None:
         r = r.masked_fill(~mask, 0.0)
-    y0 = FORWARD["softmax"](node, box.center)
-    naive = softmax_interval(box.lower, box.upper, mask)
+    if y0 is None:
+        y0 = FORWARD["softmax"](node, box.center)
+    if naive is None:
+        naive = softmax_interval(box.lower, box.upper, mask)
     yl, yu = naive.lower, naive.upper
     h = lambda t: t - t * t
     dlo = torch.minimum(h(yl), h(yu))
@@ -123,8 +126,9 @@ def softmax_ibp(node, x: Interval) -> Interval:
     """IBP rule of softmax in O(S) per row: the direct interval intersected with
     ``y0 +- softmax_radius`` (mean value theorem)."""
     y0 = FORWARD["softmax"](node, x.center)
-    rad = softmax_radius(node, x, x.radius)
-    return softmax_interval(x.lower, x.upper, node.params.get("mask")).intersect(Interval(y0 - rad, y0 + rad))
+    naive = softmax_interval(x.lower, x.upper, node.params.get("mask"))
+    rad = softmax_radius(node, x, x.radius, y0, naive)
+    return naive.intersect(Interval(y0 - rad, y0 + rad))
 
 
 def _softmax_lin(node, x: Interval) -> Linearization:
@@ -417,34 +421,40 @@ def _norm_point(node, x0: Tensor):
     return c0 * s0, s0
 
 
-def norm_radius(node, box: Interval, r: Tensor) -> Tensor:
+def norm_radius(node, box: Interval, r: Tensor, point=None, stats=None) -> Tensor:
     """Bound of ``|J(xi) d|`` for every xi in ``box`` and ``|d| <= r`` (J: the
     LayerNorm/RMSNorm Jacobian, weight included), in O(d log d) per row:
-    ``|J0| r`` exactly plus the separable remainder."""
+    ``|J0| r`` exactly plus the separable remainder.  ``point`` / ``stats``:
+    :func:`_norm_point` at the centre and :func:`_norm_stats` of the box, when
+    the caller has them."""
     centered = node.op == "layernorm"
     w = node.params["weight"]
-    n0, s0 = _norm_point(node, box.center)
-    (nl, nu), (sl, su), _, _ = _norm_stats(box, node.params["eps"], centered)
+    n0, s0 = point if point is not None else _norm_point(node, box.center)
+    (nl, nu), (sl, su), _, _ = stats if stats is not None else _norm_stats(box, node.params["eps"], centered)
     return norm_abs_jvp(n0, r, centered) * (w * s0).abs() \
         + norm_err_separable(n0, s0, nl, nu, sl, su, r, centered) * w.abs()
 
 
-def norm_naive(node, x: Interval) -> Interval:
+def norm_naive(node, x: Interval, stats=None) -> Interval:
     """Direct enclosure ``w n + b`` from the interval of the normalised values."""
     w, b = node.params["weight"], node.params.get("bias")
-    (nl, nu), _, _, _ = _norm_stats(x, node.params["eps"], node.op == "layernorm")
+    (nl, nu), _, _, _ = stats if stats is not None else _norm_stats(x, node.params["eps"], node.op == "layernorm")
     wl, wu = torch.minimum(w * nl, w * nu), torch.maximum(w * nl, w * nu)
     return Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
 
 
 def norm_interval(node, x: Interval) -> Interval:
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
-    enclosure intersected with ``y0 +- norm_radius`` (mean value theorem)."""
-    n0, _ = _norm_point(node, x.center)
+    enclosure intersected with ``y0 +- norm_radius`` (mean value theorem).
+    The box statistics ride on the result for the float32 margin."""
+    point = _norm_point(node, x.center)
+    stats = _norm_stats(x, node.params["eps"], node.op == "layernorm")
     b = node.params.get("bias")
-    y0 = n0 * node.params["weight"] + (b if b is not None else 0)
-    rad = norm_radius(node, x, x.radius)
-    return norm_naive(node, x).intersect(Interval(y0 - rad, y0 + rad))
+    y0 = point[0] * node.params["weight"] + (b if b is not None else 0)
+    rad = norm_radius(node, x, x.radius, point, stats)
+    out = norm_naive(node, x, stats).intersect(Interval(y0 - rad, y0 + rad))
+    out.stats = stats
+    return out
 
 
 LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}

@@ -251,3 +251,92 @@ def test_float32_products_fall_back_when_matmuls_may_use_tf32():
         assert torch.all(up >= ref) and torch.allclose(up, ref, rtol=1e-14, atol=0)    # the float64 path
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+# ------------------------------------------------------------------ CROWN transposes as float32 products
+def _exact_transpose_gap(lam: torch.Tensor, w: torch.Tensor, L: torch.Tensor, r: torch.Tensor) -> list:
+    """Per row s, exactly: sum_j |(lam W)_sj - L_sj| r_j (Fractions)."""
+    from fractions import Fraction
+    F_ = lambda v: Fraction(float(v))
+    out = []
+    for s in range(lam.shape[0]):
+        tot = Fraction(0)
+        for j in range(w.shape[1]):
+            exact = sum(F_(lam[s, k]) * F_(w[k, j]) for k in range(w.shape[0]))
+            tot += abs(exact - F_(L[s, j])) * F_(r[j])
+        out.append(tot)
+    return out
+
+
+@pytest.mark.parametrize("out", [3, 96])
+def test_cotangent_product_error_is_covered_exactly(out):
+    """``(lam W - L) . (x - x0) >= -|lam| . err - floor`` on the box, checked
+    with exact rationals, for cotangents over 60 decades (float32 subnormals
+    and rounding of every entry), cancelling weights and a subnormal radius."""
+    from fractions import Fraction
+    g = torch.Generator().manual_seed(out)
+    n_in = 5
+    w = (torch.randn(out, n_in, generator=g, dtype=torch.float64)).to(torch.float32).to(torch.float64)
+    w[:, 1] = w[:, 0]                                       # equal columns: cancellations in lam W
+    lam = torch.randn(6, out, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(6, 1, generator=g) * 60 - 45)
+    lam[2, ::2] = -lam[2, 1::2][: lam[2, ::2].numel()] if out > 3 else lam[2, ::2]
+    xl = torch.randn(n_in, generator=g, dtype=torch.float64)
+    xu = xl + torch.tensor([1e-3, 0.5, 0.0, 1e-40, 2.0], dtype=torch.float64)
+    p = fp.CotangentProduct.build(w, torch.ones(out, dtype=torch.float64), xl, xu)
+    assert p is not None and p.w32.dtype == torch.float32
+    L = p.product(lam)
+    assert L.dtype == torch.float64 and torch.isfinite(L).all()
+    r = torch.maximum(xu - p.x0, p.x0 - xl)
+    gaps = _exact_transpose_gap(lam, w, L, r)
+    charged = (lam.abs() @ p.err) + p.floor
+    for s in range(lam.shape[0]):
+        assert gaps[s] <= Fraction(float(charged[s])), s
+    # the allowance is the float32 error, not a large multiple of the terms themselves
+    assert torch.all(p.err <= (fp.gamma(out + 1) * 1.01) * (w.abs() @ r) + 1e-300)
+
+
+def test_cotangent_product_needs_float32_weights_and_finite_inputs():
+    w = torch.randn(4, 3, dtype=torch.float64)
+    xl, xu = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert fp.CotangentProduct.build(w, None, xl, xu) is None                 # not float32-valued
+    w32 = w.to(torch.float32).to(torch.float64)
+    assert fp.CotangentProduct.build(w32, None, xl, xu) is not None
+    xu[1] = math.inf
+    assert fp.CotangentProduct.build(w32, None, xl, xu) is None               # unbounded input
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert fp.CotangentProduct.build(w32, None, xl, torch.ones(3, dtype=torch.float64)) is None
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_crown_linear_rule_falls_back_to_float64_on_overflow():
+    """A cotangent beyond float32's range makes the float32 product inf/NaN;
+    the rule then returns the float64 product and its constant."""
+    from gamma.bounds import crown, rows
+    from gamma.bounds.interval import Interval
+    from gamma.graph import Graph
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64).to(torch.float32).to(torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    gr = Graph("t", "x", (2, 3))
+    gr.add("y", "linear", "x", weight=w, bias=b)
+    gr.infer_shapes()
+    x = Interval(-torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    ctx = crown.Context(gr, {"x": x}, {"y": None})
+    node = gr["y"]
+    lam = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    (lin,), bias = crown._linear(node, lam, ctx)
+    assert not torch.equal(lin, lam @ w) and torch.allclose(lin, lam @ w, rtol=1e-5)     # the float32 path
+    assert torch.allclose(bias, crown._dot(lam, b.expand(2, 4)), rtol=1e-5, atol=1e-6)
+    lam[1, 0, 2] = 1e300
+    (lin,), bias = crown._linear(node, lam, ctx)
+    assert torch.equal(lin, lam @ w) and torch.isfinite(bias).all()                     # float64
+    assert torch.equal(bias, crown._dot(lam, b))
+    # the compact rule does the same
+    r = rows.Rows(lam[:, :1], torch.tensor([0, 1, 1]), 2)
+    (lin_r,), bias_r = rows._linear(node, r, ctx)
+    assert torch.equal(lin_r.t, lam[:, :1] @ w) and torch.isfinite(bias_r).all()
+    # the walk charges the product's error at the node (on top of its float32 margin)
+    assert torch.equal(ctx.margin(node), ctx.linear_product(node).err)

@@ -32,6 +32,22 @@ def qwen3(qwen3_hf_dir):
     return gamma.load(qwen3_hf_dir[0])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Every run here, serial or in a worker, uses one torch thread: float32
+    products (CROWN's linear transposes) round the same only under the same
+    thread count (MKL picks its kernels by threads and shape)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_worker(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)      # --workers 2: one thread each
+
+
 @pytest.fixture(scope="module")
 def serial(qwen3):
     return gamma.verify(qwen3, EPS, "crown", block_wise=True, seq_len=SEQ)
@@ -92,6 +108,21 @@ def test_workers_match_serial_bit_for_bit(qwen3, serial):
     assert [m.split(" ")[0] for m in done] == ["1/2", "2/2"] and all(" done in " in m for m in done)
     assert {m.split(" ")[2] for m in done} == {"layer0", "layer1"}
     _validate(par)
+
+
+def test_other_thread_counts_differ_only_by_float32_rounding(qwen3, serial):
+    """With two threads in one process MKL may round the float32 products
+    differently: the bounds then agree to float32 rounding of the products
+    (both are sound, see tests/test_models_sound.py)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = gamma.verify(qwen3, EPS, "crown", block_wise=True, seq_len=SEQ)
+    finally:
+        torch.set_num_threads(old)
+    for k in serial.arrays:
+        a, b = serial.arrays[k], two.arrays[k]
+        assert np.allclose(a, b, rtol=1e-6, atol=1e-9 * np.abs(a).max()), k
 
 
 def test_ray_local_cluster_matches_serial(qwen3, serial):

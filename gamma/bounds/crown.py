@@ -33,11 +33,13 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
+from .fp import CotangentProduct
 from .interval import Interval, simplex_shift
 from .jacobian import _norm_stats, linearize
 from .rows import Rows
 
 COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
+FLOAT32_TRANSPOSE = True  # linear transposes as float32 products with their error in the constant
 
 Tensor = torch.Tensor
 
@@ -54,6 +56,7 @@ class Context:
         self._lin: dict = {}
         self._const: dict = {}
         self._relax: dict = {}
+        self._lint: dict = {}
 
     def inb(self, node, k: int = 0) -> Interval:
         return self.bounds[node.inputs[k]]
@@ -71,6 +74,27 @@ class Context:
             lin = self.linearization(node)
             self._const[node.name] = lin.y0 - lin.jvp(lin.x0)
         return self._const[node.name]
+
+    def linear_product(self, node):
+        """The float32 transpose of a linear node (:class:`fp.CotangentProduct`),
+        or None where it does not apply (then the float64 product is used)."""
+        if node.name not in self._lint:
+            x = self.inb(node)
+            self._lint[node.name] = (CotangentProduct.build(node.params["weight"], node.params.get("bias"),
+                                                            x.lower, x.upper) if FLOAT32_TRANSPOSE else None)
+        return self._lint[node.name]
+
+    def margin(self, node):
+        """What the walk charges per unit ``|Lambda|`` at ``node``: its float32
+        margin plus, for a linear node whose transpose runs in float32, that
+        product's error term (:class:`fp.CotangentProduct`)."""
+        m = self.margins.get(node.name)
+        if node.op != "linear":
+            return m
+        p = self.linear_product(node)
+        if p is None:
+            return m
+        return p.err if m is None else m + p.err
 
     def relaxation(self, node):
         """(al, bl, au, bu) lines of an elementwise node on its input bounds."""
@@ -106,6 +130,18 @@ def _affine(node, lam, ctx):
     off = fact.offset(node)
     bias = _dot(lam, off) if off is not None else lam.new_zeros(lam.shape[0])
     return list(ins), bias
+
+
+def _linear(node, lam, ctx):
+    """``lam W`` as a float32 product where it applies (:class:`fp.CotangentProduct`;
+    its error term is in :meth:`Context.margin`), else in float64."""
+    p = ctx.linear_product(node)
+    if p is not None:
+        lin = p.product(lam)
+        bias = _dot(lam, p.y0) - _dot(lin, p.x0) - p.floor
+        if bool(torch.isfinite(bias).all()):                 # else float32 overflowed somewhere
+            return [lin], bias
+    return _affine(node, lam, ctx)
 
 
 def _elementwise(node, lam, ctx):
@@ -145,7 +181,7 @@ def _jacobian(node, lam, ctx):
 
 BACKWARD: dict = {op: _affine for op in AFFINE}
 BACKWARD.update({op: _elementwise for op in ELEMENTWISE})
-BACKWARD.update({"mul": _mul, "matmul": _matmul,
+BACKWARD.update({"linear": _linear, "mul": _mul, "matmul": _matmul,
                  "softmax": _jacobian, "layernorm": _jacobian, "rmsnorm": _jacobian})
 
 
@@ -249,7 +285,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             continue
         if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
             lam = lam.dense()
-        m = ctx.margins.get(node.name)
+        m = ctx.margin(node)
         if isinstance(lam, Rows):
             if m is not None:
                 bias = bias - lam.like(lam.t.abs()).dot(m)

@@ -47,7 +47,7 @@ from ..errors import UnsupportedOp
 from . import relax
 
 __all__ = ["U", "FLOOR", "F32Model", "MODELS", "gamma", "dot_error", "elementwise_error", "abs_matmul_upper",
-           "matmul_upper"]
+           "matmul_upper", "is_exact32", "f32_matmul_is_ieee", "CotangentProduct"]
 
 U = 2.0 ** -24                    # float32 unit roundoff
 FLOOR = 2.0 ** -120               # absolute floor: underflow / FTZ / silu overflow
@@ -149,7 +149,7 @@ def elementwise_error(fn: str, l, u, image=None) -> torch.Tensor:
     return torch.where(over, torch.full_like(err, math.inf), err)
 
 
-def _f32_matmul_is_ieee(device) -> bool:
+def f32_matmul_is_ieee(device) -> bool:
     """Whether float32 matmuls on ``device`` are IEEE float32 (no TF32 / bf16
     shortcuts), which :func:`abs_matmul_upper`'s error bound assumes."""
     if torch.get_float32_matmul_precision() != "highest":
@@ -182,7 +182,7 @@ def abs_matmul_upper(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     relative slack for its own rounding.  Falls back to float64 when float32
     matmuls may use TF32 / bf16.
     """
-    w32 = _abs32(w) if _f32_matmul_is_ieee(a.device) else None
+    w32 = _abs32(w) if f32_matmul_is_ieee(a.device) else None
     if w32 is None:
         return _up64(a @ w.abs().T, w.shape[-1])
     return _from32(_up32(a) @ w32.T, w.shape[-1])
@@ -191,23 +191,28 @@ def abs_matmul_upper(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _EXACT32: dict = {}         # id(tensor) -> bool, dropped when the tensor dies
 
 
-def _abs32(w: torch.Tensor):
-    """|w| in float32 when every entry of w is a float32 value (weights read
-    from fp16 / bf16 / float32 / quantized files are), else None.  The check
-    runs once per tensor (remembered while it lives); the conversion then
-    costs the same memory traffic as ``w.abs()`` in float64."""
+def is_exact32(w: torch.Tensor) -> bool:
+    """Whether every entry of w is a finite float32 value (weights read from
+    fp16 / bf16 / float32 / quantized files are).  The check runs once per
+    tensor and is remembered while the tensor lives."""
     exact = _EXACT32.get(id(w))
     if exact is None:
         exact = bool((w.to(torch.float32).to(w.dtype) == w).all()) and bool(torch.isfinite(w).all())
         _EXACT32[id(w)] = exact
         weakref.finalize(w, _EXACT32.pop, id(w), None)
-    return w.to(torch.float32).abs_() if exact else None
+    return exact
+
+
+def _abs32(w: torch.Tensor):
+    """|w| in float32 when w is float32-valued (:func:`is_exact32`), else None;
+    the conversion costs the same memory traffic as ``w.abs()`` in float64."""
+    return w.to(torch.float32).abs_() if is_exact32(w) else None
 
 
 def matmul_upper(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Float64 upper bound of ``a @ b`` for ``a, b >= 0`` (float64, matmul
     shapes, batched), by one float32 product as :func:`abs_matmul_upper`."""
-    if not _f32_matmul_is_ieee(a.device):
+    if not f32_matmul_is_ieee(a.device):
         return _up64(a @ b, a.shape[-1])
     return _from32(_up32(a) @ _up32(b), a.shape[-1])
 
@@ -225,3 +230,67 @@ def _from32(p: torch.Tensor, n: int) -> torch.Tensor:
     k = (1.0 + 2.0 ** -50) / (1.0 - gamma(n))
     out = p.to(torch.float64).mul_(k).add_(n * SUBNORMAL * k)
     return out.nan_to_num_(nan=math.inf, posinf=math.inf)     # inf * 0 in the product: unbounded, never NaN
+
+
+@dataclass
+class CotangentProduct:
+    """A linear layer's CROWN transpose ``lam W`` as one float32 product, with
+    the rounding error moved into the bound's constant.
+
+    For ``y = W x + b`` (W: (out, in), float32-valued) and a cotangent lam of
+    y, the backward step needs ``lam . y = (lam W) . x + lam . b``.  It uses
+    ``L = fl32(fl32(lam) @ W)`` (float64 result) instead of ``lam W`` and
+    writes, with x0 the centre and r the radius of x's bounds,
+
+        lam . y = L . x + [lam . (W x0 + b) - L . x0] + (lam W - L) . (x - x0)
+
+    The bracket is evaluated in float64 (two dot products per row).  The last
+    term is at most ``|lam W - L| . r``; rounding lam to float32 (relative U)
+    and the n-term float32 dot products (``gamma_n``, any order, FMA) give
+    ``|lam W - L| <= gamma_{n+1} |lam| |W| + (n + 1) 2^-125 (1 + max|W|)``
+    per entry (n = out; the absolute part covers underflow and flush to
+    zero), so
+
+        (lam W - L) . (x - x0)  >=  -|lam| . (gamma_{n+1} |W| r) - floor,
+
+    with ``|W| r`` an upper bound computed once per node and
+    ``floor = (n + 1) 2^-125 (1 + max|W|) sum(r)``.  ``err = gamma_{n+1} |W| r``
+    is charged like a float32 margin of the node (the CROWN walk already
+    forms ``|lam| . margin`` there), and it is at most ``r / |x|max`` times
+    that margin.  The bound holds when the float32 evaluation did not
+    overflow, which a finite result shows (an overflow leaves inf or NaN in
+    L and so in ``L . x0``); otherwise the float64 product is used.
+    """
+
+    w32: torch.Tensor        # (out, in) float32
+    y0: torch.Tensor         # W x0 + b, the node's shape
+    x0: torch.Tensor         # centre of x's bounds, the input's shape
+    err: torch.Tensor        # upper bound of gamma_{out+1} |W| r, the node's shape
+    floor: float
+
+    @staticmethod
+    def build(w: torch.Tensor, b, x_lower: torch.Tensor, x_upper: torch.Tensor):
+        """The per-node constants, or None where the float32 product does not
+        apply: weights not float32-valued, non-IEEE float32 matmuls, or
+        unbounded inputs."""
+        if not f32_matmul_is_ieee(w.device) or not is_exact32(w):
+            return None
+        if not (bool(torch.isfinite(x_lower).all()) and bool(torch.isfinite(x_upper).all())):
+            return None
+        x0 = (x_lower + x_upper) / 2
+        r = torch.maximum(x_upper - x0, x0 - x_lower) * (1.0 + 2.0 ** -52)   # >= |x - x0| on the box
+        y0 = x0 @ w.T
+        if b is not None:
+            y0 = y0 + b
+        n = w.shape[0]
+        err = abs_matmul_upper(r, w).mul_(gamma(n + 1) * (1.0 + 2.0 ** -40))
+        wmax = float(w.abs().max()) if w.numel() else 0.0
+        floor = (n + 1) * 2.0 ** -125 * (1.0 + wmax) * float(r.sum()) * (1.0 + 2.0 ** -40)
+        if not math.isfinite(floor) or not bool(torch.isfinite(err).all()):
+            return None
+        return CotangentProduct(w.to(torch.float32), y0, x0, err, floor)
+
+    def product(self, lam: torch.Tensor) -> torch.Tensor:
+        """``fl32(fl32(lam) @ W)`` as float64 (zero rows skipped)."""
+        from ..ops import matmul_sparse_rows
+        return matmul_sparse_rows(lam.to(torch.float32), self.w32).to(lam.dtype)

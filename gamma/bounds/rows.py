@@ -136,6 +136,17 @@ def _affine(node, lam: Rows, ctx):
     return [lam.like(i) for i in ins], bias
 
 
+def _linear(node, lam: Rows, ctx):
+    """``lam W`` as a float32 product where it applies (:class:`.fp.CotangentProduct`)."""
+    p = ctx.linear_product(node)
+    if p is not None:
+        lin = lam.like(p.product(lam.t))
+        bias = lam.dot(p.y0) - lin.dot(p.x0) - p.floor
+        if bool(torch.isfinite(bias).all()):                 # else float32 overflowed somewhere
+            return [lin], bias
+    return _affine(node, lam, ctx)
+
+
 def _elementwise(node, lam: Rows, ctx):
     al, bl, au, bu = ctx.relaxation(node)
     pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
@@ -179,9 +190,9 @@ def _jacobian(node, lam: Rows, ctx):
     return [lam.like(lin.vjp_at(lam.take)(lam.t))], bias
 
 
-COMPACT: dict = {op: _affine for op in ("linear", "add", "add_const", "mul_const", "split_heads",
+COMPACT: dict = {op: _affine for op in ("add", "add_const", "mul_const", "split_heads",
                                         "merge_heads", "repeat_kv", "rope", "matmul_const")}
 COMPACT.update({op: _elementwise for op in ELEMENTWISE})
-COMPACT.update({"mul": _mul, "matmul": _matmul, "softmax": _jacobian, "layernorm": _jacobian,
+COMPACT.update({"linear": _linear, "mul": _mul, "matmul": _matmul, "softmax": _jacobian, "layernorm": _jacobian,
                 "rmsnorm": _jacobian})
 

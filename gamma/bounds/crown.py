@@ -40,6 +40,8 @@ from .rows import Rows
 
 COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
 FLOAT32_TRANSPOSE = True  # linear transposes as float32 products with their error in the constant
+CHUNK_ELEMS = 1 << 22    # spec rows per backward pass: this many elements over (2 x the widest node)
+SHARED_HALVES = True      # [lam; -lam] specs walked as one lam until a sign-dependent relaxation (rows.Sym)
 
 Tensor = torch.Tensor
 
@@ -129,7 +131,7 @@ def _affine(node, lam, ctx):
     ins = fact.lin_T(node, lam, shapes)
     off = fact.offset(node)
     bias = _dot(lam, off) if off is not None else lam.new_zeros(lam.shape[0])
-    return list(ins), bias
+    return list(ins), bias, None
 
 
 def _linear(node, lam, ctx):
@@ -138,23 +140,22 @@ def _linear(node, lam, ctx):
     p = ctx.linear_product(node)
     if p is not None:
         lin = p.product(lam)
-        bias = _dot(lam, p.y0) - _dot(lin, p.x0) - p.floor
-        if bool(torch.isfinite(bias).all()):                 # else float32 overflowed somewhere
-            return [lin], bias
+        odd = _dot(lam, p.y0) - _dot(lin, p.x0)
+        if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
+            return [lin], odd, p.floor
     return _affine(node, lam, ctx)
 
 
 def _elementwise(node, lam, ctx):
     al, bl, au, bu = ctx.relaxation(node)
     pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-    return [pos * al + neg * au], _dot(pos, bl) + _dot(neg, bu)
+    return [pos * al + neg * au], _dot(pos, bl) + _dot(neg, bu), None
 
 
 def _mul(node, lam, ctx):
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = x.center, y.center
-    bias = -_dot(lam, cx * cy) - _dot(lam.abs(), x.radius * y.radius)
-    return [lam * cy, lam * cx], bias
+    return [lam * cy, lam * cx], -_dot(lam, cx * cy), _dot(lam.abs(), x.radius * y.radius)
 
 
 def _matmul(node, lam, ctx):
@@ -168,15 +169,14 @@ def _matmul(node, lam, ctx):
         # x (y - m)^T relaxed around (cx, cy - m): the y-term is cx (y - m)^T = cx y^T - cx m^T
         cy = cy - m
         bias = bias + _dot(lam, t(m).expand(node.shape)) - _dot(lam, cx @ t(m.expand(y.center.shape)))
-    bias = bias - _dot(lam, cx @ t(cy)) - _dot(lam.abs(), x.radius @ t(y.radius))
-    return [lam @ cy, t(lam) @ cx], bias
+    bias = bias - _dot(lam, cx @ t(cy))
+    return [lam @ cy, t(lam) @ cx], bias, _dot(lam.abs(), x.radius @ t(y.radius))
 
 
 def _jacobian(node, lam, ctx):
     lin = ctx.linearization(node)
     const = ctx.lin_const(node)
-    bias = _dot(lam, const) - _dot(lam.abs(), lin.err)
-    return [lin.vjp(lam)], bias
+    return [lin.vjp(lam)], _dot(lam, const), _dot(lam.abs(), lin.err)
 
 
 BACKWARD: dict = {op: _affine for op in AFFINE}
@@ -221,7 +221,7 @@ def norm_mean_square(ctx: Context, node) -> dict:
     return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
 
 
-def centred_bounds(ctx: Context, node, chunk_elems: int = 1 << 22) -> tuple:
+def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tuple:
     """CROWN bounds ``(lower, upper)`` of LayerNorm's centred input ``x - mean(x)``
     (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
     The box of x loses the correlation between x_i and mean(x)."""
@@ -233,7 +233,7 @@ def centred_bounds(ctx: Context, node, chunk_elems: int = 1 << 22) -> tuple:
     box = ctx.bounds[graph.input]
     dtype, device = box.lower.dtype, box.lower.device
     widest = max(_numel(graph[a].shape) for a in graph.ancestors(name) | {name})
-    step = max(1, min(n, chunk_elems // max(1, 2 * widest)))
+    step = max(1, min(n, (chunk_elems or CHUNK_ELEMS) // max(1, 2 * widest)))
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
     for s in range(0, n, step):
@@ -241,14 +241,13 @@ def centred_bounds(ctx: Context, node, chunk_elems: int = 1 << 22) -> tuple:
         idx = torch.arange(s, e, device=device)
         lam = rows.first_rows(graph, name, idx, dtype, device) if COMPACT_ROWS else None
         if lam is not None:
-            lam = lam.like(lam.t - lam.t.mean(-1, keepdim=True))
+            lam = rows.Sym(lam.lam.like(lam.lam.t - lam.lam.t.mean(-1, keepdim=True)))
         else:
             eye = torch.zeros(e - s, n, dtype=dtype, device=device)
             eye[torch.arange(e - s), idx] = 1.0
             eye = eye.reshape(e - s, -1, d)
-            eye = (eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape)
-            lam = torch.cat([eye, -eye])
-        lb = backward(ctx, {name: lam}, torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
+            lam = rows.Sym((eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape))
+        lb = backward(ctx, _halves({name: lam}), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
                       ctx.stops.get(name, frozenset()))
         lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
     slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
@@ -259,12 +258,37 @@ REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square}
 
 
 # ---------------------------------------------------------------- the walk
+def _odd_dot(lam, c) -> Tensor:
+    return lam.dot(c) if isinstance(lam, Rows) else _dot(lam, c)
+
+
+def _abs_dot(lam, c) -> Tensor:
+    return lam.like(lam.t.abs()).dot(c) if isinstance(lam, Rows) else _dot(lam.abs(), c)
+
+
+def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
+    """``bias + odd - even`` per row; for a shared cotangent (:class:`rows.Sym`)
+    the rows of -Lambda get ``-odd - even``."""
+    if not sym:
+        if odd is not None:
+            bias = bias + odd
+        return bias if even is None else bias - even
+    S = bias.shape[0] // 2
+    o = 0.0 if odd is None else odd
+    e = 0.0 if even is None else even
+    half = lambda v: torch.as_tensor(v, dtype=bias.dtype, device=bias.device).expand(S)
+    return bias + torch.cat([half(o - e), half(-o - e)])
+
+
 def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset()) -> Tensor:
     """Lower bounds (S,) of ``sum_k lams[k] . value(k) + bias`` over the input box.
 
     Walks the ancestors of the nodes in ``lams`` in reverse topological order.
     At a node in ``stop`` (whose bounds are known) the remaining term is
     concretised over that node's interval instead of being propagated further.
+    Cotangents are Tensors, :class:`Rows` or :class:`rows.Sym` (a stack
+    ``[lam; -lam]`` kept as lam until an elementwise relaxation needs the
+    halves apart).
     """
     graph = ctx.graph
     lams = dict(lams)
@@ -276,30 +300,33 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         lam = lams.pop(node.name, None)
         if lam is None:
             continue
-        if node.op == "input" or node.name in stop:
+        concretise = node.op == "input" or node.name in stop
+        if isinstance(lam, rows.Sym) and node.op in ELEMENTWISE and not concretise:
+            lam = lam.full()
+        sym = isinstance(lam, rows.Sym)
+        if sym:
+            lam = lam.lam
+        if concretise:
             iv = box if node.op == "input" else ctx.bounds[node.name]
-            if isinstance(lam, Rows):
-                bias = bias + lam.dot(iv.center) - lam.like(lam.t.abs()).dot(iv.radius)
-            else:
-                bias = bias + _dot(lam, iv.center) - _dot(lam.abs(), iv.radius)
+            bias = _acc(bias, sym, _odd_dot(lam, iv.center), _abs_dot(lam, iv.radius))
             continue
         if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
             lam = lam.dense()
         m = ctx.margin(node)
+        if m is not None:
+            bias = _acc(bias, sym, None, _abs_dot(lam, m))
         if isinstance(lam, Rows):
-            if m is not None:
-                bias = bias - lam.like(lam.t.abs()).dot(m)
-            ins, b = rows.COMPACT[node.op](node, lam, ctx)
+            rule = rows.COMPACT[node.op]
         else:
-            if m is not None:
-                bias = bias - _dot(lam.abs(), m)
             try:
                 rule = BACKWARD[node.op]
             except KeyError:
                 raise UnsupportedOp(node.op, "crown", node.name) from None
-            ins, b = rule(node, lam, ctx)
-        bias = bias + b
+        ins, odd, even = rule(node, lam, ctx)
+        bias = _acc(bias, sym, odd, even)
         for name, li in zip(node.inputs, ins):
+            if sym:
+                li = rows.Sym(li)
             lams[name] = rows.add(lams[name], li) if name in lams else li
     return bias
 
@@ -314,6 +341,13 @@ def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, dtype, device) -> Tens
         mm = m.reshape(-1)[idx]
         bias = bias - torch.cat([mm, mm])
     return bias
+
+
+def _halves(lams: dict) -> dict:
+    """The specs as built (shared halves), or stacked when SHARED_HALVES is off."""
+    if SHARED_HALVES:
+        return lams
+    return {k: (v.full() if isinstance(v, rows.Sym) else v) for k, v in lams.items()}
 
 
 def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
@@ -336,8 +370,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         t = torch.zeros(k, max(1, _numel(in_shape[:-2])), in_shape[-1], dtype=dtype, device=device)
         t[torch.arange(k, device=device), lead] = W[unit]
         t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
-        lam = Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
-        return {node.inputs[0]: lam}, _linear_spec_bias(node, idx, unit, m, dtype, device)
+        return {node.inputs[0]: rows.Sym(Rows(t, tok, T))}, _linear_spec_bias(node, idx, unit, m, dtype, device)
     if COMPACT_ROWS and len(shape) >= 2:
         return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
                                                                                           device=device)
@@ -349,22 +382,21 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         lead = _numel(in_shape[:-1])
         lam = torch.zeros(k, lead, in_shape[-1], dtype=dtype, device=device)
         lam[torch.arange(k), tok] = W[unit]
-        lam = torch.cat([lam, -lam]).reshape(2 * k, *in_shape)
-        return {node.inputs[0]: lam}, _linear_spec_bias(node, idx, unit, m, dtype, device)
+        return {node.inputs[0]: rows.Sym(lam.reshape(k, *in_shape))}, _linear_spec_bias(node, idx, unit, m, dtype,
+                                                                                         device)
     eye = torch.zeros(k, n, dtype=dtype, device=device)
     eye[torch.arange(k), idx] = 1.0
-    spec = torch.cat([eye, -eye]).reshape(2 * k, *shape)
-    return {target: spec}, spec.new_zeros(2 * k)
+    return {target: rows.Sym(eye.reshape(k, *shape))}, eye.new_zeros(2 * k)
 
 
-def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 << 22,
+def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[int] = None,
                 stop: frozenset = frozenset()) -> Interval:
     """CROWN bounds of every element of ``target``, in chunks of spec rows."""
     graph = ctx.graph
     shape = graph[target].shape
     n = _numel(shape)
     widest = max(_numel(graph[a].shape) for a in graph.ancestors(target))
-    n_rows = max(1, min(n, chunk_elems // max(1, 2 * widest)))
+    n_rows = max(1, min(n, (chunk_elems or CHUNK_ELEMS) // max(1, 2 * widest)))
     dtype, device = box.lower.dtype, box.lower.device
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
@@ -372,6 +404,7 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: int = 1 <
         e = min(n, s + n_rows)
         k = e - s
         lams, bias = _first_step(ctx, target, torch.arange(s, e, device=device), dtype, device)
+        lams = _halves(lams)
         lb = backward(ctx, lams, bias, box, stop)
         lo[s:e] = lb[:k]
         hi[s:e] = -lb[k:]

@@ -75,8 +75,32 @@ class Rows:
         return (self.t * g).reshape(S, -1).sum(1)
 
 
+@dataclass
+class Sym:
+    """The stacked cotangent ``[lam; -lam]`` (2S rows) held as ``lam`` (S rows,
+    a Tensor or :class:`Rows`).  Every spec starts this way (``[e_i; -e_i]``
+    gives the lower and the upper bound).  A rule whose cotangent map is
+    linear in Lambda runs once for both halves, its constant split into a
+    part linear in Lambda (negated for the second half) and one in |Lambda|
+    (the same for both); only the elementwise relaxations, which pick their
+    lines by the sign of Lambda, need the two halves apart (:meth:`full`)."""
+    lam: object
+
+    def full(self):
+        lam = self.lam
+        if isinstance(lam, Rows):
+            return Rows(torch.cat([lam.t, -lam.t]), torch.cat([lam.tok, lam.tok]), lam.T)
+        return torch.cat([lam, -lam])
+
+
 def add(a, b):
-    """Sum of two cotangents of one node (compact or dense)."""
+    """Sum of two cotangents of one node (compact or dense, shared or not)."""
+    if isinstance(a, Sym) and isinstance(b, Sym):
+        return Sym(add(a.lam, b.lam))
+    if isinstance(a, Sym):
+        a = a.full()
+    if isinstance(b, Sym):
+        b = b.full()
     if isinstance(a, Rows) and isinstance(b, Rows):
         return a.like(a.t + b.t)
     if isinstance(a, Rows):
@@ -102,7 +126,7 @@ def applies(graph, node, lam: Rows) -> bool:
 
 
 def first_rows(graph, target: str, idx: Tensor, dtype, device):
-    """Compact specs ``[e_idx; -e_idx]`` of ``target`` (None if it has no token axis)."""
+    """Compact specs ``[e_idx; -e_idx]`` of ``target`` as :class:`Sym` (None if it has no token axis)."""
     node = graph[target]
     shape = node.shape
     if len(shape) < 2:
@@ -114,7 +138,7 @@ def first_rows(graph, target: str, idx: Tensor, dtype, device):
     t = torch.zeros(k, max(1, math.prod(lead_shape)), n, dtype=dtype, device=device)
     t[torch.arange(k, device=device), lead, unit] = 1.0
     t = t.reshape(k, *lead_shape, 1, n)
-    return Rows(torch.cat([t, -t]), torch.cat([tok, tok]), T)
+    return Sym(Rows(t, tok, T))
 
 
 # ---------------------------------------------------------------- rules
@@ -133,7 +157,7 @@ def _affine(node, lam: Rows, ctx):
     ins = fact.lin_T(view, lam.t, shapes)
     off = fact.offset(node)
     bias = lam.dot(off) if off is not None else lam.t.new_zeros(lam.t.shape[0])
-    return [lam.like(i) for i in ins], bias
+    return [lam.like(i) for i in ins], bias, None
 
 
 def _linear(node, lam: Rows, ctx):
@@ -141,9 +165,9 @@ def _linear(node, lam: Rows, ctx):
     p = ctx.linear_product(node)
     if p is not None:
         lin = lam.like(p.product(lam.t))
-        bias = lam.dot(p.y0) - lin.dot(p.x0) - p.floor
-        if bool(torch.isfinite(bias).all()):                 # else float32 overflowed somewhere
-            return [lin], bias
+        odd = lam.dot(p.y0) - lin.dot(p.x0)
+        if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
+            return [lin], odd, p.floor
     return _affine(node, lam, ctx)
 
 
@@ -151,15 +175,15 @@ def _elementwise(node, lam: Rows, ctx):
     al, bl, au, bu = ctx.relaxation(node)
     pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
     bias = lam.like(pos).dot(bl) + lam.like(neg).dot(bu)
-    return [lam.like(pos * lam.take(al) + neg * lam.take(au))], bias
+    return [lam.like(pos * lam.take(al) + neg * lam.take(au))], bias, None
 
 
 def _mul(node, lam: Rows, ctx):
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = lam.take(x.center), lam.take(y.center)
     rr = x.radius * y.radius
-    bias = -(lam.t * cx * cy).reshape(lam.t.shape[0], -1).sum(1) - lam.like(lam.t.abs()).dot(rr)
-    return [lam.like(lam.t * cy), lam.like(lam.t * cx)], bias
+    odd = -(lam.t * cx * cy).reshape(lam.t.shape[0], -1).sum(1)
+    return [lam.like(lam.t * cy), lam.like(lam.t * cx)], odd, lam.like(lam.t.abs()).dot(rr)
 
 
 def _matmul(node, lam: Rows, ctx):
@@ -179,15 +203,15 @@ def _matmul(node, lam: Rows, ctx):
         cy = cy - m
         bias = bias + lam.dot(t(m).expand(node.shape)) - lam.dot(x.center @ t(m.expand(y.center.shape)))
     lx = (lam.t.squeeze(-2).movedim(0, -2) @ cy).movedim(-2, 0).unsqueeze(-2)   # (S, .., 1, a)
-    bias = bias - (lx * cx_rows).reshape(S, -1).sum(1) - lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
-    return [lam.like(lx), t(lam.t) * cx_rows], bias     # (S, .., Tk, 1) * (S, .., 1, a): outer products
+    bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
+    even = lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
+    return [lam.like(lx), t(lam.t) * cx_rows], bias, even     # (S, .., Tk, 1) * (S, .., 1, a): outer products
 
 
 def _jacobian(node, lam: Rows, ctx):
     lin = ctx.linearization(node)
     const = ctx.lin_const(node)
-    bias = lam.dot(const) - lam.like(lam.t.abs()).dot(lin.err)
-    return [lam.like(lin.vjp_at(lam.take)(lam.t))], bias
+    return [lam.like(lin.vjp_at(lam.take)(lam.t))], lam.dot(const), lam.like(lam.t.abs()).dot(lin.err)
 
 
 COMPACT: dict = {op: _affine for op in ("add", "add_const", "mul_const", "split_heads",

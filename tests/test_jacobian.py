@@ -153,3 +153,25 @@ def test_crown_through_layernorm_sound_and_tighter():
     finally:
         jacobian.NORM_DECOMPOSED = True
     assert float((res.upper - res.lower).mean()) < 0.9 * float((mv.upper - mv.lower).mean())
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 0.3])
+def test_mean_value_remainder_lower_bound(op, scale):
+    """The O(d) estimate that lets the norm skip the d x d mean-value remainder
+    never exceeds that remainder's row sum (so it never hides a tighter form)."""
+    from gamma.bounds.jacobian import _norm_mv, _norm_mv_diagonal
+    gen = torch.Generator().manual_seed(11)
+    d = 48
+    g = Graph(op, "x", (6, d))
+    kw = dict(weight=torch.randn(d, generator=gen, dtype=torch.float64) * 0.3 + 1, eps=1e-5)
+    if op == "layernorm":
+        kw["bias"] = torch.randn(d, generator=gen, dtype=torch.float64) * 0.1
+    g.add("y", op, "x", **kw)
+    g.infer_shapes()
+    x0 = torch.randn(6, d, generator=gen, dtype=torch.float64) + 0.5
+    r = torch.rand(6, d, generator=gen, dtype=torch.float64) * scale
+    x = Interval(x0 - r, x0 + r)
+    lb = _norm_mv_diagonal(g["y"], x)
+    full = _norm_mv(g["y"], x)[4].sum(-1, keepdim=True)
+    assert torch.all(lb <= full) and torch.all(lb >= 0.2 * full)

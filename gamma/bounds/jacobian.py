@@ -241,6 +241,33 @@ def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = 
     return y0, ws0, -ws0 * n0 / d, n0, err.reshape(shape)
 
 
+def _norm_mv_diagonal(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None) -> Tensor:
+    """Per row, an O(d) lower bound of the row sum ``sum_ij D_ij r_j`` of the
+    mean-value remainder of :func:`_norm_mv` (its diagonal exactly, the rest
+    from a separable lower bound), which decides without the d x d work that
+    the decomposed form wins.  Only the choice depends on it, not soundness."""
+    centered = node.op == "layernorm"
+    w = node.params["weight"]
+    d = x.lower.shape[-1]
+    n0, s0 = _norm_point(node, x.center)
+    (nl, nu), (sl, su), _, _ = _norm_stats(x, node.params["eps"], centered, q, c)
+    off = 1.0 / d if centered else 0.0
+    sq_lo = torch.clamp(torch.maximum(nl, -nu), min=0) ** 2
+    sq_hi = torch.maximum(nl * nl, nu * nu)
+    a_lo, a_hi = 1 - off - sq_hi / d, 1 - off - sq_lo / d
+    j_lo = torch.minimum(sl * a_lo, su * a_lo)
+    j_hi = torch.maximum(sl * a_hi, su * a_hi)
+    j0 = s0 * (1 - off - n0 * n0 / d)
+    r = x.radius
+    diag = torch.maximum(j_hi - j0, j0 - j_lo).clamp_min(0) * r
+    # off the diagonal: D_ij >= (j_hi - j_lo) / 2 >= sl (width of n_i n_j) / (2 d), and an
+    # interval product is at least as wide as either factor's width times the other's |midpoint|
+    wn, mn = nu - nl, (0.5 * (nl + nu)).abs()
+    mr, wr = (mn * r).sum(-1, keepdim=True), (wn * r).sum(-1, keepdim=True)
+    offd = sl / (4 * d) * (wn * (mr - mn * r) + mn * (wr - wn * r)).clamp_min(0)
+    return (w.abs() * (diag + offd)).sum(-1, keepdim=True)
+
+
 def _inv_sqrt_line(ql: Tensor, qu: Tensor, eps: float):
     """One slope for ``f(q) = (q + eps)^-1/2`` on [ql, qu] (convex, decreasing):
     ``f(q) in beta q + [k_lo, k_hi]``.  beta is the chord slope (f' at the
@@ -309,13 +336,19 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
     centered = node.op == "layernorm"
     shape = x.center.shape
     x0 = x.center
-    y0_mv, a_mv, u_mv, v_mv, e_mv = _norm_mv(node, x, q, c)
     a_dc, u_dc, v_dc, k_dc, e_dc = _norm_decomposed(node, x, q, c)
-    dec = e_dc.sum(-1, keepdim=True) < e_mv.sum(-1, keepdim=True)           # (.., 1) per row
-    if not NORM_DECOMPOSED:
-        dec = torch.zeros_like(dec)
-    pick = lambda p, q: torch.where(dec, p, q).expand(shape)
-    a, u, v, err = pick(a_dc, a_mv), pick(u_dc, u_mv), pick(v_dc, v_mv), pick(e_dc, e_mv)
+    e_dc_sum = e_dc.sum(-1, keepdim=True)
+    if NORM_DECOMPOSED and bool((_norm_mv_diagonal(node, x, q, c) >= e_dc_sum).all()):
+        # the mean-value remainder cannot be smaller in any row: skip its d x d work
+        a, u, v, err = a_dc.expand(shape), u_dc.expand(shape), v_dc.expand(shape), e_dc.expand(shape)
+        dec, mv = torch.ones_like(e_dc_sum, dtype=torch.bool), None
+    else:
+        y0_mv, a_mv, u_mv, v_mv, e_mv = mv = _norm_mv(node, x, q, c)
+        dec = e_dc_sum < e_mv.sum(-1, keepdim=True)                         # (.., 1) per row
+        if not NORM_DECOMPOSED:
+            dec = torch.zeros_like(dec)
+        pick = lambda p, q: torch.where(dec, p, q).expand(shape)
+        a, u, v, err = pick(a_dc, a_mv), pick(u_dc, u_mv), pick(v_dc, v_mv), pick(e_dc, e_mv)
     P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
 
     def lin_at(a, u, v):
@@ -328,7 +361,7 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
         return jvp, vjp
 
     jvp, vjp = lin_at(a, u, v)
-    y0 = torch.where(dec, k_dc + jvp(x0), y0_mv)
+    y0 = k_dc + jvp(x0) if mv is None else torch.where(dec, k_dc + jvp(x0), y0_mv)
 
     def vjp_at(take):
         return lin_at(take(a), take(u), take(v))[1]
@@ -337,12 +370,13 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
 
     def abs_jvp(rr):
         rr = rr.expand(shape)
-        exact_mv = norm_abs_jvp(n0, rr, centered) * a_mv.abs()
         pr = (1 - 1 / shape[-1]) * rr + (rr.sum(-1, keepdim=True) - rr) / shape[-1] if centered else rr
         vp = P(v) if centered else v
         bound = a.abs() * pr + u.abs() * (vp.abs() * rr).sum(-1, keepdim=True)
         bound = bound * (1 + 8 * shape[-1] * ULP64)
-        return torch.where(dec, bound, exact_mv)
+        if mv is None:
+            return bound
+        return torch.where(dec, bound, norm_abs_jvp(n0, rr, centered) * a_mv.abs())
 
     return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at)
 

@@ -49,6 +49,9 @@ def child_main(spec: dict) -> None:
     t0 = time.perf_counter()
     m = gamma.load(spec["path"])
     emit({"event": "loaded", "seconds": time.perf_counter() - t0, "hwm_kib": _hwm_kib()})
+    if spec.get("workers", 1) > 1:
+        _child_workers(m, spec, emit)
+        return
     for k in spec["blocks"]:
         reset = _reset_hwm()
         kw = dict(block_wise=True, seq_len=spec["T"], blocks=str(k), device=spec["device"])
@@ -71,8 +74,34 @@ def child_main(spec: dict) -> None:
             break
 
 
+def _child_workers(m, spec: dict, emit) -> None:
+    """All blocks in one ``gamma.verify(..., workers=N)`` call (N local
+    processes, one torch thread each on two cores): per-block rows from the
+    report, the run's wall time, this process's peak memory and the largest
+    worker's (``RUSAGE_CHILDREN``: the pool's processes, waited for)."""
+    import resource
+    kw = dict(block_wise=True, seq_len=spec["T"], blocks=",".join(map(str, spec["blocks"])), device=spec["device"],
+              workers=spec["workers"])
+    if spec["intermediate"]:
+        kw["intermediate"] = spec["intermediate"]
+    emit({"event": "started", "block": spec["blocks"][0]})
+    t0 = time.perf_counter()
+    res = gamma.verify(m, spec["eps"], spec["method"], progress=lambda msg: log(f"    {msg}") if " blocks: " in msg
+                       else None, **kw)
+    wall = time.perf_counter() - t0
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    for row in res.report["blocks"]:
+        emit({"event": "block", "block": row["block_index"], "seconds": row["seconds"], "status": row["status"],
+              "output_width": row["output_width"], "hwm_kib": kids, "hwm_reset": False,
+              "nominal_s": res.report["timings"]["nominal"], "total_s": res.report["timings"]["total"],
+              "error": row.get("error"), "load": load_avg()})
+    emit({"event": "run", "wall_s": wall, "workers": spec["workers"], "parent_hwm_kib": _hwm_kib(),
+          "worker_hwm_kib": kids, "failed": res.report["failed_blocks"]})
+
+
 def run_blocks(path: str, T: int, method: str, intermediate: Optional[str], blocks: list[int], device: str,
-               timeout: float, stop_after_s: Optional[float] = None, deadline: Optional[float] = None) -> dict:
+               timeout: float, stop_after_s: Optional[float] = None, deadline: Optional[float] = None,
+               workers: int = 1) -> dict:
     """Per-block rows from a child process.  A block whose bound computation
     runs past ``timeout`` seconds, or past the run's ``deadline``
     (``time.perf_counter()`` value), is killed; later blocks are not run."""
@@ -84,7 +113,10 @@ def run_blocks(path: str, T: int, method: str, intermediate: Optional[str], bloc
         log(f"  not run: {out['skipped']}")
         return out
     spec = dict(path=path, T=T, method=method, intermediate=intermediate, blocks=blocks, device=device, eps=EPS,
-                stop_after_s=stop_after_s, threads=torch.get_num_threads())
+                stop_after_s=stop_after_s, threads=torch.get_num_threads(), workers=workers)
+    if workers > 1:                         # one call for every block: the timeout covers the whole run
+        timeout = timeout * math.ceil(len(blocks) / workers)
+    out["run"] = None
     t0 = time.perf_counter()
     p = subprocess.Popen([sys.executable, RUN_PY, "--child", json.dumps(spec)],
                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -129,6 +161,10 @@ def run_blocks(path: str, T: int, method: str, intermediate: Optional[str], bloc
                 f"width {ev['output_width']:.3g}, {ev['status']} (load {ev['load']})")
         elif ev["event"] == "stopped":
             out["stopped"] = True
+        elif ev["event"] == "run":
+            out["run"] = ev
+            log(f"  all blocks over {ev['workers']} workers: {ev['wall_s']:.1f} s wall, peak "
+                f"{ev['parent_hwm_kib'] / 2**20:.2f} GiB here + {ev['worker_hwm_kib'] / 2**20:.2f} GiB per worker")
     rc = p.wait()
     if rc != 0 and out["killed"] is None:
         out["error"] = _oom(p.pid) if rc == -9 else None
@@ -175,7 +211,15 @@ def block_table(label: str, n_blocks: int, T: int, runs: dict, timeout: float) -
         n = len(secs)
         peak = max((ev["hwm_kib"] for ev in r["rows"]), default=None)
         measured = sum(secs)
-        if n == n_blocks:
+        run = r.get("run")
+        if run is not None:
+            w = run["workers"]
+            total = (f"{fmt_s(run['wall_s'])} s wall for {n} of {n_blocks} blocks over {w} worker processes "
+                     f"(one `gamma.verify --workers {w}` call; per-block times sum to {fmt_s(measured)} s)")
+            peak_txt = (f"{(run['parent_hwm_kib'] + w * run['worker_hwm_kib']) / 2**20:.2f} at most "
+                        f"({run['parent_hwm_kib'] / 2**20:.2f} main process + {w} x "
+                        f"{run['worker_hwm_kib'] / 2**20:.2f} per worker)")
+        elif n == n_blocks:
             total = f"{fmt_s(measured)} s measured (all {n_blocks} blocks)"
         elif n:
             total = (f"{fmt_s(measured)} s measured over {n} of {n_blocks} blocks; "
@@ -194,8 +238,9 @@ def block_table(label: str, n_blocks: int, T: int, runs: dict, timeout: float) -
             notes.append(f"blocks {r['not_run']} not run")
         if r["error"]:
             notes.append(r["error"])
-        summary.append([name, f"{n}/{n_blocks}", total,
-                        "-" if peak is None else f"{peak / 2**20:.2f}",
+        if run is None:
+            peak_txt = "-" if peak is None else f"{peak / 2**20:.2f}"
+        summary.append([name, f"{n}/{n_blocks}", total, peak_txt,
                         "-" if r["load_s"] is None else fmt_s(r["load_s"]), "; ".join(notes) or "-"])
     out = [f"**{label}**, T={T}, epsilon {EPS:g}:", ""]
     out += table(["method", "block", "seconds", "peak GiB", "max output width", "status", "load avg"], rows)
@@ -236,7 +281,8 @@ def plot(name: str, label: str, runs: dict) -> Optional[str]:
     return rel
 
 
-METHOD_RUNS = {"crown": ("crown", None), "crown (cut)": ("crown", "cut"), "zonotope": ("zonotope", None)}
+METHOD_RUNS = {"crown": ("crown", None), "crown (cut)": ("crown", "cut"), "zonotope": ("zonotope", None),
+               "crown (cut), 2 workers": ("crown", "cut", 2)}
 
 
 def measure_model(key: str, path: str, T: int, blocks: list[int], n_blocks: int, methods: list[str], args,
@@ -244,10 +290,10 @@ def measure_model(key: str, path: str, T: int, blocks: list[int], n_blocks: int,
     """Per method, the blocks in one child; a method stops after a block slower than ``--crown-limit``."""
     runs = {}
     for name in methods:
-        method, inter = METHOD_RUNS[name]
+        method, inter, *workers = METHOD_RUNS[name]
         these = blocks[name] if isinstance(blocks, dict) else blocks
         log(f"{LABELS[key]} T={T} {name}: blocks {these} (load {load_avg()})")
         runs[name] = run_blocks(path, T, method, inter, these, args.device, args.block_timeout, args.crown_limit,
-                                args.deadline)
+                                args.deadline, workers=workers[0] if workers else 1)
         results.setdefault("blocks", []).append({"model": key, "T": T, "method": name, **runs[name]})
     return runs

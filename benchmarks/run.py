@@ -224,7 +224,7 @@ def section_qwen(args, out: list[str], results: dict) -> None:
         size = os.path.getsize(path)
         blocks = parse_blocks(args.qwen_blocks, shape.num_hidden_layers)
         cut_blocks = parse_blocks(args.qwen_cut_blocks, shape.num_hidden_layers)
-        per_method = {name: (cut_blocks if name == "crown (cut)" else blocks) for name in args.qwen_methods}
+        per_method = {name: (cut_blocks if name.startswith("crown (cut)") else blocks) for name in args.qwen_methods}
         out += [f"Model: {shape.num_hidden_layers} blocks, hidden {shape.hidden_size}, "
                 f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} kv heads, head_dim "
                 f"{shape.head_dim}, MLP {shape.intermediate_size}, vocab {shape.vocab_size}; "
@@ -239,6 +239,10 @@ def section_qwen(args, out: list[str], results: dict) -> None:
                 f"(`--qwen-blocks`), of {shape.num_hidden_layers}. A method stops after a block slower "
                 f"than {args.crown_limit:.0f} s (`--crown-limit`); a block still running after "
                 f"{args.block_timeout:.0f} s (`--block-timeout`) is killed and reported as not finished. "
+                "'crown (cut), 2 workers' is one `gamma.verify(..., workers=2)` call over the same blocks in a "
+                "child process: two worker processes with one torch thread each (the serial rows use both "
+                "threads in one process); its 'seconds' per block are each worker's own, its 'peak GiB' per "
+                "block the largest worker's peak, and its total time the call's wall time. "
                 "Target: every block, in total, under 10 min and 8 GB.", ""]
         runs = measure_model("qwen", path, args.qwen_T, per_method, shape.num_hidden_layers, args.qwen_methods, args,
                              results)
@@ -483,7 +487,8 @@ def main(argv=None) -> int:
     args.whisper_blocks = args.whisper_blocks or ("0" if q else "all")
     args.smol_blocks = args.smol_blocks or ("0" if q else "0,15,29")
     args.block_methods = ["crown (cut)"] if q else ["crown (cut)", "crown"]
-    args.qwen_methods = ["crown (cut)", "zonotope"] if q else ["zonotope", "crown (cut)", "crown"]
+    args.qwen_methods = (["crown (cut)", "crown (cut), 2 workers", "zonotope"] if q
+                         else ["zonotope", "crown (cut)", "crown (cut), 2 workers", "crown"])
     args.max_minutes = args.max_minutes or (5.0 if q else 45.0)
     args.deadline = T0 + 60 * args.max_minutes
     if args.ibp_budget is None:

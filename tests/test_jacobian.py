@@ -175,3 +175,93 @@ def test_mean_value_remainder_lower_bound(op, scale):
     lb = _norm_mv_diagonal(g["y"], x)
     full = _norm_mv(g["y"], x)[4].sum(-1, keepdim=True)
     assert torch.all(lb <= full) and torch.all(lb >= 0.2 * full)
+
+
+# ---------------------------------------------------------------- softmax, decomposed
+SOFTMAX_BOXES = {"tiny": (2.0, 1e-6), "narrow": (2.0, 1e-3), "medium": (3.0, 1e-2), "wide": (2.0, 0.5),
+                 "very_wide": (1.0, 3.0), "peaked": (20.0, 0.05)}
+
+
+def softmax_graph(T=6, causal=False):
+    g = Graph("softmax", "x", (2, T, T))
+    kw = {"mask": torch.tril(torch.ones(T, T, dtype=torch.bool))} if causal else {}
+    g.add("y", "softmax", "x", **kw)
+    return g.infer_shapes()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("box", list(SOFTMAX_BOXES))
+def test_softmax_decomposed_form_sound_on_its_own(box, causal):
+    """``softmax(x) in a*x + u (v . x) + k +- e`` on the box: samples + PGD."""
+    from gamma.bounds.jacobian import _softmax_decomposed
+    scale, eps = SOFTMAX_BOXES[box]
+    g = softmax_graph(causal=causal)
+    x0 = rnd(2, 6, 6, scale=scale)
+    a, u, v, k, e = _softmax_decomposed(g["y"], Interval(x0 - eps, x0 + eps))
+    assert torch.isfinite(e).all() and torch.all(e >= 0)
+    if causal:
+        masked = ~g["y"].params["mask"].expand(x0.shape)
+        assert torch.all(a[masked] == 0) and torch.all(v[masked] == 0) and torch.all(e[masked] == 0)
+
+    def remainder(xs):
+        return evaluate(g, xs) - (a * xs + u * (v * xs).sum(-1, keepdim=True) + k)
+
+    assert violations(remainder, x0, eps, -e, e, targets=torch.arange(72), steps=20) == 0
+
+
+@pytest.mark.parametrize("box", list(SOFTMAX_BOXES))
+def test_softmax_linearization_sound(box):
+    """The per-row choice (mean value or decomposed) as CROWN uses it:
+    ``y0 + J (x - x0) +- err``, and the vjp is the transpose of the jvp."""
+    scale, eps = SOFTMAX_BOXES[box]
+    g = softmax_graph(causal=True)
+    x0 = rnd(2, 6, 6, scale=scale)
+    lin = linearize(g["y"], Interval(x0 - eps, x0 + eps))
+
+    def remainder(xs):
+        return evaluate(g, xs) - lin.y0 - lin.jvp(xs - x0)
+
+    assert violations(remainder, x0, eps, -lin.err, lin.err, targets=torch.arange(72), steps=20) == 0
+    dx, lam = rnd(2, 6, 6), rnd(2, 6, 6)
+    assert torch.allclose((lam * lin.jvp(dx)).sum(), (lin.vjp(lam) * dx).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("lo,hi", [(-3.0, 1.0), (0.5, 0.5 + 1e-12), (-40.0, -39.0), (-700.0, 0.0), (2.0, 2.0)])
+def test_convex_intercepts_hold_on_a_grid(lo, hi):
+    """exp (shifted) and 1/z: the line ``beta x + [k_lo, k_hi]`` contains f on a dense grid, tightly."""
+    from gamma.bounds.jacobian import _convex_intercepts
+    l, u = torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64)
+    f = torch.exp
+    beta = (f(u) - f(l)) / (u - l) if hi > lo else f(l)
+    k_lo, k_hi = _convex_intercepts(f, f, l, u, beta, torch.log(beta))
+    xs = torch.linspace(lo, hi, 20001, dtype=torch.float64)
+    gx = f(xs) - beta * xs
+    assert float(gx.min()) >= float(k_lo) and float(gx.max()) <= float(k_hi)
+    assert float(k_hi - k_lo) <= 1.01 * float(gx.max() - gx.min()) + 1e-12
+    zl, zu = l.exp() + 0.5, u.exp() + 0.5                 # 1/z on z > 0
+    g = (1 / zu - 1 / zl) / (zu - zl) if float(zu) > float(zl) else -1 / zl ** 2
+    k_lo, k_hi = _convex_intercepts(lambda z: 1 / z, lambda z: -1 / z ** 2, zl, zu, g, torch.rsqrt(-g))
+    zs = torch.linspace(float(zl), float(zu), 20001, dtype=torch.float64)
+    gz = 1 / zs - g * zs
+    assert float(gz.min()) >= float(k_lo) and float(gz.max()) <= float(k_hi)
+
+
+def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
+    from gamma.bounds.jacobian import _softmax_decomposed
+    g = softmax_graph(T=5)
+    x0 = rnd(2, 5, 5, scale=2.0)
+    a, u, v, _, e = _softmax_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
+    J = torch.diag(a[0, 1]) + u[0, 1][:, None] * v[0, 1][None, :]
+    exact = torch.autograd.functional.jacobian(lambda t: torch.softmax(t, -1), x0[0, 1])
+    assert torch.allclose(J, exact, atol=1e-6, rtol=1e-6) and float(e.max()) < 1e-10
+    wide = Interval(x0 - 0.5, x0 + 0.5)
+    e_dc = _softmax_decomposed(g["y"], wide)[4].sum(-1)
+    lin = linearize(g["y"], wide)
+    assert torch.all(lin.err.sum(-1) <= e_dc * (1 + 1e-12))          # the choice never loses
+    from gamma.bounds import jacobian
+    jacobian.SOFTMAX_DECOMPOSED = False
+    try:
+        mv = linearize(g["y"], wide).err.sum(-1)
+    finally:
+        jacobian.SOFTMAX_DECOMPOSED = True
+    assert float(lin.err.sum()) < 0.8 * float(mv.sum())

@@ -18,10 +18,11 @@ few forward passes: it uses ``y0 +- (|J0| r + err)`` with |J0| r computed
 exactly in O(d log d) and err from a separable bound of D, intersected
 with the direct interval rule.
 
-LayerNorm / RMSNorm have a second linear form, the decomposed relaxation of
-their formula ``w (c s) + b`` (:func:`_norm_decomposed`), whose remainder is
-not summed over the row; CROWN and zonotopes take per row whichever form has
-the smaller remainder, and CROWN first tightens the norm's internals (the
+LayerNorm / RMSNorm and softmax have a second linear form, the decomposed
+relaxation of their formula (``w (c s) + b``, :func:`_norm_decomposed`;
+``exp(x_i) / sum exp``, :func:`_softmax_decomposed`), whose remainder is not
+summed over the row; CROWN and zonotopes take per row whichever form has the
+smaller remainder, and CROWN first tightens the norm's internals (the
 centred input c and the mean square) with small backward passes of its own
 (:func:`gamma.bounds.crown.norm_mean_square`).
 
@@ -131,7 +132,86 @@ def softmax_ibp(node, x: Interval) -> Interval:
     return naive.intersect(Interval(y0 - rad, y0 + rad))
 
 
+def _convex_intercepts(f, fprime, lo: Tensor, hi: Tensor, beta: Tensor, t: Tensor):
+    """For f convex on [lo, hi] and any slope beta: ``f(x) in beta x + [k_lo, k_hi]``
+    there.  ``g = f - beta x`` is convex, so its maximum is at an end point,
+    and for any t in [lo, hi] its minimum is at least ``g(t) + min(g'(t) (lo - t),
+    g'(t) (hi - t))`` (its tangent at t); t near the minimiser makes it tight.
+    A relative slack of a few float64 ulps covers the rounding of f and of
+    these formulas."""
+    t = torch.minimum(torch.maximum(t, lo), hi)
+    g = lambda q: f(q) - beta * q
+    k_hi = torch.maximum(g(lo), g(hi))
+    gp = fprime(t) - beta
+    k_lo = g(t) + torch.minimum(gp * (lo - t), gp * (hi - t)).clamp_max(0)
+    mag = (torch.maximum(f(lo).abs(), f(hi).abs()) + f(t).abs() + beta.abs() * torch.maximum(lo.abs(), hi.abs())
+           + fprime(t).abs() * (hi - lo))
+    slack = 16 * ULP64 * mag
+    return k_lo - slack, k_hi + slack
+
+
+def _softmax_decomposed(node, x: Interval):
+    """Softmax relaxed as its formula ``y_i = e_i s``, ``e_i = exp(x_i - m)``
+    (m: the row's largest upper bound), ``Z = sum e``, ``s = 1 / Z``, one
+    slope per quantity over the box (convex exp and 1/Z: chord slope, rigorous
+    intercepts from :func:`_convex_intercepts`), and the product by the
+    half-sum of its two McCormick planes, as :func:`_norm_decomposed`:
+
+        e_i in alpha_i x_i + [b_lo_i, b_hi_i],   s in gamma Z + [k_lo, k_hi]
+        e_i s in s_m e_i + e_m_i s - e_m_i s_m +- (eu_i - el_i)(su - sl) / 4
+
+    Composed: ``y in a*x + u (v . x) + k +- e`` per row with ``a = s_m alpha``,
+    ``u = e_m gamma``, ``v = alpha``.  No remainder is summed over the row
+    (the mean-value one is).  Masked entries are exactly 0.  Returns (a, u, v, k, e)."""
+    mask = node.params.get("mask")
+    l, hi_x = x.lower, x.upper
+    valid = torch.ones_like(l, dtype=torch.bool) if mask is None else mask.expand(l.shape)
+    lf = torch.where(valid, l, torch.zeros_like(l))
+    uf = torch.where(valid, hi_x, torch.zeros_like(l))
+    m = torch.where(valid, uf, torch.full_like(uf, -math.inf)).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    f = lambda t: torch.exp(t - m)
+    el, eu = f(lf) * (1 - 4 * ULP64), f(uf) * (1 + 4 * ULP64)       # float64 exp: within 1 ulp
+    span = uf - lf
+    narrow = span <= 1e-9 * (1 + lf.abs())
+    alpha = torch.where(narrow, f(0.5 * (lf + uf)), (eu - el) / torch.where(narrow, torch.ones_like(span), span))
+    alpha = alpha.clamp_min(0)
+    b_lo, b_hi = _convex_intercepts(f, f, lf, uf, alpha, m + torch.log(alpha))
+    zero = torch.zeros_like(l)
+    alpha, b_lo, b_hi = (torch.where(valid, t, zero) for t in (alpha, b_lo, b_hi))
+    el, eu = torch.where(valid, el, zero), torch.where(valid, eu, zero)
+    S = l.shape[-1]
+    zl = el.sum(-1, keepdim=True) * (1 - 2 * S * ULP64)
+    zu = eu.sum(-1, keepdim=True) * (1 + 2 * S * ULP64)
+    sl, su = (1 / zu) * (1 - 4 * ULP64), (1 / zl) * (1 + 4 * ULP64)
+    zspan = zu - zl
+    znarrow = zspan <= 1e-9 * zl
+    gamma = torch.where(znarrow, -1 / (0.5 * (zl + zu)) ** 2,
+                        (1 / zu - 1 / zl) / torch.where(znarrow, torch.ones_like(zspan), zspan))
+    k_lo, k_hi = _convex_intercepts(lambda z: 1 / z, lambda z: -1 / (z * z), zl, zu, gamma,
+                                    torch.rsqrt(-gamma.clamp_max(-1e-300)))
+    bc, bg = 0.5 * (b_lo + b_hi), 0.5 * (b_hi - b_lo)
+    kc, kg = 0.5 * (k_lo + k_hi), 0.5 * (k_hi - k_lo)
+    s_m, e_m = 0.5 * (sl + su), 0.5 * (el + eu)
+    a = s_m * alpha
+    u = e_m * gamma
+    k = s_m * bc + e_m * (gamma * bc.sum(-1, keepdim=True) + kc) - e_m * s_m
+    e = s_m * bg + e_m * (gamma.abs() * bg.sum(-1, keepdim=True) + kg) + 0.25 * (eu - el) * (su - sl)
+    # float64 rounding of these formulas and of the linear form's evaluation
+    xmag = torch.where(valid, torch.maximum(lf.abs(), uf.abs()), zero)
+    mag = a.abs() * xmag + u.abs() * (alpha * xmag).sum(-1, keepdim=True) + k.abs() + e
+    e = e + 64 * S * ULP64 * mag
+    a, u, k, e = (torch.where(valid, t, zero) for t in (a, u, k, e))
+    return a, u, alpha, k, e
+
+
+SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
+
+
 def _softmax_lin(node, x: Interval) -> Linearization:
+    """Per row, whichever of the mean-value form (exact Jacobian at the centre,
+    dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
+    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``."""
     mask = node.params.get("mask")
     x0, r = x.center, x.radius
     y0 = FORWARD["softmax"](node, x0)
@@ -151,20 +231,56 @@ def _softmax_lin(node, x: Interval) -> Linearization:
     jhi = torch.diagonal_scatter(jhi, dhi, 0, -2, -1)
     j0 = torch.diagonal_scatter(j0, d0, 0, -2, -1)
     D = torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
-    err = (D @ r.unsqueeze(-1)).squeeze(-1)
+    S = x0.shape[-1]
+    # plus float64 rounding of y0 (a softmax) and of the linear form's evaluation
+    err_mv = (D @ r.unsqueeze(-1)).squeeze(-1) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
+    shape = x0.shape
 
-    def jvp(dx):
-        return y0 * (dx - (y0 * dx).sum(-1, keepdim=True))
+    if SOFTMAX_DECOMPOSED:
+        a_dc, u_dc, v_dc, k_dc, e_dc = _softmax_decomposed(node, x)
+        dec = e_dc.sum(-1, keepdim=True) < err_mv.sum(-1, keepdim=True)        # NaN / inf rows: mean value
+    else:
+        dec = torch.zeros_like(err_mv[..., :1], dtype=torch.bool)
+    if not bool(dec.any()):
+        def jvp(dx):
+            return y0 * (dx - (y0 * dx).sum(-1, keepdim=True))
+
+        def abs_jvp(rr):
+            s = (y0 * rr).sum(-1, keepdim=True)
+            return y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+
+        def vjp_at(take):
+            y = take(y0)
+            return lambda lam: y * (lam - (y * lam).sum(-1, keepdim=True))
+
+        return Linearization(x0, y0, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
+
+    # mean value as the same form: a = y0, u = -y0, v = y0
+    pick = lambda p, q: torch.where(dec, p, q).expand(shape)
+    a, u, v, err = pick(a_dc, y0), pick(u_dc, -y0), pick(v_dc, y0), pick(e_dc, err_mv)
+
+    def lin_at(a, u, v):
+        def jvp(dx):
+            return a * dx + u * (v * dx).sum(-1, keepdim=True)
+
+        def vjp(lam):
+            return a * lam + v * (u * lam).sum(-1, keepdim=True)
+        return jvp, vjp
+
+    jvp, vjp = lin_at(a, u, v)
+    x0z = x0 if mask is None else x0.masked_fill(~mask, 0.0)
+    y_lin = torch.where(dec, k_dc + jvp(x0z), y0)
 
     def abs_jvp(rr):
         s = (y0 * rr).sum(-1, keepdim=True)
-        return y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+        exact_mv = y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+        bound = (a.abs() * rr + u.abs() * (v.abs() * rr).sum(-1, keepdim=True)) * (1 + 8 * shape[-1] * ULP64)
+        return torch.where(dec, bound, exact_mv)
 
     def vjp_at(take):
-        y = take(y0)
-        return lambda lam: y * (lam - (y * lam).sum(-1, keepdim=True))
+        return lin_at(take(a), take(u), take(v))[1]
 
-    return Linearization(x0, y0, err, jvp, jvp, abs_jvp, naive, vjp_at)
+    return Linearization(x0, y_lin, err, jvp, vjp, abs_jvp, naive, vjp_at)
 
 
 # ---------------------------------------------------------------- LayerNorm / RMSNorm

@@ -1,13 +1,15 @@
-"""LayerNorm / RMSNorm relaxations in CROWN, side by side in one process.
+"""LayerNorm / RMSNorm and softmax relaxations in CROWN, side by side in one process.
 
-Three variants, alternated per case (the machine is noisy):
+Four variants, alternated per case (the machine is noisy):
 
 * ``mean-value``: the mean-value form alone (J0 plus a remainder summed over
-  the row), what gamma used before;
-* ``decomposed``: per row the smaller of that and the decomposed form
-  (``w (c s) + b`` relaxed step by step), intermediate quantities from the box;
-* ``+ internals``: the default: the decomposed form with CROWN bounds of the
-  centred input and of the mean square (``crown.REFINE``).
+  the row) for norms and softmax, what gamma used before;
+* ``decomposed``: norms take per row the smaller of that and the decomposed
+  form (``w (c s) + b`` relaxed step by step), intermediate quantities from the box;
+* ``+ internals``: as decomposed, with CROWN bounds of the norms' centred
+  input and mean square (``crown.REFINE``);
+* ``+ softmax decomposed``: the default: also softmax takes per row the
+  smaller of its mean-value and decomposed forms (``exp(x_i) / sum exp``).
 
 Cases: the pre-LN Whisper block of ``benchmarks/autolirpa.py`` (width 64, 16
 tokens, where auto_LiRPA runs) at eps 1e-3 and 1e-2, Whisper tiny.en block 0
@@ -36,13 +38,14 @@ from gamma.verify import load  # noqa: E402
 
 from _common import ROOT, fmt_s, load_avg, log, machine, table, zoo_models  # noqa: E402
 
-VARIANTS = ("mean-value", "decomposed", "+ internals")
+VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed")
 
 
 def _set(variant: str, refine: dict) -> None:
     jacobian.NORM_DECOMPOSED = variant != "mean-value"
+    jacobian.SOFTMAX_DECOMPOSED = variant == "+ softmax decomposed"
     crown.REFINE.clear()
-    if variant == "+ internals":
+    if variant in ("+ internals", "+ softmax decomposed"):
         crown.REFINE.update(refine)
 
 
@@ -92,8 +95,8 @@ def main(argv=None) -> int:
                     rows.append([label, f"{eps:g}", v, f"{m:.4g}", f"{mx:.4g}", f"{base[0] / m:.2f}",
                                  fmt_s(dt), f"{dt / base[2]:.2f}", load_avg()])
     finally:
-        _set("+ internals", refine)
-    lines = ["### LayerNorm / RMSNorm relaxations in CROWN (side by side, one process)", ""]
+        _set("+ softmax decomposed", refine)
+    lines = ["### LayerNorm / RMSNorm and softmax relaxations in CROWN (side by side, one process)", ""]
     lines += machine(sys.argv[1:])[:1] + [f"- command: `python benchmarks/norm_relax.py {' '.join(sys.argv[1:])}`"]
     lines += machine([])[2:6] + [""]
     lines += table(["case", "eps", "variant", "mean width", "max width", "mean-value / this (mean)",

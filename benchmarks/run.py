@@ -242,7 +242,7 @@ def section_qwen(args, out: list[str], results: dict) -> None:
                 "'crown (cut), 2 workers' is one `gamma.verify(..., workers=2)` call over the same blocks in a "
                 "child process: two worker processes with one torch thread each (the serial rows use both "
                 "threads in one process); its 'seconds' per block are each worker's own, its 'peak GiB' per "
-                "block the largest worker's peak, and its total time the call's wall time. "
+                "block the largest worker's sampled peak, and its total time the call's wall time. "
                 "Target: every block, in total, under 10 min and 8 GB.", ""]
         runs = measure_model("qwen", path, args.qwen_T, per_method, shape.num_hidden_layers, args.qwen_methods, args,
                              results)

@@ -396,14 +396,9 @@ def _inv_sqrt_line(ql: Tensor, qu: Tensor, eps: float):
     span = qu - ql
     narrow = span <= 1e-9 * (ql + eps)
     beta = torch.where(narrow, fp(0.5 * (ql + qu)), (f(qu) - f(ql)) / torch.where(narrow, torch.ones_like(span), span))
-    g = lambda q: f(q) - beta * q
-    k_hi = torch.maximum(g(ql), g(qu))
-    t = torch.where(beta < 0, (-2 * beta).clamp_min(1e-300) ** (-2.0 / 3.0) - eps, qu)
-    t = torch.minimum(torch.maximum(t, ql), qu)
-    gp = fp(t) - beta
-    k_lo = g(t) + torch.minimum(torch.zeros_like(t), torch.minimum(gp * (ql - t), gp * (qu - t)))
-    slack = 16 * ULP64 * (f(ql) + beta.abs() * qu)           # float64 rounding of these formulas
-    return beta, k_lo - slack, k_hi + slack
+    t = torch.where(beta < 0, (-2 * beta).clamp_min(1e-300) ** (-2.0 / 3.0) - eps, qu)     # where f' = beta
+    k_lo, k_hi = _convex_intercepts(f, fp, ql, qu, beta, t)
+    return beta, k_lo, k_hi
 
 
 def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None):

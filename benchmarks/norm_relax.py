@@ -32,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from gamma.bounds import compute_bounds, crown, jacobian  # noqa: E402
+from gamma.bounds import compute_bounds, crown, jacobian, softmax  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 from gamma.verify import load  # noqa: E402
 
@@ -43,7 +43,7 @@ VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed")
 
 def _set(variant: str, refine: dict) -> None:
     jacobian.NORM_DECOMPOSED = variant != "mean-value"
-    jacobian.SOFTMAX_DECOMPOSED = variant == "+ softmax decomposed"
+    softmax.SOFTMAX_DECOMPOSED = variant == "+ softmax decomposed"
     crown.REFINE.clear()
     if variant in ("+ internals", "+ softmax decomposed"):
         crown.REFINE.update(refine)

@@ -17,7 +17,8 @@ import torch
 
 from gamma.bounds.interval import Interval
 from gamma.bounds.jacobian import (_norm_mv, _norm_stats, linearize, norm_abs_jvp, norm_err_separable, norm_interval,
-                                   norm_naive, softmax_ibp, softmax_interval)
+                                   norm_naive)
+from gamma.bounds.softmax import softmax_ibp, softmax_interval
 from gamma.graph import Graph
 from gamma.models.common import causal_mask
 from gamma.ops import evaluate

@@ -193,7 +193,7 @@ def softmax_graph(T=6, causal=False):
 @pytest.mark.parametrize("box", list(SOFTMAX_BOXES))
 def test_softmax_decomposed_form_sound_on_its_own(box, causal):
     """``softmax(x) in a*x + u (v . x) + k +- e`` on the box: samples + PGD."""
-    from gamma.bounds.jacobian import _softmax_decomposed
+    from gamma.bounds.softmax import _softmax_decomposed
     scale, eps = SOFTMAX_BOXES[box]
     g = softmax_graph(causal=causal)
     x0 = rnd(2, 6, 6, scale=scale)
@@ -247,7 +247,7 @@ def test_convex_intercepts_hold_on_a_grid(lo, hi):
 
 
 def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
-    from gamma.bounds.jacobian import _softmax_decomposed
+    from gamma.bounds.softmax import _softmax_decomposed
     g = softmax_graph(T=5)
     x0 = rnd(2, 5, 5, scale=2.0)
     a, u, v, _, e = _softmax_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
@@ -258,10 +258,10 @@ def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
     e_dc = _softmax_decomposed(g["y"], wide)[4].sum(-1)
     lin = linearize(g["y"], wide)
     assert torch.all(lin.err.sum(-1) <= e_dc * (1 + 1e-12))          # the choice never loses
-    from gamma.bounds import jacobian
-    jacobian.SOFTMAX_DECOMPOSED = False
+    from gamma.bounds import softmax
+    softmax.SOFTMAX_DECOMPOSED = False
     try:
         mv = linearize(g["y"], wide).err.sum(-1)
     finally:
-        jacobian.SOFTMAX_DECOMPOSED = True
+        softmax.SOFTMAX_DECOMPOSED = True
     assert float(lin.err.sum()) < 0.8 * float(mv.sum())

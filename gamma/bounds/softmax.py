@@ -1,0 +1,212 @@
+"""Softmax: its direct interval, the mean-value radius IBP uses, and the two
+linear forms CROWN and zonotopes choose between per row (mean value around
+the centre; the decomposed relaxation of ``exp(x_i) / sum exp``).  The
+shared machinery (:class:`Linearization`, convex intercepts) lives in
+:mod:`.jacobian`.  Rows are the last dim ``(.., R, S)`` with an optional
+(R, S) mask."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops import FORWARD
+from .interval import Interval
+from .jacobian import ULP64, Linearization, _convex_intercepts
+
+Tensor = torch.Tensor
+SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
+
+
+def _loo_logsumexp(a: Tensor) -> Tensor:
+    """``log sum_{j != i} exp(a_j)`` per i along the last dim, in O(S):
+    prefix and suffix log-cumsum-exp (sums of positive terms, no cancellation)."""
+    ninf = torch.full_like(a[..., :1], float("-inf"))
+    pre = torch.cat([ninf, torch.logcumsumexp(a, -1)[..., :-1]], -1)                 # j < i
+    suf = torch.cat([torch.logcumsumexp(a.flip(-1), -1).flip(-1)[..., 1:], ninf], -1)  # j > i
+    return torch.logaddexp(pre, suf)
+
+
+def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
+    """Tight interval of softmax over a box, in O(S) per row: y_i is smallest
+    with x_i = l_i and every other x_j = u_j, i.e. ``y_i >= sigmoid(l_i - log
+    sum_{j!=i} e^{u_j})``, and ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``."""
+    if mask is not None:
+        l = l.masked_fill(~mask, float("-inf"))
+        u = u.masked_fill(~mask, float("-inf"))
+    lo = torch.sigmoid(l - _loo_logsumexp(u))
+    hi = torch.sigmoid(u - _loo_logsumexp(l))
+    if mask is not None:
+        lo = lo.masked_fill(~mask, 0.0)
+        hi = hi.masked_fill(~mask, 0.0)
+    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
+def softmax_radius(node, box: Interval, r: Tensor, y0: Optional[Tensor] = None,
+                   naive: Optional[Interval] = None) -> Tensor:
+    """Bound of ``|J(xi) d|`` for every xi in ``box`` and ``|d| <= r`` (J:
+    softmax's Jacobian), in O(S) per row: ``|J0| r + sum_j D_ij r_j`` with J0
+    at the box centre and, with ``dy = max |y - y0|`` and ``Y = max y`` over
+    the box, ``|y_i y_j - y0_i y0_j| <= dy_i Y_j + y0_i dy_j`` off the
+    diagonal and the exact range of ``y - y^2`` on it."""
+    mask = node.params.get("mask")
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    if y0 is None:
+        y0 = FORWARD["softmax"](node, box.center)
+    if naive is None:
+        naive = softmax_interval(box.lower, box.upper, mask)
+    yl, yu = naive.lower, naive.upper
+    h = lambda t: t - t * t
+    dlo = torch.minimum(h(yl), h(yu))
+    dhi = h(torch.minimum(torch.maximum(torch.full_like(yl, 0.5), yl), yu))
+    d0 = h(y0)
+    dd = torch.maximum(dhi - d0, d0 - dlo).clamp_min(0)
+    dy = torch.maximum(yu - y0, y0 - yl).clamp_min(0)
+    sum_yr = (yu * r).sum(-1, keepdim=True)
+    sum_dr = (dy * r).sum(-1, keepdim=True)
+    err = dd * r + dy * (sum_yr - yu * r).clamp_min(0) + y0 * (sum_dr - dy * r).clamp_min(0)
+    s0 = (y0 * r).sum(-1, keepdim=True)
+    absj = y0 * (1 - y0) * r + y0 * (s0 - y0 * r).clamp_min(0)
+    return (absj + err) * (1 + 8 * box.lower.shape[-1] * ULP64)
+
+
+def softmax_ibp(node, x: Interval) -> Interval:
+    """IBP rule of softmax in O(S) per row: the direct interval intersected with
+    ``y0 +- softmax_radius`` (mean value theorem)."""
+    y0 = FORWARD["softmax"](node, x.center)
+    naive = softmax_interval(x.lower, x.upper, node.params.get("mask"))
+    rad = softmax_radius(node, x, x.radius, y0, naive)
+    return naive.intersect(Interval(y0 - rad, y0 + rad))
+
+
+def _softmax_decomposed(node, x: Interval):
+    """Softmax relaxed as its formula ``y_i = e_i s``, ``e_i = exp(x_i - m)``
+    (m: the row's largest upper bound), ``Z = sum e``, ``s = 1 / Z``, one
+    slope per quantity over the box (convex exp and 1/Z: chord slope, rigorous
+    intercepts from :func:`_convex_intercepts`), and the product by the
+    half-sum of its two McCormick planes, as :func:`_norm_decomposed`:
+
+        e_i in alpha_i x_i + [b_lo_i, b_hi_i],   s in gamma Z + [k_lo, k_hi]
+        e_i s in s_m e_i + e_m_i s - e_m_i s_m +- (eu_i - el_i)(su - sl) / 4
+
+    Composed: ``y in a*x + u (v . x) + k +- e`` per row with ``a = s_m alpha``,
+    ``u = e_m gamma``, ``v = alpha``.  No remainder is summed over the row
+    (the mean-value one is).  Masked entries are exactly 0.  Returns (a, u, v, k, e)."""
+    mask = node.params.get("mask")
+    l, hi_x = x.lower, x.upper
+    valid = torch.ones_like(l, dtype=torch.bool) if mask is None else mask.expand(l.shape)
+    lf = torch.where(valid, l, torch.zeros_like(l))
+    uf = torch.where(valid, hi_x, torch.zeros_like(l))
+    m = torch.where(valid, uf, torch.full_like(uf, -math.inf)).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    f = lambda t: torch.exp(t - m)
+    el, eu = f(lf) * (1 - 4 * ULP64), f(uf) * (1 + 4 * ULP64)       # float64 exp: within 1 ulp
+    span = uf - lf
+    narrow = span <= 1e-9 * (1 + lf.abs())
+    alpha = torch.where(narrow, f(0.5 * (lf + uf)), (eu - el) / torch.where(narrow, torch.ones_like(span), span))
+    alpha = alpha.clamp_min(0)
+    b_lo, b_hi = _convex_intercepts(f, f, lf, uf, alpha, m + torch.log(alpha))
+    zero = torch.zeros_like(l)
+    alpha, b_lo, b_hi = (torch.where(valid, t, zero) for t in (alpha, b_lo, b_hi))
+    el, eu = torch.where(valid, el, zero), torch.where(valid, eu, zero)
+    S = l.shape[-1]
+    zl = el.sum(-1, keepdim=True) * (1 - 2 * S * ULP64)
+    zu = eu.sum(-1, keepdim=True) * (1 + 2 * S * ULP64)
+    sl, su = (1 / zu) * (1 - 4 * ULP64), (1 / zl) * (1 + 4 * ULP64)
+    zspan = zu - zl
+    znarrow = zspan <= 1e-9 * zl
+    gamma = torch.where(znarrow, -1 / (0.5 * (zl + zu)) ** 2,
+                        (1 / zu - 1 / zl) / torch.where(znarrow, torch.ones_like(zspan), zspan))
+    k_lo, k_hi = _convex_intercepts(lambda z: 1 / z, lambda z: -1 / (z * z), zl, zu, gamma,
+                                    torch.rsqrt(-gamma.clamp_max(-1e-300)))
+    bc, bg = 0.5 * (b_lo + b_hi), 0.5 * (b_hi - b_lo)
+    kc, kg = 0.5 * (k_lo + k_hi), 0.5 * (k_hi - k_lo)
+    s_m, e_m = 0.5 * (sl + su), 0.5 * (el + eu)
+    a = s_m * alpha
+    u = e_m * gamma
+    k = s_m * bc + e_m * (gamma * bc.sum(-1, keepdim=True) + kc) - e_m * s_m
+    e = s_m * bg + e_m * (gamma.abs() * bg.sum(-1, keepdim=True) + kg) + 0.25 * (eu - el) * (su - sl)
+    # float64 rounding of these formulas and of the linear form's evaluation
+    xmag = torch.where(valid, torch.maximum(lf.abs(), uf.abs()), zero)
+    mag = a.abs() * xmag + u.abs() * (alpha * xmag).sum(-1, keepdim=True) + k.abs() + e
+    e = e + 64 * S * ULP64 * mag
+    a, u, k, e = (torch.where(valid, t, zero) for t in (a, u, k, e))
+    return a, u, alpha, k, e
+
+
+def _softmax_lin(node, x: Interval) -> Linearization:
+    """Per row, whichever of the mean-value form (exact Jacobian at the centre,
+    dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
+    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``."""
+    mask = node.params.get("mask")
+    x0, r = x.center, x.radius
+    y0 = FORWARD["softmax"](node, x0)
+    naive = softmax_interval(x.lower, x.upper, mask)
+    yl, yu = naive.lower, naive.upper
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    # interval Jacobian: J_ii = y_i - y_i^2, J_ij = -y_i y_j
+    jlo = -(yu.unsqueeze(-1) * yu.unsqueeze(-2))
+    jhi = -(yl.unsqueeze(-1) * yl.unsqueeze(-2))
+    h = lambda t: t - t * t
+    dlo = torch.minimum(h(yl), h(yu))
+    dhi = h(torch.minimum(torch.maximum(torch.full_like(yl, 0.5), yl), yu))
+    j0 = -(y0.unsqueeze(-1) * y0.unsqueeze(-2))
+    d0 = h(y0)
+    jlo = torch.diagonal_scatter(jlo, dlo, 0, -2, -1)
+    jhi = torch.diagonal_scatter(jhi, dhi, 0, -2, -1)
+    j0 = torch.diagonal_scatter(j0, d0, 0, -2, -1)
+    D = torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
+    S = x0.shape[-1]
+    # plus float64 rounding of y0 (a softmax) and of the linear form's evaluation
+    err_mv = (D @ r.unsqueeze(-1)).squeeze(-1) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
+    shape = x0.shape
+
+    if SOFTMAX_DECOMPOSED:
+        a_dc, u_dc, v_dc, k_dc, e_dc = _softmax_decomposed(node, x)
+        dec = e_dc.sum(-1, keepdim=True) < err_mv.sum(-1, keepdim=True)        # NaN / inf rows: mean value
+    else:
+        dec = torch.zeros_like(err_mv[..., :1], dtype=torch.bool)
+    if not bool(dec.any()):
+        def jvp(dx):
+            return y0 * (dx - (y0 * dx).sum(-1, keepdim=True))
+
+        def abs_jvp(rr):
+            s = (y0 * rr).sum(-1, keepdim=True)
+            return y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+
+        def vjp_at(take):
+            y = take(y0)
+            return lambda lam: y * (lam - (y * lam).sum(-1, keepdim=True))
+
+        return Linearization(x0, y0, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
+
+    # mean value as the same form: a = y0, u = -y0, v = y0
+    pick = lambda p, q: torch.where(dec, p, q).expand(shape)
+    a, u, v, err = pick(a_dc, y0), pick(u_dc, -y0), pick(v_dc, y0), pick(e_dc, err_mv)
+
+    def lin_at(a, u, v):
+        def jvp(dx):
+            return a * dx + u * (v * dx).sum(-1, keepdim=True)
+
+        def vjp(lam):
+            return a * lam + v * (u * lam).sum(-1, keepdim=True)
+        return jvp, vjp
+
+    jvp, vjp = lin_at(a, u, v)
+    x0z = x0 if mask is None else x0.masked_fill(~mask, 0.0)
+    y_lin = torch.where(dec, k_dc + jvp(x0z), y0)
+
+    def abs_jvp(rr):
+        s = (y0 * rr).sum(-1, keepdim=True)
+        exact_mv = y0 * (1 - y0) * rr + y0 * (s - y0 * rr)
+        bound = (a.abs() * rr + u.abs() * (v.abs() * rr).sum(-1, keepdim=True)) * (1 + 8 * shape[-1] * ULP64)
+        return torch.where(dec, bound, exact_mv)
+
+    def vjp_at(take):
+        return lin_at(take(a), take(u), take(v))[1]
+
+    return Linearization(x0, y_lin, err, jvp, vjp, abs_jvp, naive, vjp_at)

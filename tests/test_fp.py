@@ -219,7 +219,7 @@ def test_abs_matmul_upper_is_an_upper_bound_and_tight(n, float32_weights):
     if float32_weights:
         w = w.to(torch.float32).to(torch.float64)        # as weights read from a checkpoint are
     up = fp.abs_matmul_upper(a, w)
-    assert fp._EXACT32[id(w)] is float32_weights
+    assert fp._EXACT32[id(w)][0] is float32_weights
     for i in range(4):
         for j in range(5):
             exact = _exact_rational_dot(a[i], w[j].abs())
@@ -341,3 +341,136 @@ def test_crown_linear_rule_falls_back_to_float64_on_overflow():
     assert torch.equal(lin_r.t, lam[:, :1] @ w) and torch.isfinite(odd_r).all() and even_r is None
     # the walk charges the product's error at the node (on top of its float32 margin)
     assert torch.equal(ctx.margin(node), ctx.linear_product(node).err)
+
+
+# ------------------------------------------------------------------ IBP of a linear layer from float32 products
+def _exact_linear_range(c, r, w):
+    """Per (row t, output i), exactly: W c, |W| r and |W| (|c| + r) (Fractions)."""
+    from fractions import Fraction
+    F_ = lambda v: Fraction(float(v))
+    out = []
+    for t in range(c.shape[0]):
+        row = []
+        for i in range(w.shape[0]):
+            wc = sum(F_(w[i, j]) * F_(c[t, j]) for j in range(w.shape[1]))
+            wr = sum(abs(F_(w[i, j])) * F_(r[t, j]) for j in range(w.shape[1]))
+            wa = sum(abs(F_(w[i, j])) * (abs(F_(c[t, j])) + F_(r[t, j])) for j in range(w.shape[1]))
+            row.append((wc, wr, wa))
+        out.append(row)
+    return out
+
+
+def _linear_case(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, n, generator=g, dtype=torch.float64).to(torch.float32)
+    w[1, 1:] = -w[1, : n - 1] if n > 1 else w[1]           # cancelling weights
+    w[2] = w[2] * 1e-30
+    c = torch.randn(5, n, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(5, 1, generator=g) * 8 - 4)
+    c[0] = c[0] * 1e-42                                     # below float32's normal range
+    c[1] = c[1] * 1e30
+    r = torch.rand(5, n, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(5, 1, generator=g) * 10 - 8)
+    r[2] = 0.0
+    r[3, ::2] = 1e-45
+    return c, r, w
+
+
+@pytest.mark.parametrize("registered", [True, False])
+@pytest.mark.parametrize("n", [1, 9, 200])
+def test_linear_image_contains_the_exact_range(n, registered):
+    """``p +- rad`` contains ``W c +- |W| r`` exactly (Fractions) and ``sums``
+    bounds ``|W| (|c| + r)``, for centres that are not float32 values, over
+    80 decades, subnormal, cancelling and zero weights; the extra allowance is
+    the float32 centre's rounding, about ``gamma_n |W| |c|``."""
+    from fractions import Fraction
+    c, r, w32 = _linear_case(n, n)
+    w = w32.to(torch.float64)
+    if registered:
+        fp.register_f32(w, w32)
+        assert fp.weight32(w) is w32
+    p, rad, sums = fp.linear_image(c, r, w)
+    assert p.dtype == rad.dtype == sums.dtype == torch.float64
+    assert torch.isfinite(p).all() and torch.isfinite(rad).all()
+    exact = _exact_linear_range(c, r, w)
+    g = fp.gamma(n)
+    for t in range(c.shape[0]):
+        for i in range(w.shape[0]):
+            wc, wr, wa = exact[t][i]
+            lo, hi = Fraction(float(p[t, i] - rad[t, i])), Fraction(float(p[t, i] + rad[t, i]))
+            assert lo <= wc - wr and hi >= wc + wr, (t, i)
+            assert Fraction(float(sums[t, i])) >= wa, (t, i)
+            assert float(rad[t, i]) <= float(wr) * (1 + 2 * g) + 2.1 * g * float(wa) + n * 2.0 ** -140
+
+
+def test_linear_image_unbounded_and_overflowing_inputs():
+    g = torch.Generator().manual_seed(0)
+    w32 = torch.randn(4, 8, generator=g)
+    w = w32.to(torch.float64)
+    c = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    r = torch.full((3, 8), 0.1, dtype=torch.float64)
+    # every input unbounded: every output unbounded, at no product's cost
+    p, rad, sums = fp.linear_image(c, torch.full_like(r, math.inf), w)
+    assert torch.all(rad == math.inf) and torch.all(sums == math.inf) and torch.all(p == 0)
+    # one unbounded entry: only the rows it reaches are unbounded, never NaN
+    r2 = r.clone()
+    r2[1, 3] = math.inf
+    c2 = c.clone()
+    c2[1, 3] = math.nan                                     # the centre of (-inf, inf)
+    p, rad, sums = fp.linear_image(c2, r2, w)
+    assert torch.all(rad[1] == math.inf) and torch.isfinite(rad[[0, 2]]).all()
+    assert not torch.isnan(p).any() and not torch.isnan(rad).any() and not torch.isnan(sums).any()
+    # a centre beyond float32: the product overflows, the radius must be inf there
+    c3 = c.clone()
+    c3[2] = 3e38 * torch.sign(w32[0].to(torch.float64))
+    p, rad, _ = fp.linear_image(c3, r, w)
+    assert math.isinf(float(rad[2, 0])) or float(p[2, 0] - rad[2, 0]) <= float((c3[2] - r[2]) @ w[0].clamp_min(0)
+                                                                               + (c3[2] + r[2]) @ w[0].clamp_max(0))
+
+
+def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded(monkeypatch):
+    """A weight over the cache budget gets |W| in row chunks (same bounds up to
+    float32 rounding, still sound); the cache never holds more than its
+    budget, forgets dead weights and weights modified in place."""
+    g = torch.Generator().manual_seed(1)
+    w32 = torch.randn(40, 16, generator=g)
+    w = w32.to(torch.float64)
+    c = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    r = torch.rand(3, 16, generator=g, dtype=torch.float64) * 1e-2
+    whole = fp.linear_image(c, r, w)
+    monkeypatch.setattr(fp, "ABS_CHUNK", 48)                 # 3 rows at a time
+    monkeypatch.setattr(fp, "ABS_CACHE_BYTES", 100)          # below this weight's |W|
+    chunked = fp.linear_image(c, r, w)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+    lo, hi = chunked[0] - chunked[1], chunked[0] + chunked[1]
+    ref_lo, ref_hi = c @ w.T - r @ w.abs().T, c @ w.T + r @ w.abs().T
+    assert torch.all(lo <= ref_lo) and torch.all(hi >= ref_hi)
+    monkeypatch.setattr(fp, "ABS_CACHE_BYTES", 3000)         # room for one 16x16 |W| (1 KiB), not three
+    ws = [torch.randn(16, 16, generator=g).to(torch.float64) for _ in range(3)]
+    for v in ws:
+        fp.linear_image(c, r, v)
+        assert fp._ABS32_BYTES[0] <= 3000
+    assert id(ws[-1]) in fp._ABS32
+    key = id(ws[-1])
+    before = fp.linear_image(c, r, ws[-1])
+    ws[-1].mul_(-2.0)                                        # in place: the cached |W| must not be reused
+    after = fp.linear_image(c, r, ws[-1])
+    assert torch.allclose(after[1] - r @ ws[-1].abs().T, before[1] * 2 - r @ ws[-1].abs().T, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(after[0], c @ ws[-1].T, rtol=1e-5, atol=1e-9)
+    del ws, v
+    assert key not in fp._ABS32
+
+
+def test_registered_float32_source_lapses_when_modified():
+    w32 = torch.randn(3, 4)
+    w = w32.to(torch.float64)
+    fp.register_f32(w, w32)
+    assert fp.weight32(w) is w32
+    w.mul_(2.0)                                              # the float64 copy changed: convert instead
+    got = fp.weight32(w)
+    assert got is not w32 and torch.equal(got.to(torch.float64), w)
+    w.add_(1e-12)                                            # no longer float32-valued: no float32 product
+    assert fp.weight32(w) is None and not fp.is_exact32(w)
+    w2 = w32.to(torch.float64)
+    fp.register_f32(w2, w32)
+    w32.mul_(3.0)                                            # the source changed: convert the float64 copy
+    assert torch.equal(fp.weight32(w2).to(torch.float64), w2)

@@ -265,3 +265,34 @@ def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
     finally:
         softmax.SOFTMAX_DECOMPOSED = True
     assert float(lin.err.sum()) < 0.8 * float(mv.sum())
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm", "softmax"])
+def test_ibp_rule_on_partly_unbounded_rows(op):
+    """A row with an unbounded entry gets the direct enclosure (finite: |n| <=
+    sqrt(d), softmax in [0, 1]), never the NaN of an infinite mean-value radius;
+    bounded rows are exactly as without it; all rows unbounded skips the
+    mean-value work and gives the direct enclosure everywhere."""
+    from gamma.bounds.interval import ibp_node
+    d = 16
+    if op == "softmax":
+        g = Graph(op, "x", (3, d))
+        g.add("y", "softmax", "x", mask=None)
+        g.infer_shapes()
+    else:
+        g = norm_graph(op, d)
+    node = g["y"]
+    x0 = rnd(3, d)
+    box = Interval(x0 - 1e-2, x0 + 1e-2)
+    ref = ibp_node(node, box)
+    lo, hi = box.lower.clone(), box.upper.clone()
+    lo[1, 5], hi[1, 5] = -float("inf"), float("inf")
+    part = ibp_node(node, Interval(lo, hi))
+    assert torch.isfinite(part.lower).all() and torch.isfinite(part.upper).all()
+    assert torch.equal(part.lower[[0, 2]], ref.lower[[0, 2]]) and torch.equal(part.upper[[0, 2]], ref.upper[[0, 2]])
+    samples = x0[1] + (torch.rand(2000, d, generator=GEN, dtype=torch.float64) * 2 - 1) * 1e-2
+    samples[:, 5] = rnd(2000, scale=1e3)
+    y = evaluate(g, torch.stack([x0[0].expand(2000, d), samples, x0[2].expand(2000, d)], 1))[:, 1]
+    assert torch.all(y >= part.lower[1] - 1e-12) and torch.all(y <= part.upper[1] + 1e-12)
+    full = ibp_node(node, Interval(torch.full_like(lo, -float("inf")), torch.full_like(hi, float("inf"))))
+    assert torch.isfinite(full.lower).all() and torch.isfinite(full.upper).all()

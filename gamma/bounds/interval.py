@@ -9,6 +9,7 @@ every affine op gets its rule from :data:`gamma.ops.AFFINE`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE, FORWARD
 from . import relax
-from .fp import abs_matmul_upper, matmul_upper
+from .fp import linear_image, matmul_upper
 
 Tensor = torch.Tensor
 
@@ -34,11 +35,12 @@ class Interval:
     def from_center(center: Tensor, radius) -> "Interval":
         return Interval(center - radius, center + radius)
 
-    @property
+    # computed once per interval (bounds are never modified in place)
+    @cached_property
     def center(self) -> Tensor:
         return (self.lower + self.upper) / 2
 
-    @property
+    @cached_property
     def radius(self) -> Tensor:
         return (self.upper - self.lower) / 2
 
@@ -75,16 +77,14 @@ def _affine(node, *xs: Interval) -> Interval:
 
 
 def _linear(node, x: Interval) -> Interval:
-    """``x W^T + b`` with one pass over |W|: ``[r; |c|] |W|^T`` gives the radius
-    and, summed (``|x|max = |c| + r``), the sums ``|x|max |W|^T`` that the
-    float32 margin needs (left on the result as ``abs_sums``)."""
-    w = node.params["weight"]
-    c = x.center @ w.T
+    """``x W^T + b`` by :func:`fp.linear_image`: the centre and the radius from
+    float32 products, plus the sums ``|x|max |W|^T`` that the float32 margin
+    needs (left on the result as ``abs_sums``)."""
+    p, rad, sums = linear_image(x.center, x.radius, node.params["weight"])
     b = node.params.get("bias")
     if b is not None:
-        c = c + b
-    rc = abs_matmul_upper(torch.stack([x.radius, x.center.abs()]), w)   # (2, .., out), upper bounds
-    return Interval(c - rc[0], c + rc[0], abs_sums=rc[0] + rc[1])
+        p = p + b
+    return Interval(p - rad, p + rad, abs_sums=sums)
 
 
 def _elementwise(node, x: Interval) -> Interval:

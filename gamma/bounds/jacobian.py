@@ -113,8 +113,9 @@ def _norm_stats(x: Interval, eps: float, centered: bool, q: Optional[tuple] = No
     s_lo, s_hi = torch.rsqrt(v_hi + eps), torch.rsqrt(v_lo + eps)
     n_lo = torch.minimum(cl * s_lo, cl * s_hi)
     n_hi = torch.maximum(cu * s_lo, cu * s_hi)
-    bound = math.sqrt(d)
-    return (n_lo.clamp(-bound, bound), n_hi.clamp(-bound, bound)), (s_lo, s_hi), (v_lo, v_hi), (cl, cu)
+    bound = math.sqrt(d)              # |n_i| < sqrt(d) for every real input, bounded or not (NaN: unbounded rows)
+    return ((n_lo.nan_to_num(nan=-bound).clamp(-bound, bound), n_hi.nan_to_num(nan=bound).clamp(-bound, bound)),
+            (s_lo, s_hi), (v_lo, v_hi), (cl, cu))
 
 
 def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None):
@@ -397,14 +398,31 @@ def norm_interval(node, x: Interval) -> Interval:
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
     enclosure intersected with ``y0 +- norm_radius`` (mean value theorem).
     The box statistics ride on the result for the float32 margin."""
-    point = _norm_point(node, x.center)
     stats = _norm_stats(x, node.params["eps"], node.op == "layernorm")
+    naive = norm_naive(node, x, stats)
+    finite = bounded_rows(x)
+    if finite is None:              # every row unbounded: the mean-value radius is inf (or NaN) throughout
+        naive.stats = stats
+        return naive
+    point = _norm_point(node, x.center)
     b = node.params.get("bias")
     y0 = point[0] * node.params["weight"] + (b if b is not None else 0)
     rad = norm_radius(node, x, x.radius, point, stats)
-    out = norm_naive(node, x, stats).intersect(Interval(y0 - rad, y0 + rad))
+    out = naive.intersect(Interval(y0 - rad, y0 + rad))
+    if finite is not True:
+        out = Interval(torch.where(finite, out.lower, naive.lower), torch.where(finite, out.upper, naive.upper))
     out.stats = stats
     return out
+
+
+def bounded_rows(x: Interval):
+    """Which rows (last dim) of a box are bounded, for rules whose mean-value
+    refinement is useless (inf or NaN) on an unbounded row: True when all
+    are, None when none is, else a (.., 1) bool mask."""
+    fin = torch.isfinite(x.radius).all(-1, keepdim=True)
+    if bool(fin.all()):
+        return True
+    return fin if bool(fin.any()) else None
 
 
 from .softmax import _softmax_lin, softmax_ibp  # noqa: E402  (softmax.py uses Linearization from here)

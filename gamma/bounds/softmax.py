@@ -14,7 +14,7 @@ import torch
 
 from ..ops import FORWARD
 from .interval import Interval
-from .jacobian import ULP64, Linearization, _convex_intercepts
+from .jacobian import ULP64, Linearization, _convex_intercepts, bounded_rows
 
 Tensor = torch.Tensor
 SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
@@ -76,10 +76,16 @@ def softmax_radius(node, box: Interval, r: Tensor, y0: Optional[Tensor] = None,
 def softmax_ibp(node, x: Interval) -> Interval:
     """IBP rule of softmax in O(S) per row: the direct interval intersected with
     ``y0 +- softmax_radius`` (mean value theorem)."""
-    y0 = FORWARD["softmax"](node, x.center)
     naive = softmax_interval(x.lower, x.upper, node.params.get("mask"))
+    finite = bounded_rows(x)
+    if finite is None:              # every row unbounded: the mean-value radius is inf (or NaN) throughout
+        return naive
+    y0 = FORWARD["softmax"](node, x.center)
     rad = softmax_radius(node, x, x.radius, y0, naive)
-    return naive.intersect(Interval(y0 - rad, y0 + rad))
+    out = naive.intersect(Interval(y0 - rad, y0 + rad))
+    if finite is not True:
+        out = Interval(torch.where(finite, out.lower, naive.lower), torch.where(finite, out.upper, naive.upper))
+    return out
 
 
 def _softmax_decomposed(node, x: Interval):

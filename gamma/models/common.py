@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..config import Checkpoint
+from ..bounds.fp import register_f32
 from ..graph import Graph
 
 
@@ -22,7 +23,11 @@ class Weights:
         self.ckpt = ckpt
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
-        return self.ckpt.get(name, shape).to(torch.float64)
+        t = self.ckpt.get(name, shape)
+        w = t.to(torch.float64)
+        if t.dtype == torch.float32:
+            register_f32(w, t)          # float32 products use t itself, no conversion per call
+        return w
 
     def optional(self, name: str, *shape: int) -> Optional[torch.Tensor]:
         return self(name, *shape) if name in self.ckpt.tensors else None

@@ -155,6 +155,22 @@ def test_softmax_interval_by_hand():
     assert hi <= r.upper[0].item() < hi + 1e-5
 
 
+def test_softmax_of_unbounded_scores_is_unbounded():
+    """Softmax clamps its bounds to [0, 1] only where the float32 margin is
+    finite: an unbounded score may be inf in float32, and softmax of inf is
+    NaN, which no interval contains.  Bounded rows keep the clamp."""
+    g = Graph("sm", "x", (2, 3))
+    g.add("h", "linear", "x", weight=torch.tensor([[1e30, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.float64))
+    g.add("y", "softmax", "h")
+    g.infer_shapes()
+    x = torch.tensor([[1e10, 0.0, 0.0], [0.5, 0.0, 1.0]], dtype=torch.float64)
+    r = compute_bounds(g, x, 1e9, "ibp")      # row 0: scores up to 1e40, beyond float32
+    assert math.isinf(float(r.nodes["h"].upper[0, 0]))
+    assert torch.all(r.lower[0] == -math.inf) and torch.all(r.upper[0] == math.inf)
+    r = compute_bounds(g, x, 0.1, "ibp")
+    assert torch.all(r.lower[1] >= 0) and torch.all(r.upper[1] <= 1) and torch.isfinite(r.lower[1]).all()
+
+
 def test_alpha_never_looser_than_crown():
     g = OPS["gelu"]().infer_shapes()
     x0 = rnd(*g.input_shape)

@@ -37,6 +37,18 @@ METHODS = ("ibp", "crown", "alpha", "zonotope")
 # rounded a / b with 0 <= a <= b stays in [0, 1])
 OUTPUT_RANGE = {"softmax": (0.0, 1.0)}
 INTERMEDIATE = ("crown", "cut", "ibp")
+
+
+def clamp_output_range(op: str, iv: Interval, margin) -> Interval:
+    """Clamp to :data:`OUTPUT_RANGE` where the float32 margin is finite.  An
+    infinite margin means the float32 op may overflow (softmax of an inf
+    score is NaN), so there the bound stays as wide as the margin made it."""
+    lo, hi = OUTPUT_RANGE[op]
+    l, u = iv.lower.clamp(lo, hi), iv.upper.clamp(lo, hi)
+    if margin is not None and not bool(torch.isfinite(margin).all()):
+        ok = torch.isfinite(margin)
+        l, u = torch.where(ok, l, iv.lower), torch.where(ok, u, iv.upper)
+    return Interval(l, u)
 NONLINEAR = ELEMENTWISE | BILINEAR | JACOBIAN
 
 
@@ -55,7 +67,8 @@ class BoundResult:
 
 def _sanitize(iv: Interval) -> Interval:
     """inf - inf gives NaN; a NaN bound means 'unbounded', which is what we report."""
-    return Interval(torch.nan_to_num(iv.lower, nan=-math.inf), torch.nan_to_num(iv.upper, nan=math.inf))
+    return Interval(torch.nan_to_num(iv.lower, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
+                    torch.nan_to_num(iv.upper, nan=math.inf, posinf=math.inf, neginf=-math.inf))
 
 
 # ops whose IBP image of CROWN bounds is as tight as CROWN itself: permutations
@@ -141,8 +154,17 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     ctx.stops = stops
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
+    unbounded: set = set()          # ibp: nodes whose bounds are (-inf, inf) everywhere
     for idx, node in enumerate(graph):
         if node.op == "input":
+            continue
+        if method == "ibp" and node.shape and all(i in unbounded for i in node.inputs):
+            # every input unbounded everywhere: so is the output, once the float32 margin is added
+            # (each margin rule is inf on such inputs), so skip the rule and the margin
+            bounds[node.name] = Interval(torch.full(node.shape, -math.inf, dtype=torch.float64, device=dev),
+                                         torch.full(node.shape, math.inf, dtype=torch.float64, device=dev))
+            margins[node.name] = None
+            unbounded.add(node.name)
             continue
         ins = [bounds[i] for i in node.inputs]
         iv = ibp_node(node, *ins)
@@ -150,8 +172,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         margins[node.name] = m
         iv = iv.widen(m)
         if node.op in OUTPUT_RANGE:
-            lo, hi = OUTPUT_RANGE[node.op]
-            iv = Interval(iv.lower.clamp(lo, hi), iv.upper.clamp(lo, hi))
+            iv = clamp_output_range(node.op, iv, m)
         if zonos is not None:
             z = zono_node(node, [zonos[i] for i in node.inputs], ins)
             if m is not None:
@@ -167,7 +188,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
                 progress(f"crown {node.name}")
             iv = iv.intersect(node_bounds(ctx, node.name, box, stop=stops.get(node.name, frozenset())))
             stats["crown_nodes"] += 1
-        bounds[node.name] = _sanitize(iv)
+        bounds[node.name] = iv = _sanitize(iv)
+        if method == "ibp" and bool(((iv.lower == -math.inf) & (iv.upper == math.inf)).all()):
+            unbounded.add(node.name)
 
     out = bounds[graph.output]
     if method == "alpha":

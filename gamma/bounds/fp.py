@@ -358,7 +358,7 @@ def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
     if not float(s32.amax()) < 2.0 ** 120:      # overflow, inf or NaN somewhere: take the careful path
         bad = torch.isfinite(p + rad).logical_not_()            # rad >= 0 or NaN
         rad.masked_fill_(bad, math.inf)
-        sums.nan_to_num_(nan=math.inf)
+        sums.nan_to_num_(nan=math.inf, posinf=math.inf)
         p.masked_fill_(bad, 0.0)
     return p, rad, sums
 

@@ -271,7 +271,7 @@ def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
 def test_ibp_rule_on_partly_unbounded_rows(op):
     """A row with an unbounded entry gets the direct enclosure (finite: |n| <=
     sqrt(d), softmax in [0, 1]), never the NaN of an infinite mean-value radius;
-    bounded rows are exactly as without it; all rows unbounded skips the
+    bounded rows are as without it (to float64 rounding); all rows unbounded skips the
     mean-value work and gives the direct enclosure everywhere."""
     from gamma.bounds.interval import ibp_node
     d = 16
@@ -289,7 +289,8 @@ def test_ibp_rule_on_partly_unbounded_rows(op):
     lo[1, 5], hi[1, 5] = -float("inf"), float("inf")
     part = ibp_node(node, Interval(lo, hi))
     assert torch.isfinite(part.lower).all() and torch.isfinite(part.upper).all()
-    assert torch.equal(part.lower[[0, 2]], ref.lower[[0, 2]]) and torch.equal(part.upper[[0, 2]], ref.upper[[0, 2]])
+    for a, b in ((part.lower, ref.lower), (part.upper, ref.upper)):     # up to float64 rounding slack
+        assert torch.allclose(a[[0, 2]], b[[0, 2]], rtol=1e-10, atol=0)
     samples = x0[1] + (torch.rand(2000, d, generator=GEN, dtype=torch.float64) * 2 - 1) * 1e-2
     samples[:, 5] = rnd(2000, scale=1e3)
     y = evaluate(g, torch.stack([x0[0].expand(2000, d), samples, x0[2].expand(2000, d)], 1))[:, 1]

@@ -32,16 +32,53 @@ def _loo_logsumexp(a: Tensor) -> Tensor:
 def softmax_interval(l: Tensor, u: Tensor, mask: Optional[Tensor]) -> Interval:
     """Tight interval of softmax over a box, in O(S) per row: y_i is smallest
     with x_i = l_i and every other x_j = u_j, i.e. ``y_i >= sigmoid(l_i - log
-    sum_{j!=i} e^{u_j})``, and ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``."""
+    sum_{j!=i} e^{u_j})``, and ``y_i <= sigmoid(u_i - log sum_{j!=i} e^{l_j})``.
+
+    Computed by plain sums (:func:`_corner_ratio`) when every finite exponent
+    stays within +-700 of its row's shift (no exp under- or overflows), else
+    by leave-one-out log-sum-exps (:func:`_loo_logsumexp`)."""
     if mask is not None:
         l = l.masked_fill(~mask, float("-inf"))
         u = u.masked_fill(~mask, float("-inf"))
-    lo = torch.sigmoid(l - _loo_logsumexp(u))
-    hi = torch.sigmoid(u - _loo_logsumexp(l))
+    fast = _corner_ratio(l, u), _corner_ratio(u, l)
+    if fast[0] is not None and fast[1] is not None:
+        # float64 rounding, relative: each exp(fl(a - M)) is off by |a - M| 2^-53 + 1 ulp, the sums by S ulps
+        slack = (2 * max(fast[0][1], fast[1][1]) + 2 * l.shape[-1] + 16) * ULP64
+        lo, hi = fast[0][0] * (1 - slack), fast[1][0] * (1 + slack)
+    else:
+        al, ah = l - _loo_logsumexp(u), u - _loo_logsumexp(l)
+        # rounding, relative: |argument| and the log-sums' magnitudes in ulps; subnormal results absolutely
+        fin = lambda t: float(t[torch.isfinite(t)].abs().max()) if bool(torch.isfinite(t).any()) else 0.0
+        slack = (2 * max(fin(al), fin(ah)) + 4 * max(fin(l), fin(u)) + 4 * l.shape[-1] + 16) * ULP64
+        lo = torch.sigmoid(al) * (1 - slack)
+        hi = torch.sigmoid(ah) * (1 + slack) + 2.0 ** -1000
     if mask is not None:
         lo = lo.masked_fill(~mask, 0.0)
         hi = hi.masked_fill(~mask, 0.0)
     return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
+def _corner_ratio(a: Tensor, b: Tensor) -> Optional[tuple]:
+    """``e^{a_i} / (e^{a_i} + sum_{j != i} e^{b_j})`` per row (last dim) by sums,
+    shifted by ``M = max_j b_j``: every ``e^{b_j - M} <= 1`` and the row's
+    largest is 1, so for every i but that one ``Z - e^{b_i - M} >= Z / 2`` (no
+    cancellation), and the largest one's rest is summed directly.  Returns
+    the ratios and the largest |exponent| E (relative error below
+    ``(2 E + 2 S + 16)`` float64 ulps), or None when some finite exponent
+    leaves [-700, 700] (exp may under- or overflow) or a row is unbounded or
+    empty: the caller then takes the log-space form."""
+    M = b.amax(-1, keepdim=True)
+    da, db = a - M, b - M
+    lo_e = torch.minimum(da.nan_to_num(nan=-1e9, neginf=0.0), db.nan_to_num(nan=-1e9, neginf=0.0))
+    hi_e = torch.maximum(da.nan_to_num(nan=1e9, posinf=1e9), db.nan_to_num(nan=1e9, posinf=1e9))
+    e_min, e_max = float(lo_e.amin()), float(hi_e.amax())
+    if not (bool(torch.isfinite(M).all()) and e_min >= -700.0 and e_max <= 700.0):
+        return None
+    eb, ea = torch.exp(db), torch.exp(da)
+    k = db.argmax(-1, keepdim=True)
+    rest = eb.sum(-1, keepdim=True) - eb
+    rest.scatter_(-1, k, eb.scatter(-1, k, 0.0).sum(-1, keepdim=True))
+    return ea / (ea + rest), max(-e_min, e_max)
 
 
 def softmax_radius(node, box: Interval, r: Tensor, y0: Optional[Tensor] = None,

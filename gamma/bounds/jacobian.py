@@ -324,10 +324,11 @@ def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:
     tot0, tot1 = p0[..., -1:], p1[..., -1:]
     safe = torch.where(a == 0, torch.ones_like(a), a)
     tau = -1.0 / safe                                               # 1 + a_i a_j < 0  <=>  a_j beyond tau
-    k_lo = torch.searchsorted(srt.contiguous(), tau.contiguous(), side="left")    # #{a_j < tau}
-    k_hi = torch.searchsorted(srt.contiguous(), tau.contiguous(), side="right")   # #{a_j <= tau}
-    neg0 = torch.where(a > 0, p0.gather(-1, k_lo), tot0 - p0.gather(-1, k_hi))
-    neg1 = torch.where(a > 0, p1.gather(-1, k_lo), tot1 - p1.gather(-1, k_hi))
+    # #{a_j < tau}; for a_i < 0 the terms with a_j > tau are negative, and an a_j equal to the rounded
+    # tau counted either way moves F by 2 |1 + a_i a_j| r_j <= 2 |a_i| ulp(tau) r_j, within the slack below
+    k = torch.searchsorted(srt.contiguous(), tau.contiguous(), side="left")
+    neg0 = torch.where(a > 0, p0.gather(-1, k), tot0 - p0.gather(-1, k))
+    neg1 = torch.where(a > 0, p1.gather(-1, k), tot1 - p1.gather(-1, k))
     neg0 = torch.where(a == 0, torch.zeros_like(neg0), neg0)
     neg1 = torch.where(a == 0, torch.zeros_like(neg1), neg1)
     plain = tot0 + a * tot1                                         # sum_j (1 + a_i a_j) r_j

@@ -298,9 +298,9 @@ def _prep(spec: ScalarFn, l, u):
     l = torch.as_tensor(l, dtype=torch.float64)
     u = torch.as_tensor(u, dtype=torch.float64)
     l, u = torch.broadcast_tensors(l, u)
-    if torch.isnan(l).any() or torch.isnan(u).any():
-        raise GammaError(f"{spec.name}: input bounds contain NaN")
-    if (l > u).any():
+    if not bool((l <= u).all()):                # false for NaN as well: one pass in the common case
+        if torch.isnan(l).any() or torch.isnan(u).any():
+            raise GammaError(f"{spec.name}: input bounds contain NaN")
         raise GammaError(f"{spec.name}: lower bound above upper bound")
     if spec.domain is not None and l.numel():
         bound, strict = spec.domain

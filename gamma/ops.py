@@ -175,23 +175,27 @@ def _sum_to(lam: Tensor, shape: tuple) -> Tensor:
 SPARSE_ROWS_BELOW = 0.9   # row-compacted product when fewer rows than this fraction are non-zero
 
 
-def matmul_sparse_rows(lam: Tensor, w: Tensor) -> Tensor:
+def matmul_sparse_rows(lam: Tensor, w: Tensor, compute: Optional[torch.dtype] = None) -> Tensor:
     """``lam @ w`` for lam (.., n) and w (n, m), skipping all-zero rows of lam.
 
     CROWN cotangents are mostly zero rows: a spec row at token t touches only
     token t until attention mixes tokens, and only tokens <= t after a causal
     one.  The product of the non-zero rows is scattered into zeros, so the
     result equals the dense product while the flops follow the non-zeros.
+    ``compute``: the dtype of the product (w's); only the live rows are
+    converted to it, and the result comes back in lam's dtype.
     """
+    cast = (lambda t: t) if compute is None or compute == lam.dtype else (lambda t: t.to(compute))
+    back = (lambda t: t) if compute is None or compute == lam.dtype else (lambda t: t.to(lam.dtype))
     flat = lam.reshape(-1, lam.shape[-1])                       # (R, n)
     live = (flat != 0).any(-1)                                  # NaN counts as non-zero
     k = int(live.sum())
     if k >= SPARSE_ROWS_BELOW * flat.shape[0]:
-        return torch.matmul(lam, w)
+        return back(torch.matmul(cast(lam), w))
     idx = live.nonzero().squeeze(1)
     out = flat.new_zeros(flat.shape[0], w.shape[-1])            # (R, m)
     if k:
-        out.index_copy_(0, idx, flat.index_select(0, idx) @ w)
+        out.index_copy_(0, idx, back(cast(flat.index_select(0, idx)) @ w))
     return out.reshape(*lam.shape[:-1], w.shape[-1])
 
 

@@ -447,4 +447,4 @@ class CotangentProduct:
     def product(self, lam: torch.Tensor) -> torch.Tensor:
         """``fl32(fl32(lam) @ W)`` as float64 (zero rows skipped)."""
         from ..ops import matmul_sparse_rows
-        return matmul_sparse_rows(lam.to(torch.float32), self.w32).to(lam.dtype)
+        return matmul_sparse_rows(lam, self.w32, torch.float32)

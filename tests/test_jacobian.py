@@ -67,6 +67,7 @@ def test_linearization_sound(op, box):
 
     bad = violations(remainder, x0, eps, -lin.err, lin.err, targets=torch.arange(48), steps=20)
     assert bad == 0
+    assert _row_remainder_violations(remainder, lin.even_at(), x0, eps, lin.err) == 0
 
 
 @pytest.mark.parametrize("box", ["narrow", "wide", "small_scale", "massive"])
@@ -75,7 +76,7 @@ def test_decomposed_form_sound_on_its_own(op, box):
     """The decomposed relaxation alone (whatever the per-row choice picks)."""
     x0, eps = _x0(box)
     g = norm_graph(op, x0.shape[-1])
-    a, u, v, k, e = _norm_decomposed(g["y"], Interval(x0 - eps, x0 + eps))
+    a, u, v, k, e, rem = _norm_decomposed(g["y"], Interval(x0 - eps, x0 + eps))
     P = (lambda t: t - t.mean(-1, keepdim=True)) if op == "layernorm" else (lambda t: t)
 
     def remainder(xs):
@@ -84,6 +85,39 @@ def test_decomposed_form_sound_on_its_own(op, box):
 
     bad = violations(remainder, x0, eps, -e, e, targets=torch.arange(48), steps=20)
     assert bad == 0
+    assert torch.allclose(rem.elementwise(), e, rtol=1e-12, atol=0)
+    assert _row_remainder_violations(remainder, rem.at(), x0, eps, e) == 0
+
+
+def _cotangents(shape, n=12):
+    """Spec rows as CROWN meets them: one-hot, dense of mixed sign (W^T of a
+    next linear layer), one-signed, and confined to one row."""
+    numel = 1
+    for s_ in shape:
+        numel *= s_
+    lam = rnd(n, numel)
+    lam[0].zero_()
+    lam[0, 1] = 1.0
+    lam[1] = lam[1].abs()
+    lam[2].zero_()
+    lam[2, :shape[-1]] = rnd(shape[-1])
+    return lam.reshape(n, *shape)
+
+
+def _row_remainder_violations(remainder, even, x0, eps, e) -> int:
+    """``lam . remainder(x)`` within ``+- even(lam)`` for every x (samples + PGD
+    per cotangent row), and that bound never above the elementwise ``|lam| . e``."""
+    lam = _cotangents(x0.shape)
+    bound = even(lam)                                              # (S,)
+    assert torch.allclose(bound, even(-lam), rtol=1e-14, atol=0)   # even in lam (the shared halves need it)
+    assert torch.all(bound <= (lam.abs() * e).reshape(len(lam), -1).sum(1) * (1 + 1e-12))
+    assert torch.all(bound >= 0)
+    flat = lam.reshape(len(lam), -1)
+
+    def spec(xs):
+        return remainder(xs).reshape(len(xs), -1) @ flat.T         # (B, S)
+
+    return violations(spec, x0, eps, -bound, bound, targets=torch.arange(len(lam)), steps=30)
 
 
 @pytest.mark.parametrize("ql,qu,eps", [(0.0, 4.0, 1e-5), (1.0, 1.0 + 1e-13, 1e-6), (0.5, 0.7, 1e-5),
@@ -102,7 +136,7 @@ def test_decomposed_slopes_tend_to_the_jacobian(op):
     d = 8
     g = norm_graph(op, d, rows=1)
     x0 = rnd(1, d)
-    a, u, v, _, e = _norm_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
+    a, u, v, _, e, _ = _norm_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
     P = torch.eye(d, dtype=torch.float64) - (1.0 / d if op == "layernorm" else 0.0)
     J = (torch.diag(a[0]) + u[0][:, None] * v[0][None, :]) @ P
     exact = torch.autograd.functional.jacobian(lambda t: evaluate(g, t[None])[0], x0[0])
@@ -130,7 +164,7 @@ def test_decomposed_remainder_beats_mean_value_on_wide_boxes(op):
     for eps, factor in [(1e-2, 1.4), (0.1, 2.0), (0.5, 6.0)]:
         x = Interval(x0 - eps, x0 + eps)
         mv = _norm_mv(g["y"], x)[-1].sum()
-        dec = _norm_decomposed(g["y"], x)[-1].sum()
+        dec = _norm_decomposed(g["y"], x)[4].sum()
         assert float(dec) * factor <= float(mv), (eps, float(mv), float(dec))
 
 
@@ -197,7 +231,7 @@ def test_softmax_decomposed_form_sound_on_its_own(box, causal):
     scale, eps = SOFTMAX_BOXES[box]
     g = softmax_graph(causal=causal)
     x0 = rnd(2, 6, 6, scale=scale)
-    a, u, v, k, e = _softmax_decomposed(g["y"], Interval(x0 - eps, x0 + eps))
+    a, u, v, k, e, rem = _softmax_decomposed(g["y"], Interval(x0 - eps, x0 + eps))
     assert torch.isfinite(e).all() and torch.all(e >= 0)
     if causal:
         masked = ~g["y"].params["mask"].expand(x0.shape)
@@ -207,6 +241,8 @@ def test_softmax_decomposed_form_sound_on_its_own(box, causal):
         return evaluate(g, xs) - (a * xs + u * (v * xs).sum(-1, keepdim=True) + k)
 
     assert violations(remainder, x0, eps, -e, e, targets=torch.arange(72), steps=20) == 0
+    assert torch.allclose(rem.elementwise(), e, rtol=1e-12, atol=1e-300)
+    assert _row_remainder_violations(remainder, rem.at(), x0, eps, e) == 0
 
 
 @pytest.mark.parametrize("box", list(SOFTMAX_BOXES))
@@ -222,6 +258,7 @@ def test_softmax_linearization_sound(box):
         return evaluate(g, xs) - lin.y0 - lin.jvp(xs - x0)
 
     assert violations(remainder, x0, eps, -lin.err, lin.err, targets=torch.arange(72), steps=20) == 0
+    assert _row_remainder_violations(remainder, lin.even_at(), x0, eps, lin.err) == 0
     dx, lam = rnd(2, 6, 6), rnd(2, 6, 6)
     assert torch.allclose((lam * lin.jvp(dx)).sum(), (lin.vjp(lam) * dx).sum(), rtol=1e-12)
 
@@ -250,7 +287,7 @@ def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
     from gamma.bounds.softmax import _softmax_decomposed
     g = softmax_graph(T=5)
     x0 = rnd(2, 5, 5, scale=2.0)
-    a, u, v, _, e = _softmax_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
+    a, u, v, _, e, _ = _softmax_decomposed(g["y"], Interval(x0 - 1e-9, x0 + 1e-9))
     J = torch.diag(a[0, 1]) + u[0, 1][:, None] * v[0, 1][None, :]
     exact = torch.autograd.functional.jacobian(lambda t: torch.softmax(t, -1), x0[0, 1])
     assert torch.allclose(J, exact, atol=1e-6, rtol=1e-6) and float(e.max()) < 1e-10

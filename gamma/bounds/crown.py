@@ -176,7 +176,7 @@ def _matmul(node, lam, ctx):
 def _jacobian(node, lam, ctx):
     lin = ctx.linearization(node)
     const = ctx.lin_const(node)
-    return [lin.vjp(lam)], _dot(lam, const), _dot(lam.abs(), lin.err)
+    return [lin.vjp(lam)], _dot(lam, const), lin.even_at()(lam)
 
 
 BACKWARD: dict = {op: _affine for op in AFFINE}

@@ -57,6 +57,68 @@ class Linearization:
     abs_jvp: Callable[[Tensor], Tensor]   # |J0| r for r >= 0
     naive: Interval                   # a direct interval enclosure of f over the box
     vjp_at: Optional[Callable] = None  # take -> vjp with the per-row state gathered by take (rows.py)
+    rem: Optional["RowRemainder"] = None  # err with what a row shares kept apart (CROWN); None: err only
+
+    def even_at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
+        """lam (S, ..) -> (S,): a bound of ``-lam . (f(x) - y0 - J0 (x - x0))`` over the box,
+        even in lam; ``take`` gathers per-row state as :func:`vjp_at` does."""
+        if self.rem is not None:
+            return self.rem.at(take)
+        err = take(self.err)
+        return lambda lam: (lam.abs() * err).reshape(lam.shape[0], -1).sum(1)
+
+
+@dataclass
+class RowRemainder:
+    """A remainder bound that keeps the terms the entries of a row share.
+
+    For every x in the box, per row (last dim), the remainder of the linear form is
+
+        rem_i = eps_i + P_i b_i + u_i (sum_j Q_j b_j + k),   |eps_i| <= E_i, |b_j| <= B_j, |k| <= K
+
+    (the decomposed relaxations: b_j the remainders of the per-element lines,
+    k that of the row's shared scalar, e.g. the inverse scale or 1/Z).  For a
+    cotangent lam, with ``L = sum_i lam_i u_i`` per row,
+
+        |lam . rem| <= sum_i |lam_i| E_i + sum_j B_j |lam_j P_j + L Q_j| + |L| K,
+
+    which is even in lam and never above ``|lam| . err`` with err the
+    elementwise bound (:meth:`elementwise`: the triangle inequality applied
+    to every term): spec rows that mix the entries of a row with signs of
+    both kinds (W^T of the next linear layer) no longer pay the shared term
+    once per entry.  B, P, Q may be None (no b terms).  Shapes: E, u, B (.., d);
+    P, Q, K (.., d) or (.., 1)."""
+    E: Tensor
+    u: Tensor
+    K: Tensor
+    B: Optional[Tensor] = None
+    P: Optional[Tensor] = None
+    Q: Optional[Tensor] = None
+
+    def elementwise(self) -> Tensor:
+        shared = self.K if self.B is None else self.K + (self.Q.abs() * self.B).sum(-1, keepdim=True)
+        err = self.E + self.u.abs() * shared
+        return err if self.B is None else err + self.P.abs() * self.B
+
+    def where(self, keep: Tensor, err: Tensor) -> "RowRemainder":
+        """This remainder on the rows where ``keep`` (.., 1), the elementwise ``err`` elsewhere."""
+        z = lambda t: None if t is None else torch.where(keep, t, torch.zeros_like(t))
+        shape = err.shape
+        return RowRemainder(torch.where(keep, self.E, err).expand(shape), z(self.u).expand(shape), z(self.K),
+                            z(self.B), z(self.P), z(self.Q))
+
+    def at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
+        E, u, K = take(self.E), take(self.u), take(self.K)
+        B, P, Q = (None, None, None) if self.B is None else (take(self.B), take(self.P), take(self.Q))
+
+        def even(lam: Tensor) -> Tensor:
+            S = lam.shape[0]
+            L = (lam * u).sum(-1, keepdim=True)                       # (S, .., 1)
+            out = (lam.abs() * E).reshape(S, -1).sum(1) + (L.abs() * K).reshape(S, -1).sum(1)
+            if B is not None:
+                out = out + (B * (lam * P + L * Q).abs()).reshape(S, -1).sum(1)
+            return out
+        return even
 
 
 def _rows(t: Tensor, n: int) -> Tensor:
@@ -220,7 +282,9 @@ def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[t
     Composed: ``y in a*(Px) + u (v . Px) + k +- e`` per row with ``a = w s_m``,
     ``u = w c_m beta / d``, ``v = m``.  Every remainder is second order in the
     box radius and none is summed over the row (the mean-value remainder is),
-    which keeps it tight at large radii.  Returns (a, u, v, k, e)."""
+    which keeps it tight at large radii.  Returns (a, u, v, k, e, rem): e the
+    elementwise remainder, rem the same with the inverse scale's and the mean
+    square's remainders kept as one term per row (:class:`RowRemainder`)."""
     centered = node.op == "layernorm"
     w = node.params["weight"]
     b = node.params.get("bias")
@@ -237,11 +301,15 @@ def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[t
     a = w * s_m
     u = w * c_m * beta / d
     k = w * (c_m * (beta * kq + ks) - c_m * s_m) + (b if b is not None else 0)
-    e = w.abs() * (g_cs + c_m.abs() * (gs + beta.abs() * gq))
+    shared = gs + beta.abs() * gq                                  # (.., 1): |s - line(q)|, q's lines included
+    e = w.abs() * (g_cs + c_m.abs() * shared)
     # float64 rounding of these formulas and of the linear form's evaluation
     c_abs = torch.maximum(cl.abs(), cu.abs())
     mag = a.abs() * c_abs + u.abs() * (m.abs() * c_abs).sum(-1, keepdim=True) + k.abs() + e
-    return a, u, m, k, e + 64 * d * ULP64 * mag
+    slack = 64 * d * ULP64 * mag
+    # y_i - line_i = w_i d_i + (w_i c_m_i) z, |d_i| <= g_cs_i, z = s - line(s) shared by the row, |z| <= shared
+    rem = RowRemainder(w.abs() * g_cs + slack, w * c_m, shared)
+    return a, u, m, k, e + slack, rem
 
 
 def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None) -> Linearization:
@@ -253,12 +321,13 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
     centered = node.op == "layernorm"
     shape = x.center.shape
     x0 = x.center
-    a_dc, u_dc, v_dc, k_dc, e_dc = _norm_decomposed(node, x, q, c)
+    a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc = _norm_decomposed(node, x, q, c)
     e_dc_sum = e_dc.sum(-1, keepdim=True)
     if NORM_DECOMPOSED and bool((_norm_mv_diagonal(node, x, q, c) >= e_dc_sum).all()):
         # the mean-value remainder cannot be smaller in any row: skip its d x d work
         a, u, v, err = a_dc.expand(shape), u_dc.expand(shape), v_dc.expand(shape), e_dc.expand(shape)
         dec, mv = torch.ones_like(e_dc_sum, dtype=torch.bool), None
+        rem = rem_dc.where(dec, err)
     else:
         y0_mv, a_mv, u_mv, v_mv, e_mv = mv = _norm_mv(node, x, q, c)
         dec = e_dc_sum < e_mv.sum(-1, keepdim=True)                         # (.., 1) per row
@@ -266,6 +335,7 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
             dec = torch.zeros_like(dec)
         pick = lambda p, q: torch.where(dec, p, q).expand(shape)
         a, u, v, err = pick(a_dc, a_mv), pick(u_dc, u_mv), pick(v_dc, v_mv), pick(e_dc, e_mv)
+        rem = rem_dc.where(dec, err)
     P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
 
     def lin_at(a, u, v):
@@ -295,7 +365,7 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
             return bound
         return torch.where(dec, bound, norm_abs_jvp(n0, rr, centered) * a_mv.abs())
 
-    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at)
+    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at, rem)
 
 
 def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:

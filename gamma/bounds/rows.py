@@ -211,7 +211,7 @@ def _matmul(node, lam: Rows, ctx):
 def _jacobian(node, lam: Rows, ctx):
     lin = ctx.linearization(node)
     const = ctx.lin_const(node)
-    return [lam.like(lin.vjp_at(lam.take)(lam.t))], lam.dot(const), lam.like(lam.t.abs()).dot(lin.err)
+    return [lam.like(lin.vjp_at(lam.take)(lam.t))], lam.dot(const), lin.even_at(lam.take)(lam.t)
 
 
 COMPACT: dict = {op: _affine for op in ("add", "add_const", "mul_const", "split_heads",

@@ -14,7 +14,7 @@ import torch
 
 from ..ops import FORWARD
 from .interval import Interval
-from .jacobian import ULP64, Linearization, _convex_intercepts, bounded_rows
+from .jacobian import ULP64, Linearization, RowRemainder, _convex_intercepts, bounded_rows
 
 Tensor = torch.Tensor
 SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
@@ -137,7 +137,10 @@ def _softmax_decomposed(node, x: Interval):
 
     Composed: ``y in a*x + u (v . x) + k +- e`` per row with ``a = s_m alpha``,
     ``u = e_m gamma``, ``v = alpha``.  No remainder is summed over the row
-    (the mean-value one is).  Masked entries are exactly 0.  Returns (a, u, v, k, e)."""
+    (the mean-value one is).  Masked entries are exactly 0.  Returns (a, u, v, k, e, rem):
+    e the elementwise remainder, rem the same with what the row shares kept
+    apart (:class:`RowRemainder`: the exp lines' remainders b_j enter the
+    row's sum Z, and 1/Z's line has one remainder per row)."""
     mask = node.params.get("mask")
     l, hi_x = x.lower, x.upper
     valid = torch.ones_like(l, dtype=torch.bool) if mask is None else mask.expand(l.shape)
@@ -171,13 +174,18 @@ def _softmax_decomposed(node, x: Interval):
     a = s_m * alpha
     u = e_m * gamma
     k = s_m * bc + e_m * (gamma * bc.sum(-1, keepdim=True) + kc) - e_m * s_m
-    e = s_m * bg + e_m * (gamma.abs() * bg.sum(-1, keepdim=True) + kg) + 0.25 * (eu - el) * (su - sl)
+    g_prod = 0.25 * (eu - el) * (su - sl)
+    e = s_m * bg + e_m * (gamma.abs() * bg.sum(-1, keepdim=True) + kg) + g_prod
     # float64 rounding of these formulas and of the linear form's evaluation
     xmag = torch.where(valid, torch.maximum(lf.abs(), uf.abs()), zero)
     mag = a.abs() * xmag + u.abs() * (alpha * xmag).sum(-1, keepdim=True) + k.abs() + e
-    e = e + 64 * S * ULP64 * mag
+    slack = 64 * S * ULP64 * mag
+    e = e + slack
     a, u, k, e = (torch.where(valid, t, zero) for t in (a, u, k, e))
-    return a, u, alpha, k, e
+    # y_i - line_i = d_i + s_m b_i + e_m_i (gamma sum_j b_j + z): d_i the product's, b_j the exp lines',
+    # z the 1/Z line's remainder (|d_i| <= g_prod_i, |b_j| <= bg_j, |z| <= kg)
+    rem = RowRemainder(torch.where(valid, g_prod + slack, zero), e_m, kg, B=bg, P=s_m, Q=gamma)
+    return a, u, alpha, k, e, rem
 
 
 def _softmax_lin(node, x: Interval) -> Linearization:
@@ -209,7 +217,7 @@ def _softmax_lin(node, x: Interval) -> Linearization:
     shape = x0.shape
 
     if SOFTMAX_DECOMPOSED:
-        a_dc, u_dc, v_dc, k_dc, e_dc = _softmax_decomposed(node, x)
+        a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc = _softmax_decomposed(node, x)
         dec = e_dc.sum(-1, keepdim=True) < err_mv.sum(-1, keepdim=True)        # NaN / inf rows: mean value
     else:
         dec = torch.zeros_like(err_mv[..., :1], dtype=torch.bool)
@@ -230,6 +238,7 @@ def _softmax_lin(node, x: Interval) -> Linearization:
     # mean value as the same form: a = y0, u = -y0, v = y0
     pick = lambda p, q: torch.where(dec, p, q).expand(shape)
     a, u, v, err = pick(a_dc, y0), pick(u_dc, -y0), pick(v_dc, y0), pick(e_dc, err_mv)
+    rem = rem_dc.where(dec, err)
 
     def lin_at(a, u, v):
         def jvp(dx):
@@ -252,4 +261,4 @@ def _softmax_lin(node, x: Interval) -> Linearization:
     def vjp_at(take):
         return lin_at(take(a), take(u), take(v))[1]
 
-    return Linearization(x0, y_lin, err, jvp, vjp, abs_jvp, naive, vjp_at)
+    return Linearization(x0, y_lin, err, jvp, vjp, abs_jvp, naive, vjp_at, rem)

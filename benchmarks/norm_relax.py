@@ -1,6 +1,6 @@
-"""LayerNorm / RMSNorm and softmax relaxations in CROWN, side by side in one process.
+"""LayerNorm / RMSNorm, softmax and attention relaxations in CROWN, side by side in one process.
 
-Four variants, alternated per case (the machine is noisy):
+Six variants, alternated per case (the machine is noisy), each adding to the one before:
 
 * ``mean-value``: the mean-value form alone (J0 plus a remainder summed over
   the row) for norms and softmax, what gamma used before;
@@ -8,8 +8,13 @@ Four variants, alternated per case (the machine is noisy):
   form (``w (c s) + b`` relaxed step by step), intermediate quantities from the box;
 * ``+ internals``: as decomposed, with CROWN bounds of the norms' centred
   input and mean square (``crown.REFINE``);
-* ``+ softmax decomposed``: the default: also softmax takes per row the
-  smaller of its mean-value and decomposed forms (``exp(x_i) / sum exp``).
+* ``+ softmax decomposed``: also softmax takes per row the smaller of its
+  mean-value and decomposed forms (``exp(x_i) / sum exp``);
+* ``+ row remainders``: the decomposed forms' shared remainders (inverse
+  scale, mean square, 1/Z, the row sum of exp) charged once per row
+  (``jacobian.RowRemainder``) instead of once per entry;
+* ``+ attention planes``: the default: attention @ V by McCormick planes
+  chosen per sign of Lambda instead of their half-sum (``interval.MATMUL_PLANES``).
 
 Cases: the pre-LN Whisper block of ``benchmarks/autolirpa.py`` (width 64, 16
 tokens, where auto_LiRPA runs) at eps 1e-3 and 1e-2, Whisper tiny.en block 0
@@ -32,20 +37,25 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from gamma.bounds import compute_bounds, crown, jacobian, softmax  # noqa: E402
+from gamma.bounds import compute_bounds, crown, interval, jacobian, softmax  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 from gamma.verify import load  # noqa: E402
 
 from _common import ROOT, fmt_s, load_avg, log, machine, table, zoo_models  # noqa: E402
 
-VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed")
+VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed", "+ row remainders",
+            "+ attention planes")
+DEFAULT = VARIANTS[-1]
 
 
 def _set(variant: str, refine: dict) -> None:
-    jacobian.NORM_DECOMPOSED = variant != "mean-value"
-    softmax.SOFTMAX_DECOMPOSED = variant == "+ softmax decomposed"
+    k = VARIANTS.index(variant)
+    jacobian.NORM_DECOMPOSED = k >= 1
+    softmax.SOFTMAX_DECOMPOSED = k >= 3
+    jacobian.ROW_REMAINDER = k >= 4
+    interval.MATMUL_PLANES = k >= 5
     crown.REFINE.clear()
-    if variant in ("+ internals", "+ softmax decomposed"):
+    if k >= 2:
         crown.REFINE.update(refine)
 
 
@@ -95,8 +105,8 @@ def main(argv=None) -> int:
                     rows.append([label, f"{eps:g}", v, f"{m:.4g}", f"{mx:.4g}", f"{base[0] / m:.2f}",
                                  fmt_s(dt), f"{dt / base[2]:.2f}", load_avg()])
     finally:
-        _set("+ softmax decomposed", refine)
-    lines = ["### LayerNorm / RMSNorm and softmax relaxations in CROWN (side by side, one process)", ""]
+        _set(DEFAULT, refine)
+    lines = ["### LayerNorm / RMSNorm, softmax and attention relaxations in CROWN (side by side, one process)", ""]
     lines += machine(sys.argv[1:])[:1] + [f"- command: `python benchmarks/norm_relax.py {' '.join(sys.argv[1:])}`"]
     lines += machine([])[2:6] + [""]
     lines += table(["case", "eps", "variant", "mean width", "max width", "mean-value / this (mean)",

@@ -23,7 +23,7 @@ Sections (each a table in the output file; progress goes to stderr):
 6. Side by side with auto_LiRPA (``autolirpa.py`` in a child process: one
    worker per tool, config and eps; skipped with a note when auto_LiRPA is not
    installed).
-7. LayerNorm / RMSNorm and softmax relaxations in CROWN side by side (``norm_relax.py``).
+7. LayerNorm / RMSNorm, softmax and attention relaxations in CROWN side by side (``norm_relax.py``).
 
 Timings on a shared machine are noisy: every ratio is measured side by side
 in one run, and the load average is written next to the per-block times.
@@ -293,7 +293,7 @@ def section_autolirpa(args, out: list[str], results: dict) -> None:
 
 
 def section_norms(args, out: list[str], results: dict) -> None:
-    _script("norm_relax.py", "7. LayerNorm / RMSNorm and softmax relaxations in CROWN", args, out)
+    _script("norm_relax.py", "7. LayerNorm / RMSNorm, softmax and attention relaxations in CROWN", args, out)
 
 
 # ------------------------------------------------------------------ main

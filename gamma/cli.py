@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-bounds", metavar="FILE.npz", help="write input, lower, upper, nominal arrays")
     _add_input_options(s)
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
-                   help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual, cheaper) or ibp")
+                   help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual and attention@V by the half-sum product relaxation: cheaper, looser) or ibp")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")

@@ -34,7 +34,7 @@ from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .fp import CotangentProduct
-from .interval import Interval, simplex_shift
+from .interval import Interval, planes, simplex_shift
 from .jacobian import _norm_stats, linearize
 from .rows import Rows
 
@@ -55,6 +55,7 @@ class Context:
         self.margins = margins          # name -> Tensor | None
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
+        self.planes = True              # attention @ V by sign-chosen planes (off for --intermediate cut: cheaper)
         self._lin: dict = {}
         self._const: dict = {}
         self._relax: dict = {}
@@ -159,7 +160,14 @@ def _mul(node, lam, ctx):
 
 
 def _matmul(node, lam, ctx):
-    """z = x y^T with x (.., T, a), y (.., S, a); lam (B, .., T, S)."""
+    if ctx.planes and planes(node):
+        return _matmul_planes(node, lam, ctx)
+    return _matmul_centre(node, lam, ctx)
+
+
+def _matmul_centre(node, lam, ctx):
+    """z = x y^T with x (.., T, a), y (.., S, a); lam (B, .., T, S): every product
+    ``x_k y_k`` by the half-sum of its McCormick planes (linear in lam)."""
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = x.center, y.center
     t = lambda v: v.transpose(-1, -2)
@@ -171,6 +179,37 @@ def _matmul(node, lam, ctx):
         bias = bias + _dot(lam, t(m).expand(node.shape)) - _dot(lam, cx @ t(m.expand(y.center.shape)))
     bias = bias - _dot(lam, cx @ t(cy))
     return [lam @ cy, t(lam) @ cx], bias, _dot(lam.abs(), x.radius @ t(y.radius))
+
+
+def _matmul_planes(node, lam, ctx):
+    """z = x y^T (attention @ V: x the probabilities) with one McCormick plane per
+    product chosen by the sign of lam, both exact where x is at its lower bound,
+    which is where most probabilities are tight:
+
+        x y >= yl x + xl y - xl yl   (lam > 0),    x y <= yu x + xl y - xl yu   (lam < 0),
+
+    y shifted by the row constant m as in :func:`_matmul_centre`.  On the
+    width-64 Whisper block at eps 1e-2 the output is 2% tighter than with the
+    half-sum of the planes (which stays for q k^T, where it is 2% tighter).
+    The rule is not linear in lam, so the shared halves split here: every
+    pass through attention costs up to 2x on its query side (1.44x on a
+    Qwen3-0.6B block), which is why ``--intermediate cut``, the cheap mode,
+    keeps the half-sums (``Context.planes``)."""
+    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
+    t = lambda v: v.transpose(-1, -2)
+    m = simplex_shift(node, y.center)
+    yl, yu = y.lower, y.upper
+    bias = lam.new_zeros(lam.shape[0])
+    if m is not None:
+        yl, yu = yl - m, yu - m
+        bias = bias + _dot(lam, t(m).expand(node.shape))
+    pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+    xl = x.lower
+    ly = t(lam) @ xl
+    bias = bias - _dot(pos, xl @ t(yl)) - _dot(neg, xl @ t(yu))
+    if m is not None:
+        bias = bias - _dot(ly, m.expand(y.center.shape))        # ly . (y - m) = ly . y - ly . m
+    return [pos @ yl + neg @ yu, ly], bias, None
 
 
 def _jacobian(node, lam, ctx):
@@ -280,6 +319,12 @@ def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
     return bias + torch.cat([half(o - e), half(-o - e)])
 
 
+def sign_dependent(node, ctx: Context) -> bool:
+    """Rules that pick their lines by the sign of Lambda: a shared cotangent
+    (:class:`rows.Sym`) is split into its halves before them."""
+    return node.op in ELEMENTWISE or (node.op == "matmul" and ctx.planes and planes(node))
+
+
 def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset()) -> Tensor:
     """Lower bounds (S,) of ``sum_k lams[k] . value(k) + bias`` over the input box.
 
@@ -301,7 +346,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         if lam is None:
             continue
         concretise = node.op == "input" or node.name in stop
-        if isinstance(lam, rows.Sym) and node.op in ELEMENTWISE and not concretise:
+        if isinstance(lam, rows.Sym) and sign_dependent(node, ctx) and not concretise:
             lam = lam.full()
         sym = isinstance(lam, rows.Sym)
         if sym:

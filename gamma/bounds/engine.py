@@ -152,6 +152,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
     ctx.stops = stops
+    ctx.planes = intermediate != "cut"
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
     unbounded: set = set()          # ibp: nodes whose bounds are (-inf, inf) everywhere

@@ -111,6 +111,16 @@ def simplex_shift(node, y_center: Tensor):
     return y_center.mean(-1, keepdim=True)
 
 
+MATMUL_PLANES = True        # CROWN: attention @ V by sign-chosen McCormick planes (False: half-sums, benchmarks)
+
+
+def planes(node) -> bool:
+    """Whether CROWN relaxes this product ``x @ y^T`` by McCormick planes chosen
+    per sign of Lambda (:func:`gamma.bounds.crown._matmul_planes`): the
+    attention @ V product, whose x rows are probabilities."""
+    return MATMUL_PLANES and bool(node.params.get("rows_sum_to_one"))
+
+
 def _matmul(node, x: Interval, y: Interval) -> Interval:
     """x (.., T, a) @ y (.., S, a)^T in midpoint-radius form (sound, 4 matmuls)."""
     cx, rx, cy, ry = x.center, x.radius, y.center, y.radius

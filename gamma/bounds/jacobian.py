@@ -45,6 +45,7 @@ Tensor = torch.Tensor
 ULP64 = 2.0 ** -52
 NORM_DECOMPOSED = True      # False: LayerNorm/RMSNorm use the mean-value form only (benchmarks compare)
 ROW_CHUNK_ELEMS = 1 << 22   # dense per-row Jacobian entries processed at once
+ROW_REMAINDER = True        # False: CROWN charges the elementwise err even where a RowRemainder exists (benchmarks)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Linearization:
     def even_at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
         """lam (S, ..) -> (S,): a bound of ``-lam . (f(x) - y0 - J0 (x - x0))`` over the box,
         even in lam; ``take`` gathers per-row state as :func:`vjp_at` does."""
-        if self.rem is not None:
+        if self.rem is not None and ROW_REMAINDER:
             return self.rem.at(take)
         err = take(self.err)
         return lambda lam: (lam.abs() * err).reshape(lam.shape[0], -1).sum(1)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 from ..ops import AFFINE, ELEMENTWISE
-from .interval import simplex_shift
+from .interval import planes, simplex_shift
 
 Tensor = torch.Tensor
 
@@ -187,6 +187,12 @@ def _mul(node, lam: Rows, ctx):
 
 
 def _matmul(node, lam: Rows, ctx):
+    if ctx.planes and planes(node):
+        return _matmul_planes(node, lam, ctx)
+    return _matmul_centre(node, lam, ctx)
+
+
+def _matmul_centre(node, lam: Rows, ctx):
     """z = x y^T: lam (S, .., 1, Tk) keeps x's rows; y's cotangent is dense.
 
     The x-side product runs with the rows as the matrix dimension, one
@@ -206,6 +212,29 @@ def _matmul(node, lam: Rows, ctx):
     bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
     even = lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
     return [lam.like(lx), t(lam.t) * cx_rows], bias, even     # (S, .., Tk, 1) * (S, .., 1, a): outer products
+
+
+def _matmul_planes(node, lam: Rows, ctx):
+    """:func:`.crown._matmul_planes` with lam keeping x's rows (y's cotangent dense);
+    the constant from the x-side product: ``sum_j lam_j (xl yl^T)_j = (lam yl) . xl``."""
+    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
+    t = lambda v: v.transpose(-1, -2)
+    m = simplex_shift(node, y.center)
+    yl, yu = y.lower, y.upper
+    S = lam.t.shape[0]
+    bias = lam.t.new_zeros(S)
+    if m is not None:
+        yl, yu = yl - m, yu - m
+        bias = bias + lam.dot(t(m).expand(node.shape))
+    xl_rows = lam.take(x.lower)                                    # (S, .., 1, a)
+    pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
+    mm = lambda v, w: (v.squeeze(-2).movedim(0, -2) @ w).movedim(-2, 0).unsqueeze(-2)
+    lx = mm(pos, yl) + mm(neg, yu)                                 # (S, .., 1, a)
+    bias = bias - (lx * xl_rows).reshape(S, -1).sum(1)
+    ly = t(lam.t) * xl_rows                                        # (S, .., Tk, a)
+    if m is not None:
+        bias = bias - (ly * m).reshape(S, -1).sum(1)               # ly . (y - m) = ly . y - ly . m
+    return [lam.like(lx), ly], bias, None
 
 
 def _jacobian(node, lam: Rows, ctx):

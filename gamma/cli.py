@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__, report
 from .errors import GammaError
-from .verify import INTERMEDIATE, METHODS, check_epsilon, forward, load, verify
+from .verify import ARITHMETIC, INTERMEDIATE, METHODS, check_epsilon, forward, load, verify
 
 DEFAULT_EPSILON = 1e-3
 
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_options(s)
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
                    help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual and attention@V by the half-sum product relaxation: cheaper, looser) or ibp")
+    s.add_argument("--arithmetic", choices=ARITHMETIC, default="float32",
+                   help="float32 (default): bounds hold for any float32 engine, rounding included; real: bounds of "
+                        "the real-valued function only, as auto_LiRPA computes them (not a float32 guarantee)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -147,7 +150,8 @@ def cmd_verify(args) -> int:
                         blocks=args.blocks, tolerance=args.tolerance, property=args.property,
                         worst_k=args.worst_k, intermediate=args.intermediate, device=args.device,
                         alpha_iters=args.alpha_iters, workers=args.workers, ray=args.ray,
-                        checkpoint=args.checkpoint, progress=progress, **_input_kwargs(args))
+                        checkpoint=args.checkpoint, progress=progress, arithmetic=args.arithmetic,
+                        **_input_kwargs(args))
     finally:
         progress.done()
     if args.save_bounds:

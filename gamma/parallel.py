@@ -59,7 +59,7 @@ class BlockTask:
     graph: Graph                 # the block's subgraph: only its own weights
     center: torch.Tensor         # float64 nominal input of the block, graph.input_shape
     epsilon: float
-    opts: dict                   # method, intermediate, device, alpha_iters
+    opts: dict                   # method, intermediate, device, alpha_iters, arithmetic
 
 
 @dataclass
@@ -399,6 +399,7 @@ def run_key(report: dict, alpha_iters: int, x: torch.Tensor) -> dict:
     model["path"] = os.path.realpath(model["path"]) if model.get("path") else model.get("path")
     key = {"model": model}
     key.update({k: report[k] for k in ("component", "output", "seq_len", "method", "intermediate", "epsilon")})
+    key["arithmetic"] = report.get("arithmetic", "float32")
     if report["method"] == "alpha":
         key["alpha_iters"] = int(alpha_iters)
     key["input_sha256"] = tensor_sha256(x)

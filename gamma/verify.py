@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import __version__, bounds, parallel
-from .bounds import METHODS
+from .bounds import ARITHMETIC, METHODS
 from .bounds.engine import INTERMEDIATE       # crown, cut, ibp
 from .errors import GammaError
 from .graph import Graph
@@ -135,7 +135,10 @@ def select_blocks(spec, n: int) -> list[int]:
     return picked
 
 
-def _check_options(method: str, intermediate: str, device: str, tolerance, worst_k: int) -> None:
+def _check_options(method: str, intermediate: str, device: str, tolerance, worst_k: int,
+                   arithmetic: str = "float32") -> None:
+    if arithmetic not in ARITHMETIC:
+        raise GammaError(f"unknown --arithmetic '{arithmetic}' (choose from {', '.join(ARITHMETIC)})")
     if method not in METHODS:
         raise GammaError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if intermediate not in INTERMEDIATE:
@@ -314,7 +317,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            property: Union[str, Sequence[Assertion], None] = None, worst_k: int = 5,
            intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
-           progress: Progress = None) -> VerifyResult:
+           progress: Progress = None, arithmetic: str = "float32") -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -323,11 +326,13 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     a VNN-LIB file (or parsed assertions) that the output bounds must prove.
     ``workers`` / ``ray`` / ``checkpoint`` (block-wise only): spread the
     blocks over local processes or a Ray cluster, and resume from a
-    checkpoint file (:mod:`gamma.parallel`).
+    checkpoint file (:mod:`gamma.parallel`).  ``arithmetic``: "float32"
+    (default: the bounds hold for any float32 engine, rounding included) or
+    "real" (the real-valued function only, as other verifiers bound it).
     """
     t_start = time.perf_counter()
     eps = check_epsilon(epsilon)
-    _check_options(method, intermediate, device, tolerance, worst_k)
+    _check_options(method, intermediate, device, tolerance, worst_k, arithmetic)
     if block_wise and layer_by_layer:
         raise GammaError("--block-wise and --layer-by-layer are exclusive")
     mode = "block_wise" if block_wise else "layer_by_layer" if layer_by_layer else "full"
@@ -355,12 +360,14 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
         "model": {"path": model.path, "format": model.ckpt.format, "arch": model.arch},
         "component": comp, "output": output, "seq_len": seq,
         "method": method, "intermediate": intermediate, "epsilon": eps, "device": str(device),
+        "arithmetic": arithmetic,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output, "output_shape": list(graph.output_shape),
         "num_blocks": len(graph.blocks()),
         "tolerance": None if tolerance is None else float(tolerance),
     }
-    opts = dict(method=method, intermediate=intermediate, device=device, alpha_iters=alpha_iters)
+    opts = dict(method=method, intermediate=intermediate, device=device, alpha_iters=alpha_iters,
+                arithmetic=arithmetic)
     if mode == "block_wise":
         scale["key"] = parallel.run_key(report, alpha_iters, point.x)
         body, arrays, timings = _run_blocks(graph, point.x, eps, select_blocks(blocks, len(graph.blocks())),
@@ -376,7 +383,8 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
 
 def _compute(graph: Graph, center: torch.Tensor, eps: float, opts: dict, progress: Progress):
     return bounds.compute_bounds(graph, center, eps, opts["method"], intermediate=opts["intermediate"],
-                          device=opts["device"], alpha_iters=opts["alpha_iters"], progress=progress)
+                          device=opts["device"], alpha_iters=opts["alpha_iters"], progress=progress,
+                          arithmetic=opts.get("arithmetic", "float32"))
 
 
 def _widths(graph: Graph, res) -> dict[str, Width]:

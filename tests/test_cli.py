@@ -106,6 +106,8 @@ def test_bad_blocks(capsys, llama_dir, blocks, msg):
      "argument --layer-by-layer: not allowed with argument --block-wise"),
     (["verify", "--seq-len", "two"], "argument --seq-len: invalid int value: 'two'"),
     (["verify", "--device", "tpu"], "unknown --device 'tpu' (choose cpu or cuda)"),
+    (["verify", "--arithmetic", "float16"],
+     "argument --arithmetic: invalid choice: 'float16' (choose from 'float32', 'real')"),
     (["frobnicate"], None),
     ([], "choose a command: inspect, forward, verify, weights, analyze, compare, diff or regress (gamma --help)"),
     (["forward"], "the following arguments are required: --out"),
@@ -244,6 +246,21 @@ def test_verify_table(capsys, llama_dir, tmp_path):
     assert sum(row.startswith("*") for row in rows[:2]) == 1       # --worst-k 1 marks one block
     assert "worst blocks (*)" in out and f"bounds written to {npz}" in out
     assert os.path.exists(npz)
+
+
+def test_verify_real_arithmetic_said(capsys, llama_dir):
+    """--arithmetic real is in the JSON and in the table's header, with what it does not cover."""
+    rc, out, err = main(capsys, "verify", llama_dir, "--method", "ibp", "--seq-len", "2", "--arithmetic", "real",
+                        "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    jsonschema.validate(d, schema())
+    assert d["arithmetic"] == "real"
+    rc, out, err = main(capsys, "verify", llama_dir, "--method", "ibp", "--seq-len", "2", "--arithmetic", "real")
+    assert rc == 0, err
+    assert out.splitlines()[2] == ("bounds   of the real-valued function only (--arithmetic real): no float32 "
+                                   "margins, not a guarantee for a float32 engine")
+    assert "--arithmetic" not in main(capsys, "verify", llama_dir, "--method", "ibp", "--seq-len", "2")[1]
 
 
 def test_verify_full_table_and_layer_growth(capsys, llama_dir):

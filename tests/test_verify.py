@@ -379,6 +379,32 @@ def test_bad_options(llama):
         gamma.verify(llama, EPS, tokens="1,x")
     with pytest.raises(GammaError, match="no such file"):
         gamma.load("/nonexistent/model.safetensors")
+    with pytest.raises(GammaError, match=r"^unknown --arithmetic 'float16' \(choose from float32, real\)$"):
+        gamma.verify(llama, EPS, arithmetic="float16")
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_real_arithmetic_sound_for_the_real_function_and_within_float32(whisper, validator, method):
+    """--arithmetic real: no float32 margins.  The bounds still contain the
+    float64 function (samples + PGD), lie inside the float32-sound bounds and
+    are tighter; the report says which arithmetic it bounds, and block-wise
+    checkpoints keep the two apart (run key)."""
+    from gamma import parallel
+    from soundness import graph_fn, violations
+    kw = dict(method=method, seq_len=2, epsilon=1e-4)
+    f32 = gamma.verify(whisper, **kw)
+    real = gamma.verify(whisper, arithmetic="real", **kw)
+    assert real.report["arithmetic"] == "real" and f32.report["arithmetic"] == "float32"
+    _validate(validator, real)
+    lo, hi = (torch.from_numpy(real.arrays[k]) for k in ("lower", "upper"))
+    flo, fhi = (torch.from_numpy(f32.arrays[k]) for k in ("lower", "upper"))
+    assert torch.all(lo >= flo) and torch.all(hi <= fhi)
+    assert float((hi - lo).sum()) < float((fhi - flo).sum())
+    g = whisper.graph("encoder", 2)
+    x = whisper.input_point("encoder", 2).x
+    assert violations(graph_fn(g), x, 1e-4, lo, hi, n_samples=500, steps=10, restarts=1) == 0
+    keys = [parallel.run_key(r.report, 20, x) for r in (f32, real)]
+    assert keys[0] != keys[1]
 
 
 def test_tokens_set_sequence_length(llama):

@@ -6,10 +6,11 @@ Public API::
 
 ``method`` is one of :data:`METHODS`.  Every method returns bounds that hold
 for the real-valued function *and* for a float32 evaluation of it by a
-reference engine (see :mod:`gamma.bounds.fp`).
+reference engine (see :mod:`gamma.bounds.fp`); ``arithmetic="real"`` drops
+the float32 part (:data:`ARITHMETIC`).
 """
 
 from .interval import Interval
-from .engine import METHODS, BoundResult, compute_bounds
+from .engine import ARITHMETIC, METHODS, BoundResult, compute_bounds
 
-__all__ = ["Interval", "METHODS", "BoundResult", "compute_bounds"]
+__all__ = ["Interval", "ARITHMETIC", "METHODS", "BoundResult", "compute_bounds"]

@@ -37,6 +37,9 @@ METHODS = ("ibp", "crown", "alpha", "zonotope")
 # rounded a / b with 0 <= a <= b stays in [0, 1])
 OUTPUT_RANGE = {"softmax": (0.0, 1.0)}
 INTERMEDIATE = ("crown", "cut", "ibp")
+# what the bounds contain: "float32" every output of a float32 engine (rounding margins at every
+# node, the default); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
+ARITHMETIC = ("float32", "real")
 
 
 def clamp_output_range(op: str, iv: Interval, margin) -> Interval:
@@ -129,12 +132,21 @@ def resolve_device(device: str) -> torch.device:
 
 def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "crown", *,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
-                   progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False) -> BoundResult:
-    """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``."""
+                   progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
+                   arithmetic: str = "float32") -> BoundResult:
+    """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
+
+    ``arithmetic="float32"`` (default): they contain what any float32 engine
+    computes (an outward margin for its rounding at every node).  ``"real"``:
+    they contain the real-valued function only (no margins; gamma's own
+    float32 products still charge their rounding), which is what other
+    verifiers bound, and not a guarantee for a float32 engine."""
     if method not in METHODS:
         raise GammaError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if intermediate not in INTERMEDIATE:
         raise GammaError(f"unknown --intermediate '{intermediate}' (choose {', '.join(INTERMEDIATE)})")
+    if arithmetic not in ARITHMETIC:
+        raise GammaError(f"unknown --arithmetic '{arithmetic}' (choose {', '.join(ARITHMETIC)})")
     eps = float(epsilon) if (allow_zero and epsilon == 0) else check_epsilon(epsilon)
     dev = resolve_device(device)
     if tuple(center.shape) != tuple(graph.input_shape):
@@ -169,7 +181,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
             continue
         ins = [bounds[i] for i in node.inputs]
         iv = ibp_node(node, *ins)
-        m = margin(node, ins, iv)
+        m = margin(node, ins, iv) if arithmetic == "float32" else None
         margins[node.name] = m
         iv = iv.widen(m)
         if node.op in OUTPUT_RANGE:

@@ -55,6 +55,10 @@ SEED = 1234
 LN_EPS = 1e-5                # transformers' WhisperEncoderLayer: nn.LayerNorm default
 NOMINAL_TOL = 1e-5           # auto_LiRPA module (float64) vs gamma's evaluate
 SAMPLES = 256                # box samples (plus the centre) for the containment check
+# the sides: gamma as `gamma verify` runs it (float32-sound), gamma bounding the real-valued function
+# as auto_LiRPA does (--arithmetic real: no float32 margins), auto_LiRPA
+TOOLS = ("gamma", "gamma-real", "auto_LiRPA")
+SHOWN = {"gamma": "gamma", "gamma-real": "gamma, real arithmetic", "auto_LiRPA": "auto_LiRPA"}
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,8 @@ def gamma_setup(cfg: Config, job: dict):
     setup = time.perf_counter() - t0
 
     def bound(method):
-        res = compute_bounds(sub, point["x"], job["eps"], method, intermediate="crown", device="cpu")
+        res = compute_bounds(sub, point["x"], job["eps"], method, intermediate="crown", device="cpu",
+                             arithmetic=job.get("arithmetic", "float32"))
         return res.lower, res.upper                                   # (T, d) float64
     return {"setup_s": setup}, bound
 
@@ -227,7 +232,7 @@ def worker(job_path: str) -> None:
         job = json.load(f)
     torch.set_num_threads(job["threads"])
     cfg = Config(**{**job["config"], "eps": tuple(job["config"]["eps"])})
-    info, bound = (gamma_setup if job["tool"] == "gamma" else lirpa_setup)(cfg, job)
+    info, bound = (gamma_setup if job["tool"] == "gamma" else lirpa_setup)(cfg, job)      # gamma: either arithmetic
     out = {**info, "methods": {}}
     for method in job["methods"]:
         rss0 = _maxrss_mb()
@@ -254,7 +259,7 @@ def run_child(job: dict, folder: str, timeout: float, mem_bytes: int) -> dict:
     """Run one job (one tool, config and eps; its methods in order) in a fresh interpreter under
     the time and address-space limits.  Returns {method: result or {"failed": why}} plus "_run"
     (peak RSS from wait4, wall time, load average before and after)."""
-    tag = f"{job['tool']}-{job['eps']:g}"
+    tag = f"{job['tool']}-{job.get('arithmetic', '')}-{job['eps']:g}"
     job_path, job["result"] = os.path.join(folder, tag + ".json"), os.path.join(folder, tag + ".pt")
     log_path = os.path.join(folder, tag + ".log")
     with open(job_path, "w") as f:
@@ -390,12 +395,12 @@ def table(rows: list[dict], lirpa: str, args, started: float) -> str:
            "| outside / points | load | status |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        for tool in ("gamma", "auto_LiRPA"):
-            x = r[tool]
+        for tool in TOOLS:
+            x = r.get(tool)
             if x is None:
                 continue
             load = "-" if "load" not in x else f"{x['load'][0]:.1f}-{x['load'][1]:.1f}"
-            head = f"| {r['label']} | {r['eps']:g} | {r['method']} | {tool} |"
+            head = f"| {r['label']} | {r['eps']:g} | {r['method']} | {SHOWN[tool]} |"
             if "failed" in x or "skipped" in x:
                 status = x.get("failed") or x["skipped"]
                 peak = fmt(x.get("peak_mb"), ".0f") if "failed" in x else "-"
@@ -409,24 +414,29 @@ def table(rows: list[dict], lirpa: str, args, started: float) -> str:
                        f"{x['outside']} / {x['points']} | {load} | ok |")
     out += ["", "Ratios gamma / auto_LiRPA (time, memory, width: below 1 means gamma is faster / needs less / "
             "is tighter).", "",
-            "| block | eps | method | bound time | setup + bound time | peak RSS | bound RSS | mean width | max width |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| block | eps | method | bound time | setup + bound time | peak RSS | bound RSS | mean width | max width "
+            "| mean width, both real arithmetic | max width, both real arithmetic |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     if all(r["auto_LiRPA"] is None for r in rows):
-        out.append("| (no ratios: auto_LiRPA was not run) | | | | | | | | |")
+        out.append("| (no ratios: auto_LiRPA was not run) | | | | | | | | | | |")
     for r in rows:
-        g, a = r["gamma"], r["auto_LiRPA"]
+        g, a, gr = r["gamma"], r["auto_LiRPA"], r.get("gamma-real")
         if not g or not a or "failed" in g or "skipped" in g:
             continue
         if "failed" in a or "skipped" in a:
             why = "auto_LiRPA failed" if "failed" in a else "auto_LiRPA not run"
-            out.append(f"| {r['label']} | {r['eps']:g} | {r['method']} | {why} | | | | | |")
+            out.append(f"| {r['label']} | {r['eps']:g} | {r['method']} | {why} | | | | | | | |")
             continue
         (gm, gx), (am, ax) = widths(g), widths(a)
+        real = "- | -"
+        if gr and "failed" not in gr and "skipped" not in gr:
+            rm, rx = widths(gr)
+            real = f"{rm / am:.3g} | {rx / ax:.3g}"
         dg, da = g["peak_mb"] - g["rss_before_mb"], a["peak_mb"] - a["rss_before_mb"]
         total = (g["setup_s"] + g["bound_s"]) / (a["setup_s"] + a["bound_s"])
         out.append(f"| {r['label']} | {r['eps']:g} | {r['method']} | {g['bound_s'] / a['bound_s']:.3g} | "
                    f"{total:.3g} | {g['peak_mb'] / a['peak_mb']:.3g} | "
-                   f"{fmt(dg / da) if dg > 0 and da > 0 else '-'} | {gm / am:.3g} | {gx / ax:.3g} |")
+                   f"{fmt(dg / da) if dg > 0 and da > 0 else '-'} | {gm / am:.3g} | {gx / ax:.3g} | {real} |")
     out += ["", "Notes:",
             "* Same function, weights and box on both sides: the encoder blocks of a random Whisper saved with "
             "transformers' `save_pretrained` (every parameter perturbed, seed 1234); gamma builds its block graph "
@@ -436,6 +446,10 @@ def table(rows: list[dict], lirpa: str, args, started: float) -> str:
             "* gamma's bounds include outward float32 rounding margins at every node (sound for a float32 engine); "
             "auto_LiRPA's do not (they bound the real-valued function and are computed in float32 without "
             "directed rounding). gamma computes in float64; auto_LiRPA runs in float32, its default.",
+            "* 'gamma, real arithmetic' is the same gamma run with `arithmetic='real'` (`--arithmetic real`): no "
+            "float32 margins, so it bounds what auto_LiRPA bounds, the real-valued function (gamma's own float32 "
+            "products still charge their rounding). The 'both real arithmetic' ratios compare those widths; "
+            "time and memory ratios are the default gamma run's.",
             "* gamma: `compute_bounds(graph, x, eps, method, intermediate='crown')` as `gamma verify` runs it. "
             "auto_LiRPA: `BoundedModule(net, x)`, `PerturbationLpNorm(norm=inf, eps)`, "
             "`compute_bounds(method='CROWN' | 'IBP')`, default bound options (GELU via auto_LiRPA's own `GELU` "
@@ -501,7 +515,7 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="gamma-autolirpa-") as folder:
             prep = prepare(cfg, folder)
             results = {}
-            for tool in ("gamma", "auto_LiRPA"):
+            for tool in TOOLS:
                 if tool == "auto_LiRPA" and not have:
                     continue
                 dead = {}                        # method -> why it is not run at the larger eps
@@ -513,7 +527,8 @@ def main(argv=None) -> None:
                     res = {m: {"skipped": dead[m]} for m in METHODS if m in dead}
                     todo = [m for m in METHODS if m not in dead]
                     if todo:
-                        job = {"tool": "gamma" if tool == "gamma" else "lirpa", "methods": todo, "eps": eps,
+                        job = {"tool": "lirpa" if tool == "auto_LiRPA" else "gamma", "methods": todo, "eps": eps,
+                               "arithmetic": "real" if tool == "gamma-real" else "float32",
                                "ckpt": prep["ckpt"], "point": prep["point"], "threads": args.threads,
                                "config": cfg.__dict__ | {"eps": list(cfg.eps)}}
                         ran = run_child(job, folder, args.timeout, mem)
@@ -540,7 +555,7 @@ def main(argv=None) -> None:
             for method in METHODS:
                 rows.append({"label": label, "eps": eps, "method": method,
                              **{t: results[t, eps][method] if (t, eps) in results else None
-                                for t in ("gamma", "auto_LiRPA")}})
+                                for t in TOOLS}})
     text = table(rows, lirpa, args, started)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -556,8 +571,8 @@ def plain(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         row = {k: r[k] for k in ("label", "eps", "method")}
-        for tool in ("gamma", "auto_LiRPA"):
-            x = r[tool]
+        for tool in TOOLS:
+            x = r.get(tool)
             if x is None:
                 row[tool] = None
                 continue

@@ -164,7 +164,6 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
     ctx.stops = stops
-    ctx.planes = intermediate != "cut"
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
     unbounded: set = set()          # ibp: nodes whose bounds are (-inf, inf) everywhere
@@ -199,6 +198,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         elif node.name in need or (node.name == graph.output and method != "ibp"):
             if progress:
                 progress(f"crown {node.name}")
+            # attention @ V by sign-chosen planes in the output's own pass only (intermediate passes
+            # would pay up to 2x for them on the attention side); --intermediate cut never (cheap mode)
+            ctx.planes = intermediate != "cut" and node.name == graph.output
             iv = iv.intersect(node_bounds(ctx, node.name, box, stop=stops.get(node.name, frozenset())))
             stats["crown_nodes"] += 1
         bounds[node.name] = iv = _sanitize(iv)

@@ -239,3 +239,23 @@ def test_unknown_op_names_op_and_method():
     g.nodes["y"].op = "mystery"
     with pytest.raises(UnsupportedOp, match="method 'ibp' has no rule for op 'mystery' \\(node y\\)"):
         compute_bounds(g, torch.zeros(g.input_shape, dtype=torch.float64), 0.1, "ibp")
+
+
+def test_bounds_do_not_depend_on_the_centre_layout():
+    """A block input sliced out of a forward pass can be a transposed view; float32
+    products pick their GEMM path from the layout, so the engine makes the centre
+    contiguous (block-wise workers, which receive contiguous copies, then equal the
+    serial run bit for bit).  Before, this pre-LN MLP differed by ~1e-13."""
+    d, T = 384, 8
+    f32 = lambda *s: (torch.randn(*s, generator=G) * 0.05).float().double()   # float32-valued: float32 products
+    g = Graph("mlp", "x", (T, d))
+    n = g.add("n", "layernorm", "x", weight=f32(d) + 1, bias=f32(d), eps=1e-5)
+    h = g.add("h", "gelu", g.add("fc1", "linear", n, weight=f32(4 * d, d), bias=f32(4 * d)))
+    g.add("y", "add", "x", g.add("fc2", "linear", h, weight=f32(d, 4 * d), bias=f32(d)))
+    g.infer_shapes()
+    x = rnd(d, T).T                                                       # (T, d), strides (1, T)
+    assert not x.is_contiguous()
+    for method, inter in (("ibp", "crown"), ("crown", "crown"), ("crown", "cut")):
+        a = compute_bounds(g, x, 1e-3, method, intermediate=inter)
+        b = compute_bounds(g, x.contiguous(), 1e-3, method, intermediate=inter)
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), (method, inter)

@@ -153,7 +153,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         raise GammaError(f"input has shape {tuple(center.shape)}, the graph expects {tuple(graph.input_shape)}")
     t0 = time.perf_counter()
     graph.to(dev)
-    x0 = center.to(device=dev, dtype=torch.float64)
+    # contiguous: float32 products take their GEMM path (and so their rounding) from the layout,
+    # and a block input sliced out of a forward pass may be a transposed view
+    x0 = center.to(device=dev, dtype=torch.float64).contiguous()
     box = Interval(x0 - eps, x0 + eps)
     bounds: dict = {graph.input: box}
     margins: dict = {}

@@ -61,6 +61,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..errors import GammaError, UnsupportedOp
@@ -476,6 +477,12 @@ def _flat(x, shape):
     return torch.as_tensor(x, dtype=torch.float64).expand(shape).reshape(-1)
 
 
+def _broadcast_shapes(*shapes) -> tuple:
+    """numpy's broadcast rule; torch.broadcast_shapes imports sympy on its first
+    call (torch.fx symbolic shapes), 0.8 s of every fresh process's first CROWN run."""
+    return tuple(np.broadcast_shapes(*(tuple(s) for s in shapes)))
+
+
 def offsets(fn: Union[str, ScalarFn], l, u, a_lower, a_upper):
     """Sound offsets for given slopes: ``(bl, bu)`` with
     ``a_lower*x + bl <= f(x) <= a_upper*x + bu`` on [l, u].
@@ -485,8 +492,7 @@ def offsets(fn: Union[str, ScalarFn], l, u, a_lower, a_upper):
     """
     spec = get(fn)
     l, u = _prep(spec, l, u)
-    shape = torch.broadcast_shapes(l.shape, torch.as_tensor(a_lower).shape,
-                                   torch.as_tensor(a_upper).shape)
+    shape = _broadcast_shapes(l.shape, torch.as_tensor(a_lower).shape, torch.as_tensor(a_upper).shape)
     l, u, al, au = (_flat(x, shape) for x in (l, u, a_lower, a_upper))
     bl, bu, _ = _offsets(spec, l, u, al, au, None, None)
     bl = torch.where(torch.isfinite(bl), bl, torch.full_like(bl, -INF))
@@ -525,8 +531,7 @@ def linear(fn: Union[str, ScalarFn], l, u, alpha: Alpha = None):
     spec = get(fn)
     l, u = _prep(spec, l, u)
     alpha_l, alpha_u = _split_alpha(alpha)
-    shape = torch.broadcast_shapes(l.shape, *(torch.as_tensor(x).shape
-                                              for x in (alpha_l, alpha_u) if x is not None))
+    shape = _broadcast_shapes(l.shape, *(torch.as_tensor(x).shape for x in (alpha_l, alpha_u) if x is not None))
     l, u = _flat(l, shape), _flat(u, shape)
     alpha_l = None if alpha_l is None else _flat(alpha_l, shape)
     alpha_u = None if alpha_u is None else _flat(alpha_u, shape)

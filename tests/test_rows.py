@@ -63,3 +63,113 @@ def test_matmul_sparse_rows_equals_dense():
     lam[3, 2, 0] = float("nan")
     assert torch.isnan(matmul_sparse_rows(lam, w)[3, 2]).all()
     assert torch.equal(matmul_sparse_rows(torch.zeros(2, 6, dtype=torch.float64), w), torch.zeros(2, 5, dtype=torch.float64))
+
+
+def _llama_block(T: int = 4, d: int = 8, seed: int = 0) -> Graph:
+    """A pre-norm block with RoPE, grouped kv heads, causal softmax attention and a
+    SwiGLU MLP (silu: the chord slope on both sides, so its lines are parallel)."""
+    from gamma.models.common import causal_mask
+    from gamma.models.llama import rope_tables
+    gen = torch.Generator().manual_seed(seed)
+    W = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64) * 0.4
+    cos, sin = rope_tables(T, d // 2, 10000.0)
+    g = Graph("blk", "x", (T, d))
+    n = g.add("n", "rmsnorm", "x", weight=torch.ones(d, dtype=torch.float64) + W(d) * 0.1, eps=1e-6)
+    q = g.add("qr", "rope", g.add("q", "split_heads", g.add("qp", "linear", n, weight=W(d, d)), heads=2),
+              cos=cos.double(), sin=sin.double())
+    k = g.add("kr", "rope", g.add("k", "split_heads", g.add("kp", "linear", n, weight=W(d // 2, d)), heads=1),
+              cos=cos.double(), sin=sin.double())
+    v = g.add("v", "split_heads", g.add("vp", "linear", n, weight=W(d // 2, d)), heads=1)
+    k, v = g.add("kk", "repeat_kv", k, n_rep=2), g.add("vv", "repeat_kv", v, n_rep=2)
+    s = g.add("s", "mul_const", g.add("qk", "matmul", q, k), c=0.5)
+    p = g.add("p", "softmax", s, mask=causal_mask(T))
+    a = g.add("av", "matmul", p, g.add("vt", "transpose", v), rows_sum_to_one=True)
+    h = g.add("h", "add", "x", g.add("o", "linear", g.add("m", "merge_heads", a), weight=W(d, d)))
+    n2 = g.add("n2", "rmsnorm", h, weight=torch.ones(d, dtype=torch.float64), eps=1e-6)
+    act = g.add("act", "silu", g.add("gate", "linear", n2, weight=W(2 * d, d)))
+    up = g.add("up", "linear", n2, weight=W(2 * d, d))
+    g.add("y", "add", h, g.add("down", "linear", g.add("sw", "mul", act, up), weight=W(d, 2 * d)))
+    return g.infer_shapes()
+
+
+def test_single_token_rows_slice_instead_of_gather():
+    """Rows.of marks rows that share one token; take then slices (no per-row copy)
+    and take / dot / every rule give what the per-row gather gives."""
+    t = torch.arange(12, dtype=torch.float64).reshape(3, 2, 1, 2)            # node (H=2, T=4, n=2)
+    one = Rows.of(t, torch.tensor([2, 2, 2]), 4)
+    mixed = Rows.of(t, torch.tensor([2, 0, 2]), 4)
+    assert one.one == 2 and mixed.one is None and one.like(t * 2).one == 2
+    c = torch.arange(8, dtype=torch.float64).reshape(4, 2)                   # (T, n)
+    assert one.take(c).shape == (1, 2) and torch.equal(one.take(c), c[2:3])
+    gathered = Rows(t, one.tok, 4)                                           # same rows, gathered per row
+    assert torch.equal(torch.broadcast_to(one.take(c), gathered.take(c).shape), gathered.take(c))
+    assert torch.equal(one.dot(c), gathered.dot(c)) and torch.equal(one.dot(c), (one.dense() * c).reshape(3, -1).sum(1))
+    assert rows.Sym(one).full().one == 2
+
+
+def test_single_token_rows_give_the_gathered_bounds(monkeypatch):
+    from gamma.bounds import compute_bounds
+    g = _llama_block()
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    monkeypatch.setattr(crown, "CHUNK_ELEMS", 6 * 2 * 64)     # 6 spec rows per chunk at the output: some
+    a = compute_bounds(g, x0, 1e-2, "crown")                   # chunks within one token, some across two
+    seen = []
+    orig = Rows.of
+    monkeypatch.setattr(Rows, "of", staticmethod(lambda t, tok, T: (seen.append(orig(t, tok, T).one),
+                                                                     Rows(t, tok, T))[1]))
+    b = compute_bounds(g, x0, 1e-2, "crown")
+    assert None in seen and any(s is not None for s in seen)               # both paths were taken in a
+    assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-14)
+
+
+def test_repeat_kv_T_is_the_transpose():
+    """<repeat_kv(x), lam> == <x, repeat_kv_T(lam)> exactly on integers, n_rep 1-4."""
+    from gamma.ops import repeat_kv, repeat_kv_T
+    gen = torch.Generator().manual_seed(2)
+    for n_rep in (1, 2, 3, 4):
+        x = torch.randint(-5, 6, (3, 2, 5, 4), generator=gen).double()
+        lam = torch.randint(-5, 6, (3, 2 * n_rep, 5, 4), generator=gen).double()
+        assert float((repeat_kv(x, n_rep) * lam).sum()) == float((x * repeat_kv_T(lam, n_rep)).sum())
+        assert torch.equal(repeat_kv_T(lam, n_rep), lam.reshape(3, 2, n_rep, 5, 4).sum(2))
+
+
+def test_band_rounds_outward():
+    """c - h <= bl and c + h >= bu in float64, for offsets of every magnitude and sign."""
+    gen = torch.Generator().manual_seed(4)
+    e = torch.randint(-300, 300, (20000,), generator=gen).double()
+    bl = torch.randn(20000, generator=gen, dtype=torch.float64) * 2.0 ** e
+    bu = bl + torch.rand(20000, generator=gen, dtype=torch.float64) * 2.0 ** (e - torch.randint(0, 60, (20000,), generator=gen))
+    a = torch.zeros_like(bl)
+    c, h = crown._band(a, bl, a, bu)
+    assert bool((c - h <= bl).all()) and bool((c + h >= bu).all())
+    assert crown._band(a, bl, a + 1e-300, bu) is None                      # slopes differ: no band
+
+
+def test_parallel_lines_keep_the_halves_shared(monkeypatch):
+    """silu's lines share the chord slope, so the walk keeps ``[lam; -lam]`` as one
+    cotangent through the MLP (no split at the activation) and gives the bounds of
+    the split walk; samples + PGD find no violation; alpha (different slopes) splits."""
+    from gamma.bounds import compute_bounds
+    from soundness import graph_fn, violations
+    g = _llama_block()
+    x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    splits = set()
+    orig = crown.sign_dependent
+    monkeypatch.setattr(crown, "sign_dependent", lambda n, c: (lambda r: (r and splits.add(n.name), r)[1])(orig(n, c)))
+    for intermediate in ("crown", "cut"):
+        splits.clear()
+        r = compute_bounds(g, x0, 1e-2, "crown", intermediate=intermediate)
+        # crown: only attention @ V splits (its sign-chosen planes, in the output pass); cut: nothing
+        assert splits == ({"av"} if intermediate == "crown" else set()), intermediate
+        for dtype in (torch.float64, torch.float32):
+            assert violations(graph_fn(g, dtype), x0, 1e-2, r.lower, r.upper, steps=20) == 0
+        with monkeypatch.context() as m:
+            m.setattr(crown.Context, "band", lambda self, node: None)
+            s = compute_bounds(g, x0, 1e-2, "crown", intermediate=intermediate)
+        assert "act" in splits                                   # without the band silu splits
+        assert torch.allclose(r.lower, s.lower, rtol=1e-12, atol=1e-13)
+        assert torch.allclose(r.upper, s.upper, rtol=1e-12, atol=1e-13)
+    splits.clear()
+    a = compute_bounds(g, x0, 1e-2, "alpha", alpha_iters=2)
+    assert splits and violations(graph_fn(g, torch.float64), x0, 1e-2, a.lower, a.upper, steps=20) == 0

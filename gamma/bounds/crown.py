@@ -59,6 +59,7 @@ class Context:
         self._lin: dict = {}
         self._const: dict = {}
         self._relax: dict = {}
+        self._band: dict = {}
         self._lint: dict = {}
 
     def inb(self, node, k: int = 0) -> Interval:
@@ -112,6 +113,28 @@ class Context:
             self._relax[node.name] = relax.linear(node.op, x.lower, x.upper)
         return self._relax[node.name]
 
+    def band(self, node):
+        """``(c, h)`` when the two lines of an elementwise node are parallel
+        (``al == au`` everywhere: the chord slope, the default for non-convex
+        functions), so that ``f(x) in a x + c +- h``; else None.  The rule is
+        then linear in Lambda (``lam a``, constant ``lam . c - |lam| . h``)
+        and the shared halves (:class:`rows.Sym`) need not split there."""
+        if node.name in self.alpha:
+            return _band(*self.relaxation(node))
+        if node.name not in self._band:
+            self._band[node.name] = _band(*self.relaxation(node))
+        return self._band[node.name]
+
+
+def _band(al, bl, au, bu):
+    """Centre and half-width of ``[bl, bu]`` when ``al == au``, rounded outward:
+    ``c - h <= bl`` and ``c + h >= bu`` despite the float64 rounding of both."""
+    if not torch.equal(al, au):
+        return None
+    c = 0.5 * (bl + bu)
+    h = 0.5 * (bu - bl) + relax.EPS * (bl.abs() + bu.abs())
+    return c, h
+
 
 def _flat_sum(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(1)
@@ -149,6 +172,10 @@ def _linear(node, lam, ctx):
 
 def _elementwise(node, lam, ctx):
     al, bl, au, bu = ctx.relaxation(node)
+    band = ctx.band(node)
+    if band is not None:                        # lam (a x + c) -/+ |lam| h: linear in lam
+        c, h = band
+        return [lam * al], _dot(lam, c), _dot(lam.abs(), h)
     pos, neg = lam.clamp(min=0), lam.clamp(max=0)
     return [pos * al + neg * au], _dot(pos, bl) + _dot(neg, bu), None
 
@@ -323,7 +350,9 @@ def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
 def sign_dependent(node, ctx: Context) -> bool:
     """Rules that pick their lines by the sign of Lambda: a shared cotangent
     (:class:`rows.Sym`) is split into its halves before them."""
-    return node.op in ELEMENTWISE or (node.op == "matmul" and ctx.planes and planes(node))
+    if node.op in ELEMENTWISE:
+        return ctx.band(node) is None
+    return node.op == "matmul" and ctx.planes and planes(node)
 
 
 def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset()) -> Tensor:
@@ -416,7 +445,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         t = torch.zeros(k, max(1, _numel(in_shape[:-2])), in_shape[-1], dtype=dtype, device=device)
         t[torch.arange(k, device=device), lead] = W[unit]
         t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
-        return {node.inputs[0]: rows.Sym(Rows(t, tok, T))}, _linear_spec_bias(node, idx, unit, m, dtype, device)
+        return {node.inputs[0]: rows.Sym(Rows.of(t, tok, T))}, _linear_spec_bias(node, idx, unit, m, dtype, device)
     if COMPACT_ROWS and len(shape) >= 2:
         return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
                                                                                           device=device)

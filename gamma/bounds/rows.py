@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,14 @@ class Rows:
     t: Tensor        # (S, *lead, 1, n)
     tok: Tensor      # (S,) token of each row on axis -2
     T: int           # tokens on axis -2 of the node
+    one: Optional[int] = None   # the token of every row when they share one (a chunk of consecutive
+                                # specs mostly does): constants are then sliced, not gathered per row
+
+    @staticmethod
+    def of(t: Tensor, tok: Tensor, T: int) -> "Rows":
+        """Rows with :attr:`one` set when every row sits at the same token."""
+        one = int(tok[0]) if len(tok) and bool((tok == tok[0]).all()) else None
+        return Rows(t, tok, T, one)
 
     def dense(self) -> Tensor:
         """(S, *lead, T, n) with each row's slice at its token, zeros elsewhere."""
@@ -51,14 +60,16 @@ class Rows:
         return z.movedim(1, -2)
 
     def like(self, t: Tensor) -> "Rows":
-        return Rows(t, self.tok, self.T)
+        return Rows(t, self.tok, self.T, self.one)
 
     def take(self, c):
         """c (broadcastable to the node's shape) at each row's token, shaped to
-        broadcast against ``t``: (S, *lead', 1, n') or c itself when c has no
-        token axis."""
+        broadcast against ``t``: (S, *lead', 1, n'), (*clead, 1, n') when every
+        row shares one token, or c itself when c has no token axis."""
         if not isinstance(c, Tensor) or c.dim() < 2 or c.shape[-2] == 1:
             return c
+        if self.one is not None:
+            return c.narrow(c.dim() - 2, self.one, 1)
         g = c.index_select(c.dim() - 2, self.tok).movedim(-2, 0).unsqueeze(-2)   # (S, *clead, 1, n')
         pad = self.t.dim() - g.dim()
         return g.reshape(g.shape[0], *([1] * pad), *g.shape[1:])
@@ -69,8 +80,8 @@ class Rows:
         if not isinstance(c, Tensor):
             return self.t.reshape(S, -1).sum(1) * c
         g = self.take(c)
-        if g is c:                                   # no token axis: one mat-vec
-            v = c.to(self.t.dtype).expand(self.t.shape[1:]).reshape(-1)
+        if g.dim() < self.t.dim() or g.shape[0] == 1:      # the same for every row: one mat-vec
+            v = g.to(self.t.dtype).expand(self.t.shape[1:]).reshape(-1)
             return self.t.reshape(S, -1) @ v
         return (self.t * g).reshape(S, -1).sum(1)
 
@@ -89,7 +100,7 @@ class Sym:
     def full(self):
         lam = self.lam
         if isinstance(lam, Rows):
-            return Rows(torch.cat([lam.t, -lam.t]), torch.cat([lam.tok, lam.tok]), lam.T)
+            return Rows(torch.cat([lam.t, -lam.t]), torch.cat([lam.tok, lam.tok]), lam.T, lam.one)
         return torch.cat([lam, -lam])
 
 
@@ -138,7 +149,7 @@ def first_rows(graph, target: str, idx: Tensor, dtype, device):
     t = torch.zeros(k, max(1, math.prod(lead_shape)), n, dtype=dtype, device=device)
     t[torch.arange(k, device=device), lead, unit] = 1.0
     t = t.reshape(k, *lead_shape, 1, n)
-    return Sym(Rows(t, tok, T))
+    return Sym(Rows.of(t, tok, T))
 
 
 # ---------------------------------------------------------------- rules
@@ -173,6 +184,10 @@ def _linear(node, lam: Rows, ctx):
 
 def _elementwise(node, lam: Rows, ctx):
     al, bl, au, bu = ctx.relaxation(node)
+    band = ctx.band(node)
+    if band is not None:                        # parallel lines: linear in lam (crown._elementwise)
+        c, h = band
+        return [lam.like(lam.t * lam.take(al))], lam.dot(c), lam.like(lam.t.abs()).dot(h)
     pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
     bias = lam.like(pos).dot(bl) + lam.like(neg).dot(bu)
     return [lam.like(pos * lam.take(al) + neg * lam.take(au))], bias, None

@@ -37,9 +37,15 @@ def rotate_half_abs(x: Tensor) -> Tensor:
     return torch.cat((x[..., h:], x[..., :h]), dim=-1)
 
 
-def rotate_half_T(x: Tensor) -> Tensor:
-    """Transpose of rotate_half (it is antisymmetric)."""
-    return -rotate_half(x)
+def rope_T(lam: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Transpose of ``x cos + rotate_half(x) sin`` applied to lam, in three passes:
+    ``[lam1 cos1 + lam2 sin2, lam2 cos2 - lam1 sin1]`` (halves of the last dim)."""
+    h = lam.shape[-1] // 2
+    out = lam * cos
+    sin = sin if isinstance(sin, Tensor) else torch.as_tensor(sin, dtype=lam.dtype)
+    out[..., :h].addcmul_(lam[..., h:], sin[..., h:])
+    out[..., h:].addcmul_(lam[..., :h], sin[..., :h], value=-1)
+    return out
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -179,7 +185,7 @@ def _sum_to(lam: Tensor, shape: tuple) -> Tensor:
 SPARSE_ROWS_BELOW = 0.9   # row-compacted product when fewer rows than this fraction are non-zero
 
 
-def matmul_sparse_rows(lam: Tensor, w: Tensor, compute: Optional[torch.dtype] = None) -> Tensor:
+def matmul_sparse_rows(lam: Tensor, w: Tensor, compute: Optional[torch.dtype] = None, sparse: bool = True) -> Tensor:
     """``lam @ w`` for lam (.., n) and w (n, m), skipping all-zero rows of lam.
 
     CROWN cotangents are mostly zero rows: a spec row at token t touches only
@@ -187,10 +193,13 @@ def matmul_sparse_rows(lam: Tensor, w: Tensor, compute: Optional[torch.dtype] = 
     one.  The product of the non-zero rows is scattered into zeros, so the
     result equals the dense product while the flops follow the non-zeros.
     ``compute``: the dtype of the product (w's); only the live rows are
-    converted to it, and the result comes back in lam's dtype.
+    converted to it, and the result comes back in lam's dtype.  ``sparse=False``:
+    one dense product (the caller knows lam has few zero rows).
     """
     cast = (lambda t: t) if compute is None or compute == lam.dtype else (lambda t: t.to(compute))
     back = (lambda t: t) if compute is None or compute == lam.dtype else (lambda t: t.to(lam.dtype))
+    if not sparse:
+        return back(torch.matmul(cast(lam), w))
     flat = lam.reshape(-1, lam.shape[-1])                       # (R, n)
     live = (flat != 0).any(-1)                                  # NaN counts as non-zero
     k = int(live.sum())
@@ -260,7 +269,7 @@ AFFINE: dict[str, Affine] = {
     ),
     "rope": Affine(
         lin=lambda n, x: x * _p(n, "cos") + rotate_half(x) * _p(n, "sin"),
-        lin_T=lambda n, lam, shapes: (lam * _p(n, "cos") + rotate_half_T(lam * _p(n, "sin")),),
+        lin_T=lambda n, lam, shapes: (rope_T(lam, _p(n, "cos"), _p(n, "sin")),),
         lin_abs=lambda n, r: r * _p(n, "cos").abs() + rotate_half_abs(r) * _p(n, "sin").abs(),
         offset=_none,
     ),

@@ -173,3 +173,21 @@ def test_parallel_lines_keep_the_halves_shared(monkeypatch):
     splits.clear()
     a = compute_bounds(g, x0, 1e-2, "alpha", alpha_iters=2)
     assert splits and violations(graph_fn(g, torch.float64), x0, 1e-2, a.lower, a.upper, steps=20) == 0
+
+
+def test_rope_T_is_the_transpose():
+    """<rope(x), lam> == <x, rope_T(lam)> for the tables of a real head size, with
+    per-row (gathered) and shared tables."""
+    from gamma.models.llama import rope_tables
+    from gamma.ops import AFFINE, rope_T
+    cos, sin = (t.double() for t in rope_tables(5, 8, 10000.0))              # (T, dh)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 5, 8, generator=gen, dtype=torch.float64)
+    lam = torch.randn(3, 2, 5, 8, generator=gen, dtype=torch.float64)
+    node = type("N", (), {"params": {"cos": cos, "sin": sin}})()
+    y = AFFINE["rope"].lin(node, x)
+    assert abs(float((y * lam).sum()) - float((x * rope_T(lam, cos, sin)).sum())) < 1e-12
+    # by hand on one pair: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2
+    l1, l2 = lam[..., :4], lam[..., 4:]
+    want = torch.cat([l1 * cos[:, :4] + l2 * sin[:, 4:], l2 * cos[:, 4:] - l1 * sin[:, :4]], -1)
+    assert torch.allclose(rope_T(lam, cos, sin), want, rtol=1e-15, atol=1e-15)

@@ -387,6 +387,8 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             continue
         if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
             lam = lam.dense()
+        if isinstance(lam, Tensor) and not lam.is_contiguous():
+            lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         m = ctx.margin(node)
         if m is not None:
             bias = _acc(bias, sym, None, _abs_dot(lam, m))

@@ -444,7 +444,7 @@ class CotangentProduct:
             return None
         return CotangentProduct(weight32(w), y0, x0, err, floor)
 
-    def product(self, lam: torch.Tensor) -> torch.Tensor:
-        """``fl32(fl32(lam) @ W)`` as float64 (zero rows skipped)."""
+    def product(self, lam: torch.Tensor, sparse: bool = True) -> torch.Tensor:
+        """``fl32(fl32(lam) @ W)`` as float64 (zero rows skipped unless ``sparse=False``)."""
         from ..ops import matmul_sparse_rows
-        return matmul_sparse_rows(lam, self.w32, torch.float32)
+        return matmul_sparse_rows(lam, self.w32, torch.float32, sparse)

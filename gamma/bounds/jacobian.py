@@ -66,7 +66,17 @@ class Linearization:
         if self.rem is not None and ROW_REMAINDER:
             return self.rem.at(take)
         err = take(self.err)
-        return lambda lam: (lam.abs() * err).reshape(lam.shape[0], -1).sum(1)
+        return lambda lam: row_dot(lam.abs(), err)
+
+
+def row_dot(x: Tensor, c: Tensor) -> Tensor:
+    """(S,): per row of x (S, ..), the sum of ``x * c`` with c broadcastable to x.
+    One mat-vec when c is the same for every row (no row axis: several times
+    faster on CPU than the product and the sum), else the product and the sum."""
+    S = x.shape[0]
+    if c.dim() < x.dim() or c.shape[0] == 1:
+        return x.reshape(S, -1) @ c.to(x.dtype).expand(x.shape[1:]).reshape(-1)
+    return (x * c).reshape(S, -1).sum(1)
 
 
 @dataclass
@@ -113,11 +123,10 @@ class RowRemainder:
         B, P, Q = (None, None, None) if self.B is None else (take(self.B), take(self.P), take(self.Q))
 
         def even(lam: Tensor) -> Tensor:
-            S = lam.shape[0]
             L = (lam * u).sum(-1, keepdim=True)                       # (S, .., 1)
-            out = (lam.abs() * E).reshape(S, -1).sum(1) + (L.abs() * K).reshape(S, -1).sum(1)
+            out = row_dot(lam.abs(), E) + row_dot(L.abs(), K)
             if B is not None:
-                out = out + (B * (lam * P + L * Q).abs()).reshape(S, -1).sum(1)
+                out = out + row_dot((lam * P + L * Q).abs(), B)
             return out
         return even
 

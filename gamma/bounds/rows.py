@@ -175,7 +175,7 @@ def _linear(node, lam: Rows, ctx):
     """``lam W`` as a float32 product where it applies (:class:`.fp.CotangentProduct`)."""
     p = ctx.linear_product(node)
     if p is not None:
-        lin = lam.like(p.product(lam.t))
+        lin = lam.like(p.product(lam.t, sparse=False))       # compact rows are rarely zero
         odd = lam.dot(p.y0) - lin.dot(p.x0)
         if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
             return [lin], odd, p.floor
@@ -226,7 +226,18 @@ def _matmul_centre(node, lam: Rows, ctx):
     lx = (lam.t.squeeze(-2).movedim(0, -2) @ cy).movedim(-2, 0).unsqueeze(-2)   # (S, .., 1, a)
     bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
     even = lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
-    return [lam.like(lx), t(lam.t) * cx_rows], bias, even     # (S, .., Tk, 1) * (S, .., 1, a): outer products
+    return [lam.like(lx), _outer(t(lam.t), cx_rows)], bias, even     # (S, .., Tk, a): outer products
+
+
+def _outer(col: Tensor, row: Tensor) -> Tensor:
+    """``col * row`` for col (S, .., Tk, 1) and row (S or 1, .., 1, a), written
+    contiguously: left to broadcasting, the output may take a permuted layout
+    (heads outermost), which every later row-wise dot has to copy."""
+    if torch.is_grad_enabled() and (col.requires_grad or row.requires_grad):
+        return col * row                                          # alpha: out= has no autograd
+    rs = (1,) * (col.dim() - row.dim()) + tuple(row.shape)
+    shape = tuple(max(a, b) for a, b in zip(col.shape, rs))       # each pair equal or 1
+    return torch.mul(col, row, out=col.new_empty(shape))
 
 
 def _matmul_planes(node, lam: Rows, ctx):
@@ -246,7 +257,7 @@ def _matmul_planes(node, lam: Rows, ctx):
     mm = lambda v, w: (v.squeeze(-2).movedim(0, -2) @ w).movedim(-2, 0).unsqueeze(-2)
     lx = mm(pos, yl) + mm(neg, yu)                                 # (S, .., 1, a)
     bias = bias - (lx * xl_rows).reshape(S, -1).sum(1)
-    ly = t(lam.t) * xl_rows                                        # (S, .., Tk, a)
+    ly = _outer(t(lam.t), xl_rows)                                 # (S, .., Tk, a)
     if m is not None:
         bias = bias - (ly * m).reshape(S, -1).sum(1)               # ly . (y - m) = ly . y - ly . m
     return [lam.like(lx), ly], bias, None

@@ -79,6 +79,12 @@ def row_dot(x: Tensor, c: Tensor) -> Tensor:
     return (x * c).reshape(S, -1).sum(1)
 
 
+def row_sums(x: Tensor, u: Tensor) -> Tensor:
+    """``(x * u).sum(-1, keepdim=True)`` (broadcasting) without the product's
+    temporary: about 2x faster on CPU."""
+    return torch.linalg.vecdot(x, u.to(x.dtype) if u.dtype != x.dtype else u).unsqueeze(-1)
+
+
 @dataclass
 class RowRemainder:
     """A remainder bound that keeps the terms the entries of a row share.
@@ -123,7 +129,7 @@ class RowRemainder:
         B, P, Q = (None, None, None) if self.B is None else (take(self.B), take(self.P), take(self.Q))
 
         def even(lam: Tensor) -> Tensor:
-            L = (lam * u).sum(-1, keepdim=True)                       # (S, .., 1)
+            L = row_sums(lam, u)                                      # (S, .., 1)
             out = row_dot(lam.abs(), E) + row_dot(L.abs(), K)
             if B is not None:
                 out = out + row_dot((lam * P + L * Q).abs(), B)
@@ -354,7 +360,7 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
             return a * g + u * (v * g).sum(-1, keepdim=True)
 
         def vjp(lam):
-            return P(a * lam + v * (u * lam).sum(-1, keepdim=True))
+            return P(torch.addcmul(a * lam, v, row_sums(lam, u)))
         return jvp, vjp
 
     jvp, vjp = lin_at(a, u, v)

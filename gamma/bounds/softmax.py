@@ -14,7 +14,7 @@ import torch
 
 from ..ops import FORWARD
 from .interval import Interval
-from .jacobian import ULP64, Linearization, RowRemainder, _convex_intercepts, bounded_rows
+from .jacobian import ULP64, Linearization, RowRemainder, _convex_intercepts, bounded_rows, row_sums
 
 Tensor = torch.Tensor
 SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
@@ -231,7 +231,7 @@ def _softmax_lin(node, x: Interval) -> Linearization:
 
         def vjp_at(take):
             y = take(y0)
-            return lambda lam: y * (lam - (y * lam).sum(-1, keepdim=True))
+            return lambda lam: y * (lam - row_sums(lam, y))
 
         return Linearization(x0, y0, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
 
@@ -245,7 +245,7 @@ def _softmax_lin(node, x: Interval) -> Linearization:
             return a * dx + u * (v * dx).sum(-1, keepdim=True)
 
         def vjp(lam):
-            return a * lam + v * (u * lam).sum(-1, keepdim=True)
+            return torch.addcmul(a * lam, v, row_sums(lam, u))
         return jvp, vjp
 
     jvp, vjp = lin_at(a, u, v)

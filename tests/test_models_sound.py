@@ -146,7 +146,7 @@ def test_float32_transposes_used_sound_and_as_tight(models, case, monkeypatch):
     g = model.graph(comp, seq_len=4)
     calls = []
     product = fp.CotangentProduct.product
-    monkeypatch.setattr(fp.CotangentProduct, "product", lambda self, lam: (calls.append(1), product(self, lam))[1])
+    monkeypatch.setattr(fp.CotangentProduct, "product", lambda self, lam, **kw: (calls.append(1), product(self, lam, **kw))[1])
     got = {}
     for f32 in (True, False):
         monkeypatch.setattr(crown, "FLOAT32_TRANSPOSE", f32)

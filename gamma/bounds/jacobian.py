@@ -75,6 +75,7 @@ def row_dot(x: Tensor, c: Tensor) -> Tensor:
     faster on CPU than the product and the sum), else the product and the sum."""
     S = x.shape[0]
     if c.dim() < x.dim() or c.shape[0] == 1:
+        c = c[0] if c.dim() == x.dim() else c
         return x.reshape(S, -1) @ c.to(x.dtype).expand(x.shape[1:]).reshape(-1)
     return (x * c).reshape(S, -1).sum(1)
 

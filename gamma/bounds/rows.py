@@ -29,6 +29,7 @@ import torch
 
 from ..ops import AFFINE, ELEMENTWISE
 from .interval import planes, simplex_shift
+from .jacobian import row_dot
 
 Tensor = torch.Tensor
 
@@ -80,10 +81,7 @@ class Rows:
         if not isinstance(c, Tensor):
             return self.t.reshape(S, -1).sum(1) * c
         g = self.take(c)
-        if g.dim() < self.t.dim() or g.shape[0] == 1:      # the same for every row: one mat-vec
-            v = g.to(self.t.dtype).expand(self.t.shape[1:]).reshape(-1)
-            return self.t.reshape(S, -1) @ v
-        return (self.t * g).reshape(S, -1).sum(1)
+        return row_dot(self.t, g)
 
 
 @dataclass

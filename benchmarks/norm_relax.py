@@ -35,6 +35,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))      # this checkout's gamma, not an installed copy
 sys.path.insert(0, HERE)
 
 from gamma.bounds import compute_bounds, crown, interval, jacobian, softmax  # noqa: E402

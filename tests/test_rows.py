@@ -191,3 +191,18 @@ def test_rope_T_is_the_transpose():
     l1, l2 = lam[..., :4], lam[..., 4:]
     want = torch.cat([l1 * cos[:, :4] + l2 * sin[:, 4:], l2 * cos[:, 4:] - l1 * sin[:, :4]], -1)
     assert torch.allclose(rope_T(lam, cos, sin), want, rtol=1e-15, atol=1e-15)
+
+
+def test_outer_is_contiguous_and_the_product():
+    """rows._outer: the broadcast product, written contiguously, with a shared or per-row row factor."""
+    gen = torch.Generator().manual_seed(6)
+    # a compact cotangent whose memory has the heads outermost, as upstream rules can leave it
+    lam_t = torch.randn(2, 3, 1, 5, generator=gen, dtype=torch.float64).transpose(0, 1)   # (S, H, 1, Tk)
+    col = lam_t.transpose(-1, -2)                                                         # (S, H, Tk, 1)
+    c = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)                          # (H, T, a)
+    gathered = Rows(torch.zeros(3, 2, 1, 4, dtype=torch.float64), torch.tensor([1, 4, 2]), 6).take(c)
+    assert not (col * gathered).is_contiguous()           # the plain product keeps that layout
+    for row in (gathered, c.narrow(-2, 3, 1)):            # per-row, and one token shared
+        out = rows._outer(col, row)
+        assert out.shape == (3, 2, 5, 4) and out.is_contiguous()
+        assert torch.equal(out, col * row)

@@ -35,7 +35,7 @@ from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .fp import CotangentProduct
 from .interval import Interval, planes, simplex_shift
-from .jacobian import _norm_stats, linearize
+from .jacobian import _norm_stats, linearize, row_dot
 from .rows import Rows
 
 COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
@@ -141,11 +141,9 @@ def _flat_sum(t: Tensor) -> Tensor:
 
 
 def _dot(lam: Tensor, c) -> Tensor:
-    """sum over the trailing dims of lam * c (c broadcast to lam.shape[1:]): (S,).
-
-    A mat-vec: on CPU it is ~50x faster than a multiply-then-sum reduction."""
-    c = torch.as_tensor(c, dtype=lam.dtype, device=lam.device).expand(lam.shape[1:]).reshape(-1)
-    return lam.reshape(lam.shape[0], -1) @ c
+    """sum over the trailing dims of lam * c (c broadcast to lam.shape[1:]): (S,), one mat-vec
+    (:func:`.jacobian.row_dot`)."""
+    return row_dot(lam, torch.as_tensor(c, dtype=lam.dtype, device=lam.device))
 
 
 # ---------------------------------------------------------------- rules

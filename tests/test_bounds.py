@@ -165,6 +165,18 @@ def test_attention_planes_sound_and_used(intermediate, monkeypatch):
         assert float(r.width().sum()) < float(half.width().sum())
 
 
+def test_shift_constant_by_hand():
+    """``m^T - cx m'^T`` for the shifted attention @ V product: cx = (0.5, 0.25), m = (2, 3)
+    gives (1 - 0.75) (2, 3) = (0.5, 0.75); equal to the matmul form on random data."""
+    from gamma.bounds.interval import shift_constant
+    cx = torch.tensor([[0.5, 0.25]], dtype=torch.float64)                 # (T=1, S'=2)
+    m = torch.tensor([[2.0], [3.0]], dtype=torch.float64)                 # (a=2, 1)
+    assert shift_constant(cx, m).tolist() == [[0.5, 0.75]]
+    cx, m = rnd(3, 4, 5).softmax(-1), rnd(3, 6, 1)                         # (heads, T, S'), (heads, a, 1)
+    ref = m.transpose(-1, -2) - cx @ m.expand(3, 6, 5).transpose(-1, -2)
+    assert torch.allclose(shift_constant(cx, m), ref, rtol=0, atol=1e-14)
+
+
 def test_linear_exact_by_hand():
     """y = 2 x0 - 3 x1 + 1 on x = (1, 2) +- 0.1: y in [-3.5 - m, -2.5 + m] with a tiny float32 margin."""
     g = Graph("hand", "x", (2,))

@@ -34,7 +34,7 @@ from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .fp import CotangentProduct
-from .interval import Interval, planes, simplex_shift
+from .interval import Interval, planes, shift_constant, simplex_shift
 from .jacobian import _norm_stats, linearize, row_dot
 from .rows import Rows
 
@@ -201,7 +201,7 @@ def _matmul_centre(node, lam, ctx):
     if m is not None:
         # x (y - m)^T relaxed around (cx, cy - m): the y-term is cx (y - m)^T = cx y^T - cx m^T
         cy = cy - m
-        bias = bias + _dot(lam, t(m).expand(node.shape)) - _dot(lam, cx @ t(m.expand(y.center.shape)))
+        bias = bias + _dot(lam, shift_constant(cx, m).expand(node.shape))
     bias = bias - _dot(lam, cx @ t(cy))
     return [lam @ cy, t(lam) @ cx], bias, _dot(lam.abs(), x.radius @ t(y.radius))
 

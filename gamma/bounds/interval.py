@@ -111,6 +111,14 @@ def simplex_shift(node, y_center: Tensor):
     return y_center.mean(-1, keepdim=True)
 
 
+def shift_constant(x_center: Tensor, m: Tensor) -> Tensor:
+    """The constant ``m^T - cx m'^T`` (m' = m broadcast over y's last axis) of
+    the shifted product, relaxed around x's centre ``cx`` (.., T, S'); (.., T, a).
+    Every column of m' is m, so ``cx m'^T = rowsum(cx) m^T``: an outer
+    product, not a matmul with a stride-0 operand (a slow path on CPU)."""
+    return (1 - x_center.sum(-1, keepdim=True)) * m.transpose(-1, -2)
+
+
 MATMUL_PLANES = True        # CROWN: attention @ V by sign-chosen McCormick planes (False: half-sums, benchmarks)
 
 

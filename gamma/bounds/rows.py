@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..ops import AFFINE, ELEMENTWISE
-from .interval import planes, simplex_shift
+from .interval import planes, shift_constant, simplex_shift
 from .jacobian import row_dot
 
 Tensor = torch.Tensor
@@ -220,7 +220,7 @@ def _matmul_centre(node, lam: Rows, ctx):
     bias = lam.t.new_zeros(S)
     if m is not None:
         cy = cy - m
-        bias = bias + lam.dot(t(m).expand(node.shape)) - lam.dot(x.center @ t(m.expand(y.center.shape)))
+        bias = bias + lam.dot(shift_constant(x.center, m).expand(node.shape))
     lx = (lam.t.squeeze(-2).movedim(0, -2) @ cy).movedim(-2, 0).unsqueeze(-2)   # (S, .., 1, a)
     bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
     even = lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))

@@ -243,3 +243,33 @@ def test_softmax_interval_sums_and_log_space_agree_and_contain_the_corners(case)
             assert float(iv.lower[row, i]) <= lo and float(iv.upper[row, i]) >= hi, (row, i)
             assert float(iv.lower[row, i]) >= float(lo) * (1 - 1e-12) - 1e-300
             assert float(iv.upper[row, i]) <= float(hi) * (1 + 1e-12) + 1e-300
+
+
+def test_bounded_rows_and_unbounded_everywhere():
+    """The one-reduction fast paths give the same answers as the per-entry checks:
+    all rows bounded -> True; an inf row -> its mask; every row unbounded -> None;
+    a bound that is (-inf, inf) at every entry (and only then) counts as unbounded."""
+    from gamma.bounds.engine import _unbounded_everywhere
+    from gamma.bounds.jacobian import bounded_rows
+    inf = math.inf
+    lo = torch.zeros(3, 4, dtype=torch.float64)
+    assert bounded_rows(Interval(lo, lo + 1)) is True
+    hi = (lo + 1).index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(inf, dtype=torch.float64))
+    assert bounded_rows(Interval(lo, hi)).squeeze(-1).tolist() == [True, False, True]
+    assert bounded_rows(Interval(lo - inf, lo + inf)) is None
+    assert _unbounded_everywhere(Interval(lo - inf, lo + inf))
+    assert not _unbounded_everywhere(Interval(lo - inf, hi))          # finite uppers remain
+    assert not _unbounded_everywhere(Interval(lo, lo + inf))          # finite lowers
+    empty = torch.zeros(0, 4, dtype=torch.float64)
+    assert _unbounded_everywhere(Interval(empty, empty)) and bounded_rows(Interval(empty, empty)) is True
+
+
+def test_unbounded_row_takes_the_direct_enclosure():
+    """A row with an unbounded entry: LayerNorm's IBP rule is its direct enclosure
+    there (the mean-value radius would be inf), which stays finite (|n_i| <= sqrt(d))."""
+    x = Interval(torch.tensor([[0.0, -math.inf, 1.0]], dtype=torch.float64),
+                 torch.tensor([[0.5, math.inf, 2.0]], dtype=torch.float64))
+    g = norm_graph("layernorm", 3, rows=1)
+    out, naive = norm_interval(g["y"], x), norm_naive(g["y"], x)
+    assert torch.equal(out.lower, naive.lower) and torch.equal(out.upper, naive.upper)
+    assert bool(torch.isfinite(out.lower).all()) and bool(torch.isfinite(out.upper).all())

@@ -147,8 +147,8 @@ def elementwise_error(fn: str, l, u, image=None) -> torch.Tensor:
         err = torch.where(l < NORMAL_MIN, err + model.daz, err)
     err = err * (1.0 + 2.0 ** -40)   # float64 rounding of this formula itself
     over = (u > model.overflow_above) | (l < model.overflow_below) | (xmag > model.overflow_abs)
-    over = over | ~torch.isfinite(err)
-    return torch.where(over, torch.full_like(err, math.inf), err)
+    # err >= 0 or NaN: every non-finite entry becomes inf, as does every entry that may overflow
+    return err.masked_fill_(over, math.inf).nan_to_num_(nan=math.inf, posinf=math.inf, neginf=math.inf)
 
 
 def f32_matmul_is_ieee(device) -> bool:
@@ -336,7 +336,7 @@ def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
         p = c @ w.T
         s = abs_matmul_upper(torch.stack([r, c.abs()]), w)
         return p, s[0], s[0] + s[1]
-    if not bool(torch.isfinite(r).any()):
+    if r.numel() and not bool(torch.isfinite(r.amin())):       # r >= 0: one finite entry makes the min finite
         # every input unbounded: so is every output (a zero row of W would give
         # exactly 0, reported as unbounded: sound, and no products are spent)
         inf = torch.full(c.shape[:-1] + (w.shape[0],), math.inf, dtype=c.dtype, device=c.device)

@@ -398,32 +398,36 @@ def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:
     """
     d = n0.shape[-1]
     a, r = n0, r.expand(n0.shape)
-    ar_abs = (a.abs() * r).sum(-1, keepdim=True)                    # sum_j |a_j| r_j
+    aa = a.abs()
+    aar = aa * r
+    ar_abs = aar.sum(-1, keepdim=True)                              # sum_j |a_j| r_j
     if not centered:
         diag = (1 - a * a / d).abs() * r
-        out = diag + a.abs() * (ar_abs - a.abs() * r) / d
-        return out + 4 * d * ULP64 * (r + a.abs() * ar_abs / d)
+        out = diag + aa * (ar_abs - aar) / d
+        return out + 4 * d * ULP64 * (r + aa * ar_abs / d)
     srt, perm = torch.sort(a, -1)                                   # (.., d)
     rs = r.gather(-1, perm)
     zero = a.new_zeros(a.shape[:-1] + (1,))
     p0 = torch.cat([zero, rs.cumsum(-1)], -1)                       # (.., d+1): sums of r_j, a_j < bound
     p1 = torch.cat([zero, (srt * rs).cumsum(-1)], -1)
     tot0, tot1 = p0[..., -1:], p1[..., -1:]
-    safe = torch.where(a == 0, torch.ones_like(a), a)
+    zero_a = a == 0
+    safe = a.masked_fill(zero_a, 1.0)
     tau = -1.0 / safe                                               # 1 + a_i a_j < 0  <=>  a_j beyond tau
     # #{a_j < tau}; for a_i < 0 the terms with a_j > tau are negative, and an a_j equal to the rounded
     # tau counted either way moves F by 2 |1 + a_i a_j| r_j <= 2 |a_i| ulp(tau) r_j, within the slack below
     k = torch.searchsorted(srt.contiguous(), tau.contiguous(), side="left")
-    neg0 = torch.where(a > 0, p0.gather(-1, k), tot0 - p0.gather(-1, k))
-    neg1 = torch.where(a > 0, p1.gather(-1, k), tot1 - p1.gather(-1, k))
-    neg0 = torch.where(a == 0, torch.zeros_like(neg0), neg0)
-    neg1 = torch.where(a == 0, torch.zeros_like(neg1), neg1)
+    pos = a > 0
+    g0, g1 = p0.gather(-1, k), p1.gather(-1, k)
+    neg0 = torch.where(pos, g0, tot0 - g0).masked_fill_(zero_a, 0.0)
+    neg1 = torch.where(pos, g1, tot1 - g1).masked_fill_(zero_a, 0.0)
     plain = tot0 + a * tot1                                         # sum_j (1 + a_i a_j) r_j
     F = plain - 2 * (neg0 + a * neg1)
     F = torch.maximum(F, plain.abs())                               # a sum of |.| is >= |sum|
-    off = (F - (1 + a * a) * r).clamp_min(0)                        # j != i
-    diag = (1 - (1 + a * a) / d).abs() * r
-    return diag + off / d + 4 * d * ULP64 * (tot0 + a.abs() * ar_abs) / d
+    q = 1 + a * a
+    off = (F - q * r).clamp_min(0)                                  # j != i
+    diag = (1 - q / d).abs() * r
+    return diag + off / d + 4 * d * ULP64 * (tot0 + aa * ar_abs) / d
 
 
 def norm_err_separable(n0, s0, nl, nu, sl, su, r, centered: bool) -> Tensor:
@@ -507,6 +511,8 @@ def bounded_rows(x: Interval):
     """Which rows (last dim) of a box are bounded, for rules whose mean-value
     refinement is useless (inf or NaN) on an unbounded row: True when all
     are, None when none is, else a (.., 1) bool mask."""
+    if x.radius.numel() and bool(torch.isfinite(x.radius.amax())):     # one reduction (amax keeps NaN)
+        return True
     fin = torch.isfinite(x.radius).all(-1, keepdim=True)
     if bool(fin.all()):
         return True

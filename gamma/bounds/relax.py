@@ -449,9 +449,9 @@ def interval(fn: Union[str, ScalarFn], l, u):
             hi = torch.maximum(fl + el, fu + eu)
             lo = torch.minimum(fl - el, fu - eu)
             inside = (l <= spec.argmin + spec.argmin_tol) & (u >= spec.argmin - spec.argmin_tol)
-            lo = torch.where(inside, torch.full_like(lo, spec.fmin_lo), lo)
-        lo = torch.where(torch.isnan(lo), torch.full_like(lo, -INF), lo)
-        hi = torch.where(torch.isnan(hi), torch.full_like(hi, INF), hi)
+            lo = lo.masked_fill(inside, spec.fmin_lo)
+        lo = torch.nan_to_num(lo, nan=-INF, posinf=INF, neginf=-INF)     # NaN -> unbounded, infs kept
+        hi = torch.nan_to_num(hi, nan=INF, posinf=INF, neginf=-INF)
     return lo, hi
 
 

@@ -41,8 +41,7 @@ def rope_T(lam: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Transpose of ``x cos + rotate_half(x) sin`` applied to lam, in three passes:
     ``[lam1 cos1 + lam2 sin2, lam2 cos2 - lam1 sin1]`` (halves of the last dim)."""
     h = lam.shape[-1] // 2
-    out = lam * cos
-    sin = sin if isinstance(sin, Tensor) else torch.as_tensor(sin, dtype=lam.dtype)
+    out = lam * cos                                  # cos, sin: the node's tables (T, d)
     out[..., :h].addcmul_(lam[..., h:], sin[..., h:])
     out[..., h:].addcmul_(lam[..., :h], sin[..., :h], value=-1)
     return out

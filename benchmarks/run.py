@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--out BENCHMARKS.md]
                              [--qwen-blocks 0,27|all] [--smol-blocks 0,15,29|all]
-                             [--max-minutes 45] [--threads N] [--sections 1,...,7 [--update]]
+                             [--max-minutes 45] [--threads N] [--sections 1,...,8 [--update]]
 
 Sections (each a table in the output file; progress goes to stderr):
 
@@ -24,6 +24,10 @@ Sections (each a table in the output file; progress goes to stderr):
    worker per tool, config and eps; skipped with a note when auto_LiRPA is not
    installed).
 7. LayerNorm / RMSNorm, softmax and attention relaxations in CROWN side by side (``norm_relax.py``).
+8. Where CROWN's time and width go on one Qwen3-0.6B-shaped block
+   (``crown_cost.py``): product FLOPs per pass against this machine's matmul
+   rate (a floor for any implementation of the same walk), and what the
+   width of ``mlp.gate`` is made of.
 
 Timings on a shared machine are noisy: every ratio is measured side by side
 in one run, and the load average is written next to the per-block times.
@@ -296,6 +300,10 @@ def section_norms(args, out: list[str], results: dict) -> None:
     _script("norm_relax.py", "7. LayerNorm / RMSNorm, softmax and attention relaxations in CROWN", args, out)
 
 
+def section_cost(args, out: list[str], results: dict) -> None:
+    _script("crown_cost.py", "8. Where CROWN's time and width go (Qwen3-0.6B shape, one block)", args, out)
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -307,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", dest="json_out", help="also write every measurement here")
     ap.add_argument("--update", action="store_true",
                     help="replace only the sections run now in an existing --out file (keep the others)")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run (default all)")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which sections to run (default all)")
     ap.add_argument("--repeats", type=int, help="IBP section: at most N forward/IBP pairs (default 5; quick 2)")
     ap.add_argument("--ibp-budget", type=float,
                     help="IBP section: stop repeating (after 2 pairs) once a configuration used this many s "
@@ -375,7 +383,7 @@ def main(argv=None) -> int:
     # cheap sections first, so that the per-block ones use what is left of --max-minutes
     steps = [("1", "IBP ratio", section_ibp), ("4", "scale-out", section_scaleout),
              ("2", "Qwen3-0.6B shape", section_qwen), ("3", "Whisper / SmolLM2 blocks", section_real_blocks),
-             ("5", "CUDA", section_cuda), ("7", "norm relaxations", section_norms),
+             ("5", "CUDA", section_cuda), ("7", "norm relaxations", section_norms), ("8", "CROWN cost", section_cost),
              ("6", "auto_LiRPA", section_autolirpa)]
 
     old = _read_sections(args.out) if args.update else None

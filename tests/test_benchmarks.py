@@ -102,3 +102,31 @@ def test_subset_total_is_labelled_extrapolation(run):
     full = [dict(r, block=k) for k, r in enumerate(rows * 14)]
     text = "\n".join(run.block_table("m", 28, 8, {"crown": dict(base, rows=full)}, 600))
     assert "measured (all 28 blocks)" in text and "extrapolation" not in text
+
+
+def test_crown_cost_passes_and_width_shares(tiny_gguf):
+    """crown_cost.py: one row per CROWN pass with its product FLOPs, the engine
+    restored afterwards, and the width shares of mlp.gate adding up to its
+    width (every term of the walk accounted for)."""
+    cost = _module("crown_cost")
+    path, shape = tiny_gguf
+    m = gamma.load(path)
+    g = m.graph(seq_len=4)
+    sub = g.block_graph("layer1")
+    x = gamma.ops.evaluate(g, m.input_point(seq_len=4).x, keep_all=True)[sub.input]
+    orig = engine.node_bounds
+    rows, secs = cost.passes(sub, x, "crown", count=True)
+    assert engine.node_bounds is orig
+    names = [r[0] for r in rows]
+    assert {"layer1.attn.residual", "layer1.mlp.gate", "layer1.mlp.up", "layer1.mlp.residual"} <= set(names)
+    assert names[-1] == sub.output and all(r[5] is not None and r[5] >= 0 for r in rows)
+    d, f, T, q = shape.hidden_size, shape.intermediate_size, 4, shape.num_attention_heads * shape.head_dim
+    gate = rows[names.index("layer1.mlp.gate")]
+    assert gate[5] >= 2 * (T * f) * d * q        # at least: each spec row through o_proj's transpose
+    assert secs >= sum(r[4] for r in rows)
+    got, shares = cost.gate_width(sub, x, "layer1")
+    assert engine.node_bounds is orig
+    assert got["terms"] == pytest.approx(got["width"], rel=1e-9)
+    assert sum(v for _, v in shares) == pytest.approx(1.0, rel=1e-9)
+    labels = {k for k, _ in shares}
+    assert "layer1.attn.o:margin" in labels and "layer0.mlp.residual:box" in labels

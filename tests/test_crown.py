@@ -82,3 +82,40 @@ def test_crown_with_refined_norm_sound(op, intermediate):
     x0, eps = rnd(4, 24), 3e-2
     res = compute_bounds(g, x0, eps, "crown", intermediate=intermediate)
     assert violations(lambda xs: evaluate(g, xs), x0, eps, res.lower, res.upper, targets=torch.arange(24)) == 0
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_trace_accounts_for_the_whole_width(op):
+    """``backward``'s ``trace`` sees every term the walk adds to the constants:
+    per spec, their widths add up to the bound's width.  Optimised GELU slopes
+    (``ctx.alpha``) split the halves there (after that, offsets no longer cancel
+    between the halves), and float32-valued weights give the linear
+    transposes' error terms, so margin, rule and box terms all occur."""
+    from gamma.bounds import crown
+    d, T = 24, 4
+    w32 = lambda *shape, scale: rnd(*shape, scale=scale).float().double()
+    g = Graph(op, "x", (T, d))
+    g.add("h1", "linear", "x", weight=w32(d, d, scale=0.4), bias=rnd(d, scale=0.1))
+    g.add("a", "gelu", "h1")
+    g.add("h", "linear", "a", weight=w32(d, d, scale=0.4) + 0.3, bias=rnd(d, scale=0.1))
+    kw = dict(bias=rnd(d, scale=0.1)) if op == "layernorm" else {}
+    g.add("y", op, "h", weight=rnd(d, scale=0.3) + 1, eps=1e-5, **kw)
+    g.add("out", "linear", "y", weight=w32(6, d, scale=0.3))
+    g.infer_shapes()
+    x0, eps = rnd(T, d), 3e-2
+    ctx = _ctx(g, x0, eps)
+    ctx.alpha["a"] = (torch.full((T, d), 0.3, dtype=torch.float64), torch.full((T, d), 0.8, dtype=torch.float64))
+    S = T * 6
+    lams, bias = crown._first_step(ctx, "out", torch.arange(S), torch.float64, "cpu")
+    seen, kinds = torch.zeros(S, dtype=torch.float64), set()
+
+    def trace(label, delta):
+        assert delta.shape == (2 * S,)
+        kinds.add(label.split(":")[1])
+        seen.sub_(delta[:S] + delta[S:])
+
+    lb = crown.backward(ctx, lams, bias, ctx.bounds[g.input], trace=trace)
+    width = -lb[S:] - lb[:S]
+    assert torch.allclose(seen - (bias[:S] + bias[S:]), width, rtol=1e-9, atol=1e-12)
+    assert kinds == {"box", "margin", "rule"}
+    assert float(width.min()) > 0

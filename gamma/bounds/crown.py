@@ -26,7 +26,7 @@ The walk itself (:func:`backward`) knows nothing about the ops.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -345,6 +345,12 @@ def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
     return bias + torch.cat([half(o - e), half(-o - e)])
 
 
+def _charge(old: Tensor, new: Tensor, trace, name: str, kind: str) -> Tensor:
+    if trace is not None:
+        trace(f"{name}:{kind}", new - old)
+    return new
+
+
 def sign_dependent(node, ctx: Context) -> bool:
     """Rules that pick their lines by the sign of Lambda: a shared cotangent
     (:class:`rows.Sym`) is split into its halves before them."""
@@ -353,7 +359,8 @@ def sign_dependent(node, ctx: Context) -> bool:
     return node.op == "matmul" and ctx.planes and planes(node)
 
 
-def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset()) -> Tensor:
+def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset(),
+             trace: Optional[Callable[[str, Tensor], None]] = None) -> Tensor:
     """Lower bounds (S,) of ``sum_k lams[k] . value(k) + bias`` over the input box.
 
     Walks the ancestors of the nodes in ``lams`` in reverse topological order.
@@ -361,7 +368,13 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
     concretised over that node's interval instead of being propagated further.
     Cotangents are Tensors, :class:`Rows` or :class:`rows.Sym` (a stack
     ``[lam; -lam]`` kept as lam until an elementwise relaxation needs the
-    halves apart).
+    halves apart).  ``trace(label, delta)``, when given, sees every term this
+    walk adds to the constants (not those of the passes its relaxations run
+    for their own bounds): delta (2S,) for ``NODE:margin`` (float32 margin),
+    ``NODE:rule`` (the rule's constant: biases, relaxation offsets and
+    remainders) or ``NODE:box`` (concretised over the box or a stop node's
+    interval).  The width of spec s is ``-(delta[s] + delta[S + s])`` summed
+    over the terms, plus what the specs' own constant gives.
     """
     graph = ctx.graph
     lams = dict(lams)
@@ -381,7 +394,8 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             lam = lam.lam
         if concretise:
             iv = box if node.op == "input" else ctx.bounds[node.name]
-            bias = _acc(bias, sym, _odd_dot(lam, iv.center), _abs_dot(lam, iv.radius))
+            bias = _charge(bias, _acc(bias, sym, _odd_dot(lam, iv.center), _abs_dot(lam, iv.radius)), trace,
+                           node.name, "box")
             continue
         if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
             lam = lam.dense()
@@ -389,7 +403,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         m = ctx.margin(node)
         if m is not None:
-            bias = _acc(bias, sym, None, _abs_dot(lam, m))
+            bias = _charge(bias, _acc(bias, sym, None, _abs_dot(lam, m)), trace, node.name, "margin")
         if isinstance(lam, Rows):
             rule = rows.COMPACT[node.op]
         else:
@@ -398,7 +412,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             except KeyError:
                 raise UnsupportedOp(node.op, "crown", node.name) from None
         ins, odd, even = rule(node, lam, ctx)
-        bias = _acc(bias, sym, odd, even)
+        bias = _charge(bias, _acc(bias, sym, odd, even), trace, node.name, "rule")
         for name, li in zip(node.inputs, ins):
             if sym:
                 li = rows.Sym(li)

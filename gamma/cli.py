@@ -144,7 +144,7 @@ def cmd_verify(args) -> int:
     eps = check_epsilon(raw, shown=raw)
     _check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
-    progress = _Progress(enabled=not args.quiet and sys.stderr.isatty())
+    progress = _Progress(enabled=not args.quiet, live=sys.stderr.isatty())
     try:
         result = verify(args.model, eps, args.method, block_wise=block_wise, layer_by_layer=args.layer_by_layer,
                         blocks=args.blocks, tolerance=args.tolerance, property=args.property,
@@ -185,17 +185,30 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
 
 
 class _Progress:
-    """One rewritten status line on stderr: the message and the elapsed time."""
+    """Progress on stderr: on a terminal one rewritten status line (the message
+    and the elapsed time); otherwise (a log file, a CI job) a plain line at
+    most every ``every`` seconds, the first after ``every`` seconds, so that
+    a long run leaves a heartbeat of what it is doing and a short one none."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, live: bool = True, every: float = 30.0):
         self.enabled = enabled
+        self.live = live
+        self.every = every
         self.t0 = time.perf_counter()
+        self.last = self.t0
         self.width = 0
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
             return
-        line = f"gamma: {message} [{time.perf_counter() - self.t0:.1f}s]"
+        now = time.perf_counter()
+        if not self.live:
+            if now - self.last >= self.every:
+                sys.stderr.write(f"gamma: {message} [{now - self.t0:.1f}s]\n")
+                sys.stderr.flush()
+                self.last = now
+            return
+        line = f"gamma: {message} [{now - self.t0:.1f}s]"
         cols = _columns() - 1
         line = line[:cols]
         sys.stderr.write("\r" + line.ljust(self.width))
@@ -203,7 +216,7 @@ class _Progress:
         self.width = len(line)
 
     def done(self) -> None:
-        if self.enabled and self.width:
+        if self.enabled and self.live and self.width:
             sys.stderr.write("\r" + " " * self.width + "\r")
             sys.stderr.flush()
             self.width = 0

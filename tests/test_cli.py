@@ -304,3 +304,22 @@ def test_progress_line(capsys):
     quiet("block 1/2 layer0")
     quiet.done()
     assert capsys.readouterr().err == ""
+
+
+def test_progress_to_a_log(capsys, monkeypatch):
+    """Not a terminal: plain lines, at most one per interval and none before the first
+    interval has passed (short runs, and every error test, stay silent)."""
+    now = [100.0]
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: now[0])
+    p = cli._Progress(enabled=True, live=False, every=30.0)
+    p("loading model")
+    now[0] = 129.0
+    p("1/28 blocks: layer0 done")
+    now[0] = 131.0
+    p("layer1: crown layer1.mlp.gate")
+    p("layer1: crown layer1.mlp.up")
+    now[0] = 162.0
+    p("2/28 blocks: layer1 done")
+    p.done()
+    assert capsys.readouterr().err == ("gamma: layer1: crown layer1.mlp.gate [31.0s]\n"
+                                       "gamma: 2/28 blocks: layer1 done [62.0s]\n")

@@ -110,6 +110,14 @@ def fmt_g(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def write_markdown(path: str, lines: list[str]) -> None:
+    """Write a script's markdown (its folder made if needed) and echo it on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

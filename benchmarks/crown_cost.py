@@ -44,7 +44,7 @@ from gamma.ops import evaluate  # noqa: E402
 from gamma.verify import load  # noqa: E402
 
 import _models  # noqa: E402
-from _common import EPS, ROOT, fmt_s, load_avg, log, machine, table  # noqa: E402
+from _common import EPS, ROOT, fmt_s, load_avg, log, machine, table, write_markdown  # noqa: E402
 
 BLOCKS = 28          # blocks of the real shape: the extrapolation of the floor
 GATE_ROWS = 256      # spec rows of mlp.gate in the width breakdown
@@ -184,10 +184,7 @@ def main(argv=None) -> int:
     lines += ["", "`:margin`: the node's float32 rounding margin (plus the error of gamma's own float32 "
               "transpose of a linear node); `:rule`: the constant of the node's rule (the remainder of its "
               "linear relaxation); `:box`: the block input's box (epsilon)."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, lines)
     return 0
 
 

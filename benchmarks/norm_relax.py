@@ -42,7 +42,7 @@ from gamma.bounds import compute_bounds, crown, interval, jacobian, softmax  # n
 from gamma.ops import evaluate  # noqa: E402
 from gamma.verify import load  # noqa: E402
 
-from _common import ROOT, fmt_s, load_avg, log, machine, table, zoo_models  # noqa: E402
+from _common import ROOT, fmt_s, load_avg, log, machine, table, write_markdown, zoo_models  # noqa: E402
 
 VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed", "+ row remainders",
             "+ attention planes")
@@ -114,10 +114,7 @@ def main(argv=None) -> int:
                     "CROWN s", "time / mean-value", "load"], rows)
     lines += ["", "Bounds of the block output, `compute_bounds(..., 'crown')` (intermediate bounds by CROWN), "
               "float32 margins included. Variants alternate within each case; see the module docstring."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(args.out, lines)
     return 0
 
 

@@ -186,11 +186,15 @@ def analyze(verify_report: dict, norms_report: dict, top_k: int = TOP_K) -> dict
 
 
 def _versions() -> dict:
-    import matplotlib
     import torch
     from . import __version__
+    try:
+        import matplotlib
+        plots = matplotlib.__version__
+    except ImportError:                 # the analysis is data; only write_report needs matplotlib
+        plots = None
     return {"gamma": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "matplotlib": matplotlib.__version__, "python": platform.python_version()}
+            "matplotlib": plots, "python": platform.python_version()}
 
 
 # ------------------------------------------------------------------ report

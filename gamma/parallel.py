@@ -320,11 +320,9 @@ class _PoolRunner:
 
 # ------------------------------------------------------------------ Ray
 def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise GammaError("--ray needs the ray package: pip install ray") from None
-    return ray
+    """The ray module, or GammaError naming the extra to install."""
+    from .extras import require
+    return require("gamma verify --ray", "ray")
 
 
 def _ray_entry(solve: Solve, blob: bytes, threads: int):

@@ -43,6 +43,7 @@ import torch
 from . import __version__
 from .attack import explore
 from .errors import GammaError
+from .extras import require
 from .model import Model
 from .ops import evaluate
 from .verify import INTERMEDIATE, METHODS, check_epsilon, json_safe, load, verify, versions
@@ -217,11 +218,8 @@ def build_fixture(name: str, cache_dir: str) -> tuple[str, str]:
     if os.path.exists(meta):
         with open(meta, encoding="utf-8") as f:
             return folder, json.load(f)["digest"]
-    try:
-        import transformers as tf
-        from transformers.utils import logging as tf_logging
-    except ImportError:
-        raise GammaError(f"fixture:{name} needs transformers: pip install transformers") from None
+    tf = require(f"fixture:{name}", "transformers")
+    from transformers.utils import logging as tf_logging
     tf_logging.set_verbosity_error()
     tf_logging.disable_progress_bar()
     classes = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}
@@ -245,6 +243,14 @@ def build_fixture(name: str, cache_dir: str) -> tuple[str, str]:
     except OSError:                      # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, digest.hexdigest()
+
+
+def check_requirements(cases: list[Case]) -> None:
+    """GammaError naming the extra to install when a case's model needs a missing package."""
+    for case in cases:
+        kind, _, name = case.model.partition(":")
+        if kind == "fixture" and name:
+            require(case.model, "transformers")
 
 
 class Models:

@@ -342,6 +342,8 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     for opt, value in (("--workers", workers), ("--ray", ray), ("--checkpoint", checkpoint)):
         if value is not None and mode != "block_wise":
             raise GammaError(f"{opt} applies to --block-wise runs")
+    if ray is not None:
+        parallel.import_ray()            # a missing ray is one line now, not after the model loads
     assertions = None
     if property is not None:
         if mode == "block_wise":

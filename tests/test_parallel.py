@@ -135,7 +135,7 @@ def test_ray_local_cluster_matches_serial(qwen3, serial):
 def test_ray_missing_is_a_clear_error(qwen3, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "ray", None)         # import ray -> ImportError
-    with pytest.raises(GammaError, match="--ray needs the ray package: pip install ray"):
+    with pytest.raises(GammaError, match=r"^gamma verify --ray needs ray: pip install gamma-bounds\[ray\]$"):
         gamma.verify(qwen3, EPS, "ibp", block_wise=True, seq_len=SEQ, ray="local")
 
 

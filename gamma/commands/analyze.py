@@ -8,6 +8,7 @@ import os
 
 from ..analyze import analyze, check_verify_report, load_verify_json, write_report
 from ..errors import GammaError
+from ..extras import require
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
 from ..report import table
 from ..verify import METHODS, check_epsilon, json_safe, load, verify
@@ -72,6 +73,7 @@ def _verify_report(args, progress) -> tuple[dict, object]:
 
 
 def run(args) -> int:
+    require("gamma analyze", "matplotlib")      # before the verification, not after it
     if args.exact_limit < 1:
         raise GammaError(f"--exact-limit must be a positive integer, got {args.exact_limit}")
     progress = progress_line(not args.quiet)

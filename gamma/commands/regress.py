@@ -20,6 +20,7 @@ from typing import Optional
 
 from .. import regress as R
 from ..errors import GammaError
+from ..extras import require
 from ..report import table
 
 
@@ -99,6 +100,7 @@ def _summary(rec: dict) -> str:
 
 # ------------------------------------------------------------------ run / check / baseline
 def _run_cases(args, cases: list[R.Case], cache: str, history: Optional[str]) -> dict:
+    R.check_requirements(cases)          # before the first case runs
     models = R.Models(cache)
     prov, run_id = R.provenance(), R.now_utc()
     out = {}
@@ -135,6 +137,8 @@ def cmd_run(args) -> int:
 
 def cmd_check(args) -> int:
     cases = R.load_suite(args.suite, _names(args.cases))
+    if not args.history:
+        R.check_requirements(cases)
     base, warnings = R.load_baseline(args.baseline)
     _warn(warnings)
     if args.history:
@@ -191,6 +195,7 @@ def cmd_baseline(args) -> int:
 
 # ------------------------------------------------------------------ report
 def cmd_report(args) -> int:
+    require("gamma regress report", "matplotlib")
     h = R.read_history(args.history)
     _warn(h.warnings)
     if not h.records:

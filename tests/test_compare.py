@@ -212,6 +212,8 @@ def test_same_weights_differ_by_exactly_zero(models, pair):
     assert r["difference_graph"]["identical"]
     assert r["certified_max"] == 0.0 and r["empirical_max"] == 0.0
     assert r["verdict"] == "equivalent"
+    assert r["naive_max"] is None and r["seconds"]["naive"] == 0.0      # opt-in: no whole-model bounds
+    r = C.compare(ref, tgt, EPS, 0.0, "crown", seq_len=SEQ, naive=True)
     assert r["naive_max"] > 0 and r["gain"] == math.inf     # what subtracting independent bounds would say
     d = C.diff(ref, tgt, seq_len=SEQ)
     assert d["output_max_abs_diff"] == 0.0 and d["first_exceeding"] is None
@@ -249,7 +251,7 @@ def test_certified_difference_is_sound(lms, models, case, method):
 @pytest.mark.parametrize("case", CASES)
 def test_joint_bound_is_much_tighter_than_naive(models, case):
     r = C.compare(models[case[0]], models[case[1]], EPS, None, "crown", seq_len=SEQ,
-                  samples=64, attack_steps=5, restarts=1)
+                  samples=64, attack_steps=5, restarts=1, naive=True)
     print(f"\n{case[0]} vs {case[1]} crown eps={EPS}: certified max {r['certified_max']:.4g} "
           f"(width {r['certified_width']:.3g}), naive max {r['naive_max']:.4g} (width {r['naive_width']:.3g}), "
           f"empirical {r['empirical_max']:.4g}, nominal {r['nominal_max']:.4g}, gain x{r['gain']:.3g}")
@@ -309,7 +311,7 @@ def test_verdicts_and_counterexample(models, tmp_path):
 def test_block_wise_rows_are_sound(lms, models):
     ref, tgt = models["llama_hf"], models["llama_perturbed"]
     r = C.compare(ref, tgt, EPS, 1e-9, "crown", seq_len=SEQ, block_wise=True, samples=32, attack_steps=5,
-                  restarts=1)
+                  restarts=1, naive=True)
     rows = {b["block_name"]: b for b in r["blocks"]}
     assert list(rows) == ["layer0", "layer1"] and r["by_drift"][0] == "layer1"
     assert rows["layer0"]["difference_graph"]["identical"] and rows["layer0"]["certified_max"] == 0.0
@@ -381,8 +383,12 @@ def test_cli_compare_table_and_json(lms, capsys, tmp_path):
     common = ["--seq-len", "2", "--epsilon", "1e-3", "--samples", "16", "--attack-steps", "3"]
     rc, out = _run(capsys, "compare", a, b, *common, "--tolerance", "1")
     assert rc == 0
-    assert "certified (difference network)" in out and "naive (independent bounds)" in out
+    assert "certified (difference network)" in out and "naive (independent bounds)" not in out
+    assert "naive bounds not computed (--naive)" in out
     assert out.rstrip().endswith("verdict    EQUIVALENT")
+    for flag, shown in (("--naive", True), ("--no-naive", False)):
+        rc, out = _run(capsys, "compare", a, b, *common, "--tolerance", "1", flag)
+        assert rc == 0 and ("naive (independent bounds)" in out) == shown and ("gain (naive" in out) == shown
     ce = str(tmp_path / "ce.npy")
     rc, out = _run(capsys, "compare", a, b, *common, "--tolerance", "1e-6", "--json", "--save-counterexample", ce)
     r = json.loads(out)
@@ -478,7 +484,7 @@ def test_smollm2_q4_1_vs_q8_0_reexport_block_wise(smollm2_checkpoint, tmp_path):
         assert float((a - b).abs().max()) <= float(a.abs().max()) / 100
     eps = 1e-4
     r = C.compare(ref, tgt, eps, 1e-2, "crown", seq_len=4, block_wise=True, blocks="0,15",
-                  samples=64, attack_steps=10, restarts=1)
+                  samples=64, attack_steps=10, restarts=1, naive=True)
     for b in r["blocks"]:
         print("\n" + _line(f"SmolLM2-135M Q4_1 vs Q8_0 re-export, {b['block_name']}, crown, eps {eps:g}", b))
         assert b["violations"] == 0
@@ -499,12 +505,12 @@ def test_whisper_tiny_en_ct2_vs_hf_float32(whisper_tiny_en_checkpoint, tmp_path)
     ct2 = Model(ck)
     same = load(write_whisper_hf(ck, str(tmp_path / "hf_f32")))
     eps, seq = 1e-3, 4
-    r = C.compare(ct2, same, eps, 0.0, "crown", component="encoder", seq_len=seq)
+    r = C.compare(ct2, same, eps, 0.0, "crown", component="encoder", seq_len=seq, naive=True)
     print("\n" + _line(f"Whisper tiny.en encoder CT2 fp16 vs HF f32 (same weights), crown, eps {eps:g}", r))
     assert r["difference_graph"]["identical"] and r["certified_max"] == 0.0 and r["verdict"] == "equivalent"
     bf16 = load(write_whisper_hf(ck, str(tmp_path / "hf_bf16"), torch.bfloat16))
     r = C.compare(ct2, bf16, eps, 1e-2, "crown", component="encoder", seq_len=seq, samples=128,
-                  attack_steps=10, restarts=1)
+                  attack_steps=10, restarts=1, naive=True)
     print(_line(f"Whisper tiny.en encoder CT2 fp16 vs HF f32 rounded to bf16, crown, eps {eps:g}", r))
     assert r["violations"] == 0 and r["nominal_max"] <= r["empirical_max"] <= r["certified_max"]
     assert r["certified_width"] < r["naive_width"]
@@ -514,3 +520,20 @@ def test_whisper_tiny_en_ct2_vs_hf_float32(whisper_tiny_en_checkpoint, tmp_path)
     b = C.bound_difference(dg, gr, gt, x, eps, "crown", naive=False)
     bad, _ = check_sound(gr, gt, x, eps, b.lower, b.upper, n=64)
     assert bad == 0
+
+
+def test_progress_names_every_phase(models):
+    """Progress says what runs (loading, merging, each bound with its node count, the attack)."""
+    seen: list[str] = []
+    ref, tgt = models["llama_F32"], models["llama_Q8_0"]
+    C.compare(ref, tgt, EPS, None, "crown", seq_len=SEQ, samples=8, attack_steps=2, restarts=1, naive=True,
+              progress=seen.append)
+    assert seen[0] == "building the difference network (merging identical computations)"
+    assert any(m.startswith("difference: node ") for m in seen)
+    assert any(m.startswith("naive 1/2 (reference): node ") for m in seen)
+    assert any(m.startswith("naive 2/2 (target): node ") for m in seen)
+    assert seen[-1] == "attacking the difference"
+    seen.clear()
+    C.compare(ref, tgt, EPS, None, "ibp", seq_len=SEQ, block_wise=True, samples=8, attack_steps=2, restarts=1,
+              progress=seen.append)
+    assert [m for m in seen if m.startswith("block ") and ":" not in m] == ["block 1/2 layer0", "block 2/2 layer1"]

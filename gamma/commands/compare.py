@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--blocks", metavar="SEL", help="blocks for --block-wise: 0:4, 3 or 0,2,5")
     s.add_argument("--save-counterexample", metavar="FILE.npy",
                    help="write an input whose |difference| exceeds the tolerance (float64), if found")
-    s.add_argument("--no-naive", dest="naive", action="store_false",
-                   help="skip the independent bounds of each model (the naive comparison)")
+    s.add_argument("--naive", action=argparse.BooleanOptionalAction, default=False,
+                   help="also bound each model on its own and report the naive bound [l_ref - u_tgt, u_ref - l_tgt] "
+                        "(two more whole-model bounds: as long as gamma verify on each model; default off)")
     s.add_argument("--no-merge", dest="merge", action="store_false",
                    help="do not merge identical computations (bounds then also hold for two different engines)")
     s.add_argument("--samples", type=int, default=256, metavar="N", help="random box samples (default 256)")
@@ -84,10 +85,11 @@ def _input_kwargs(args) -> dict:
 
 
 def _progress(args):
-    if args.quiet or not sys.stderr.isatty():
+    """On a terminal one rewritten status line; in a log a line at most every 30 s (as gamma verify)."""
+    if args.quiet:
         return None, lambda: None
     from ..cli import _Progress          # imported late: gamma.cli imports this module
-    p = _Progress(enabled=True)
+    p = _Progress(enabled=True, live=sys.stderr.isatty())
     return p, p.done
 
 
@@ -144,30 +146,34 @@ def compare_lines(r: dict, top: int = 5) -> list[str]:
         lines.append(f"network    {g['nodes']} nodes, {g['shared_nodes']} shared of {g['reference_nodes']} + "
                      f"{g['target_nodes']}" + ("; outputs identical: difference exactly 0" if g["identical"] else ""))
         lines += ["", "max |reference - target| over the box:"]
-        rows = [["certified (difference network)", num(r["certified_max"]), num(r["certified_width"])],
-                ["naive (independent bounds)", num(r["naive_max"]), num(r["naive_width"])],
-                ["empirical (samples + PGD)", num(r["empirical_max"]), ""],
-                ["at the input point", num(r["nominal_max"]), ""]]
+        naive = r["naive_max"] is not None
+        rows = [["certified (difference network)", num(r["certified_max"]), num(r["certified_width"])]]
+        rows += [["naive (independent bounds)", num(r["naive_max"]), num(r["naive_width"])]] if naive else []
+        rows += [["empirical (samples + PGD)", num(r["empirical_max"]), ""],
+                 ["at the input point", num(r["nominal_max"]), ""]]
         lines += ["  " + s for s in table(["", "max |diff|", "bound width"], rows, "lrr")]
-        lines.append(f"  gain (naive width / certified width) {_ratio(r['gain'])}; "
-                     f"{r['points']} points evaluated")
+        lines.append(f"  gain (naive width / certified width) {_ratio(r['gain'])}; {r['points']} points evaluated"
+                     if naive else f"  {r['points']} points evaluated; naive bounds not computed (--naive)")
         if len(r["per_position"]) > 1:
             lines += ["", "per position:"]
             lines += ["  " + s for s in table(
-                ["#", "certified", "naive", "empirical"],
-                [[p["index"], num(p["certified_max"]), num(p["naive_max"]), num(p["empirical_max"])]
-                 for p in r["per_position"]], "rrrr")]
+                ["#", "certified"] + (["naive"] if naive else []) + ["empirical"],
+                [[p["index"], num(p["certified_max"])] + ([num(p["naive_max"])] if naive else [])
+                 + [num(p["empirical_max"])] for p in r["per_position"]], "rrrr")]
         s = r["seconds"]
-        lines.append(f"time       bounds {seconds(s['bounds'])}, naive {seconds(s['naive'])}, "
-                     f"attack {seconds(s['attack'])}, total {seconds(r['timings']['total'])}")
+        lines.append(f"time       bounds {seconds(s['bounds'])}, " + (f"naive {seconds(s['naive'])}, " if naive else "")
+                     + f"attack {seconds(s['attack'])}, total {seconds(r['timings']['total'])}")
     else:
         lines += ["", "blocks by drift (max |reference - target| over each block's box):"]
         rows = sorted(r["blocks"], key=lambda b: -lib._drift_key(b["certified_max"]))
+        naive = any(b["naive_max"] is not None for b in rows)
         lines += ["  " + s for s in table(
-            ["#", "block", "certified", "naive", "gain", "empirical", "shared", "verdict", "time"],
-            [[b["block_index"], b["block_name"], num(b["certified_max"]), num(b["naive_max"]), _ratio(b["gain"]),
-              num(b["empirical_max"]), f"{b['difference_graph']['shared_nodes']}", b["verdict"] or "-",
-              seconds(sum(b["seconds"].values()))] for b in rows], "rlrrrrrlr")]
+            ["#", "block", "certified"] + (["naive", "gain"] if naive else []) + ["empirical", "shared", "verdict",
+                                                                                  "time"],
+            [[b["block_index"], b["block_name"], num(b["certified_max"])]
+             + ([num(b["naive_max"]), _ratio(b["gain"])] if naive else [])
+             + [num(b["empirical_max"]), f"{b['difference_graph']['shared_nodes']}", b["verdict"] or "-",
+                seconds(sum(b["seconds"].values()))] for b in rows], "rlr" + ("rr" if naive else "") + "rrlr")]
         lines.append(f"time       total {seconds(r['timings']['total'])}")
     if r.get("violations"):
         lines.append(f"WARNING    {r['violations']} attacked differences fall outside the certified bounds")

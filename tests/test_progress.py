@@ -1,0 +1,70 @@
+"""gamma.progress: the time estimates are exact under their own cost model, and absent too early."""
+
+from __future__ import annotations
+
+import pytest
+
+from gamma.graph import Graph
+from gamma.progress import BoundsEstimate, CountEstimate, duration, remaining
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _chain(n: int) -> Graph:
+    g = Graph("chain", "x", (2,))
+    prev = "x"
+    for i in range(n):
+        prev = g.add(f"n{i}", "relu", prev)
+    return g
+
+
+def test_duration_text():
+    assert [duration(s) for s in (0, 44.6, 60, 190, 3599, 7500)] == ["0s", "45s", "1m00s", "3m10s", "59m59s",
+                                                                      "2h05m"]
+
+
+def test_no_estimate_too_early_or_when_done():
+    assert remaining(100.0, 0.01) is None       # under 5% of the work
+    assert remaining(1.0, 0.5) is None          # under 2 s
+    assert remaining(10.0, 1.0) is None
+    assert remaining(10.0, 0.25) == pytest.approx(30.0)
+
+
+def test_bounds_estimate_is_exact_when_node_i_costs_i():
+    """The model: CROWN from the i-th node back-substitutes through i nodes.  A clock
+    that charges exactly i units for node i must get the true time left at every node."""
+    n = 40
+    clock, seen = Clock(), []
+    est = BoundsEstimate(seen.append, _chain(n), "difference", clock=clock)
+    for i in range(1, n + 1):
+        est(f"crown n{i - 1}")
+        done = (i - 1) * i / 2
+        truth = n * (n + 1) / 2 - done
+        left = remaining(done, est.fraction(i))
+        if left is not None:
+            assert left == pytest.approx(truth)
+            assert seen[-1] == f"difference: node {i}/{n} n{i - 1}, about {duration(truth)} left"
+        else:
+            assert seen[-1] == f"difference: node {i}/{n} n{i - 1}"
+        clock.t += i
+    assert sum("left" in m for m in seen) > n // 2
+    est("alpha 3/20: width sum 1.5")                          # other engine messages pass through
+    assert seen[-1] == "difference: alpha 3/20: width sum 1.5"
+
+
+def test_count_estimate_from_mean_task_time():
+    clock, seen = Clock(), []
+    est = CountEstimate(seen.append, 4, clock=clock)
+    tags = []
+    for j, name in enumerate(["layer0", "layer1", "layer2", "layer3"]):
+        tags.append(est.start(j, name))
+        clock.t += 30.0
+    assert tags == ["block 1/4 layer0", "block 2/4 layer1", "block 3/4 layer2", "block 4/4 layer3"]
+    assert seen == ["block 1/4 layer0", "block 2/4 layer1, about 1m30s left", "block 3/4 layer2, about 1m00s left",
+                    "block 4/4 layer3, about 30s left"]

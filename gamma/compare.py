@@ -28,6 +28,7 @@ Results are plain data; nothing here prints.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -371,13 +372,25 @@ def _describe(m: Model) -> dict:
     return {"path": m.path, "format": m.ckpt.format, "arch": m.arch, "dtypes": dtypes}
 
 
+def _same_file(a, b) -> bool:
+    if isinstance(a, Model) or isinstance(b, Model):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError):
+        return False
+
+
 def _setup(reference, target, component, seq_len, tokens, input_path, center, output, progress: Progress = None):
     if progress and not isinstance(reference, Model):
         progress("loading the reference")
     ref, t_ref = _model(reference)
-    if progress and not isinstance(target, Model):
-        progress("loading the target")
-    tgt, t_tgt = _model(target)
+    if _same_file(reference, target):                 # one checkpoint against itself: load it once
+        tgt, t_tgt = ref, 0.0
+    else:
+        if progress and not isinstance(target, Model):
+            progress("loading the target")
+        tgt, t_tgt = _model(target)
     check_compatible(ref, tgt, output)
     t0 = time.perf_counter()
     comp = ref.component(component)

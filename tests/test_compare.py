@@ -537,3 +537,15 @@ def test_progress_names_every_phase(models):
     C.compare(ref, tgt, EPS, None, "ibp", seq_len=SEQ, block_wise=True, samples=8, attack_steps=2, restarts=1,
               progress=seen.append)
     assert [m for m in seen if m.startswith("block ") and ":" not in m] == ["block 1/2 layer0", "block 2/2 layer1"]
+
+
+def test_a_checkpoint_against_itself_is_loaded_once(lms, monkeypatch):
+    loads = []
+    real = C.load
+    monkeypatch.setattr(C, "load", lambda p: loads.append(p) or real(p))
+    path = lms["llama_F32"][0]
+    r = C.compare(path, path, EPS, 0.0, "crown", seq_len=SEQ)
+    assert loads == [path] and r["difference_graph"]["identical"] and r["certified_max"] == 0.0
+    loads.clear()
+    C.compare(path, lms["llama_Q8_0"][0], EPS, None, "ibp", seq_len=SEQ, samples=4, attack_steps=1)
+    assert loads == [path, lms["llama_Q8_0"][0]]

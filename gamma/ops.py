@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from . import ops_tensor as ot
 from .errors import GammaError
 
 Tensor = torch.Tensor
@@ -146,9 +147,18 @@ FORWARD: dict[str, Callable] = {
     "softmax": lambda n, x: softmax_masked(x, n.params.get("mask")),
     "layernorm": lambda n, x: layernorm(x, _p(n, "weight"), _p(n, "bias"), _p(n, "eps")),
     "rmsnorm": lambda n, x: rmsnorm(x, _p(n, "weight"), _p(n, "eps")),
+    # imported graphs (gamma.io.onnx_load): tensor plumbing, conv2d and relu (gamma.ops_tensor)
+    "conv2d": lambda n, x: _conv2d(n, x, n.params.get("bias")),
+    "permute": lambda n, x: ot.permute(x, _p(n, "perm")),
+    "reshape": lambda n, x: ot.reshape(x, _p(n, "in_shape"), _p(n, "shape")),
+    "slice": lambda n, x: ot.slice_axis(x, _p(n, "axis"), _p(n, "start"), _p(n, "stop"), _p(n, "step")),
+    "concat": lambda n, *xs: ot.concat(xs, _p(n, "pieces"), _p(n, "axis")),
+    "reduce_mean": lambda n, x: ot.reduce_mean(x, _p(n, "axes"), _p(n, "keepdim")),
+    "relu": lambda n, x: F.relu(x),
 }
 
-ELEMENTWISE = {"gelu", "gelu_tanh", "silu"}      # unary, scalar relaxations in bounds.relax
+ELEMENTWISE = {"gelu", "gelu_tanh", "silu", "relu"}
+COPY = {"permute", "reshape", "slice", "concat"}  # affine, each output entry a copy of one input entry or a constant      # unary, scalar relaxations in bounds.relax
 BILINEAR = {"mul", "matmul"}                     # products of two bounded tensors
 JACOBIAN = {"softmax", "layernorm", "rmsnorm"}   # smooth vector maps, mean-value linearisation
 
@@ -279,6 +289,63 @@ AFFINE: dict[str, Affine] = {
         offset=_none,
     ),
 }
+
+
+def _conv2d(n, x, b):
+    p = n.params
+    return ot.conv2d(x, p["weight"], b, p["stride"], p["padding"], p["dilation"], p["groups"])
+
+
+def _conv2d_abs(n, r):
+    p = n.params
+    return ot.conv2d(r, p["weight"].abs(), None, p["stride"], p["padding"], p["dilation"], p["groups"])
+
+
+def _conv2d_T(n, lam, shapes):
+    p = n.params
+    return (ot.conv2d_T(lam, p["weight"], p["stride"], p["padding"], p["dilation"], p["groups"], shapes[0][-2:]),)
+
+
+# lin_abs of the plumbing ops and of the mean is the map itself (coefficients 0, 1 or 1/n)
+AFFINE.update({
+    "conv2d": Affine(
+        lin=lambda n, x: _conv2d(n, x, None),
+        lin_T=_conv2d_T,
+        lin_abs=_conv2d_abs,
+        offset=lambda n: None if n.params.get("bias") is None else n.params["bias"][:, None, None],
+    ),
+    "permute": Affine(
+        lin=FORWARD["permute"],
+        lin_T=lambda n, lam, shapes: (ot.permute(lam, ot.inverse_perm(_p(n, "perm"))),),
+        lin_abs=FORWARD["permute"],
+        offset=_none,
+    ),
+    "reshape": Affine(
+        lin=FORWARD["reshape"],
+        lin_T=lambda n, lam, shapes: (ot.reshape(lam, _p(n, "shape"), shapes[0]),),
+        lin_abs=FORWARD["reshape"],
+        offset=_none,
+    ),
+    "slice": Affine(
+        lin=FORWARD["slice"],
+        lin_T=lambda n, lam, shapes: (ot.slice_axis_T(lam, shapes[0], _p(n, "axis"), _p(n, "start"),
+                                                      _p(n, "stop"), _p(n, "step")),),
+        lin_abs=FORWARD["slice"],
+        offset=_none,
+    ),
+    "concat": Affine(
+        lin=lambda n, *xs: ot.concat(xs, _p(n, "pieces"), _p(n, "axis"), zero_consts=True),
+        lin_T=lambda n, lam, shapes: ot.concat_T(lam, _p(n, "pieces"), _p(n, "axis"), len(shapes)),
+        lin_abs=lambda n, *rs: ot.concat(rs, _p(n, "pieces"), _p(n, "axis"), zero_consts=True),
+        offset=lambda n: n.params.get("offset"),
+    ),
+    "reduce_mean": Affine(
+        lin=FORWARD["reduce_mean"],
+        lin_T=lambda n, lam, shapes: (ot.reduce_mean_T(lam, shapes[0], _p(n, "axes"), _p(n, "keepdim")),),
+        lin_abs=FORWARD["reduce_mean"],
+        offset=_none,
+    ),
+})
 
 
 def affine_offset(node) -> Optional[Tensor]:

@@ -58,6 +58,26 @@ def _conv1d(node, ins, out):
     return fp.dot_error(s, w.shape[1] * w.shape[2] + 4)
 
 
+def _conv2d(node, ins, out):
+    from ..ops import _conv2d_abs
+    w = node.params["weight"]
+    s = _conv2d_abs(node, ins[0].abs_max())
+    b = node.params.get("bias")
+    if b is not None:
+        s = s + b.abs()[:, None, None]
+    return fp.dot_error(s, w.shape[1] * w.shape[2] * w.shape[3] + 4)
+
+
+def _reduce_mean(node, ins, out):
+    """A sum of n terms, then one division."""
+    from ..ops import FORWARD
+    axes = node.params["axes"]
+    n = 1
+    for a in axes:
+        n *= ins[0].lower.shape[a]
+    return fp.dot_error(FORWARD["reduce_mean"](node, ins[0].abs_max()), n + 4) + _rel(out, 1.0)
+
+
 def _matmul(node, ins, out):
     x, y = ins[0].abs_max(), ins[1].abs_max()
     return fp.dot_error(fp.matmul_upper(x, y.transpose(-1, -2)), x.shape[-1] + 4)
@@ -140,6 +160,9 @@ MARGIN = {
     "softmax": _softmax, "layernorm": _norm, "rmsnorm": _norm,
     "add": _add, "add_const": _add, "mul": _mul, "mul_const": _mul_const,
     "transpose": None, "split_heads": None, "merge_heads": None, "repeat_kv": None,
+    # imported graphs: relu and the plumbing ops are exact in float32
+    "conv2d": _conv2d, "reduce_mean": _reduce_mean, "relu": None,
+    "permute": None, "reshape": None, "slice": None, "concat": None,
 }
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..errors import UnsupportedOp
-from ..ops import AFFINE, ELEMENTWISE, FORWARD
+from ..ops import AFFINE, COPY, ELEMENTWISE, FORWARD
 from . import relax
 from .fp import linear_image, matmul_upper
 
@@ -74,6 +74,23 @@ def _affine(node, *xs: Interval) -> Interval:
         c = c + off
     r = fact.lin_abs(node, *(x.radius for x in xs))
     return Interval(c - r, c + r)
+
+
+def _copy(node, *xs: Interval) -> Interval:
+    """Ops that copy entries (:data:`gamma.ops.COPY`): the image of the ends is exact."""
+    fact = AFFINE[node.op]
+    lo, hi = fact.lin(node, *(x.lower for x in xs)), fact.lin(node, *(x.upper for x in xs))
+    off = fact.offset(node)
+    return Interval(lo, hi) if off is None else Interval(lo + off, hi + off)
+
+
+def _mean(node, x: Interval) -> Interval:
+    """reduce_mean: monotone, so the means of the ends, widened by the float64
+    rounding of an n-term sum (any order) and the division."""
+    fact = AFFINE[node.op]
+    n = x.lower.numel() // max(1, fact.lin(node, x.lower).numel())
+    slack = (n + 2) * 2.0 ** -52 * fact.lin(node, x.abs_max()) + 2.0 ** -1000
+    return Interval(fact.lin(node, x.lower) - slack, fact.lin(node, x.upper) + slack)
 
 
 def _linear(node, x: Interval) -> Interval:
@@ -150,6 +167,8 @@ def _jacobian_op(node, x: Interval) -> Interval:
 
 IBP: dict = {op: _affine for op in AFFINE}
 IBP.update({op: _elementwise for op in ELEMENTWISE})
+IBP.update({op: _copy for op in COPY})
+IBP["reduce_mean"] = _mean
 IBP.update({"linear": _linear, "mul": _mul, "matmul": _matmul,
             "softmax": _jacobian_op, "layernorm": _jacobian_op, "rmsnorm": _jacobian_op})
 

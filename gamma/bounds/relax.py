@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from ..errors import GammaError, UnsupportedOp
+from .piecewise import PIECEWISE
 
 __all__ = ["ScalarFn", "FUNCTIONS", "get", "interval", "linear", "offsets"]
 
@@ -437,6 +438,8 @@ def interval(fn: Union[str, ScalarFn], l, u):
 
     l, u: tensors (broadcast), float64 results of the broadcast shape.
     """
+    if fn in PIECEWISE:                     # kinks (relu): closed-form rules in .piecewise
+        return PIECEWISE[fn].interval(l, u)
     spec = get(fn)
     l, u = _prep(spec, l, u)
     with torch.no_grad():
@@ -490,6 +493,8 @@ def offsets(fn: Union[str, ScalarFn], l, u, a_lower, a_upper):
     Any slopes are allowed (tensors broadcast with l, u); where a slope or
     the result is not finite the offset is -inf / +inf.
     """
+    if fn in PIECEWISE:
+        return PIECEWISE[fn].offsets(l, u, a_lower, a_upper)
     spec = get(fn)
     l, u = _prep(spec, l, u)
     shape = _broadcast_shapes(l.shape, torch.as_tensor(a_lower).shape, torch.as_tensor(a_upper).shape)
@@ -528,6 +533,8 @@ def linear(fn: Union[str, ScalarFn], l, u, alpha: Alpha = None):
     selects.  Differentiable w.r.t. alpha.  Results: float64 tensors of the
     broadcast shape of l, u and alpha.
     """
+    if fn in PIECEWISE:
+        return PIECEWISE[fn].linear(l, u, alpha)
     spec = get(fn)
     l, u = _prep(spec, l, u)
     alpha_l, alpha_u = _split_alpha(alpha)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import __version__, report
+from .commands import vnncomp
 from .errors import GammaError
 from .verify import ARITHMETIC, INTERMEDIATE, METHODS, check_epsilon, forward, load, verify
 
@@ -44,7 +45,7 @@ def _add_input_options(p: argparse.ArgumentParser, title: str = "input point (th
 
 
 # further subcommands, each in gamma/commands/<name>.py with add_parser(subparsers)
-COMMAND_MODULES = ("weights", "analyze", "compare", "regress")
+COMMAND_MODULES = ("weights", "analyze", "compare", "regress", "vnncomp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocks", metavar="SEL", help="blocks for --block-wise: 0:4, 3 or 0,2,5")
     s.add_argument("--worst-k", type=int, default=5, metavar="K", help="worst blocks listed (default 5)")
     s.add_argument("--tolerance", type=float, metavar="T", help="verified iff every output width <= T")
-    s.add_argument("--property", metavar="FILE", help="VNN-LIB subset: (assert (<= Y_i c)) lines to prove")
+    s.add_argument("--property", metavar="FILE", help="gamma's own VNN-LIB subset: (assert (<= Y_i c)) lines that "
+                   "MUST HOLD (the opposite of standard VNN-LIB, whose assertions state the unsafe region: use "
+                   "--vnnlib for that)")
     s.add_argument("--save-bounds", metavar="FILE.npz", help="write input, lower, upper, nominal arrays")
     _add_input_options(s)
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, metavar="N", help="blocks in N local processes (cores / N threads each)")
     g.add_argument("--ray", metavar="ADDRESS", help="blocks as Ray tasks: auto, local or host:port (pip install ray)")
     g.add_argument("--checkpoint", metavar="FILE", help="append finished blocks here; a rerun skips them")
+    vnncomp.add_verify_options(s)
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
     s.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     s.set_defaults(func=cmd_verify)
@@ -140,6 +144,8 @@ def cmd_forward(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if args.vnnlib:
+        return vnncomp.run_verify(args)
     raw = "1e-3" if args.epsilon is None else args.epsilon
     eps = check_epsilon(raw, shown=raw)
     _check_writable(args.save_bounds)
@@ -231,7 +237,7 @@ def _columns() -> int:
 
 
 # options whose value may start with '-' ("-1e-3", "-inf"), which argparse would take for an option
-_NUMERIC_OPTIONS = ("--epsilon", "--tolerance")
+_NUMERIC_OPTIONS = ("--epsilon", "--tolerance", "--timeout")
 
 
 def _join_numeric(argv: Sequence[str]) -> list[str]:
@@ -256,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as e:          # --help, --version, bad options (already reported)
             return e.code if isinstance(e.code, int) else 2
         if args.command is None:
-            raise GammaError("choose a command: inspect, forward, verify, weights, analyze, compare, diff or regress "
+            raise GammaError("choose a command: inspect, forward, verify, weights, analyze, compare, diff, regress or vnncomp "
                              "(gamma --help)")
         return args.func(args)
     except GammaError as e:

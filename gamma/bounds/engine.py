@@ -190,7 +190,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
             continue
         ins = [bounds[i] for i in node.inputs]
         iv = ibp_node(node, *ins)
-        m = margin(node, ins, iv) if arithmetic == "float32" else None
+        m = margin(node, ins, iv, margins) if arithmetic == "float32" else None
         margins[node.name] = m
         iv = iv.widen(m)
         if node.op in OUTPUT_RANGE:

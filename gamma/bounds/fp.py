@@ -127,6 +127,41 @@ def dot_error(abs_sum, n) -> torch.Tensor:
     return torch.where(over | torch.isnan(err), torch.full_like(err, math.inf), err)
 
 
+def dot_error_signed(abs_sum, value_abs, n_terms, extra: int = 3) -> torch.Tensor:
+    """Bound of |fl32(sum of n_terms terms) - exact sum| that uses the cancellation
+    between the terms; never looser than ``dot_error(abs_sum, n_terms + extra)``.
+
+    ``abs_sum`` >= S = sum|t_i| (t_i = a_i b_i of float32 values, or float32
+    values such as a bias) and ``value_abs`` >= |sum t_i|, both over the whole
+    input box; ``extra`` roundings of the result follow (a scale, a division).
+
+    Any summation tree, FMA or not: the error is ``sum_i eps_i t_i + sum_k
+    delta_k z_k`` (|eps_i|, |delta_k| <= U), z_k the exact sum of the two
+    computed operands of addition k.  Each operand is the computed sum of a
+    subset of the terms, so ``|z_k| <= max(P, N) (1 + U) + E`` with P (N) the
+    sum of the positive (negative) terms and E the error bound itself.  Since
+    ``P + N = S`` and ``P - N = sum t_i``, ``max(P, N) = (S + |sum t_i|) / 2
+    =: M``, and solving for E over the ``n_terms - 1`` additions and ``extra``
+    final roundings (each at most ``U (|sum| + E) <= U (S + E)``):
+
+        E <= [(1 + extra) U S + (n_terms - 1) U (1 + U) M] / (1 - (n_terms + extra) U)
+
+    plus ``n_terms 2^-149`` for underflowing products.  With terms of both
+    signs (M near S / 2) this is about half of ``gamma_n S``; with one sign it
+    is the same."""
+    s = torch.as_tensor(abs_sum, dtype=torch.float64)
+    y = torch.as_tensor(value_abs, dtype=torch.float64)
+    k = float(n_terms)
+    nu = (k + extra) * U
+    if nu >= 1:
+        return torch.full_like(s + y, math.inf)
+    mid = torch.minimum(s, 0.5 * (s + y))
+    err = ((1 + extra) * U * s + (k - 1) * U * (1 + U) * mid) / (1 - nu) + k * SUBNORMAL
+    err = err * (1.0 + 2.0 ** -40)   # float64 rounding of this formula itself
+    over = s * (1.0 + gamma(k + extra)) >= FLT_MAX
+    return torch.where(over | torch.isnan(err), torch.full_like(err, math.inf), err)
+
+
 def elementwise_error(fn: str, l, u, image=None) -> torch.Tensor:
     """Per-element bound of |fl32(fn(x)) - fn(x)| for float32 x in [l, u].
 

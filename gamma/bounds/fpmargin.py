@@ -19,6 +19,8 @@ returns a tensor of the node's shape, or None for exact ops (permutations).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import fp
@@ -26,26 +28,34 @@ from .interval import Interval
 from .jacobian import _norm_stats
 
 U = 2.0 ** -24
-SAFETY = 2.0          # every margin is doubled: soundness over tightness
+# Rules proven for IEEE float32 arithmetic in any evaluation order (dot products, sums,
+# products, RoPE's two products and sum) are charged as derived.  Rules that also model an
+# algorithm or a library an engine may implement its own way (elementwise functions: the
+# library's ulp accuracy; softmax: exp's accuracy and where the division sits; LayerNorm /
+# RMSNorm: two-pass, E[x^2]-E[x]^2 or Welford-style moments) keep a doubling as a hedge.
+HEDGED = {"gelu", "gelu_tanh", "silu", "softmax", "layernorm", "rmsnorm"}
+HEDGE = 2.0
 
 
 def _rel(out: Interval, k: float) -> torch.Tensor:
     return k * U * out.abs_max()
 
 
+def _dot(s, out, n_terms):
+    """Margin of a dot-product node from ``s >= sum|terms|`` over the box and the
+    node's interval (|value| over the box): :func:`fp.dot_error_signed`."""
+    return fp.dot_error_signed(s, out.abs_max(), n_terms)
+
+
 def _linear(node, ins, out):
+    """``x W^T + b``: n products and the bias, ``S = |x|max |W|^T + |b|``."""
     s = out.abs_sums                          # left by the IBP rule: the same product, computed once
     if s is None:
         s = ins[0].abs_max() @ node.params["weight"].abs().T
-    return _linear_from_sums(node, s)
-
-
-def _linear_from_sums(node, s):
-    """Margin of ``x W^T + b`` from ``s = |x|max |W|^T``."""
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()
-    return fp.dot_error(s, node.params["weight"].shape[1] + 4)
+    return _dot(s, out, node.params["weight"].shape[1] + 1)
 
 
 def _conv1d(node, ins, out):
@@ -55,7 +65,7 @@ def _conv1d(node, ins, out):
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()[:, None]
-    return fp.dot_error(s, w.shape[1] * w.shape[2] + 4)
+    return _dot(s, out, w.shape[1] * w.shape[2] + 1)
 
 
 def _conv2d(node, ins, out):
@@ -78,14 +88,33 @@ def _reduce_mean(node, ins, out):
     return fp.dot_error(FORWARD["reduce_mean"](node, ins[0].abs_max()), n + 4) + _rel(out, 1.0)
 
 
-def _matmul(node, ins, out):
+def _matmul(node, ins, out, prev=None):
+    """``x y^T``, x (.., T, a), y (.., S, a).  For attention @ V (x: probabilities)
+    the bound rules use ``x y^T = x (y - m)^T + m^T``, which assumes rows of x
+    summing to one; a float32 softmax's rows miss one by at most their summed
+    margins, so ``|rowsum(x) - 1| |m|`` is charged here as well (|m| <= mean |y|,
+    whatever centre a method shifts by)."""
     x, y = ins[0].abs_max(), ins[1].abs_max()
-    return fp.dot_error(fp.matmul_upper(x, y.transpose(-1, -2)), x.shape[-1] + 4)
+    m = _dot(fp.matmul_upper(x, y.transpose(-1, -2)), out, x.shape[-1])
+    if node.params.get("rows_sum_to_one"):
+        m = m + _row_sum_gap(node, ins[0], prev) * y.mean(-1, keepdim=True).transpose(-1, -2)
+    return m
+
+
+def _row_sum_gap(node, x: Interval, prev) -> torch.Tensor:
+    """(.., T, 1) bound of ``|rowsum(p) - 1|`` for the float32 probabilities p in
+    the box ``x``: the softmax's summed margins (the real softmax sums to one),
+    or, where they are not known, what the box itself allows."""
+    sm = None if prev is None else prev.get(node.inputs[0])
+    if sm is not None:
+        return sm.sum(-1, keepdim=True) * (1.0 + 2.0 ** -40)
+    gap = torch.maximum(x.upper.sum(-1, keepdim=True) - 1, 1 - x.lower.sum(-1, keepdim=True))
+    return gap.clamp_min(0) * (1.0 + 2.0 ** -40) + 2.0 ** -60
 
 
 def _matmul_const(node, ins, out):
     c = node.params["c"]
-    return fp.dot_error(ins[0].abs_max() @ c.abs(), c.shape[-2] + 4)
+    return _dot(ins[0].abs_max() @ c.abs(), out, c.shape[-2])
 
 
 def _rope(node, ins, out):
@@ -166,9 +195,11 @@ MARGIN = {
 }
 
 
-def margin(node, ins: list[Interval], out: Interval):
-    """Float32 rounding margin of ``node`` (tensor of its shape) or None if exact."""
+def margin(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None):
+    """Float32 rounding margin of ``node`` (tensor of its shape) or None if exact.
+    ``prev``: the margins of the nodes before it (name -> tensor or None)."""
     rule = MARGIN[node.op]
     if rule is None:
         return None
-    return SAFETY * rule(node, ins, out)
+    m = rule(node, ins, out, prev) if rule is _matmul else rule(node, ins, out)
+    return HEDGE * m if node.op in HEDGED else m

@@ -109,10 +109,12 @@ def _default_reference(folder: str) -> Optional[str]:
 
 
 def run_benchmark(folder: str, every: int = 1, out: Optional[str] = None, reference: Optional[str] = None,
-                  timeout_scale: float = 1.0, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Run every ``every``-th instance (0, K, 2K, ...); returns the report (plain data)."""
+                  timeout_scale: float = 1.0, log: Optional[Callable[[str], None]] = None,
+                  limit: Optional[int] = None) -> dict:
+    """Run every ``every``-th instance (0, K, 2K, ...; the first ``limit`` of them);
+    returns the report (plain data)."""
     instances = read_instances(folder)
-    chosen = instances[::every]
+    chosen = instances[::every][:limit]
     bench = os.path.basename(os.path.normpath(folder))
     reference = reference or _default_reference(folder)
     ref = read_reference(reference) if reference else {}
@@ -129,6 +131,8 @@ def run_benchmark(folder: str, every: int = 1, out: Optional[str] = None, refere
                    "reference_time": ref.get(name, (None, None))[1]}
             if r["result"] == "error":
                 row["error"] = r["detail"]
+            elif isinstance(r["detail"], dict):
+                row["phases"] = r["detail"].get("phases", [])
             rows.append(row)
             if writer:
                 writer.writerow([bench, name[0], name[1], 0, r["result"], row["run_time"]])

@@ -172,3 +172,10 @@ def test_vnncomp_runner(tiny, capsys):
                                                          ("bench", "tiny.onnx", "b.vnnlib", "sat")]
     assert "| unsat | 1 | 1 |" in out and "| sat | 1 | 0 |" in out and "| timeout | 0 | 1 |" in out
     assert "sat/unsat disagreements: none" in out
+
+
+def test_onnx_without_vnnlib_says_how(tiny, capsys):
+    path = tiny[0]
+    rc, out, err = _run(capsys, "verify", path)
+    assert (rc, err) == (2, f"gamma: error: {path}: not a recognised checkpoint (an ONNX model? verify it against "
+                            f"a standard VNN-LIB property: gamma verify {path} --vnnlib FILE)\n")

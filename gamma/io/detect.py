@@ -62,6 +62,10 @@ def sniff(path: str) -> str:
         return "index"                            # sharded-checkpoint index json
     if size < 9:
         raise GammaError(f"{path}: not a recognised checkpoint (only {size} bytes)")
+    if head[:1] == b"\x08" and 1 <= head[1] <= 32 or head[:2] == b"\x1f\x8b":
+        # protobuf field 1 (ONNX ir_version) or gzip: ONNX models go through --vnnlib (gamma.io.onnx_load)
+        raise GammaError(f"{path}: not a recognised checkpoint (an ONNX model? verify it against a standard "
+                         f"VNN-LIB property: gamma verify {path} --vnnlib FILE)")
     raise GammaError(f"{path}: not a recognised checkpoint (unknown magic {head[:4]!r})")
 
 

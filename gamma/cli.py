@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--property", metavar="FILE", help="gamma's own VNN-LIB subset: (assert (<= Y_i c)) lines that "
                    "MUST HOLD (the opposite of standard VNN-LIB, whose assertions state the unsafe region: use "
                    "--vnnlib for that)")
-    s.add_argument("--save-bounds", metavar="FILE.npz", help="write input, lower, upper, nominal arrays")
+    s.add_argument("--save-bounds", metavar="FILE.npz", help="write input, lower, upper, nominal arrays "
+                                                            "(and the attacked lower / upper)")
+    s.add_argument("--attack", action=argparse.BooleanOptionalAction, default=None,
+                   help="attack the bounds inside the same box (samples + PGD on gamma's float64 forward) and show "
+                        "attacked width and certified/attacked ratio beside the certified figures (default: on "
+                        "with --block-wise, off otherwise)")
     _add_input_options(s)
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
                    help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual and attention@V by the half-sum product relaxation: cheaper, looser) or ibp")
@@ -157,7 +162,7 @@ def cmd_verify(args) -> int:
                         worst_k=args.worst_k, intermediate=args.intermediate, device=args.device,
                         alpha_iters=args.alpha_iters, workers=args.workers, ray=args.ray,
                         checkpoint=args.checkpoint, progress=progress, arithmetic=args.arithmetic,
-                        **_input_kwargs(args))
+                        attack=args.attack, **_input_kwargs(args))
     finally:
         progress.done()
     if args.save_bounds:

@@ -139,6 +139,7 @@ def full_lines(r: dict, top: int = 5) -> list[str]:
     lines = _header(r)
     lines.append(f"bounds   max width {num(r['max_width'])}, mean width {num(r['mean_width'])}, "
                  f"range [{num(r['lower_min'])}, {num(r['upper_max'])}]  ({seconds(r['seconds'])}){_flags(r)}")
+    lines += _full_attack_lines(r.get("attack"))
     if r["mode"] == "layer_by_layer":
         lines += _layer_lines(r)
     else:
@@ -155,6 +156,26 @@ def full_lines(r: dict, top: int = 5) -> list[str]:
 
 def _key(v) -> float:
     return math.inf if v is None or math.isnan(v) else v
+
+
+def _full_attack_lines(a: Optional[dict]) -> list[str]:
+    """Attacked figures of a full run (``gamma verify --attack``)."""
+    if not a:
+        return []
+    lines = [f"attack   max width {num(a['max_width'])} (certified / attacked {_growth(a['ratio'])}), "
+             f"{a['points']} points, {a['targets']} outputs pushed up and down  ({seconds(a['seconds'])})"]
+    lines += _violations(a["violations"])
+    if len(a["per_position"]) > 1:
+        lines.append("per output position:")
+        lines += ["  " + s for s in table(
+            ["#", "certified", "attacked", "ratio"],
+            [[p["index"], num(p["certified_width"]), num(p["attacked_width"]), _growth(p["ratio"])]
+             for p in a["per_position"]], "rrrr")]
+    return lines
+
+
+def _violations(n: int) -> list[str]:
+    return [f"UNSOUND  {n} attacked outputs fall outside the certified bounds"] if n else []
 
 
 def _mark(n: dict) -> str:
@@ -201,11 +222,16 @@ def block_lines(r: dict) -> list[str]:
     probes = [("qk", "qk_matmul_width"), ("attn", "attn_width"), ("swiglu", "swiglu_width"),
               ("mlp", "mlp_width"), ("cross qk", "cross_qk_width"), ("cross attn", "cross_attn_width")]
     probes = [(h, k) for h, k in probes if any(k in b for b in rows)]
-    header = ["", "#", "block", "in width", "out width", "sensitivity"] + [h for h, _ in probes] + ["status", "time"]
+    att = r.get("attack")
+    extra = ["attacked", "att sens", "ratio"] if att else []
+    header = ["", "#", "block", "in width", "out width", "sensitivity"] + extra + [h for h, _ in probes] \
+        + ["status", "time"]
     body = [["*" if b["block_index"] in worst else "", b["block_index"], b["block_name"], num(b["input_width"], 2),
-             num(b["output_width"]), num(b["sensitivity"])] + [num(b.get(k)) for _, k in probes]
-            + [b["status"], seconds(b["seconds"])] for b in rows]
-    lines += [""] + table(header, body, "lrl" + "r" * (3 + len(probes)) + "lr")
+             num(b["output_width"]), num(b["sensitivity"])]
+            + ([num(b.get("attacked_width")), num(b.get("attacked_sensitivity")), _growth(b.get("ratio"))]
+               if att else [])
+            + [num(b.get(k)) for _, k in probes] + [b["status"], seconds(b["seconds"])] for b in rows]
+    lines += [""] + table(header, body, "lrl" + "r" * (3 + len(extra) + len(probes)) + "lr")
     s = r["summary"]
     lines += ["", f"sensitivity (max out width / in width): max {num(s['max_sensitivity'])}, "
                   f"median {num(s['median_sensitivity'])}, min {num(s['min_sensitivity'])}, "
@@ -215,7 +241,21 @@ def block_lines(r: dict) -> list[str]:
                                                      for w in worst_blocks))
     lines.append("degraded blocks: " + (", ".join(
         f"{b['block_name']} at {b['first_degraded_node']}" for b in rows if b["degraded"]) or "none"))
-    return lines + _verdict(r)
+    return lines + _block_attack_lines(att) + _verdict(r)
+
+
+def _block_attack_lines(a: Optional[dict]) -> list[str]:
+    """The attack summary of a block-wise run: ratios, rank agreement, worst-ratio blocks."""
+    if not a:
+        return []
+    rho = "n/a" if a["spearman"] is None or math.isnan(a["spearman"]) else f"{a['spearman']:+.2f}"
+    lines = [f"attack: certified / attacked width max {_growth(a['max_ratio'])}, median {_growth(a['median_ratio'])}, "
+             f"min {_growth(a['min_ratio'])} ({a['points']} points, {seconds(a['seconds'])})",
+             f"rank agreement of certified and attacked sensitivity: Spearman {rho} over {a['spearman_n']} blocks"]
+    if a["worst_ratio_blocks"]:
+        lines.append("loosest blocks (certified / attacked): " + ", ".join(
+            f"{w['name']} ({_growth(w['ratio'])})" for w in a["worst_ratio_blocks"]))
+    return lines + _violations(a["violations"])
 
 
 def verify_lines(r: dict) -> list[str]:

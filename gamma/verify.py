@@ -34,7 +34,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__, bounds, parallel
+from . import __version__, bounds, parallel, tightness
+from .attack import AttackConfig
 from .bounds import ARITHMETIC, METHODS
 from .bounds.engine import INTERMEDIATE       # crown, cut, ibp
 from .errors import GammaError
@@ -317,7 +318,8 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            property: Union[str, Sequence[Assertion], None] = None, worst_k: int = 5,
            intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
-           progress: Progress = None, arithmetic: str = "float32") -> VerifyResult:
+           progress: Progress = None, arithmetic: str = "float32",
+           attack: Union[bool, AttackConfig, None] = None) -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -329,6 +331,9 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     checkpoint file (:mod:`gamma.parallel`).  ``arithmetic``: "float32"
     (default: the bounds hold for any float32 engine, rounding included) or
     "real" (the real-valued function only, as other verifiers bound it).
+    ``attack``: also attack every bound computed (:mod:`gamma.tightness`):
+    True (default :class:`AttackConfig`), a config, False, or None: on in
+    block-wise runs (cheap next to the bounds), off otherwise.
     """
     t_start = time.perf_counter()
     eps = check_epsilon(epsilon)
@@ -336,6 +341,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     if block_wise and layer_by_layer:
         raise GammaError("--block-wise and --layer-by-layer are exclusive")
     mode = "block_wise" if block_wise else "layer_by_layer" if layer_by_layer else "full"
+    attack_cfg = _attack_config(attack, mode)
     if blocks is not None and mode != "block_wise":
         raise GammaError("--blocks applies to --block-wise runs")
     scale = {"workers": parallel.check_workers(workers), "ray": ray, "checkpoint": checkpoint}
@@ -373,14 +379,26 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     if mode == "block_wise":
         scale["key"] = parallel.run_key(report, alpha_iters, point.x)
         body, arrays, timings = _run_blocks(graph, point.x, eps, select_blocks(blocks, len(graph.blocks())),
-                                            worst_k, tolerance, opts, progress, scale)
+                                            worst_k, tolerance, opts, progress, scale, attack_cfg)
     else:
-        body, arrays, timings = _run_full(graph, point.x, eps, mode, tolerance, assertions, opts, progress)
+        body, arrays, timings = _run_full(graph, point.x, eps, mode, tolerance, assertions, opts, progress,
+                                          attack_cfg)
     report.update(body)
     report["versions"] = versions()
     report["timings"] = {"load": t_load, "graph": t_graph, **timings,
                          "total": time.perf_counter() - t_start}
     return VerifyResult(mode, report, arrays)
+
+
+def _attack_config(attack, mode: str) -> Optional[AttackConfig]:
+    if attack is None:
+        attack = mode == "block_wise"
+    if isinstance(attack, AttackConfig):
+        try:
+            return attack.checked()
+        except ValueError as e:
+            raise GammaError(str(e)) from None
+    return AttackConfig() if attack else None
 
 
 def _compute(graph: Graph, center: torch.Tensor, eps: float, opts: dict, progress: Progress):
@@ -401,7 +419,7 @@ def _widths(graph: Graph, res) -> dict[str, Width]:
     return out
 
 
-def _run_full(graph, x, eps, mode, tolerance, assertions, opts, progress):
+def _run_full(graph, x, eps, mode, tolerance, assertions, opts, progress, attack_cfg=None):
     if assertions is not None:
         check_property(assertions, None, None, int(np.prod(graph.output_shape)))   # indices, before the long run
     t0 = time.perf_counter()
@@ -437,7 +455,15 @@ def _run_full(graph, x, eps, mode, tolerance, assertions, opts, progress):
         body["block_growth"] = _block_growth(graph, widths, records, eps)
         body["first_degraded"] = _first_degraded(records)
     arrays = {"input": _np(x), "lower": _np(lower), "upper": _np(upper), "nominal": _np(nominal)}
-    return body, arrays, {"bounds": t_bounds, "nominal": t_nominal}
+    body["attack"] = None
+    if attack_cfg is not None:
+        if progress:
+            progress("attacking the bounds")
+        att = tightness.attack_bounds(graph, x, eps, lower, upper, attack_cfg)
+        body["attack"] = tightness.full_summary(w.max, lower, upper, att, eps, attack_cfg)
+        arrays.update(attacked_lower=_np(att.lower), attacked_upper=_np(att.upper))
+    return body, arrays, {"bounds": t_bounds, "nominal": t_nominal,
+                          **({"attack": body["attack"]["seconds"]} if body["attack"] else {})}
 
 
 _FULL_NODE_KEYS = ("name", "layer_type", "block", "output_width", "mean_width", "has_nan", "has_infinite",
@@ -458,7 +484,7 @@ def _block_growth(graph: Graph, widths: dict[str, Width], records: list[dict], e
     return rows
 
 
-def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale=None):
+def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale=None, attack_cfg=None):
     names = graph.blocks()
     t0 = time.perf_counter()
     values = evaluate(graph, x, keep_all=True)
@@ -480,6 +506,19 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale
         arrays.update({f"block{k}_input": _np(values[sub.input]), f"block{k}_lower": out.lower,
                        f"block{k}_upper": out.upper, f"block{k}_nominal": _np(values[sub.output])})
     t_bounds = time.perf_counter() - t_all
+    t_attack, points = time.perf_counter(), 0
+    for j, (task, out) in enumerate(zip(tasks, outcomes) if attack_cfg is not None else ()):
+        if out.failed:
+            continue
+        if progress:
+            progress(f"attack {j + 1}/{len(tasks)} {task.name}")
+        lo, hi = torch.tensor(out.lower), torch.tensor(out.upper)          # copies: the arrays stay as they are
+        att = tightness.attack_bounds(task.graph, task.center, eps, lo, hi, attack_cfg)
+        out.row.update(tightness.figures(out.row["output_width"], att, eps))
+        arrays.update({f"block{task.index}_attacked_lower": _np(att.lower),
+                       f"block{task.index}_attacked_upper": _np(att.upper)})
+        points += att.points
+    t_attack = time.perf_counter() - t_attack
     body: dict[str, Any] = {
         "selected_blocks": picked,
         "blocks": rows,
@@ -489,6 +528,7 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale
         "seconds": t_bounds,
         "failed_blocks": [o.name for o in outcomes if o.failed],
         "resumed_blocks": [o.index for o in outcomes if o.resumed],
+        "attack": None if attack_cfg is None else tightness.block_summary(rows, attack_cfg, worst_k, points, t_attack),
     }
     if tolerance is not None:
         for r in rows:
@@ -496,7 +536,8 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale
         body["verdict"] = "verified" if all(r["within_tolerance"] for r in rows) else "unknown"
     else:
         body["verdict"] = None
-    return body, arrays, {"bounds": t_bounds, "nominal": t_nominal}
+    return body, arrays, {"bounds": t_bounds, "nominal": t_nominal,
+                          **({"attack": t_attack} if attack_cfg is not None else {})}
 
 
 # (extra per-block width: key -> node suffix); absent nodes are skipped

@@ -7,9 +7,15 @@ well the norms explain the sensitivities: Pearson r (raw and on log10
 values), Spearman rho, and the overlap of the top-k blocks by each.
 :func:`write_report` writes ``report.md`` and three PNG plots.
 
-Correlations are computed here (numpy only; ties get average ranks), not
-with scipy, so that the report needs no optional dependency.  Nothing here
-prints.
+Two sensitivities per block when the verify report has its attack (the
+default of ``gamma verify --block-wise``): the certified one (an upper
+bound, loosened by the relaxation) and the attacked one (a lower bound,
+from points found in the box).  Both are correlated with the norms, side by
+side, and their rank agreement says whether the certified ranking of the
+blocks is the model's or the relaxation's.
+
+Correlations come from :mod:`gamma.stats` (numpy only; ties get average
+ranks), not scipy.  Nothing here prints.
 """
 
 from __future__ import annotations
@@ -23,45 +29,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import GammaError
+from .stats import pearson, rankdata, spearman  # noqa: F401  (re-exported)
 
 TOP_K = 5
+AGREE = 0.9          # certified and attacked rankings "agree" when Spearman rho >= this and the top block is the same
 PLOTS = {"sensitivity": "sensitivity.png", "spectral": "spectral.png", "scatter": "sensitivity_vs_spectral.png"}
-
-
-# ------------------------------------------------------------------ statistics
-def rankdata(x: Sequence[float]) -> np.ndarray:
-    """1-based ranks, ties sharing the average of their ranks (scipy's 'average')."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1          # positions i..j -> ranks i+1..j+1
-        i = j + 1
-    return ranks
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation; NaN with fewer than 2 points or a constant vector."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"pearson: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
-        return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    nx, ny = np.linalg.norm(dx), np.linalg.norm(dy)
-    if nx == 0 or ny == 0:
-        return math.nan
-    return float(np.clip(np.dot(dx / nx, dy / ny), -1.0, 1.0))
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation: Pearson of the (average-tie) ranks."""
-    return pearson(rankdata(x), rankdata(y))
 
 
 # ------------------------------------------------------------------ inputs
@@ -121,6 +93,7 @@ def block_rows(verify_report: dict, norms_report: dict) -> list[dict]:
         sens, spec = _num(vb["sensitivity"]), nb["max_spectral"]
         rows.append({
             "index": nb["index"], "block": nb["name"], "component": comp, "sensitivity": sens,
+            "attacked_sensitivity": _num(vb.get("attacked_sensitivity")), "ratio": _num(vb.get("ratio")),
             "max_spectral": spec, "max_spectral_part": nb["max_spectral_part"],
             "total_frobenius": nb["total_frobenius"],
             "parts_spectral": {k[:-len("_spectral")]: v for k, v in nb.items()
@@ -131,19 +104,20 @@ def block_rows(verify_report: dict, norms_report: dict) -> list[dict]:
     return rows
 
 
-def _usable(rows: list[dict], key: str) -> list[dict]:
-    return [r for r in rows if all(math.isfinite(r[k]) and r[k] > 0 for k in ("sensitivity", key))]
+def _usable(rows: list[dict], key: str, value: str = "sensitivity") -> list[dict]:
+    return [r for r in rows if all(math.isfinite(r[k]) and r[k] > 0 for k in (value, key))]
 
 
-def correlations(rows: list[dict], key: str = "max_spectral") -> dict:
-    """Sensitivity against ``rows[*][key]``: Pearson raw and log10, Spearman, over
-    the blocks where both are finite and > 0 (the others are listed)."""
-    ok = _usable(rows, key)
+def correlations(rows: list[dict], key: str = "max_spectral", value: str = "sensitivity") -> dict:
+    """``rows[*][value]`` (the certified sensitivity, or the attacked one) against
+    ``rows[*][key]``: Pearson raw and log10, Spearman, over the blocks where both
+    are finite and > 0 (the others are listed)."""
+    ok = _usable(rows, key, value)
     used = {id(r) for r in ok}
-    s = [r["sensitivity"] for r in ok]
+    s = [r[value] for r in ok]
     w = [r[key] for r in ok]
     return {
-        "against": key, "n": len(ok),
+        "value": value, "against": key, "n": len(ok),
         "pearson": pearson(s, w),
         "pearson_log10": pearson(np.log10(s), np.log10(w)) if ok else math.nan,
         "spearman": spearman(s, w),
@@ -165,6 +139,26 @@ def top_overlap(rows: list[dict], k: int = TOP_K) -> dict:
             "overlap_blocks": both}
 
 
+def attacked(rows: list[dict]) -> Optional[dict]:
+    """Certified against attacked sensitivity: both correlated with the norms, their rank
+    agreement, the top block by each; None when the verify report has no attack."""
+    if not any(math.isfinite(r["attacked_sensitivity"]) for r in rows):
+        return None
+    both = _usable(rows, "attacked_sensitivity")
+    rho = spearman([r["sensitivity"] for r in both], [r["attacked_sensitivity"] for r in both])
+    top_c = max(both, key=lambda r: r["sensitivity"])["block"] if both else None
+    top_a = max(both, key=lambda r: r["attacked_sensitivity"])["block"] if both else None
+    ratios = [r["ratio"] for r in rows if math.isfinite(r["ratio"])]
+    return {
+        "correlation": correlations(rows, "max_spectral", "attacked_sensitivity"),
+        "correlation_frobenius": correlations(rows, "total_frobenius", "attacked_sensitivity"),
+        "rank_agreement": rho, "n": len(both),
+        "top_certified": top_c, "top_attacked": top_a,
+        "agree": bool(rho >= AGREE and top_c == top_a) if not math.isnan(rho) else None,
+        "min_ratio": min(ratios) if ratios else math.nan, "max_ratio": max(ratios) if ratios else math.nan,
+    }
+
+
 def analyze(verify_report: dict, norms_report: dict, top_k: int = TOP_K) -> dict:
     """The analysis (plain data; JSON-safe after :func:`gamma.verify.json_safe`)."""
     check_verify_report(verify_report)
@@ -179,6 +173,7 @@ def analyze(verify_report: dict, norms_report: dict, top_k: int = TOP_K) -> dict
         "correlation": correlations(rows, "max_spectral"),
         "correlation_frobenius": correlations(rows, "total_frobenius"),
         "top": top_overlap(rows, top_k),
+        "attacked": attacked(rows),
         "norms": {"exact_limit": norms_report["exact_limit"], "rtol": norms_report["rtol"],
                   "notes": norms_report["notes"]},
         "versions": {"verify": verify_report.get("versions"), "analysis": _versions()},
@@ -224,6 +219,36 @@ def _r(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:+.3f}"
 
 
+def _x(v: Optional[float]) -> str:
+    if v is None or math.isnan(v):
+        return "n/a"
+    return "inf" if math.isinf(v) else f"x{v:.3g}"
+
+
+def _agreement(a: dict) -> list[str]:
+    """The report's sentences on certified against attacked sensitivity."""
+    at = a.get("attacked")
+    if not at:
+        return ["The verify report has no attack (made with --no-attack, or by an older gamma): only the "
+                "certified sensitivity is shown.  `gamma verify --block-wise` attacks every block by default."]
+    rho = at["rank_agreement"]
+    lines = [f"Certified / attacked width per block: from {_x(at['min_ratio'])} to {_x(at['max_ratio'])}.  "
+             f"Rank agreement of certified and attacked sensitivity (Spearman rho over {at['n']} blocks): "
+             f"{_r(rho)}.  Most sensitive block: {at['top_certified']} by the certified figure, "
+             f"{at['top_attacked']} by the attacked one."]
+    if at["agree"] is False:
+        lines += ["", f"**The two rankings disagree** (Spearman rho {_r(rho)} < {AGREE:g}"
+                  + (f"; the top block differs: {at['top_certified']} certified, {at['top_attacked']} attacked"
+                     if at["top_certified"] != at["top_attacked"] else "")
+                  + "): part of what separates the blocks' certified sensitivities is how loose the relaxation "
+                    "is on each block, not how sensitive the block is.  Read the norm correlations of the "
+                    "attacked sensitivity for the model, those of the certified one for the bound."]
+    elif at["agree"]:
+        lines += ["", f"The two rankings agree (Spearman rho >= {AGREE:g}, same top block): the certified "
+                      "ranking of the blocks is the model's, up to a looseness that is similar across blocks."]
+    return lines
+
+
 def markdown(a: dict) -> list[str]:
     m, c, t = a["model"], a["correlation"], a["top"]
     cf = a["correlation_frobenius"]
@@ -239,20 +264,30 @@ def markdown(a: dict) -> list[str]:
         + ", ".join(f"{k} {v}" for k, v in a["versions"]["analysis"].items()),
     ]
     lines += [f"- note: {n}" for n in a["norms"]["notes"]]
+    at = a.get("attacked")
     lines += ["", "## Per block", "",
-              "| # | block | sensitivity | max spectral (part) | total Frobenius | amplification | status |",
-              "|---:|---|---:|---:|---:|---:|---|"]
+              "| # | block | sensitivity (certified) | " + ("attacked sensitivity | certified / attacked | "
+                                                          if at else "")
+              + "max spectral (part) | total Frobenius | amplification | status |",
+              "|---:|---|---:|" + ("---:|---:|" if at else "") + "---:|---:|---:|---|"]
     for r in a["blocks"]:
-        lines.append(f"| {r['index']} | {r['block']} | {_e(r['sensitivity'])} | {r['max_spectral']:.4g} "
-                     f"({r['max_spectral_part']}) | {r['total_frobenius']:.4g} | {_e(r['amplification'])} "
-                     f"| {r['status'] or ''} |")
+        lines.append(f"| {r['index']} | {r['block']} | {_e(r['sensitivity'])} | "
+                     + (f"{_e(r['attacked_sensitivity'])} | {_x(r['ratio'])} | " if at else "")
+                     + f"{r['max_spectral']:.4g} ({r['max_spectral_part']}) | {r['total_frobenius']:.4g} | "
+                       f"{_e(r['amplification'])} | {r['status'] or ''} |")
     lines += ["", "## Correlation of sensitivity with weight norms", "",
-              "| against | n | Pearson r | Pearson r (log10) | Spearman rho |", "|---|---:|---:|---:|---:|"]
-    for cc, label in ((c, "max spectral norm"), (cf, "total Frobenius norm")):
-        lines.append(f"| {label} | {cc['n']} | {_r(cc['pearson'])} | {_r(cc['pearson_log10'])} "
+              "| sensitivity | against | n | Pearson r | Pearson r (log10) | Spearman rho |",
+              "|---|---|---:|---:|---:|---:|"]
+    pairs = [("certified", c, "max spectral norm"), ("certified", cf, "total Frobenius norm")]
+    if at:
+        pairs[1:1] = [("attacked", at["correlation"], "max spectral norm")]
+        pairs.append(("attacked", at["correlation_frobenius"], "total Frobenius norm"))
+    for which, cc, label in pairs:
+        lines.append(f"| {which} | {label} | {cc['n']} | {_r(cc['pearson'])} | {_r(cc['pearson_log10'])} "
                      f"| {_r(cc['spearman'])} |")
     if c["excluded"]:
         lines.append(f"\nLeft out (sensitivity not finite and > 0): {', '.join(c['excluded'])}.")
+    lines += ["", "## Certified and attacked", ""] + _agreement(a)
     lines += ["", f"## Top {t['k']} blocks", "",
               f"- by sensitivity: {', '.join(t['by_sensitivity'])}",
               f"- by max spectral norm: {', '.join(t['by_spectral'])}",
@@ -275,6 +310,11 @@ def markdown(a: dict) -> list[str]:
               "matrix does not explain.  Similar values across blocks mean the weights explain the "
               "differences; a block far above the rest owes its sensitivity to something else "
               "(normalisation of a small-variance input, a sharp softmax, or bound looseness).",
+              "- *Attacked sensitivity* is the width the attack (random samples and PGD with restarts on "
+              "gamma's float64 forward pass, inside the same box) actually reached, over 2 epsilon: a lower "
+              "bound on the true sensitivity, as the certified one is an upper bound.  Their ratio is how "
+              "loose the relaxation is on that block; blocks ranked by the certified figure alone may be "
+              "ranked by that looseness rather than by the model.",
               "- Pearson r on raw values is driven by the largest blocks; on log10 values it measures "
               "whether the orders of magnitude move together; Spearman rho uses only the order.  With "
               f"{c['n']} blocks, a correlation is weak evidence: one block can move it a lot."]
@@ -293,19 +333,34 @@ def plot(kind: str, a: dict, path: str) -> str:
     ax = fig.add_subplot(1, 1, 1)
     where = f"{a['model'].get('arch', '')} {a['component']}, {a['method']}, eps {a['epsilon']:g}"
     small = dict(fontsize=6, rotation=90 if len(rows) > 8 else 0)
+    at = a.get("attacked")
     if kind == "sensitivity":
         s = np.array([r["sensitivity"] for r in rows])
         ok = np.isfinite(s) & (s > 0)
-        ax.bar(x[ok], s[ok], color="tab:red")
-        for i in np.flatnonzero(ok):
-            ax.annotate(f"{s[i]:.3g}", (x[i], s[i]), ha="center", va="bottom", **small)
+        half = 0.4 if at else 0.8                          # bar width: two bars per block with the attack
+        xc = x - half / 2 if at else x
+        ax.bar(xc[ok], s[ok], width=half, color="tab:red", label="certified (upper bound)")
         for i in np.flatnonzero(~ok):
             ax.annotate("n/a", (x[i], 1.0), xycoords=("data", "axes fraction"), ha="center", va="top",
                         fontsize=8)
+        shown = list(s[ok])
+        if at:
+            v = np.array([r["attacked_sensitivity"] for r in rows])
+            okv = np.isfinite(v) & (v > 0)
+            ax.bar(x[okv] + half / 2, v[okv], width=half, color="tab:gray", label="attacked (lower bound)")
+            shown += list(v[okv])
+            for i in np.flatnonzero(ok & okv):            # the ratio above each pair
+                ax.annotate(_x(rows[i]["ratio"]), (x[i], s[i]), ha="center", va="bottom", **small)
+            ax.legend(fontsize=7, loc="best")
+            ax.set_title(f"Block sensitivity, certified and attacked ({where})\nabove each pair: certified / "
+                         f"attacked; rank agreement (Spearman) {_r(at['rank_agreement'])}", fontsize=9)
+        else:
+            for i in np.flatnonzero(ok):
+                ax.annotate(f"{s[i]:.3g}", (x[i], s[i]), ha="center", va="bottom", **small)
+            ax.set_title(f"Block sensitivity ({where})")
         ax.set_yscale("log")
-        _log_labels(ax.yaxis, s[ok])
+        _log_labels(ax.yaxis, shown)
         ax.set_ylabel("sensitivity (out width / in width)")
-        ax.set_title(f"Block sensitivity ({where})")
     elif kind == "spectral":
         ax.bar(x, [r["max_spectral"] for r in rows], color="tab:blue", alpha=0.35, label="max (bar)")
         parts = list(dict.fromkeys(p for r in rows for p in r["parts_spectral"]))
@@ -320,20 +375,34 @@ def plot(kind: str, a: dict, path: str) -> str:
         ax.set_title(f"Spectral norm of each matrix per block ({a['model'].get('arch', '')} {a['component']})")
     else:
         ok = _usable(rows, "max_spectral")
-        ax.scatter([r["max_spectral"] for r in ok], [r["sensitivity"] for r in ok], color="tab:purple")
+        c = a["correlation"]
+        ax.scatter([r["max_spectral"] for r in ok], [r["sensitivity"] for r in ok], color="tab:purple",
+                   label=f"certified: Spearman {_r(c['spearman'])}, log10 r {_r(c['pearson_log10'])}")
         for r in ok:
             ax.annotate(r["block"].replace("encoder.", "").replace("decoder.", ""),
                         (r["max_spectral"], r["sensitivity"]), textcoords="offset points", xytext=(4, 3),
                         fontsize=7)
+        ys = [r["sensitivity"] for r in ok]
+        if at:
+            oka = _usable(rows, "max_spectral", "attacked_sensitivity")
+            ca = at["correlation"]
+            ax.scatter([r["max_spectral"] for r in oka], [r["attacked_sensitivity"] for r in oka], color="tab:gray",
+                       marker="s", label=f"attacked: Spearman {_r(ca['spearman'])}, log10 r {_r(ca['pearson_log10'])}")
+            for r in oka:                                   # a thin line joins each block's two points
+                if math.isfinite(r["sensitivity"]) and r["sensitivity"] > 0:
+                    ax.plot([r["max_spectral"]] * 2, [r["attacked_sensitivity"], r["sensitivity"]], color="0.7",
+                            lw=0.8, zorder=0)
+            ys += [r["attacked_sensitivity"] for r in oka]
+            ax.legend(fontsize=7, loc="best")
         ax.set_xscale("log")
         ax.set_yscale("log")
         _log_labels(ax.xaxis, [r["max_spectral"] for r in ok])
-        _log_labels(ax.yaxis, [r["sensitivity"] for r in ok])
+        _log_labels(ax.yaxis, ys)
         ax.set_xlabel("max spectral norm")
         ax.set_ylabel("sensitivity")
-        c = a["correlation"]
         ax.set_title(f"Sensitivity vs spectral norm ({where})\nPearson r {_r(c['pearson'])}, "
-                     f"log10 {_r(c['pearson_log10'])}, Spearman {_r(c['spearman'])} (n={c['n']})", fontsize=9)
+                     f"log10 {_r(c['pearson_log10'])}, Spearman {_r(c['spearman'])} (certified, n={c['n']})",
+                     fontsize=9)
     if kind != "scatter":
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=60 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",

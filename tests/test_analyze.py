@@ -162,3 +162,51 @@ def test_analyze_runs_verification(capsys, tmp_path, llama_hf_dir):
     assert [b["block"] for b in r["blocks"]] == ["layer0", "layer1"]
     assert all(b["sensitivity"] > 0 for b in r["blocks"])
     assert (out / "report.md").exists() and all((out / n).exists() for n in PLOTS.values())
+    assert all(0 < b["attacked_sensitivity"] <= b["sensitivity"] for b in r["blocks"])     # verify attacks by default
+    assert r["attacked"]["n"] == 2 and "## Certified and attacked" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ certified and attacked
+def _with_attack(report: dict, attacked: list) -> dict:
+    for b, a in zip(report["blocks"], attacked):
+        b["attacked_sensitivity"] = a
+        b["ratio"] = b["sensitivity"] / a
+    return report
+
+
+@pytest.mark.parametrize("attacked,agree", [([5.0, 1.0], False), ([1.0, 10.0], True)])
+def test_certified_and_attacked_side_by_side(capsys, tmp_path, llama_hf_dir, attacked, agree):
+    path = llama_hf_dir[0]
+    vj = tmp_path / "verify.json"
+    vj.write_text(json.dumps(_with_attack(synthetic_verify(path, "llama", "decoder", [3.0, 30.0]), attacked)))
+    out = tmp_path / "rep"
+    rc, text = run_cli(capsys, "analyze", str(path), "--from-json", str(vj), "--out", str(out), "--quiet")
+    assert rc == 0
+    norms = weight_norms(load_checkpoint(path))
+    a = analyze(json.loads(vj.read_text()), norms)
+    at = a["attacked"]
+    spec = [b["max_spectral"] for b in norms["blocks"]]
+    assert at["rank_agreement"] == pytest.approx(1.0 if agree else -1.0)
+    assert at["correlation"]["spearman"] == pytest.approx(scipy.stats.spearmanr(attacked, spec).statistic)
+    assert at["correlation"]["value"] == "attacked_sensitivity" and a["correlation"]["value"] == "sensitivity"
+    assert (at["agree"], at["top_certified"], at["top_attacked"]) == (agree, "layer1", "layer1" if agree else "layer0")
+    assert (at["min_ratio"], at["max_ratio"]) == (pytest.approx(0.6 if not agree else 3.0),
+                                                  pytest.approx(30.0 if not agree else 3.0))
+    md = (out / "report.md").read_text()
+    assert "| # | block | sensitivity (certified) | attacked sensitivity | certified / attacked |" in md
+    assert "| attacked | max spectral norm | 2 |" in md and "| certified | total Frobenius norm | 2 |" in md
+    assert ("**The two rankings disagree** (Spearman rho -1.000 < 0.9; the top block differs: layer1 certified, "
+            "layer0 attacked)" in md) == (not agree)
+    assert ("The two rankings agree" in md) == agree
+    assert "certified vs attacked ranking: Spearman rho" in text and ("DISAGREE" in text) == (not agree)
+    assert (out / PLOTS["sensitivity"]).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_without_attack_says_so(capsys, tmp_path, llama_hf_dir):
+    path = llama_hf_dir[0]
+    vj = tmp_path / "verify.json"
+    vj.write_text(json.dumps(synthetic_verify(path, "llama", "decoder", [3.0, 30.0])))
+    out = tmp_path / "rep"
+    run_cli(capsys, "analyze", str(path), "--from-json", str(vj), "--out", str(out), "--quiet")
+    md = (out / "report.md").read_text()
+    assert "The verify report has no attack" in md and "attacked sensitivity |" not in md

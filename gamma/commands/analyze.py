@@ -101,19 +101,32 @@ def _r(v) -> str:
     return "n/a" if v is None or v != v else f"{v:+.3f}"
 
 
+def _x(v) -> str:
+    return "n/a" if v is None or v != v else "inf" if v == float("inf") else f"x{v:.3g}"
+
+
 def summary_lines(a: dict, paths: list[str]) -> list[str]:
     m = a["model"]
     lines = [f"model    {m.get('arch')} {a['component']} ({m.get('format')}) {m.get('path')}",
              f"run      block-wise, method {a['method']}, epsilon {a['epsilon']:g}, seq_len {a['seq_len']}", ""]
-    lines += table(["#", "block", "sensitivity", "max spectral", "part", "total fro", "amplification"],
-                   [[r["index"], r["block"], _e(r["sensitivity"]), f"{r['max_spectral']:.4g}",
-                     r["max_spectral_part"], f"{r['total_frobenius']:.4g}", _e(r["amplification"])]
-                    for r in a["blocks"]], "rlrrlrr")
+    at = a.get("attacked")
+    lines += table(["#", "block", "sensitivity"] + (["attacked", "ratio"] if at else [])
+                   + ["max spectral", "part", "total fro", "amplification"],
+                   [[r["index"], r["block"], _e(r["sensitivity"])]
+                    + ([_e(r["attacked_sensitivity"]), _x(r["ratio"])] if at else [])
+                    + [f"{r['max_spectral']:.4g}", r["max_spectral_part"], f"{r['total_frobenius']:.4g}",
+                       _e(r["amplification"])] for r in a["blocks"]], "rlr" + ("rr" if at else "") + "rlrr")
     lines.append("")
-    for key, label in (("correlation", "max spectral"), ("correlation_frobenius", "total Frobenius")):
-        c = a[key]
-        lines.append(f"sensitivity vs {label}: Pearson r {_r(c['pearson'])}, log10 {_r(c['pearson_log10'])}, "
-                     f"Spearman rho {_r(c['spearman'])} (n={c['n']})")
+    sources = [("certified", a)] + ([("attacked", at)] if at else [])
+    for which, src in sources:
+        for key, label in (("correlation", "max spectral"), ("correlation_frobenius", "total Frobenius")):
+            c = src[key]
+            lines.append(f"{which} sensitivity vs {label}: Pearson r {_r(c['pearson'])}, "
+                         f"log10 {_r(c['pearson_log10'])}, Spearman rho {_r(c['spearman'])} (n={c['n']})")
+    if at:
+        verdict = {True: "agree", False: "DISAGREE", None: "n/a"}[at["agree"]]
+        lines.append(f"certified vs attacked ranking: Spearman rho {_r(at['rank_agreement'])} (n={at['n']}), "
+                     f"{verdict}; top block {at['top_certified']} certified, {at['top_attacked']} attacked")
     t = a["top"]
     lines.append(f"top {t['k']} overlap: {t['overlap']}/{t['k']}"
                  + (f" ({', '.join(t['overlap_blocks'])})" if t["overlap_blocks"] else ""))

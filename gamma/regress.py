@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import __version__
-from .attack import explore
+from .attack import AttackConfig, attack_range
 from .errors import GammaError
 from .extras import require
 from .model import Model
@@ -54,15 +54,17 @@ except ImportError:                      # Python 3.10
     import tomli as tomllib              # type: ignore[no-redef]
 
 SCHEMA = 1
-# figure -> kind: "bound" (lower is tighter), "time", "memory"
+# figure -> kind: "bound" (lower is tighter), "time", "memory"; "attack" (what the soundness attack reached:
+# an inner bound, the higher the stronger) and "ratio" (certified / attacked width) are tracked, never judged
 FIGURES = {"max_width": "bound", "max_sensitivity": "bound", "median_sensitivity": "bound",
-           "seconds": "time", "peak_memory_mb": "memory"}
+           "seconds": "time", "peak_memory_mb": "memory",
+           "attacked_max_width": "attack", "attacked_max_sensitivity": "attack", "ratio": "ratio"}
 MODES = {"full": "full", "block-wise": "block_wise", "block_wise": "block_wise"}
-DEFAULT_TRACK = {"full": ["max_width", "seconds"],
-                 "block_wise": ["max_sensitivity", "median_sensitivity", "seconds"]}
+DEFAULT_TRACK = {"full": ["max_width", "ratio", "seconds"],
+                 "block_wise": ["max_sensitivity", "median_sensitivity", "ratio", "seconds"]}
 MIN_SECONDS = 1.0        # a time below this never regresses (timer and scheduler noise)
 MIN_MEMORY_MB = 64.0     # a memory growth below this never regresses
-FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION")
+FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION", "UNSOUND")
 ZOO = {"whisper_tiny_en": "whisper-tiny.en", "smollm2_135m": "smollm2-135m"}
 # tiny random models built here with transformers (seeded: the same function every time)
 FIXTURES = {
@@ -315,31 +317,66 @@ class PeakMemory:
         return False
 
 
+def attack_config(case: Case, seed: int = 0) -> AttackConfig:
+    """The soundness attack of a case: its samples and steps, one random restart, 4 + 4 targets."""
+    return AttackConfig(samples=case.samples, steps=case.attack_steps, restarts=1, widest=4, others=4, seed=seed)
+
+
 def soundness(model: Model, case: Case, result, seed: int = 0) -> dict:
-    """Samples + PGD on gamma's float64 forward against the case's bounds.
+    """Samples + PGD (:func:`gamma.attack.attack_range`) on gamma's float64 forward against
+    the case's bounds, independent of the verification that made them.
 
     Full cases: the whole graph over the input box; block-wise: every selected
-    block's graph over the box around its nominal input."""
+    block's graph over the box around its nominal input.  Returns the
+    violations (attacked outputs outside the bounds), the attacked max width
+    and, block-wise, each block's attacked width."""
     rep, arrays = result.report, result.arrays
     graph = model.graph(rep["component"], rep["seq_len"], rep["output"])
     if result.mode == "full":
-        parts = [(graph, "input", "lower", "upper")]
+        parts = [(None, graph, "input", "lower", "upper")]
     else:
-        parts = [(graph.block_graph(r["block_name"]), *(f"block{r['block_index']}_{s}"
-                                                          for s in ("input", "lower", "upper")))
-                 for r in rep["blocks"]]
+        parts = [(r["block_name"], graph.block_graph(r["block_name"]),
+                  *(f"block{r['block_index']}_{s}" for s in ("input", "lower", "upper")))
+                 for r in rep["blocks"] if f"block{r['block_index']}_lower" in arrays]
     bad = points = 0
-    emp_width = 0.0
-    for g, x, lo, hi in parts:
+    widths: dict[str, float] = {}
+    for name, g, x, lo, hi in parts:
         t = {k: torch.from_numpy(arrays[k]).double() for k in (x, lo, hi)}
-        emp = explore(lambda z, g=g: evaluate(g, z), t[x], rep["epsilon"], t[lo], t[hi],
-                      n_samples=case.samples, seed=seed, attack=case.attack_steps > 0,
-                      steps=max(case.attack_steps, 1), restarts=1, n_targets=4)
-        bad += emp.violations
-        points += emp.points
-        emp_width = max(emp_width, float((emp.upper - emp.lower).max()))
-    return {"violations": bad, "points": points, "samples": case.samples, "attack_steps": case.attack_steps,
-            "empirical_max_width": emp_width}
+        att = attack_range(lambda z, g=g: evaluate(g, z), t[x], rep["epsilon"], t[lo], t[hi],
+                           attack_config(case, seed))
+        bad += att.violations
+        points += att.points
+        widths[name or "output"] = float((att.upper - att.lower).max())
+    out = {"violations": bad, "points": points, "samples": case.samples, "attack_steps": case.attack_steps,
+           "empirical_max_width": max(widths.values(), default=0.0)}
+    if result.mode != "full":
+        out["attacked_blocks"] = widths
+    return out
+
+
+def attacked_figures(figs: dict, sound: dict, eps: float) -> dict:
+    """attacked_max_width, attacked_max_sensitivity and ratio (certified / attacked max width)."""
+    aw = sound["empirical_max_width"]
+    cw = figs["max_width"]
+    ratio = math.nan if math.isnan(cw) else (cw / aw if aw > 0 else (0.0 if cw == 0 else math.inf))
+    return {"attacked_max_width": aw, "attacked_max_sensitivity": aw / (2 * eps), "ratio": ratio}
+
+
+def unsound(rec: dict) -> Optional[str]:
+    """Why a record's bounds are unsound (an attacked output outside them, or an attacked
+    width above the certified one), or None.  Records without attacked figures: by violations only."""
+    s = rec.get("soundness") or {}
+    if s.get("violations"):
+        return f"{s['violations']} of {s['points']} points outside the bounds"
+    over = []
+    aw, cw = figure(rec, "attacked_max_width"), figure(rec, "max_width")
+    if aw is not None and cw is not None and aw > cw:
+        over.append(f"attacked max width {aw:.4g} > certified {cw:.4g}")
+    for b, a in (s.get("attacked_blocks") or {}).items():
+        c = (rec.get("blocks") or {}).get(b)
+        if c is not None and a > c:
+            over.append(f"{b}: attacked {a:.4g} > certified {c:.4g}")
+    return "; ".join(over) or None
 
 
 def figures(result) -> tuple[dict, dict]:
@@ -394,13 +431,15 @@ def run_case(case: Case, models: Models, prov: Optional[dict] = None, run_id: Op
             result = verify(model, case.epsilon, case.method, block_wise=case.mode == "block_wise",
                             component=case.component, seq_len=case.seq_len, tokens=case.tokens,
                             center=case.center, blocks=case.blocks, output=case.output,
-                            intermediate=case.intermediate, progress=progress)
+                            intermediate=case.intermediate, progress=progress,
+                            attack=False)       # the attack runs below, on the bounds verify returns
             seconds = time.perf_counter() - t0
         if progress:
             progress("soundness check")
         figs, blocks = figures(result)
-        figs.update(seconds=seconds, peak_memory_mb=mem.mb)
-        rec.update(figures=figs, memory_method=mem.method, soundness=soundness(model, case, result),
+        sound = soundness(model, case, result)
+        figs.update(seconds=seconds, peak_memory_mb=mem.mb, **attacked_figures(figs, sound, case.epsilon))
+        rec.update(figures=figs, memory_method=mem.method, soundness=sound,
                    has_nan=result.report["has_nan"], has_infinite=result.report["has_infinite"])
         if blocks:
             rec["blocks"] = blocks
@@ -540,6 +579,8 @@ def judge(case: Case, name: str, old: Optional[float], new: Optional[float], bas
         if change is not None and change < -case.tolerance:
             return "IMPROVED", change, "tighter: update the baseline"
         return "OK", change, ""
+    if kind in ("attack", "ratio"):
+        return "OK", change, "tracked"
     if kind == "time":
         other = "" if base.get("machine") == rec.get("machine") else " (baseline from another machine)"
         if new > case.time_factor * old and new > case.min_seconds:
@@ -576,6 +617,9 @@ def compare(cases: list[Case], new: dict, base: dict) -> list[dict]:
         old_bad = (b or {}).get("soundness", {}).get("violations")
         row(case, "soundness", old_bad, bad, "REGRESSION" if bad else "OK",
             note=f"{bad} of {rec['soundness']['points']} points outside the bounds" if bad else "")
+        over = None if bad else unsound(rec)          # attacked width above the certified one
+        if over:
+            row(case, "attacked<=certified", None, figure(rec, "attacked_max_width"), "UNSOUND", note=over)
         if b is None or b.get("error"):
             for fig in case.track:
                 row(case, fig, None, figure(rec, fig), "NEW", note="no baseline")

@@ -191,6 +191,12 @@ def test_loosened_relaxation_is_a_regression(env, tmp_path, capsys, monkeypatch)
     assert "tq-ibp-blocks: max_sensitivity" in err and "sound (" in err
     rec = R.read_history(h).records[0]
     assert rec["soundness"]["violations"] == 0 and rec["soundness"]["points"] > 40
+    f, att = rec["figures"], rec["soundness"]["attacked_blocks"]
+    assert set(att) == set(rec["blocks"]) and all(0 < att[b] <= rec["blocks"][b] for b in att)
+    assert f["attacked_max_width"] == max(att.values()) <= f["max_width"]
+    assert f["attacked_max_sensitivity"] == pytest.approx(f["attacked_max_width"] / 2e-3)
+    assert f["ratio"] == pytest.approx(f["max_width"] / f["attacked_max_width"]) and f["ratio"] >= 1
+    assert "certified / attacked x" in err and R.unsound(rec) is None
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(R.__file__), capture_output=True,
                           text=True)
     if head.returncode == 0:                       # (HEAD may move while the test runs: check the form)
@@ -295,3 +301,35 @@ def test_report_writes_markdown_and_pngs(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(files[0]).read()
     assert "## case/one" in md and "![case/one](case_one.png)" in md and "| inf |" in md
+
+
+# ------------------------------------------------------------------ attacked above certified
+def test_attacked_width_above_certified_fails_the_check(tmp_path, capsys):
+    """An attacked width above the certified one cannot happen with sound bounds: UNSOUND, exit 1."""
+    case = _case(track=("max_width", "ratio", "seconds"))
+    good = _record("c", max_width=1.0, attacked_max_width=0.4, ratio=2.5, seconds=1.0)
+    assert R.compare([case], {"c": good}, {"c": good})[-1]["status"] == "OK"
+    bad = _record("c", max_width=1.0, attacked_max_width=1.2, ratio=1 / 1.2, seconds=1.0)
+    rows = R.compare([case], {"c": bad}, {"c": good})
+    row = [r for r in rows if r["figure"] == "attacked<=certified"][0]
+    assert row["status"] == "UNSOUND" and row["note"] == "attacked max width 1.2 > certified 1"
+    assert R.failed(rows) == ["c"]
+    ratio = [r for r in rows if r["figure"] == "ratio"][0]
+    assert ratio["status"] == "OK" and ratio["note"] == "tracked"         # the ratio alone never fails
+    blocks = _record("c", max_width=1.0, attacked_max_width=0.5, seconds=1.0)       # per block, too
+    blocks["blocks"] = {"layer0": 1.0, "layer1": 0.3}
+    blocks["soundness"]["attacked_blocks"] = {"layer0": 0.5, "layer1": 0.31}
+    assert R.unsound(blocks) == "layer1: attacked 0.31 > certified 0.3"
+    suite = tmp_path / "s.toml"
+    suite.write_text('[[case]]\nname="c"\nmodel="m"\nmethod="ibp"\nepsilon=1e-3\nmode="full"\n'
+                     'track=["max_width", "ratio", "seconds"]\n')
+    h, base = str(tmp_path / "h.jsonl"), str(tmp_path / "b.json")
+    bad["config"] = good["config"] = R.load_suite(str(suite))[0].config()
+    R.append_record(h, bad)
+    R.write_baseline(base, {"c": good})
+    rc, out, _ = cli(capsys, "regress", "check", str(suite), "--baseline", base, "--history", h)
+    assert rc == 1 and "UNSOUND" in out and "REGRESSION in 1 case(s): c" in out
+    files = write_report([good, bad], str(tmp_path / "rep"))
+    md = open(files[0]).read()
+    assert "attacked_max_width | attacked_max_sensitivity | ratio |" in md
+    assert "0 / 10 UNSOUND (attacked max width 1.2 > certified 1)" in md

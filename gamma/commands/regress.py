@@ -93,9 +93,15 @@ def _summary(rec: dict) -> str:
         return f"ERROR {rec['error']}"
     f, s = rec["figures"], rec["soundness"]
     main = "max_width" if rec["config"]["mode"] == "full" else "max_sensitivity"
-    sound = "sound" if not s["violations"] else f"UNSOUND: {s['violations']} violations"
-    return (f"{main} {g(R.figure(rec, main))} (empirical {g(_empirical(rec, main))}), {f['seconds']:.2f}s, "
-            f"+{f['peak_memory_mb']:.0f} MiB, {sound} ({s['points']} points)")
+    why = R.unsound(rec)
+    sound = "sound" if not why else f"UNSOUND: {why}"
+    return (f"{main} {g(R.figure(rec, main))} (attacked {g(_empirical(rec, main))}, certified / attacked "
+            f"{_x(R.figure(rec, 'ratio'))}), {f['seconds']:.2f}s, +{f['peak_memory_mb']:.0f} MiB, {sound} "
+            f"({s['points']} points)")
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else "inf" if math.isinf(v) else f"x{v:.3g}"
 
 
 # ------------------------------------------------------------------ run / check / baseline
@@ -129,7 +135,7 @@ def cmd_run(args) -> int:
     if not os.path.isdir(folder):
         raise GammaError(f"{args.history}: cannot write (no such directory {folder})")
     recs = _run_cases(args, cases, _cache(args, args.history), args.history)
-    bad = [n for n, r in recs.items() if r.get("error") or r["soundness"]["violations"]]
+    bad = [n for n, r in recs.items() if r.get("error") or R.unsound(r)]
     _say(args, f"{len(recs)} records appended to {args.history}" +
          (f"; FAILED: {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0
@@ -230,6 +236,9 @@ def write_report(records: list[dict], out_dir: str) -> list[str]:
     groups = _by_case(records)
     lines = ["# gamma verification regression report", "",
              f"{len(records)} records, {len(groups)} cases.  Widths and sensitivities: lower is tighter.  "
+             "`attacked_*`: what samples + a PGD attack on gamma's float64 forward reached inside the same "
+             "box (an inner bound: never above the certified figure); `ratio`: certified / attacked max "
+             "width, how loose the bound is.  "
              "`soundness`: outputs of samples + PGD attack outside the certified bounds (must be 0).  "
              "`peak_memory_mb`: peak resident memory above the start of the case.", "",
              "## Latest", "", "| case | method | mode | eps | runs | " + " | ".join(R.FIGURES) + " | soundness |",
@@ -262,11 +271,12 @@ def _sound(r: dict) -> str:
     if r.get("error"):
         return "error"
     s = r["soundness"]
-    return f"{s['violations']} / {s['points']}"
+    over = None if s["violations"] else R.unsound(r)
+    return f"{s['violations']} / {s['points']}" + (f" UNSOUND ({over})" if over else "")
 
 
 def _empirical(rec: dict, fname: str) -> Optional[float]:
-    """The widest output the soundness check saw (as a width or a sensitivity): a lower bound on the truth."""
+    """The widest output the soundness attack saw (as a width or a sensitivity): a lower bound on the truth."""
     w = (rec.get("soundness") or {}).get("empirical_max_width")
     if w is None or fname not in ("max_width", "max_sensitivity"):
         return None
@@ -295,13 +305,13 @@ def _plot(name: str, recs: list[dict], track: list[str], path: str) -> None:
         emp = [(xi, y) for xi, y in emp if y is not None and y > 0]
         if emp and pts:
             ax.plot([p[0] for p in emp], [p[1] for p in emp], "s--", color="tab:gray", ms=4,
-                    label="empirical (samples + PGD)")
+                    label="attacked (samples + PGD)")
             ax.legend(fontsize=7, loc="best")
         for xi, y in zip(x, ys):
             if y is not None and not math.isfinite(y):
                 ax.annotate("inf", (xi, 0.95), xycoords=("data", "axes fraction"), ha="center", va="top",
                             color="tab:red")
-        bad = [xi for xi, r in zip(x, recs) if r.get("error") or r["soundness"]["violations"]]
+        bad = [xi for xi, r in zip(x, recs) if r.get("error") or R.unsound(r)]
         for xi in bad:
             ax.axvline(xi, color="tab:red", alpha=0.4, lw=6)
         ax.set_ylabel(fname, fontsize=8)

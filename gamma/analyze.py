@@ -244,8 +244,9 @@ def _agreement(a: dict) -> list[str]:
                     "is on each block, not how sensitive the block is.  Read the norm correlations of the "
                     "attacked sensitivity for the model, those of the certified one for the bound."]
     elif at["agree"]:
-        lines += ["", f"The two rankings agree (Spearman rho >= {AGREE:g}, same top block): the certified "
-                      "ranking of the blocks is the model's, up to a looseness that is similar across blocks."]
+        lines += ["", f"The two rankings agree (Spearman rho >= {AGREE:g}, same top block): the relaxation's "
+                      f"looseness ({_x(at['min_ratio'])} to {_x(at['max_ratio'])}) does not reorder the blocks "
+                      "here, so the certified ranking is the attacked one."]
     return lines
 
 

@@ -152,3 +152,20 @@ def test_block_summary_by_hand():
     lines = report._block_attack_lines(s)
     assert lines[1] == "rank agreement of certified and attacked sensitivity: Spearman +0.80 over 4 blocks"
     assert lines[2] == "loosest blocks (certified / attacked): layer2 (x15), layer0 (x10)"
+
+
+# ---------------------------------------------------------------- real models (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("which,blocks", [("whisper", "0,3"), ("smollm2", "0,29")])
+def test_real_models_attacked_never_above_certified(real_whisper_tiny_en, real_smollm2, which, blocks):
+    path = real_whisper_tiny_en if which == "whisper" else real_smollm2
+    res = gamma.verify(path, EPS, "crown", block_wise=True, seq_len=2, blocks=blocks)
+    _validate(res)
+    for b in res["blocks"]:
+        k = b["block_index"]
+        a = res.arrays
+        assert np.all(a[f"block{k}_lower"] <= a[f"block{k}_attacked_lower"])
+        assert np.all(a[f"block{k}_attacked_upper"] <= a[f"block{k}_upper"])
+        assert b["attack_violations"] == 0 and 0 < b["attacked_width"] <= b["output_width"]
+        print(f"\n{which} {b['block_name']}: certified {b['output_width']:.4g}, attacked {b['attacked_width']:.4g}, "
+              f"x{b['ratio']:.3g}")

@@ -109,7 +109,7 @@ def test_bad_blocks(capsys, llama_dir, blocks, msg):
     (["verify", "--arithmetic", "float16"],
      "argument --arithmetic: invalid choice: 'float16' (choose from 'float32', 'real')"),
     (["frobnicate"], None),
-    ([], "choose a command: inspect, forward, verify, weights, analyze, compare, diff or regress (gamma --help)"),
+    ([], "choose a command: inspect, forward, verify, weights, analyze, compare, diff, regress or vnncomp (gamma --help)"),
     (["forward"], "the following arguments are required: --out"),
     (["verify", "--save-bounds", "/nonexistent/dir/b.npz"],
      "/nonexistent/dir/b.npz: cannot write (no such directory /nonexistent/dir)"),

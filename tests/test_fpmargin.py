@@ -108,7 +108,7 @@ def test_attention_with_offset_values_contains_float32_engine(method):
 def test_proven_rules_are_not_doubled_and_hedged_ones_are():
     g = Graph("lin", "x", (2, 8))
     gen = torch.Generator().manual_seed(6)
-    g.add("y", "linear", "x", weight=torch.randn(3, 8, generator=gen, dtype=torch.float64))
+    g.add("y", "linear", "x", weight=torch.randn(3, 8, generator=gen).double())     # float32 values
     g.infer_shapes()
     x = Interval(torch.ones(2, 8, dtype=torch.float64), torch.ones(2, 8, dtype=torch.float64) * 2)
     out = Interval(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
@@ -117,3 +117,29 @@ def test_proven_rules_are_not_doubled_and_hedged_ones_are():
     assert torch.equal(fpmargin.margin(g["y"], [x], out), want)
     assert {"gelu", "silu", "softmax", "layernorm", "rmsnorm"} <= fpmargin.HEDGED
     assert not {"linear", "matmul", "conv1d", "add", "mul", "rope"} & fpmargin.HEDGED
+
+
+def test_constants_that_are_not_float32_values_are_charged_their_rounding():
+    """A float32 engine rounds a float64 constant on load: add_const, mul_const,
+    matmul_const and linear charge |c - fl32(c)| (times |x|); float32-valued
+    constants (checkpoints) cost nothing more."""
+    gen = torch.Generator().manual_seed(8)
+    c64 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    c32 = c64.to(torch.float32).to(torch.float64)
+    x = Interval(torch.full((2, 3), -2.0, dtype=torch.float64), torch.full((2, 3), 1.0, dtype=torch.float64))
+    out = Interval(torch.full((2, 4), -1.0, dtype=torch.float64), torch.full((2, 4), 1.0, dtype=torch.float64))
+
+    def mm(c):
+        g = Graph("mc", "x", (2, 3))
+        g.add("y", "matmul_const", "x", c=c)
+        return fpmargin.margin(g.infer_shapes()["y"], [x], out)
+    extra = torch.full((2, 3), 2.0, dtype=torch.float64) @ (c64 - c32).abs()
+    assert torch.all(mm(c64) >= mm(c32) + extra)
+    assert torch.equal(mm(c32), fp.dot_error_signed(x.abs_max() @ c32.abs(), out.abs_max(), 3))
+
+    def add(c):
+        g = Graph("ac", "x", (2, 4))
+        g.add("y", "add_const", "x", c=c)
+        return fpmargin.margin(g.infer_shapes()["y"], [out], out)
+    assert torch.allclose(add(c64[0]) - add(c32[0]), 2 * (c64[0] - c32[0]).abs().expand(2, 4), rtol=1e-12)
+    assert torch.equal(add(c32[0]), U * out.abs_max())

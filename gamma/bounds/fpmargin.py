@@ -37,14 +37,24 @@ HEDGED = {"gelu", "gelu_tanh", "silu", "softmax", "layernorm", "rmsnorm"}
 HEDGE = 2.0
 
 
+def _rounded(c):
+    """``|c - fl32(c)|`` for a constant a float32 engine rounds on load (a tensor or a
+    float), or None where c is float32-valued already (checkpoint weights, RoPE tables)."""
+    if isinstance(c, torch.Tensor):
+        return None if fp.is_exact32(c) else (c - c.to(torch.float32).to(c.dtype)).abs()
+    d = abs(float(c) - float(torch.tensor(float(c), dtype=torch.float32)))
+    return d or None
+
+
 def _rel(out: Interval, k: float) -> torch.Tensor:
     return k * U * out.abs_max()
 
 
-def _dot(s, out, n_terms):
+def _dot(s, out, n_terms, value_abs: bool = False):
     """Margin of a dot-product node from ``s >= sum|terms|`` over the box and the
-    node's interval (|value| over the box): :func:`fp.dot_error_signed`."""
-    return fp.dot_error_signed(s, out.abs_max(), n_terms)
+    node's interval (|value| over the box; ``value_abs``: ``out`` is that bound
+    already): :func:`fp.dot_error_signed`."""
+    return fp.dot_error_signed(s, out if value_abs else out.abs_max(), n_terms)
 
 
 def _linear(node, ins, out):
@@ -55,7 +65,13 @@ def _linear(node, ins, out):
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()
-    return _dot(s, out, node.params["weight"].shape[1] + 1)
+    m = _dot(s, out, node.params["weight"].shape[1] + 1)
+    dw, db = _rounded(node.params["weight"]), (None if b is None else _rounded(b))
+    if dw is not None:                       # weights that are not float32 values: their rounding on load
+        m = m + 2 * (ins[0].abs_max() @ dw.T)
+    if db is not None:
+        m = m + 2 * db
+    return m
 
 
 def _conv1d(node, ins, out):
@@ -113,15 +129,25 @@ def _row_sum_gap(node, x: Interval, prev) -> torch.Tensor:
 
 
 def _matmul_const(node, ins, out):
+    """``x c``; a c that is not float32-valued is rounded by the engine: |x| |dc| more
+    in the value and in the sums the dot error sees."""
     c = node.params["c"]
-    return _dot(ins[0].abs_max() @ c.abs(), out, c.shape[-2])
+    x = ins[0].abs_max()
+    dc = _rounded(c)
+    extra = 0.0 if dc is None else x @ dc
+    return _dot(x @ c.abs() + extra, out.abs_max() + extra, c.shape[-2], True) + extra
 
 
 def _rope(node, ins, out):
     from ..ops import rotate_half_abs
     x = ins[0].abs_max()
     s = x * node.params["cos"].abs() + rotate_half_abs(x) * node.params["sin"].abs()
-    return 3 * U * s
+    m = 3 * U * (1 + U) * s                 # two products and their sum, each rounded once
+    dcos, dsin = _rounded(node.params["cos"]), _rounded(node.params["sin"])
+    if dcos is not None or dsin is not None:  # tables that are not float32 values (transformers' are)
+        z = torch.zeros_like(x)
+        m = m + 2 * (x * (z if dcos is None else dcos) + rotate_half_abs(x) * (z if dsin is None else dsin))
+    return m
 
 
 def _elementwise(node, ins, out):
@@ -172,7 +198,10 @@ def _norm(node, ins, out):
 
 
 def _add(node, ins, out):
-    return _rel(out, 1.0)
+    """``fl(a + b) = (a + b)(1 + d)``; add_const's c is rounded to float32 first."""
+    m = _rel(out, 1.0)
+    dc = _rounded(node.params["c"]) if node.op == "add_const" else None
+    return m if dc is None else m + 2 * dc
 
 
 def _mul(node, ins, out):
@@ -180,7 +209,10 @@ def _mul(node, ins, out):
 
 
 def _mul_const(node, ins, out):
-    return _rel(out, 1.0) + 2.0 ** -149
+    """``fl(x fl32(c))``: one rounding, plus ``|x| |fl32(c) - c|``."""
+    m = _rel(out, 1.0) + 2.0 ** -149
+    dc = _rounded(node.params["c"])
+    return m if dc is None else m + 2 * ins[0].abs_max() * dc
 
 
 MARGIN = {

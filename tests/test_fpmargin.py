@@ -143,3 +143,46 @@ def test_constants_that_are_not_float32_values_are_charged_their_rounding():
         return fpmargin.margin(g.infer_shapes()["y"], [out], out)
     assert torch.allclose(add(c64[0]) - add(c32[0]), 2 * (c64[0] - c32[0]).abs().expand(2, 4), rtol=1e-12)
     assert torch.equal(add(c32[0]), U * out.abs_max())
+
+
+def test_rmsnorm_float32_output_cap_holds_for_adversarial_rows():
+    """Every float32 RMSNorm output obeys ``output_cap`` whatever the input: one
+    dominant entry (the largest |n_i| = sqrt(d)), tiny and subnormal rows, zeros."""
+    d = 64
+    gen = torch.Generator().manual_seed(9)
+    g = Graph("rms", "x", (6, d))
+    w = torch.randn(d, generator=gen).double()
+    g.add("y", "rmsnorm", "x", weight=w, eps=1e-6)
+    g = g.infer_shapes()
+    cap = fpmargin.output_cap(g["y"])
+    rows = torch.zeros(6, d, dtype=torch.float64)
+    rows[0, 3] = 1e3                                          # one entry carries the whole mean square
+    rows[1] = 1e-20 * torch.randn(d, generator=gen, dtype=torch.float64)
+    rows[1, 5] = 1e-18
+    rows[2, 7] = 3e-3                                         # comparable to sqrt(eps)
+    rows[3] = torch.randn(d, generator=gen, dtype=torch.float64) * 1e4
+    rows[4, 0], rows[4, 1] = 1e30, -1e30
+    y = graph_fn(g, torch.float32)(rows[None])[0].double()
+    assert torch.isfinite(y).all()
+    assert (y.abs() <= cap).all()
+    assert (y[0].abs().max() >= 0.999 * (w.abs()[3] * d ** 0.5))   # the cap is reached up to rounding
+    assert fpmargin.output_cap(_value_offset_attention(0.0)["p"]) is None
+
+
+def test_layernorm_margin_is_unbounded_where_the_float32_variance_may_vanish():
+    """The rsqrt's relative error is (1 - q)^-1/2 - 1 with q = e_var / (v_lo + eps):
+    finite and about q / 2 for small q, inf once the float32 variance may reach 0."""
+    d = 16
+    g = Graph("ln", "x", (1, d))
+    g.add("y", "layernorm", "x", weight=torch.ones(d, dtype=torch.float64),
+          bias=torch.zeros(d, dtype=torch.float64), eps=0.0)
+    g = g.infer_shapes()
+    gen = torch.Generator().manual_seed(10)
+    x0 = torch.randn(1, d, generator=gen, dtype=torch.float64) + 10.0     # unit variance
+    narrow = compute_bounds(g, x0, 1e-3, "ibp")
+    m = fpmargin.margin(g["y"], [Interval(x0 - 1e-3, x0 + 1e-3)], narrow.nodes["y"])
+    assert torch.isfinite(m).all()
+    flat = torch.full((1, d), 1e4, dtype=torch.float64)                   # zero variance in the box
+    wide = Interval(flat - 1e-3, flat + 1e-3)
+    out = compute_bounds(g, flat, 1e-3, "ibp", arithmetic="real").nodes["y"]
+    assert torch.isinf(fpmargin.margin(g["y"], [wide], out)).all()

@@ -28,7 +28,7 @@ import torch
 from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from .crown import Context, node_bounds
-from .fpmargin import margin
+from .fpmargin import margin, output_cap
 from .interval import Interval, ibp_node
 from .zonotope import Zono, zono_node
 
@@ -193,6 +193,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         m = margin(node, ins, iv, margins) if arithmetic == "float32" else None
         margins[node.name] = m
         iv = iv.widen(m)
+        cap = output_cap(node) if m is not None else None
+        if cap is not None and bool(torch.isfinite(ins[0].lower).all()) and bool(torch.isfinite(ins[0].upper).all()):
+            # (a float32 input that may be inf makes the output NaN: no cap there)
+            iv = Interval(iv.lower.clamp_min(-cap), iv.upper.clamp_max(cap))
         if node.op in OUTPUT_RANGE:
             iv = clamp_output_range(node.op, iv, m)
         if zonos is not None:

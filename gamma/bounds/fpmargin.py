@@ -19,6 +19,7 @@ returns a tensor of the node's shape, or None for exact ops (permutations).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -191,10 +192,29 @@ def _norm(node, ins, out):
     e_var_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True) + g * (vh + eps)
     e_var_raw = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
     e_var = torch.maximum(e_var_two, e_var_raw) if centered else e_var_two
-    rel_s = 0.5 * e_var / (vl + eps) + 4 * U                # rsqrt result
+    # rsqrt of (v + eps)(1 +- q), q = e_var / (v + eps): relative error (1 - q)^-1/2 (1 + 6U) - 1, not
+    # its first-order part (which stays finite where the float32 variance may reach zero)
+    q = e_var / (vl + eps)
+    rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
+                        torch.full_like(q, math.inf))
     n_abs = torch.maximum(nl.abs(), nu.abs())
-    e_n = e_c * su + n_abs * rel_s + U * n_abs
+    e_n = e_c * su * (1 + rel_s) * (1 + U) + n_abs * (rel_s + U * (1 + rel_s))
     return w * e_n + 2 * U * (w * n_abs + out.abs_max()) + 2.0 ** -126
+
+
+def output_cap(node):
+    """A bound that every float32 evaluation of the node obeys whatever its input, or
+    None.  RMSNorm: the float32 mean square is at least ``(1 - gamma_{d+2}) x_i^2 / d``
+    (a sum of non-negative terms), so ``|x_i rsqrt(ms + eps)| <= sqrt(d / (1 -
+    gamma_{d+2})) (1 + 6U)`` and ``|y_i| <= (|w_i| K + |b_i|)(1 + U)^3``; K below is
+    rounded up.  (LayerNorm has no such bound for every variance algorithm.)"""
+    if node.op != "rmsnorm":
+        return None
+    w = node.params["weight"].abs()
+    d = w.shape[-1]
+    k = math.sqrt(d / (1 - fp.gamma(d + 8))) * (1 + 16 * U)
+    b = node.params.get("bias")
+    return (w * k + (0 if b is None else b.abs())) * (1 + 4 * U) + 2.0 ** -126
 
 
 def _add(node, ins, out):

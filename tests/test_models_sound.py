@@ -107,8 +107,14 @@ def test_model_bounds_contain_transformers(models, case, eps, method):
     assert torch.all(r.lower <= r.upper)
     bad = violations(ref, ip.x, eps, r.lower, r.upper, n_samples=1000, steps=10, restarts=1)
     assert bad == 0, f"{case} {method} eps={eps}: {bad} violations"
-    if method != "ibp":   # these random models amplify ~100x per block: keep the test meaningful
+    if method in ("crown", "alpha"):   # these random models amplify ~100x per block: keep the test meaningful
         assert torch.isfinite(r.width()).all()
+    elif method == "zonotope":
+        # zonotope boxes of the Whisper-shaped models' norms admit a variance near zero, where a
+        # float32 E[x^2] - E[x]^2 variance may vanish (then unbounded is the sound answer); the
+        # real-valued function's bounds stay finite
+        real = compute_bounds(g, ip.x, eps, method, arithmetic="real")
+        assert torch.isfinite(real.width()).all()
 
 
 @pytest.mark.parametrize("method,intermediate", [("crown", "crown"), ("crown", "cut"), ("alpha", "crown")])
@@ -130,8 +136,12 @@ def test_compact_rows_equal_dense(models, case, method, intermediate, monkeypatc
     assert a.nodes.keys() == b.nodes.keys()
     for name in a.nodes:
         for x, y in ((a.nodes[name].lower, b.nodes[name].lower), (a.nodes[name].upper, b.nodes[name].upper)):
-            scale = float(y.abs().max()) + 1e-30
-            assert float((x - y).abs().max()) <= 1e-9 * scale, name
+            # an infinite float32 margin (a norm whose variance may vanish) makes the dense walk's
+            # 0 * inf terms unbounded where the compact walk skips the zero entries: never the reverse
+            fin = torch.isfinite(y)
+            assert bool(torch.isfinite(x)[fin].all()), name
+            scale = float(y[fin].abs().max()) + 1e-30 if bool(fin.any()) else 1.0
+            assert float((x[fin] - y[fin]).abs().max()) <= 1e-9 * scale if bool(fin.any()) else True, name
 
 
 @pytest.mark.parametrize("case", ["qwen3", "whisper-encoder"])

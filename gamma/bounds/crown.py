@@ -26,6 +26,8 @@ The walk itself (:func:`backward`) knows nothing about the ops.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -331,6 +333,17 @@ def _abs_dot(lam, c) -> Tensor:
     return lam.like(lam.t.abs()).dot(c) if isinstance(lam, Rows) else _dot(lam.abs(), c)
 
 
+def _margin_dot(lam, m: Tensor) -> Tensor:
+    """``|lam| . m`` per row, where an infinite margin costs only the rows that
+    use it (0 * inf counts as 0: an entry a row does not depend on), the same
+    in the dense and the token-compact walk."""
+    if bool(torch.isfinite(m).all()):
+        return _abs_dot(lam, m)
+    fin = torch.isfinite(m)
+    hit = _abs_dot(lam, (~fin).to(m.dtype))
+    return _abs_dot(lam, torch.where(fin, m, torch.zeros_like(m))).masked_fill(hit > 0, math.inf)
+
+
 def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
     """``bias + odd - even`` per row; for a shared cotangent (:class:`rows.Sym`)
     the rows of -Lambda get ``-odd - even``."""
@@ -403,7 +416,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         m = ctx.margin(node)
         if m is not None:
-            bias = _charge(bias, _acc(bias, sym, None, _abs_dot(lam, m)), trace, node.name, "margin")
+            bias = _charge(bias, _acc(bias, sym, None, _margin_dot(lam, m)), trace, node.name, "margin")
         if isinstance(lam, Rows):
             rule = rows.COMPACT[node.op]
         else:

@@ -188,13 +188,17 @@ def _norm(node, ins, out):
         e_c = e_mu + U * (c_abs + e_mu)
     else:
         e_c = torch.zeros_like(c_abs)
-    # variance error: two-pass form and E[x^2] - E[x]^2 form, whichever is larger
-    e_var_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True) + g * (vh + eps)
-    e_var_raw = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
-    e_var = torch.maximum(e_var_two, e_var_raw) if centered else e_var_two
-    # rsqrt of (v + eps)(1 +- q), q = e_var / (v + eps): relative error (1 - q)^-1/2 (1 + 6U) - 1, not
-    # its first-order part (which stays finite where the float32 variance may reach zero)
-    q = e_var / (vl + eps)
+    # float32 (v + eps) = (v + eps)(1 + t), |t| <= q.  Two-pass form: mean(c^2) of the rounded c is off
+    # by at most A = mean(2|c| e_c + e_c^2), then a sum of non-negative terms (relative g) and the eps
+    # add (U): q = A (1 + g)(1 + U) / (v + eps) + g + U + g U; RMSNorm has A = 0, so q does not depend
+    # on the box.  E[x^2] - E[x]^2 form: an absolute error, divided by the smallest v + eps.
+    a_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True)
+    q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
+    if centered:
+        e_raw = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
+        q = torch.maximum(q, e_raw / (vl + eps))
+    # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
+    # q / 2 (which stays finite where the float32 variance may reach zero)
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
                         torch.full_like(q, math.inf))
     n_abs = torch.maximum(nl.abs(), nu.abs())

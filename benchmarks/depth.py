@@ -1,0 +1,229 @@
+"""Bounds through depth: certified widths beside attacked ones, the rounding floor and
+the float32-vs-float64 difference a float32 engine shows, per real model, scope and epsilon.
+
+For every case (a block on its nominal input +- eps, or the whole model):
+
+* certified max width in the default mode (``float32``: rounding of any float32 engine
+  included) and with ``--arithmetic real`` (the real-valued function only), CROWN;
+* attacked max width (box samples + PGD on the widest and on random outputs, both ways,
+  ``gamma.attack.attack_range``) and the certified / attacked ratio: of the max widths, and the
+  median and worst per attacked output;
+* rounding floor: the certified max width at epsilon 0 (default mode);
+* float32 difference: the largest |float32 forward - float64 forward| at the centre (gamma's own
+  float32 forward of the same graph, the engine whose rounding the floor bounds);
+* seconds per bound.
+
+``--compare-with REV`` bounds every case also with the code of git revision REV (a temporary
+worktree, in a subprocess, one case after the other in the same run) and shows both.
+
+    python benchmarks/depth.py [--models whisper,smollm2] [--eps 1e-3] [--whole]
+                               [--smollm2-blocks 0,15,29] [--compare-with REV] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+OLD = os.environ.get("GAMMA_DEPTH_SRC")          # set in the subprocess that runs another revision
+sys.path.insert(0, OLD or os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+from gamma import zoo  # noqa: E402
+from gamma.bounds import compute_bounds  # noqa: E402
+from gamma.io import load_checkpoint  # noqa: E402
+from gamma.model import Model  # noqa: E402
+from gamma.ops import evaluate  # noqa: E402
+
+T = 8
+SECTION = "Bounds through depth"
+
+
+def cases(models, whole: bool, smollm2_blocks):
+    """(label, model path, scope): scope None is the whole model, else a block name."""
+    out = []
+    if "whisper" in models:
+        path = zoo.whisper_tiny_en()
+        out += [("Whisper tiny.en", path, f"layer{i}") for i in range(4)]
+        if whole:
+            out.append(("Whisper tiny.en", path, None))
+    if "smollm2" in models:
+        out += [("SmolLM2-135M", zoo.smollm2_135m(), f"layer{i}") for i in smollm2_blocks]
+    return out
+
+
+_MODELS: dict = {}
+
+
+def graph_and_point(path, scope):
+    if path not in _MODELS:
+        _MODELS[path] = Model(load_checkpoint(path))
+    model = _MODELS[path]
+    g = model.graph(seq_len=T)
+    x = model.input_point(seq_len=T).x
+    if scope is None:
+        return g, x
+    vals = evaluate(g, x, keep_all=True)
+    bg = g.block_graph(scope)
+    return bg, vals[bg.input].contiguous()
+
+
+def bounds(path, scope, eps):
+    """Certified bounds of one case: default mode, real arithmetic, the rounding floor."""
+    g, x = graph_and_point(path, scope)
+    out = {}
+    for key, e, arith in (("f32", eps, "float32"), ("real", eps, "real"), ("floor", 0.0, "float32")):
+        t0 = time.perf_counter()
+        r = compute_bounds(g, x, e, "crown", arithmetic=arith, allow_zero=True)
+        out[key] = {"lower": r.lower.reshape(-1).tolist(), "upper": r.upper.reshape(-1).tolist(),
+                    "seconds": time.perf_counter() - t0}
+    return out
+
+
+def bounds_elsewhere(src, path, scope, eps):
+    """:func:`bounds` run by the code in ``src`` (another revision's worktree)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        dest = f.name
+    cmd = [sys.executable, __file__, "--one", json.dumps([path, scope, eps]), "--json-out", dest]
+    subprocess.run(cmd, check=True, env={**os.environ, "GAMMA_DEPTH_SRC": src})
+    with open(dest) as f:
+        got = json.load(f)
+    os.unlink(dest)
+    return got
+
+
+def attacked(path, scope, eps, lower, upper):
+    from gamma.attack import AttackConfig, attack_range
+    g, x = graph_and_point(path, scope)
+    fn = lambda xx: evaluate(g, xx)
+    a = attack_range(fn, x, eps, lower.reshape(g.output_shape), upper.reshape(g.output_shape),
+                     AttackConfig(samples=64, steps=20, restarts=2, widest=8, others=8))
+    return a
+
+
+def f32_difference(path, scope):
+    import copy
+    g, x = graph_and_point(path, scope)
+    g32 = copy.deepcopy(g).to(dtype=torch.float32)
+    return float((evaluate(g32, x.float()).double() - evaluate(g, x)).abs().max())
+
+
+def _w(b):
+    return torch.tensor(b["upper"], dtype=torch.float64) - torch.tensor(b["lower"], dtype=torch.float64)
+
+
+def measure(label, path, scope, eps, src):
+    new = bounds(path, scope, eps)
+    old = bounds_elsewhere(src, path, scope, eps) if src else None
+    w = _w(new["f32"])
+    a = attacked(path, scope, eps, torch.tensor(new["f32"]["lower"]), torch.tensor(new["f32"]["upper"]))
+    aw = a.width().reshape(-1)
+    t = a.targets
+    per = (w[t] / aw[t].clamp_min(1e-300)).tolist()
+    per_real = (_w(new["real"])[t] / aw[t].clamp_min(1e-300)).tolist()
+    row = {"model": label, "scope": scope or "whole", "eps": eps, "attacked": float(aw.max()),
+           "violations": a.violations, "f32_diff": f32_difference(path, scope)}
+    for tag, res in (("new", new), ("old", old)):
+        if res is None:
+            continue
+        for key in ("f32", "real", "floor"):
+            row[f"{tag}_{key}"] = float(_w(res[key]).max())
+            row[f"{tag}_{key}_s"] = res[key]["seconds"]
+    row["median_ratio"], row["worst_ratio"] = statistics.median(per), max(per)
+    row["median_ratio_real"], row["worst_ratio_real"] = statistics.median(per_real), max(per_real)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def _g(v):
+    return "inf" if v == float("inf") else f"{v:.3g}"
+
+
+def table(rows, rev) -> list[str]:
+    have_old = any("old_f32" in r for r in rows)
+    head = ["model", "scope", "eps", "attacked max width", "certified (float32)", "ratio", "median / worst per output",
+            "certified (real)", "ratio (real)", "rounding floor", "float32 diff", "floor / diff", "seconds (float32)"]
+    if have_old:
+        head[4:4] = [f"certified (float32) at {rev}"]
+        head += [f"rounding floor at {rev}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["scope"], f"{r['eps']:g}", _g(r["attacked"])]
+        if have_old:
+            cells.append(_g(r["old_f32"]))
+        cells += [_g(r["new_f32"]), _g(r["new_f32"] / r["attacked"]),
+                  f"{r['median_ratio']:.3g} / {r['worst_ratio']:.3g}",
+                  _g(r["new_real"]), _g(r["new_real"] / r["attacked"]), _g(r["new_floor"]), _g(r["f32_diff"]),
+                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), f"{r['new_f32_s']:.1f}"]
+        if have_old:
+            cells.append(_g(r["old_floor"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="whisper,smollm2")
+    ap.add_argument("--eps", default="1e-3")
+    ap.add_argument("--whole", action="store_true", help="also the whole Whisper encoder (minutes per bound)")
+    ap.add_argument("--smollm2-blocks", default="0,15,29")
+    ap.add_argument("--compare-with", default=None, metavar="REV")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:                                   # subprocess mode: bounds of one case with this code
+        path, scope, eps = json.loads(args.one)
+        with open(args.json_out, "w") as f:
+            json.dump(bounds(path, scope, eps), f)
+        return 0
+    src = None
+    if args.compare_with:
+        src = tempfile.mkdtemp(prefix="gamma-rev-")
+        subprocess.run(["git", "worktree", "add", "--detach", src, args.compare_with], check=True,
+                       capture_output=True)
+    try:
+        rows = [measure(lbl, p, s, float(e), src)
+                for e in args.eps.split(",")
+                for lbl, p, s in cases(args.models.split(","), args.whole,
+                                       [int(b) for b in args.smollm2_blocks.split(",")])]
+    finally:
+        if src:
+            subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
+    load = os.getloadavg()
+    lines = [f"## {SECTION}", "",
+             f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
+             + (" --whole" if args.whole else "") + (f" --compare-with {args.compare_with}" if src else "")
+             + f"` (load average {load[0]:.1f} at the end). Block rows: the block on its nominal input +- eps. "
+             "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
+             "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre.",
+             ""] + table(rows, args.compare_with) + [""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        _write_section(args.out, text)
+    return 0
+
+
+def _write_section(path, text):
+    """Replace (or append) this script's section of the markdown file."""
+    old = open(path).read() if os.path.exists(path) else ""
+    start = old.find(f"## {SECTION}")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + 3)
+        new = old[:start] + text + ("" if end < 0 else old[end:])
+    with open(path, "w") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

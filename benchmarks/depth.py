@@ -43,7 +43,7 @@ from gamma.model import Model  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 
 T = 8
-SECTION = "Bounds through depth"
+SECTION = "10. Bounds through depth"
 
 
 def cases(models, whole: bool, smollm2_blocks):
@@ -51,10 +51,11 @@ def cases(models, whole: bool, smollm2_blocks):
     out = []
     if "whisper" in models:
         path = zoo.whisper_tiny_en()
-        out += [("Whisper tiny.en", path, f"layer{i}") for i in range(4)]
+        if whole != "only":
+            out += [("Whisper tiny.en", path, f"layer{i}") for i in range(4)]
         if whole:
             out.append(("Whisper tiny.en", path, None))
-    if "smollm2" in models:
+    if "smollm2" in models and whole != "only":
         out += [("SmolLM2-135M", zoo.smollm2_135m(), f"layer{i}") for i in smollm2_blocks]
     return out
 
@@ -173,6 +174,7 @@ def main(argv=None):
     ap.add_argument("--models", default="whisper,smollm2")
     ap.add_argument("--eps", default="1e-3")
     ap.add_argument("--whole", action="store_true", help="also the whole Whisper encoder (minutes per bound)")
+    ap.add_argument("--whole-only", action="store_true", help="only the whole Whisper encoder")
     ap.add_argument("--smollm2-blocks", default="0,15,29")
     ap.add_argument("--compare-with", default=None, metavar="REV")
     ap.add_argument("--out", default=None)
@@ -192,15 +194,16 @@ def main(argv=None):
     try:
         rows = [measure(lbl, p, s, float(e), src)
                 for e in args.eps.split(",")
-                for lbl, p, s in cases(args.models.split(","), args.whole,
+                for lbl, p, s in cases(args.models.split(","), "only" if args.whole_only else args.whole,
                                        [int(b) for b in args.smollm2_blocks.split(",")])]
     finally:
         if src:
             subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
     load = os.getloadavg()
-    lines = [f"## {SECTION}", "",
+    section = SECTION + (" (whole model)" if args.whole_only else "")
+    lines = [f"## {section}", "",
              f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
-             + (" --whole" if args.whole else "") + (f" --compare-with {args.compare_with}" if src else "")
+             + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "") + (f" --compare-with {args.compare_with}" if src else "")
              + f"` (load average {load[0]:.1f} at the end). Block rows: the block on its nominal input +- eps. "
              "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
              "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre.",
@@ -208,16 +211,17 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if args.out:
-        _write_section(args.out, text)
+        _write_section(args.out, text, section)
     return 0
 
 
-def _write_section(path, text):
+def _write_section(path, text, section):
     """Replace (or append) this script's section of the markdown file."""
     old = open(path).read() if os.path.exists(path) else ""
-    start = old.find(f"## {SECTION}")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
+    start = old.find(f"## {section}\n")
+    if start < 0:                                  # new: before the run log, after the other tables
+        at = old.find("\n## Run time")
+        new = old.rstrip("\n") + "\n\n" + text if at < 0 else old[:at] + "\n" + text + old[at:]
     else:
         end = old.find("\n## ", start + 3)
         new = old[:start] + text + ("" if end < 0 else old[end:])

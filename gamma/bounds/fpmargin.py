@@ -20,6 +20,7 @@ returns a tensor of the node's shape, or None for exact ops (permutations).
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -43,7 +44,10 @@ def _rounded(c):
     float), or None where c is float32-valued already (checkpoint weights, RoPE tables)."""
     if isinstance(c, torch.Tensor):
         return None if fp.is_exact32(c) else (c - c.to(torch.float32).to(c.dtype)).abs()
-    d = abs(float(c) - float(torch.tensor(float(c), dtype=torch.float32)))
+    try:
+        d = abs(float(c) - struct.unpack("f", struct.pack("f", float(c)))[0])   # no tensor: no device
+    except (OverflowError, struct.error):                                        # beyond float32's range
+        return math.inf
     return d or None
 
 

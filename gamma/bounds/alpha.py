@@ -1,4 +1,6 @@
-"""alpha-CROWN: optimise the relaxation parameters of GELU/SiLU nodes.
+"""alpha-CROWN: optimise the relaxation parameters of GELU/SiLU nodes and the
+plane mixtures of products of two bounded tensors (SwiGLU's gate * up,
+:func:`gamma.bounds.crown.mul_planes`).
 
 Every alpha in [0, 1] gives sound relaxation lines (:func:`relax.linear`), so
 every iterate gives sound output bounds; we keep the elementwise best over
@@ -23,13 +25,13 @@ def optimize(ctx: Context, target: str, box: Interval, init: Interval, iters: in
              progress: Optional[Callable[[str], None]] = None) -> Interval:
     graph = ctx.graph
     anc = graph.ancestors(target)
-    elem = [n for n in graph if n.name in anc and n.op in ELEMENTWISE]
+    elem = [n for n in graph if n.name in anc and (n.op in ELEMENTWISE or n.op == "mul")]
     if not elem or iters <= 0:
         return init
     params = []
     alpha = {}
     for n in elem:
-        shape = graph[n.inputs[0]].shape
+        shape = graph[n.inputs[0]].shape if n.op in ELEMENTWISE else n.shape    # mul: one mixture per product
         a_lo = torch.full(shape, 0.5, dtype=box.lower.dtype, device=box.lower.device, requires_grad=True)
         a_hi = torch.full(shape, 0.5, dtype=box.lower.dtype, device=box.lower.device, requires_grad=True)
         alpha[n.name] = (a_lo, a_hi)

@@ -181,9 +181,34 @@ def _elementwise(node, lam, ctx):
 
 
 def _mul(node, lam, ctx):
+    if node.name in ctx.alpha:
+        return _mul_planes(node, lam, ctx)
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = x.center, y.center
     return [lam * cy, lam * cx], -_dot(lam, cx * cy), _dot(lam.abs(), x.radius * y.radius)
+
+
+def mul_planes(x, y, a_lo, a_hi):
+    """Mixtures of the two McCormick planes of ``z = x y`` on the box, per element:
+
+        z >= a P1 + (1 - a) P2,  P1 = xl y + yl x - xl yl,  P2 = xu y + yu x - xu yu   (a = a_lo)
+        z <= b Q1 + (1 - b) Q2,  Q1 = xu y + yl x - xu yl,  Q2 = xl y + yu x - xl yu   (b = a_hi)
+
+    each a convex combination of valid planes, so valid for any a, b in [0, 1];
+    a = b = 1/2 is the half-sum rule.  Returns (x and y slopes, constant) of the
+    lower and of the upper line."""
+    xl, xu, yl, yu = x.lower, x.upper, y.lower, y.upper
+    lo = (a_lo * yl + (1 - a_lo) * yu, a_lo * xl + (1 - a_lo) * xu, -(a_lo * xl * yl + (1 - a_lo) * xu * yu))
+    hi = (a_hi * yl + (1 - a_hi) * yu, a_hi * xu + (1 - a_hi) * xl, -(a_hi * xu * yl + (1 - a_hi) * xl * yu))
+    return lo, hi
+
+
+def _mul_planes(node, lam, ctx):
+    """x * y with alpha-CROWN's plane mixtures (:func:`mul_planes`): the lower
+    line where lam > 0, the upper one where lam < 0 (sign-dependent)."""
+    (lx, ly, lc), (ux, uy, uc) = mul_planes(ctx.inb(node, 0), ctx.inb(node, 1), *ctx.alpha[node.name])
+    pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+    return [pos * lx + neg * ux, pos * ly + neg * uy], _dot(pos, lc) + _dot(neg, uc), None
 
 
 def _matmul(node, lam, ctx):
@@ -369,6 +394,8 @@ def sign_dependent(node, ctx: Context) -> bool:
     (:class:`rows.Sym`) is split into its halves before them."""
     if node.op in ELEMENTWISE:
         return ctx.band(node) is None
+    if node.op == "mul" and node.name in ctx.alpha:
+        return True
     return node.op == "matmul" and ctx.planes and planes(node)
 
 
@@ -410,7 +437,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             bias = _charge(bias, _acc(bias, sym, _odd_dot(lam, iv.center), _abs_dot(lam, iv.radius)), trace,
                            node.name, "box")
             continue
-        if isinstance(lam, Rows) and not rows.applies(graph, node, lam):
+        if isinstance(lam, Rows) and (not rows.applies(graph, node, lam) or node.name in ctx.alpha and node.op == "mul"):
             lam = lam.dense()
         if isinstance(lam, Tensor) and not lam.is_contiguous():
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below

@@ -536,7 +536,9 @@ def test_progress_names_every_phase(models):
     seen.clear()
     C.compare(ref, tgt, EPS, None, "ibp", seq_len=SEQ, block_wise=True, samples=8, attack_steps=2, restarts=1,
               progress=seen.append)
-    assert [m for m in seen if m.startswith("block ") and ":" not in m] == ["block 1/2 layer0", "block 2/2 layer1"]
+    # a later block's line carries ", about Ns left" once the first took long enough (a loaded machine)
+    blocks = [m.split(", about ")[0] for m in seen if m.startswith("block ") and ":" not in m]
+    assert blocks == ["block 1/2 layer0", "block 2/2 layer1"]
 
 
 def test_a_checkpoint_against_itself_is_loaded_once(lms, monkeypatch):

@@ -23,17 +23,16 @@ unsafe where all of its rows hold).  Cases with the same box share one
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Union
 
 import torch
 
 from .errors import GammaError
+from .io.onnx_load import read_bytes       # the same file checks and messages as an ONNX file's
 
 MAX_CASES = 100_000              # disjunctive normal form larger than this is refused
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
@@ -82,16 +81,9 @@ class _List(list):
 
 
 def _read_text(path: str) -> str:
-    if not os.path.exists(path):
-        raise GammaError(f"{path}: no such file or directory")
+    """The file's text (gunzipped when it starts with the gzip magic): :func:`gamma.io.onnx_load.read_bytes`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        return data.decode("utf-8")
-    except (EOFError, OSError, zlib.error):
-        raise GammaError(f"{path}: truncated or corrupt gzip stream") from None
+        return read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise GammaError(f"{path}: not a text file (invalid UTF-8)") from None
 

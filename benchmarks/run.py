@@ -39,7 +39,8 @@ included).  A block that runs past ``--block-timeout``, or past the run's
 bound, never an estimate); a child killed by the kernel's OOM killer is
 reported as such.  Totals over a subset of blocks are labelled as
 extrapolations.  ``--update`` re-measures only ``--sections`` in an existing
-output file and keeps the other sections.
+output file and keeps the other sections; every run adds its command, load and
+section timings to "Run time" at the end of the file.
 """
 
 from __future__ import annotations
@@ -374,8 +375,9 @@ def main(argv=None) -> int:
     sections = {s.strip() for s in args.sections.split(",")}
 
     load_avg_start = load_avg()
-    out = ["# gamma benchmarks", "", "Regenerate with one command (quick smoke run: `--quick`). Machine:", ""]
-    out += machine(argv) + [""]
+    out = ["# gamma benchmarks", "", INTRO, ""]
+    first = ["## Run time", "", "Machine and command of the run that wrote this file; later updates below it:", ""] + \
+        machine(argv) + [""]
     if q:
         out += ["**Quick mode** (smoke test): small T and few blocks; not the issue's configurations.", ""]
     results: dict = {}
@@ -390,17 +392,17 @@ def main(argv=None) -> int:
 
     def document():
         if old is None:
-            body = [line for sid in sorted(parts) for line in parts[sid]]
-            return out + body + _footer(timings, args)
+            body = [line for sid in sorted(parts, key=_order) for line in parts[sid]]
+            return out + body + first + _footer(timings, args)
         head, sections = old
-        note = [f"- updated {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}: sections "
-                f"{', '.join(sorted(parts))} re-measured by `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/run.py', *argv])}` "
+        note = [f"Update run (sections {', '.join(sorted(parts, key=_order))}), "
+                f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}: "
+                f"`{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/run.py', *argv])}` "
                 f"(load average at its start: {load_avg_start})"]
         merged = {**sections, **parts}
         runtime = sections.get("Run time", [])
-        body = [line for sid in sorted(k for k in merged if k != "Run time") for line in merged[sid]]
-        return head + note + [""] + body + runtime + \
-            [f"Update run (sections {', '.join(sorted(parts))}):", ""] + _footer(timings, args)[2:]
+        body = [line for sid in sorted((k for k in merged if k != "Run time"), key=_order) for line in merged[sid]]
+        return head + [""] + body + runtime + note + [""] + _footer(timings, args)
 
     for sid, name, fn in steps:
         if sid not in sections:
@@ -421,8 +423,19 @@ def main(argv=None) -> int:
     return 0
 
 
+INTRO = ("Tables of `python benchmarks/run.py` (sections 1-8; quick smoke run: `--quick`), "
+         "`python benchmarks/vnncomp.py` (section 9) and `python benchmarks/depth.py` (section 10). "
+         "The machine, command and load of every run that wrote them: \"Run time\" at the end.")
+
+
+def _order(sid: str) -> tuple:
+    """Sections by number (1, 2, ..., 10), then the others."""
+    return (0, int(sid), "") if sid.isdigit() else (1, 0, sid)
+
+
 def _footer(timings, args) -> list[str]:
-    return ["## Run time", "", f"Sections in the order run; run time budget `--max-minutes {args.max_minutes:g}`.",
+    """The run's section timings (under "## Run time")."""
+    return [f"Sections in the order run; run time budget `--max-minutes {args.max_minutes:g}`.",
             ""] + table(["section", "what", "wall s"], timings) + \
         ["", f"Total: {fmt_s(time.perf_counter() - T0)} s. Load average (1/5/15 min) at the end: {load_avg()}.", ""]
 

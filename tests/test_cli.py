@@ -19,6 +19,7 @@ import pytest
 
 import gamma
 from gamma import cli
+from gamma.commands import common
 from gamma.errors import UnsupportedOp
 from gamma.verify import schema
 
@@ -293,14 +294,14 @@ def test_help_lists_every_method(capsys):
 
 
 def test_progress_line(capsys):
-    p = cli._Progress(enabled=True)
+    p = common.Progress(enabled=True)
     p("block 1/2 layer0")
     p.done()
     err = capsys.readouterr().err
     line, clear = err[1:].split("\r", 1)
     assert err.startswith("\r") and line.startswith("gamma: block 1/2 layer0 [") and line.endswith("s]")
     assert clear == " " * len(line) + "\r"          # done() blanks the line
-    quiet = cli._Progress(enabled=False)
+    quiet = common.Progress(enabled=False)
     quiet("block 1/2 layer0")
     quiet.done()
     assert capsys.readouterr().err == ""
@@ -310,8 +311,8 @@ def test_progress_to_a_log(capsys, monkeypatch):
     """Not a terminal: plain lines, at most one per interval and none before the first
     interval has passed (short runs, and every error test, stay silent)."""
     now = [100.0]
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: now[0])
-    p = cli._Progress(enabled=True, live=False, every=30.0)
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    p = common.Progress(enabled=True, live=False, every=30.0)
     p("loading model")
     now[0] = 129.0
     p("1/28 blocks: layer0 done")

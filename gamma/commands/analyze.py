@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ..analyze import analyze, check_verify_report, load_verify_json, write_report
@@ -11,8 +10,8 @@ from ..errors import GammaError
 from ..extras import require
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
 from ..report import table
-from ..verify import METHODS, check_epsilon, json_safe, load, verify
-from .weights import progress_line
+from ..verify import METHODS, check_epsilon, load, verify
+from .common import Progress, print_json
 
 DEFAULT_OUT = "gamma-report"
 # verify options: (attribute, default when analyze runs the verification itself)
@@ -76,7 +75,7 @@ def run(args) -> int:
     require("gamma analyze", "matplotlib")      # before the verification, not after it
     if args.exact_limit < 1:
         raise GammaError(f"--exact-limit must be a positive integer, got {args.exact_limit}")
-    progress = progress_line(not args.quiet)
+    progress = Progress.for_stderr(not args.quiet)
     try:
         report, model = _verify_report(args, progress)
         norms = weight_norms(model.ckpt, exact_limit=args.exact_limit, components=[report["component"]],
@@ -85,9 +84,9 @@ def run(args) -> int:
         progress("writing report")
         paths = write_report(result, args.out)
     finally:
-        progress(None)
+        progress.done()
     if args.json:
-        print(json.dumps(json_safe({**result, "files": paths}), allow_nan=False))
+        print_json({**result, "files": paths})
     else:
         print("\n".join(summary_lines(result, paths)))
     return 0

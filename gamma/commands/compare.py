@@ -1,10 +1,6 @@
 """``gamma compare`` (certified difference over a box) and ``gamma diff`` (point-wise, node by node).
 
-Wiring (in ``gamma.cli.build_parser``)::
-
-    from .commands import compare as _compare
-    _compare.add_parser(sub)          # adds "compare" and "diff", each with set_defaults(func=...)
-
+``add_parser`` adds both subcommands (``gamma.cli.build_parser`` calls it).
 ``run_compare`` / ``run_diff`` return the exit status (0); user errors are
 raised as :class:`~gamma.errors.GammaError` for the CLI to print.
 """
@@ -12,22 +8,18 @@ raised as :class:`~gamma.errors.GammaError` for the CLI to print.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from typing import Optional
 
 from .. import compare as lib
 from ..bounds import METHODS
 from ..bounds.engine import INTERMEDIATE
-from ..errors import GammaError
 from ..report import num, seconds, table
-from ..verify import json_safe
+from .common import Progress, add_input_options, input_kwargs, print_json
 
 
 def _input_options(p: argparse.ArgumentParser) -> None:
-    from ..cli import _add_input_options          # the same options as every command that runs a model
-    _add_input_options(p, "input point (the REFERENCE's; the centre of the box)")
+    add_input_options(p, "input point (the REFERENCE's; the centre of the box)")
 
 
 def add_parser(subparsers) -> None:
@@ -79,17 +71,11 @@ def add_parser(subparsers) -> None:
     d.set_defaults(func=run_diff)
 
 
-def _input_kwargs(args) -> dict:
-    return dict(component=args.component, seq_len=args.seq_len, tokens=args.tokens, input_path=args.input_path,
-                center=None if args.center == "default" else args.center, output=args.output)
-
-
 def _progress(args):
     """On a terminal one rewritten status line; in a log a line at most every 30 s (as gamma verify)."""
     if args.quiet:
         return None, lambda: None
-    from ..cli import _Progress          # imported late: gamma.cli imports this module
-    p = _Progress(enabled=True, live=sys.stderr.isatty())
+    p = Progress.for_stderr(True)
     return p, p.done
 
 
@@ -100,22 +86,22 @@ def run_compare(args) -> int:
                           block_wise=args.block_wise, blocks=args.blocks, merge=args.merge, naive=args.naive,
                           samples=args.samples, attack_steps=args.attack_steps, restarts=args.restarts,
                           seed=args.seed, intermediate=args.intermediate, device=args.device,
-                          alpha_iters=args.alpha_iters, progress=progress, **_input_kwargs(args))
+                          alpha_iters=args.alpha_iters, progress=progress, **input_kwargs(args))
     finally:
         done()
     saved = bool(args.save_counterexample) and res.save_counterexample(args.save_counterexample)
     res.report["counterexample_file"] = args.save_counterexample if saved else None
     if args.json:
-        print(json.dumps(json_safe(res.report), allow_nan=False))
+        print_json(res.report)
     else:
         print("\n".join(compare_lines(res.report)))
     return 0
 
 
 def run_diff(args) -> int:
-    rep = lib.diff(args.reference, args.target, tolerance=args.tolerance, **_input_kwargs(args))
+    rep = lib.diff(args.reference, args.target, tolerance=args.tolerance, **input_kwargs(args))
     if args.json:
-        print(json.dumps(json_safe(rep), allow_nan=False))
+        print_json(rep)
     else:
         print("\n".join(diff_lines(rep)))
     return 0

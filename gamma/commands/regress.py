@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,6 +21,7 @@ from .. import regress as R
 from ..errors import GammaError
 from ..extras import require
 from ..report import table
+from .common import check_writable, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -131,9 +131,7 @@ def _cache(args, history: Optional[str]) -> str:
 
 def cmd_run(args) -> int:
     cases = R.load_suite(args.suite, _names(args.cases))
-    folder = os.path.dirname(os.path.abspath(args.history))
-    if not os.path.isdir(folder):
-        raise GammaError(f"{args.history}: cannot write (no such directory {folder})")
+    check_writable(args.history)
     recs = _run_cases(args, cases, _cache(args, args.history), args.history)
     bad = [n for n, r in recs.items() if r.get("error") or R.unsound(r)]
     _say(args, f"{len(recs)} records appended to {args.history}" +
@@ -157,8 +155,7 @@ def cmd_check(args) -> int:
     failed = R.failed(rows)
     improved = list(dict.fromkeys(r["case"] for r in rows if r["status"] == "IMPROVED"))
     if args.json:
-        print(json.dumps({"rows": R.json_safe(rows), "failed": failed, "improved": improved,
-                          "ok": not failed}, allow_nan=False))
+        print_json({"rows": rows, "failed": failed, "improved": improved, "ok": not failed})
         return 1 if failed else 0
     print("\n".join(table(["case", "figure", "old", "new", "change", "status", "note"],
                           [[r["case"], r["figure"], g(r["old"]), g(r["new"]), _pct(r["change"]), r["status"],

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 from ..errors import GammaError
+from ..vnncomp import run_benchmark, summary_lines
+from ..vnnverify import result_lines, verify_vnnlib, write_counterexample
+from .common import Progress, check_writable, print_json
 
 
 def add_verify_options(s: argparse.ArgumentParser) -> None:
@@ -47,7 +49,6 @@ def _timeout(raw) -> float:
 
 def run_verify(args) -> int:
     """``gamma verify MODEL --vnnlib FILE``."""
-    from ..vnnverify import result_lines, verify_vnnlib, write_counterexample
     for attr, flag in _NOT_WITH_VNNLIB:
         if getattr(args, attr, None):
             raise GammaError(f"{flag} does not apply with --vnnlib")
@@ -55,12 +56,10 @@ def run_verify(args) -> int:
         raise GammaError("--vnnlib needs MODEL (an ONNX file)")
     timeout = _timeout("100" if args.timeout is None else args.timeout)
     if args.counterexample:
-        from ..cli import _check_writable
-        _check_writable(args.counterexample)
+        check_writable(args.counterexample)
     progress = None
     if not args.quiet and sys.stderr.isatty():
-        from ..cli import _Progress
-        progress = _Progress(enabled=True, live=True)
+        progress = Progress(enabled=True, live=True)
     try:
         result = verify_vnnlib(args.model, args.vnnlib, timeout=timeout, alpha_iters=args.alpha_iters,
                                progress=progress)
@@ -70,8 +69,7 @@ def run_verify(args) -> int:
     if args.counterexample:
         write_counterexample(args.counterexample, result)
     if args.json:
-        from ..verify import json_safe
-        print(json.dumps(json_safe(result.to_dict()), allow_nan=False))
+        print_json(result.to_dict())
     else:
         print("\n".join(result_lines(result)))
     return 0
@@ -94,18 +92,16 @@ def add_parser(sub) -> None:
 
 
 def run_vnncomp(args) -> int:
-    from ..cli import _check_writable
-    from ..vnncomp import run_benchmark, summary_lines
     if args.every < 1:
         raise GammaError(f"--every must be a positive integer, got {args.every}")
     if not (math.isfinite(args.timeout_scale) and args.timeout_scale > 0):
         raise GammaError(f"--timeout-scale must be a finite number > 0, got {args.timeout_scale}")
-    _check_writable(args.out)
+    check_writable(args.out)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_benchmark(args.dir, every=args.every, out=args.out, reference=args.reference,
                            timeout_scale=args.timeout_scale, log=log)
     if args.json:
-        print(json.dumps(report, allow_nan=False))
+        print_json(report)
     else:
         print("\n".join(summary_lines(report)))
     return 0

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import GammaError
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
 from ..report import table
-from ..verify import json_safe, load
+from ..verify import load
+from .common import Progress, print_json
 
 
 def add_parser(subparsers) -> None:
@@ -39,33 +37,18 @@ def _need_subcommand(args) -> int:
 def run(args) -> int:
     if args.exact_limit < 1:
         raise GammaError(f"--exact-limit must be a positive integer, got {args.exact_limit}")
-    progress = progress_line(not args.quiet and not args.json)
+    progress = Progress.for_stderr(not args.quiet and not args.json)
     try:
         progress("loading model")
         model = load(args.model)
         result = weight_norms(model.ckpt, exact_limit=args.exact_limit, progress=progress)
     finally:
-        progress(None)
+        progress.done()
     if args.json:
-        print(json.dumps(json_safe(result), allow_nan=False))
+        print_json(result)
     else:
         print("\n".join(norms_lines(result)))
     return 0
-
-
-def progress_line(enabled: bool) -> Callable[[Optional[str]], None]:
-    """A rewritten status line on stderr (only on a terminal); ``None`` clears it."""
-    enabled = enabled and sys.stderr.isatty()
-    t0, width = time.perf_counter(), [0]
-
-    def show(message: Optional[str]) -> None:
-        if not enabled:
-            return
-        line = "" if message is None else f"gamma: {message} [{time.perf_counter() - t0:.1f}s]"[:79]
-        sys.stderr.write("\r" + line.ljust(width[0]) + ("\r" if message is None else ""))
-        sys.stderr.flush()
-        width[0] = len(line)
-    return show
 
 
 # ------------------------------------------------------------------ table

@@ -1,0 +1,132 @@
+"""What the commands' CLIs share: the input-point options, output-file checks,
+JSON and text output, and the progress line on stderr.
+
+Every command module in :mod:`gamma.commands` imports its helpers from here
+(never from another command or from :mod:`gamma.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import GammaError
+from ..verify import json_safe
+
+
+# ------------------------------------------------------------------ options
+def add_input_options(p: argparse.ArgumentParser, title: str = "input point (the centre of the box)") -> None:
+    """The input-point options of every command that runs a model."""
+    g = p.add_argument_group(title)
+    g.add_argument("--component", choices=("encoder", "decoder"),
+                   help="Whisper: encoder (default) or decoder; decoder LMs: decoder")
+    g.add_argument("--seq-len", type=int, default=8, metavar="T",
+                   help="sequence length (Whisper encoder: T frames = 2T mel columns; default 8)")
+    g.add_argument("--tokens", metavar="IDS", help="decoder token ids, e.g. 1,2,3 (sets --seq-len)")
+    g.add_argument("--input", dest="input_path", metavar="FILE.npy", help="the exact input array")
+    g.add_argument("--center", choices=("zeros", "default"), help="zeros: all-zero input (as gamma-crown)")
+    g.add_argument("--output", choices=("hidden", "logits"), default="hidden",
+                   help="output point: final hidden state (default) or logits (decoders)")
+
+
+def input_kwargs(args) -> dict:
+    """The keyword arguments of ``gamma.forward`` / ``verify`` / ``compare`` from :func:`add_input_options`."""
+    return dict(component=args.component, seq_len=args.seq_len, tokens=args.tokens,
+                input_path=args.input_path, center=None if args.center == "default" else args.center,
+                output=args.output)
+
+
+# ------------------------------------------------------------------ files
+def check_writable(*paths: Optional[str]) -> None:
+    """Fail before a long run, not after it, when an output file cannot be created."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise GammaError(f"{path}: cannot write (no such directory {folder})")
+        if os.path.isdir(path):
+            raise GammaError(f"{path}: cannot write (is a directory)")
+
+
+def save_npy(path: str, arr: np.ndarray) -> None:
+    try:
+        with open(path, "wb") as f:
+            np.save(f, arr)
+    except OSError as e:
+        raise GammaError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+# ------------------------------------------------------------------ output
+def print_json(data) -> None:
+    """One JSON object on stdout (non-finite floats as null, never NaN/Infinity)."""
+    print(json.dumps(json_safe(data), allow_nan=False))
+
+
+def emit(data: dict, lines: Callable[[dict], list[str]], as_json: bool) -> None:
+    """``data`` as JSON (``--json``) or as the text ``lines(data)``."""
+    if as_json:
+        print_json(data)
+    else:
+        print("\n".join(lines(data)))
+
+
+class Progress:
+    """Progress on stderr: on a terminal one rewritten status line (the message
+    and the elapsed time); otherwise (a log file, a CI job) a plain line at
+    most every ``every`` seconds, the first after ``every`` seconds, so that
+    a long run leaves a heartbeat of what it is doing and a short one none.
+    Call :meth:`done` (or pass ``None``) to clear the line at the end."""
+
+    def __init__(self, enabled: bool, live: bool = True, every: float = 30.0):
+        self.enabled = enabled
+        self.live = live
+        self.every = every
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.width = 0
+
+    @classmethod
+    def for_stderr(cls, enabled: bool) -> "Progress":
+        """Live on a terminal, a heartbeat in a log."""
+        return cls(enabled=enabled, live=sys.stderr.isatty())
+
+    def __call__(self, message: Optional[str]) -> None:
+        if message is None:
+            self.done()
+            return
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not self.live:
+            if now - self.last >= self.every:
+                sys.stderr.write(f"gamma: {message} [{now - self.t0:.1f}s]\n")
+                sys.stderr.flush()
+                self.last = now
+            return
+        line = f"gamma: {message} [{now - self.t0:.1f}s]"
+        cols = _columns() - 1
+        line = line[:cols]
+        sys.stderr.write("\r" + line.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(line)
+
+    def done(self) -> None:
+        if self.enabled and self.live and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
+
+
+def _columns() -> int:
+    try:
+        cols = os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        cols = 0
+    return cols if cols > 20 else 80

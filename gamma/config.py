@@ -78,9 +78,30 @@ class Checkpoint:
     source_names: dict[str, str] = field(default_factory=dict)  # canonical -> name in file
 
     @property
+    def lazy(self) -> bool:
+        """True when ``tensors`` reads each tensor from the file on access (:mod:`gamma.io.lazy`)."""
+        return getattr(self.tensors, "lazy", False)
+
+    @property
     def n_params(self) -> int:
+        if self.lazy:
+            return self.tensors.n_params()
         # tied tensors (lm_head / proj_out sharing the embedding) are one object: count it once
         return sum(t.numel() for t in {id(t): t for t in self.tensors.values()}.values())
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor ``name`` without reading it."""
+        if name not in self.tensors:
+            from .errors import GammaError
+            raise GammaError(f"{self.path}: missing tensor '{name}' for {self.config.arch}")
+        return self.tensors.shape(name) if self.lazy else tuple(self.tensors[name].shape)
+
+    def rows(self, name: str, index: list[int]) -> torch.Tensor:
+        """Rows ``index`` of tensor ``name`` (float32): a lazy store reads only those rows."""
+        if self.lazy:
+            self.shape(name)
+            return self.tensors.rows(name, index)
+        return self.get(name)[torch.tensor(index, dtype=torch.long)]
 
     def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
         from .errors import GammaError

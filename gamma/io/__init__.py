@@ -36,11 +36,21 @@ LOADERS = {
 }
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint file or directory into a validated :class:`Checkpoint`."""
+# formats whose loader can leave the tensors in the file (lazy=True); the others load eagerly
+LAZY_FORMATS = ("gguf", "safetensors", "index")
+
+
+def load_checkpoint(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
+    """Load a checkpoint file or directory into a validated :class:`Checkpoint`.
+
+    ``lazy``: read names, shapes and metadata only; ``Checkpoint.tensors`` is then a
+    :class:`~gamma.io.lazy.LazyTensors` that reads each tensor from the file when it is
+    used (GGUF, safetensors; other formats load eagerly)."""
     path = os.fspath(path)
     src: Source = resolve(path)
     try:
+        if lazy and src.fmt in LAZY_FORMATS:
+            return LOADERS[src.fmt](src, lazy=True)
         return LOADERS[src.fmt](src)
     except GammaError as e:
         msg = str(e)

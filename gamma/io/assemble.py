@@ -7,6 +7,7 @@ import torch
 
 from ..config import Checkpoint, ModelConfig
 from ..errors import GammaError
+from .lazy import FileTensor, LazyTensors
 from .names import TIED_OUTPUT
 from .validate import validate
 
@@ -53,14 +54,24 @@ def _tie(c: Collected, cfg: ModelConfig) -> None:
             c.source_names[out] = c.source_names[emb]
         return
     if cfg.tie_word_embeddings and c.tensors[out] is not c.tensors[emb]:
-        if c.tensors[out].shape != c.tensors[emb].shape or not torch.equal(c.tensors[out], c.tensors[emb]):
+        a, b = (_values(c, n) for n in (out, emb))
+        if a.shape != b.shape or not torch.equal(a, b):
             raise GammaError(f"{c.path}: config ties '{out}' to '{emb}' but the file stores a different '{out}'")
         c.tensors[out] = c.tensors[emb]
 
 
-def finish(c: Collected, fmt: str, cfg: ModelConfig) -> Checkpoint:
-    """Tie the output projection if needed, validate everything, return the Checkpoint."""
+def _values(c: Collected, name: str) -> torch.Tensor:
+    t = c.tensors[name]
+    return torch.from_numpy(t.load(c.path)) if isinstance(t, FileTensor) else t
+
+
+def finish(c: Collected, fmt: str, cfg: ModelConfig, lazy: bool = False) -> Checkpoint:
+    """Tie the output projection if needed, validate everything, return the Checkpoint.
+
+    ``lazy``: ``c.tensors`` holds :class:`~gamma.io.lazy.FileTensor` entries; names and
+    shapes are checked now, values (finite) when each tensor is read."""
     _tie(c, cfg)
-    validate(c.path, cfg, c.tensors, c.source_names)
-    return Checkpoint(path=c.path, format=fmt, config=cfg, tensors=c.tensors, dtypes=c.dtypes,
+    validate(c.path, cfg, c.tensors, c.source_names, values=not lazy)
+    tensors = LazyTensors(c.path, c.tensors) if lazy else c.tensors
+    return Checkpoint(path=c.path, format=fmt, config=cfg, tensors=tensors, dtypes=c.dtypes,
                       notes=c.notes, source_names=c.source_names)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from ..errors import GammaError
 
@@ -21,6 +23,24 @@ MAX_NESTING = 4
 # GGUFValueType id -> struct code of a scalar
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
+SMALL_ARRAY = 1 << 16                           # numeric arrays kept as values (per-layer metadata)
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    ne: list                                    # ggml dimensions, fastest first
+    type_id: int
+    data_offset: int                            # absolute offset of the data in the file
+    n_bytes: int
+
+
+@dataclass
+class GGUFHeader:
+    """What the walk read: metadata values (strings as bytes; None for long arrays and arrays
+    of strings), the tensor table and the byte order ("<" or ">")."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    tensors: list[TensorInfo] = field(default_factory=list)
+    order: str = "<"
 
 
 class _Walker:
@@ -51,24 +71,26 @@ class _Walker:
         if vtype in SCALARS:
             return self.scalar(SCALARS[vtype], f"value of '{key}'")
         if vtype == STRING:
-            self.string(f"value of '{key}'")
-            return None
+            return self.string(f"value of '{key}'")
         if vtype != ARRAY or depth >= MAX_NESTING:
             self.fail(f"bad value type {vtype} for '{key}'")
         itype = self.scalar("I", f"array type of '{key}'")
         n = self.scalar("Q", f"array length of '{key}'")
         if itype in SCALARS:                    # fixed-size items: skip in one step
             self.need(n * struct.calcsize(SCALARS[itype]), f"array '{key}' of {n} items")
+            items = list(struct.unpack_from(f"{self.order}{n}{SCALARS[itype]}", self.buf, self.pos)) \
+                if n <= SMALL_ARRAY else None
             self.pos += n * struct.calcsize(SCALARS[itype])
-            return None
+            return items
         self.need(n * 8, f"array '{key}' of {n} items")   # every item takes 8 bytes or more
         for _ in range(n):
             self.value(itype, key, depth + 1)
         return None
 
 
-def check_gguf(path: str) -> None:
-    """Raise GammaError unless the header and tensor table of ``path`` are consistent."""
+def check_gguf(path: str) -> GGUFHeader:
+    """Raise GammaError unless the header and tensor table of ``path`` are consistent;
+    return what was read (no tensor data is touched)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     size = os.path.getsize(path)
     if size < 24:
@@ -85,9 +107,10 @@ def check_gguf(path: str) -> None:
         if n_tensors * 24 > size or n_kv * 12 > size:
             w.fail(f"header declares {n_tensors} tensors and {n_kv} keys in a {size}-byte file")
         alignment = DEFAULT_ALIGNMENT
+        header = GGUFHeader(order=order)
         for _ in range(n_kv):
             key = w.string("key").decode("utf-8", "replace")
-            v = w.value(w.scalar("I", f"type of '{key}'"), key)
+            v = header.fields[key] = w.value(w.scalar("I", f"type of '{key}'"), key)
             if key == "general.alignment":
                 if not isinstance(v, int) or v <= 0 or v & (v - 1):
                     w.fail(f"general.alignment = {v!r} is not a power of two")
@@ -114,3 +137,5 @@ def check_gguf(path: str) -> None:
             end = data_start + offset + n // block * type_size
             if end > size:
                 raise GammaError(f"{path}: truncated GGUF: tensor '{name}' ends at byte {end}, file has {size}")
+            header.tensors.append(TensorInfo(name, dims, type_id, data_start + offset, n // block * type_size))
+    return header

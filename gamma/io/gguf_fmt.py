@@ -10,6 +10,7 @@ transformers' ``LlamaTensorProcessor._reverse_permute_weights`` does.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from ..errors import GammaError
 from .assemble import Collected, finish, np_to_f32
 from .detect import Source
 from .gguf_check import check_gguf
+from .lazy import FileTensor
 from .names import GGUF_ARCHS, GGUF_CONFIG_KEYS, GGUF_LM, GGUF_SUFFIX, GGUF_UNSUPPORTED_TENSORS, NameTable
 from .validate import check_config
 
@@ -29,13 +31,47 @@ DIRECT_TYPES = {"F64": np.float64}             # plain types gguf-py's dequantiz
 _NAMES = NameTable(GGUF_LM, GGUF_SUFFIX)
 
 
-def _reader(path: str):
+def _reader(path: str, lazy: bool = False):
+    """gguf-py's GGUFReader (eager), or for ``lazy`` the header as our own walk read it (metadata
+    and tensor table in one pass of struct reads, much faster on large tokenizer arrays)."""
     import gguf
-    check_gguf(path)
+    header = check_gguf(path)
+    if lazy and header.order == "<":
+        return _HeaderReader(path, header)
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:
         raise GammaError(f"{path}: corrupt GGUF: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
+
+
+class _Field(NamedTuple):
+    value: Any
+
+    def contents(self):                     # as gguf-py's ReaderField.contents
+        v = self.value
+        return str(v, encoding="utf-8") if isinstance(v, bytes) else v
+
+
+class _Tensor(NamedTuple):
+    name: str
+    tensor_type: Any                        # GGMLQuantizationType
+    shape: list                             # ggml ne
+    data_offset: int
+    n_bytes: int
+
+
+class _HeaderReader:
+    """The parts of a GGUFReader that the lazy loader uses, from :func:`check_gguf`'s walk."""
+
+    def __init__(self, path: str, header):
+        from gguf.constants import GGMLQuantizationType
+        self.fields = {k: _Field(v) for k, v in header.fields.items()}
+        self.tensors, seen = [], set()
+        for t in header.tensors:
+            if t.name in seen:                # GGUFReader's own check and words
+                raise GammaError(f"{path}: corrupt GGUF: Found duplicated tensor with name {t.name}")
+            seen.add(t.name)
+            self.tensors.append(_Tensor(t.name, GGMLQuantizationType(t.type_id), t.ne, t.data_offset, t.n_bytes))
 
 
 def _value(path: str, reader, key: str):
@@ -91,20 +127,28 @@ def _config(path: str, reader, prefix: str, arch: str, names: set[str], notes: l
 
 def _dequantize(path: str, t) -> tuple[np.ndarray, str]:
     """(numpy float array in numpy order = reversed ggml ne, type name)."""
-    from gguf import quants
     qname = t.tensor_type.name
     shape = tuple(int(n) for n in reversed(t.shape))
+    return dequantize_array(path, t.name, qname, t.data, shape), qname
+
+
+def dequantize_array(path: str, name: str, qname: str, data: np.ndarray, shape: tuple) -> np.ndarray:
+    """gguf-py's dequantization of ``data`` (GGUFReader's array for type ``qname``: typed
+    items, or bytes shaped (..., rows, row bytes)) as a float array of ``shape``."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
     try:
         if qname in DIRECT_TYPES:
-            arr = np.asarray(t.data).view(DIRECT_TYPES[qname])
+            arr = np.asarray(data).view(DIRECT_TYPES[qname])
         else:
-            arr = quants.dequantize(t.data, t.tensor_type)
-        return arr.reshape(shape), qname
+            arr = quants.dequantize(data, GGMLQuantizationType[qname])
+        return arr.reshape(shape)
     except NotImplementedError:
-        raise GammaError(f"{path}: unsupported quant type {qname} (tensor '{t.name}'; "
+        raise GammaError(f"{path}: unsupported quant type {qname} (tensor '{name}'; "
                          f"gguf-py cannot dequantize it)") from None
     except Exception as e:
-        raise GammaError(f"{path}: corrupt GGUF: tensor '{t.name}' ({qname}, ne={list(map(int, t.shape))}): "
+        ne = list(reversed(shape))
+        raise GammaError(f"{path}: corrupt GGUF: tensor '{name}' ({qname}, ne={ne}): "
                          f"{' '.join(str(e).split())[:160]}") from None
 
 
@@ -118,9 +162,12 @@ def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def load_gguf(src: Source) -> Checkpoint:
+def load_gguf(src: Source, lazy: bool = False) -> Checkpoint:
+    """``lazy``: read the header only; every tensor is read from the file when it is used
+    (:mod:`gamma.io.lazy`)."""
     path = src.file
-    reader = _reader(path)
+    reader = _reader(path, lazy)
+    lazy = lazy and isinstance(reader, _HeaderReader)      # big-endian files load eagerly
     prefix = _value(path, reader, "general.architecture")
     if prefix not in GGUF_ARCHS:
         raise GammaError(f"{src.path}: unknown architecture '{prefix}' "
@@ -140,10 +187,24 @@ def load_gguf(src: Source) -> Checkpoint:
         canonical = _NAMES.canonical(t.name)
         if canonical is None:
             raise GammaError(f"{src.path}: unrecognised tensor '{t.name}' for GGUF architecture '{prefix}'")
-        arr, qname = _dequantize(src.path, t)
-        counts[qname] += 1
+        qname = t.tensor_type.name
+        shape = tuple(int(n) for n in reversed(t.shape))
+        n = 0
         if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             n = cfg.n_heads if ".attn_q." in t.name else cfg.n_kv_heads
+        if lazy:
+            entry = FileTensor(path, int(t.data_offset), int(t.n_bytes), "gguf", qname, shape, t.name, n)
+            if qname not in counts:                 # a type gguf-py cannot dequantize fails now, not later
+                _probe(src.path, entry)
+            counts[qname] += 1
+            if n and shape[0] % (2 * n):
+                raise GammaError(f"{src.path}: tensor '{t.name}' has {shape[0]} rows, not a multiple "
+                                 f"of 2 x {n} heads")
+            c.add(canonical, entry, qname, t.name)
+            continue
+        arr, qname = _dequantize(src.path, t)
+        counts[qname] += 1
+        if n:
             if arr.shape[0] % (2 * n):
                 raise GammaError(f"{src.path}: tensor '{t.name}' has {arr.shape[0]} rows, not a multiple "
                                  f"of 2 x {n} heads")
@@ -156,4 +217,12 @@ def load_gguf(src: Source) -> Checkpoint:
                    + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
     if permuted:
         c.notes.append("undid llama.cpp's RoPE row permutation of q/k")
-    return finish(c, "gguf", cfg)
+    return finish(c, "gguf", cfg, lazy=lazy)
+
+
+def _probe(path: str, e: FileTensor) -> None:
+    """Dequantize one row of ``e`` (its first): an unsupported or corrupt type fails here."""
+    if len(e.shape) > 1 and e.shape[0] > 0:
+        e._rows([0], path, contiguous=False)
+    else:
+        e.load(path)

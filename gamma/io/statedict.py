@@ -20,6 +20,7 @@ from ..errors import GammaError
 from .assemble import Collected, finish
 from .detect import Source, sniff
 from .hfconfig import config_from_hf, infer_config, read_config_json
+from .lazy import FileTensor
 from .names import IGNORED_SUFFIXES, STATE_DICT_CONTAINERS, strip_prefixes
 
 # safetensors dtype -> bytes per element (floating types we convert to float32)
@@ -39,8 +40,8 @@ def _short(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------ safetensors
-def safetensors_header(path: str) -> dict[str, tuple[str, tuple]]:
-    """Parse and check a safetensors header: ``{name: (dtype, shape)}``."""
+def safetensors_header(path: str) -> dict[str, tuple[str, tuple, int]]:
+    """Parse and check a safetensors header: ``{name: (dtype, shape, offset of its data in the file)}``."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -78,7 +79,16 @@ def safetensors_header(path: str) -> dict[str, tuple[str, tuple]]:
         if hi > data_len:
             raise GammaError(f"{path}: truncated safetensors data: tensor '{name}' ends at byte {hi}, "
                              f"data has {data_len}")
-        out[name] = (dtype, shape)
+        out[name] = (dtype, shape, 8 + n + lo)
+    return out
+
+
+def lazy_safetensors(path: str) -> Raw:
+    """Like :func:`read_safetensors`, reading the header only: ``{name: (FileTensor, dtype)}``."""
+    out: Raw = {}
+    for name, (dtype, shape, offset) in safetensors_header(path).items():
+        nbytes = math.prod(shape) * ST_FLOAT_DTYPES[dtype]
+        out[name] = (FileTensor(path, offset, nbytes, "safetensors", dtype, shape, name), dtype)
     return out
 
 
@@ -137,11 +147,13 @@ def read_torch(path: str) -> Raw:
 
 
 FILE_READERS = {"safetensors": read_safetensors, "pytorch": read_torch}
+LAZY_READERS = {"safetensors": lazy_safetensors}     # PyTorch files load eagerly
 
 
 # ------------------------------------------------------------------ shards
-def read_index(path: str) -> tuple[Raw, str]:
-    """A sharded checkpoint: ``*.index.json`` with a ``weight_map`` of shard files."""
+def read_index(path: str, lazy: bool = False) -> tuple[Raw, str]:
+    """A sharded checkpoint: ``*.index.json`` with a ``weight_map`` of shard files
+    (``lazy``: safetensors shards by their headers only)."""
     try:
         if os.path.getsize(path) > MAX_INDEX_BYTES:
             raise ValueError("index file too large")
@@ -163,7 +175,8 @@ def read_index(path: str) -> tuple[Raw, str]:
         if fmt not in FILE_READERS:
             raise GammaError(f"{file}: shard is a {fmt} file, expected safetensors or PyTorch")
         fmts.add(fmt)
-        for name, v in FILE_READERS[fmt](file).items():
+        reader = LAZY_READERS[fmt] if lazy and fmt in LAZY_READERS else FILE_READERS[fmt]
+        for name, v in reader(file).items():
             if name in out:
                 raise GammaError(f"{file}: tensor '{name}' appears in more than one shard")
             out[name] = v
@@ -175,12 +188,17 @@ def read_index(path: str) -> tuple[Raw, str]:
     return out, fmts.pop()
 
 
-def load_state_dict(src: Source) -> Checkpoint:
-    """Checkpoint from a safetensors / PyTorch / sharded state dict (+ config.json)."""
+def load_state_dict(src: Source, lazy: bool = False) -> Checkpoint:
+    """Checkpoint from a safetensors / PyTorch / sharded state dict (+ config.json).
+
+    ``lazy``: safetensors files by their headers only (tensors read when used, :mod:`gamma.io.lazy`);
+    PyTorch files (and shards) load eagerly."""
     if src.fmt == "index":
-        raw, fmt = read_index(src.file)
+        raw, fmt = read_index(src.file, lazy)
     else:
-        raw, fmt = FILE_READERS[src.fmt](src.file), src.fmt
+        reader = LAZY_READERS[src.fmt] if lazy and src.fmt in LAZY_READERS else FILE_READERS[src.fmt]
+        raw, fmt = reader(src.file), src.fmt
+    lazy = lazy and all(isinstance(t, FileTensor) for t, _ in raw.values())
     c = Collected(src.path)
     for name, (t, dtype) in raw.items():
         if name.endswith(IGNORED_SUFFIXES):
@@ -193,4 +211,4 @@ def load_state_dict(src: Source) -> Checkpoint:
     else:
         cfg, notes = infer_config(src.path, c.shapes())
         c.notes.extend(notes)
-    return finish(c, fmt, cfg)
+    return finish(c, fmt, cfg, lazy=lazy)

@@ -116,8 +116,10 @@ def _stored(name: str, source_names: dict[str, str]) -> str:
 
 
 def validate(path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
-             source_names: dict[str, str]) -> None:
-    """Exactly the expected names, each with the expected shape, float32, finite."""
+             source_names: dict[str, str], values: bool = True) -> None:
+    """Exactly the expected names, each with the expected shape, float32, finite.
+
+    ``values=False``: names and shapes only (a lazy store checks values when it reads them)."""
     check_config(path, cfg)
     expected = expected_shapes(cfg)
     for name in tensors:
@@ -131,6 +133,8 @@ def validate(path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
         if tuple(t.shape) != shape:
             raise GammaError(f"{path}: tensor '{name}' has shape {tuple(t.shape)}, expected {shape}"
                              f"{_stored(name, source_names)}")
+    if not values:
+        return
     checked: set[int] = set()
     for name, t in tensors.items():
         if t.dtype != torch.float32:

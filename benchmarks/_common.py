@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 import gamma
-import gamma.zoo
+import gamma.io.zoo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -126,8 +126,8 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 def zoo_models(names) -> dict[str, str]:
     """{label: path} for the real models that are installed; missing ones are logged."""
-    table_ = {"whisper": ("Whisper tiny.en encoder", gamma.zoo.whisper_tiny_en),
-              "smol": ("SmolLM2-135M (Q4_1 GGUF)", gamma.zoo.smollm2_135m)}
+    table_ = {"whisper": ("Whisper tiny.en encoder", gamma.io.zoo.whisper_tiny_en),
+              "smol": ("SmolLM2-135M (Q4_1 GGUF)", gamma.io.zoo.smollm2_135m)}
     out = {}
     for n in names:
         label, fn = table_[n]

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 
 import gamma
-import gamma.zoo
+import gamma.io.zoo
 from gamma.bounds import compute_bounds
 from gamma.ops import evaluate
 
@@ -93,7 +93,7 @@ def threads_table(args, results: dict) -> list[str]:
     n = torch.get_num_threads()
     if n == 1 or args.device != "cpu":
         return []
-    m = gamma.load(gamma.zoo.whisper_tiny_en())
+    m = gamma.load(gamma.io.zoo.whisper_tiny_en())
     T = args.ibp_T[0]
     graph, x = m.graph(None, T), m.input_point(None, T).x
     log(f"threads: {n} vs 1 on Whisper T={T} (load {load_avg()})")

@@ -36,9 +36,12 @@ sys.path.insert(0, OLD or os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from gamma import zoo  # noqa: E402
 from gamma.bounds import compute_bounds  # noqa: E402
 from gamma.io import load_checkpoint  # noqa: E402
+try:
+    from gamma.io import zoo  # noqa: E402
+except ImportError:                               # --compare-with a revision from before zoo moved to gamma.io
+    from gamma import zoo  # noqa: E402
 from gamma.model import Model  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 

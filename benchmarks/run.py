@@ -64,7 +64,7 @@ sys.path.insert(0, HERE)
 import torch                            # noqa: E402
 
 import gamma                            # noqa: E402
-import gamma.zoo                        # noqa: E402
+import gamma.io.zoo                        # noqa: E402
 
 import _models                          # noqa: E402
 
@@ -193,7 +193,7 @@ def _compare(a, b, differing: Optional[list] = None) -> tuple[bool, float, float
 
 def section_scaleout(args, out: list[str], results: dict) -> None:
     t_sec = time.perf_counter()
-    m = gamma.load(gamma.zoo.whisper_tiny_en())
+    m = gamma.load(gamma.io.zoo.whisper_tiny_en())
     cores = os.cpu_count() or 1
     per = max(1, cores // 2)
     kw = dict(block_wise=True, seq_len=args.scale_T, intermediate="cut", device=args.device)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from gamma import zoo                      # noqa: E402
+from gamma.io import zoo                      # noqa: E402
 from gamma.attack import pgd_points, sample_points   # noqa: E402
 from gamma.bounds import compute_bounds    # noqa: E402
 from gamma.io import load_checkpoint       # noqa: E402

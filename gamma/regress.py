@@ -44,6 +44,7 @@ from . import __version__
 from .attack import AttackConfig, attack_range
 from .errors import GammaError
 from .extras import require
+from .io import zoo
 from .model import Model
 from .ops import evaluate
 from .verify import INTERMEDIATE, METHODS, check_epsilon, json_safe, load, verify, versions
@@ -188,7 +189,6 @@ def resolve_model(spec: str, suite_dir: str, cache_dir: str) -> tuple[str, dict]
     a zoo package's version); check refuses to compare records whose differ."""
     kind, _, name = spec.partition(":")
     if kind == "zoo" and name:
-        from . import zoo
         zname = ZOO.get(name, name)
         path = zoo.locate(zname)
         pip_name = zoo.MODELS[zname][2]

@@ -59,7 +59,7 @@ def load(path: Optional[Union[str, os.PathLike]] = None) -> Model:
     """Load a checkpoint (safetensors / GGUF / CTranslate2 / PyTorch, detected
     by content).  ``None`` loads the default real model, Whisper tiny.en."""
     if path is None:
-        from .zoo import whisper_tiny_en
+        from .io.zoo import whisper_tiny_en
         path = whisper_tiny_en()
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -195,7 +195,7 @@ def qwen2_gguf_f16(tmp_path_factory, qwen2_model):
 # ---------------------------------------------------------------- real models (PyPI packages)
 @pytest.fixture(scope="session")
 def real_smollm2():
-    from gamma import zoo
+    from gamma.io import zoo
     from gamma.errors import GammaError
     try:
         return zoo.smollm2_135m()
@@ -205,7 +205,7 @@ def real_smollm2():
 
 @pytest.fixture(scope="session")
 def real_whisper_tiny_en():
-    from gamma import zoo
+    from gamma.io import zoo
     from gamma.errors import GammaError
     try:
         return zoo.whisper_tiny_en()

@@ -276,7 +276,7 @@ def test_verify_full_table_and_layer_growth(capsys, llama_dir):
 
 def test_default_model_is_block_wise_whisper(monkeypatch, capsys, whisper_dir):
     """No MODEL: block-wise CROWN at 1e-3 on zoo.whisper_tiny_en() (here pointed at the tiny model)."""
-    from gamma import zoo
+    from gamma.io import zoo
     monkeypatch.setattr(zoo, "whisper_tiny_en", lambda: whisper_dir)
     rc, out, err = main(capsys, "verify", "--json", "--seq-len", "2", "--blocks", "0")
     assert rc == 0, err

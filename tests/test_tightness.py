@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import gamma
-from gamma import cli, report
+from gamma import cli
+from gamma.commands import verify as verify_cmd
 from gamma.attack import AttackConfig, AttackRange
 from gamma.stats import spearman
 from gamma.tightness import block_summary, figures, per_position, ratio
@@ -149,7 +150,7 @@ def test_block_summary_by_hand():
     assert s["spearman"] == pytest.approx(0.8) and s["spearman_n"] == 4 and s["blocks"] == 4
     assert [w["name"] for w in s["worst_ratio_blocks"]] == ["layer2", "layer0"]           # x15, x10
     assert (s["max_ratio"], s["median_ratio"], s["min_ratio"]) == (15.0, 7.5, 5.0)
-    lines = report._block_attack_lines(s)
+    lines = verify_cmd._block_attack_lines(s)
     assert lines[1] == "rank agreement of certified and attacked sensitivity: Spearman +0.80 over 4 blocks"
     assert lines[2] == "loosest blocks (certified / attacked): layer2 (x15), layer0 (x10)"
 

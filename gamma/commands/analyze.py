@@ -9,9 +9,8 @@ from ..analyze import analyze, check_verify_report, load_verify_json, write_repo
 from ..errors import GammaError
 from ..extras import require
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
-from ..report import table
 from ..verify import METHODS, check_epsilon, load, verify
-from .common import Progress, print_json
+from .common import Progress, print_json, table
 
 DEFAULT_OUT = "gamma-report"
 # verify options: (attribute, default when analyze runs the verification itself)

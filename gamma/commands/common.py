@@ -1,5 +1,5 @@
 """What the commands' CLIs share: the input-point options, output-file checks,
-JSON and text output, and the progress line on stderr.
+JSON and text output (numbers, tables), and the progress line on stderr.
 
 Every command module in :mod:`gamma.commands` imports its helpers from here
 (never from another command or from :mod:`gamma.cli`).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -75,6 +76,31 @@ def emit(data: dict, lines: Callable[[dict], list[str]], as_json: bool) -> None:
         print_json(data)
     else:
         print("\n".join(lines(data)))
+
+
+def num(v: Optional[float], digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.{digits}e}"
+
+
+def seconds(v: float) -> str:
+    return f"{v:.2f}s" if v < 100 else f"{v:.0f}s"
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """Columns padded to their widest cell; ``align`` has one 'l'/'r' per column (default: left first, right rest)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def fmt(cells):
+        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+    return [fmt(header), fmt(["-" * w if h else "" for h, w in zip(header, widths)])] + [fmt(r) for r in rows]
 
 
 class Progress:

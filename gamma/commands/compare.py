@@ -14,8 +14,7 @@ from typing import Optional
 from .. import compare as lib
 from ..bounds import METHODS
 from ..bounds.engine import INTERMEDIATE
-from ..report import num, seconds, table
-from .common import Progress, add_input_options, input_kwargs, print_json
+from .common import Progress, add_input_options, input_kwargs, num, print_json, seconds, table
 
 
 def _input_options(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import report
+from ..model import COMPONENTS, Model
 from ..verify import load
 from .common import emit
 
@@ -15,5 +15,58 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    emit(report.describe(load(args.model)), report.inspect_lines, args.json)
+    emit(describe(load(args.model)), inspect_lines, args.json)
     return 0
+
+
+def describe(model: Model) -> dict:
+    """Facts about a loaded checkpoint (``gamma inspect``).  Per-component
+    sizes are dicts keyed by component (``{"decoder": 30}``)."""
+    c, ck = model.config, model.ckpt
+    if model.arch == "whisper":
+        layers = {"encoder": c.encoder_layers, "decoder": c.decoder_layers}
+        heads = {"encoder": c.encoder_heads, "decoder": c.decoder_heads}
+        kv_heads = dict(heads)
+        ffn = {"encoder": c.encoder_ffn_dim, "decoder": c.decoder_ffn_dim}
+        head_dim = c.d_model // c.encoder_heads if c.encoder_heads else 0
+    else:
+        layers, heads = {"decoder": c.n_layers}, {"decoder": c.n_heads}
+        kv_heads, ffn, head_dim = {"decoder": c.n_kv_heads or c.n_heads}, {"decoder": c.d_ff}, c.head_dim
+    dtypes: dict[str, int] = {}
+    for t in ck.dtypes.values():
+        dtypes[t] = dtypes.get(t, 0) + 1
+    return {
+        "path": ck.path, "format": ck.format, "arch": model.arch,
+        "components": list(COMPONENTS[model.arch]),
+        "layers": layers, "hidden_size": c.d_model, "heads": heads, "kv_heads": kv_heads,
+        "head_dim": head_dim, "ffn": ffn, "vocab_size": c.vocab_size,
+        "parameters": ck.n_params, "tensors": len(ck.tensors),
+        "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "notes": list(ck.notes),
+    }
+
+
+def _per_component(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def inspect_lines(info: dict) -> list[str]:
+    rows = [
+        ("path", info["path"]),
+        ("format", info["format"]),
+        ("architecture", info["arch"]),
+        ("components", ", ".join(info["components"])),
+        ("layers", _per_component(info["layers"])),
+        ("hidden size", info["hidden_size"]),
+        ("heads", _per_component(info["heads"])),
+        ("kv heads", _per_component(info["kv_heads"])),
+        ("head dim", info["head_dim"]),
+        ("ffn", _per_component(info["ffn"])),
+        ("vocab", info["vocab_size"]),
+        ("parameters", f"{info['parameters']:,} ({info['tensors']} tensors)"),
+        ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"),
+    ]
+    lines = [f"{k:<13} {v}" for k, v in rows]
+    for note in info["notes"]:
+        lines.append(f"{'note':<13} {note}")
+    return lines

@@ -20,8 +20,7 @@ from typing import Optional
 from .. import regress as R
 from ..errors import GammaError
 from ..extras import require
-from ..report import table
-from .common import check_writable, print_json
+from .common import check_writable, print_json, table
 
 
 def add_parser(subparsers) -> None:

@@ -7,9 +7,8 @@ from typing import Optional
 
 from ..errors import GammaError
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
-from ..report import table
 from ..verify import load
-from .common import Progress, print_json
+from .common import Progress, print_json, table
 
 
 def add_parser(subparsers) -> None:

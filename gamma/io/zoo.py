@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .errors import GammaError
+from ..errors import GammaError
 
 # name -> (python package, path inside it, pip package)
 MODELS = {

@@ -19,6 +19,7 @@ import subprocess
 import pytest
 
 from gamma import regress as R
+from gamma.regress import measure
 from gamma.bounds import interval
 from gamma.commands.regress import add_parser, write_report
 from gamma.errors import GammaError
@@ -61,7 +62,7 @@ def env(tmp_path_factory):
 
 
 def _record(case: str, **figs) -> dict:
-    cfg = {k: None for k in R._CONFIG}
+    cfg = {k: None for k in R.CONFIG_KEYS}
     return {"case": case, "config": cfg, "model_id": {"path": "m"}, "date": "2026-01-01T00:00:00+00:00",
             "figures": figs, "nonfinite": [], "soundness": {"violations": 0, "points": 10},
             "memory_method": "vmhwm", "track": list(figs)}
@@ -250,7 +251,7 @@ def test_tightened_relaxation_is_improved(env, tmp_path, capsys):
 
 def test_unsound_bounds_are_caught(env, tmp_path, capsys, monkeypatch):
     suite, cache = env
-    real_verify = R.verify
+    real_verify = measure.verify
 
     def shrunk(*a, **kw):                   # bounds shrunk to 1% of their width around the midpoint
         res = real_verify(*a, **kw)
@@ -260,7 +261,7 @@ def test_unsound_bounds_are_caught(env, tmp_path, capsys, monkeypatch):
             res.arrays[k], res.arrays[k[:-5] + "upper"] = mid - 0.01 * rad, mid + 0.01 * rad
         return res
 
-    monkeypatch.setattr(R, "verify", shrunk)
+    monkeypatch.setattr(measure, "verify", shrunk)
     h = str(tmp_path / "h.jsonl")
     rc, _, err = cli(capsys, "regress", "run", suite, "--history", h, "--cache", cache)
     assert rc == 1 and "UNSOUND" in err and "FAILED: tq-ibp-blocks" in err

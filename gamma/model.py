@@ -103,15 +103,16 @@ class Model:
 
     def _vocab(self) -> int:
         name = "model.decoder.embed_tokens.weight" if self.arch == "whisper" else "model.embed_tokens.weight"
-        return self.ckpt.get(name).shape[0]
+        return self.ckpt.shape(name)[0]
 
     def embed(self, tokens: Sequence[int], component: str = "decoder") -> torch.Tensor:
         if self.arch == "whisper":
-            emb = self.ckpt.get("model.decoder.embed_tokens.weight")
-            bad = [t for t in tokens if not 0 <= t < emb.shape[0]]
+            name = "model.decoder.embed_tokens.weight"
+            vocab = self.ckpt.shape(name)[0]
+            bad = [t for t in tokens if not 0 <= t < vocab]
             if bad:
-                raise GammaError(f"token ids {bad} out of range [0, {emb.shape[0]})")
-            return emb[torch.tensor(list(tokens), dtype=torch.long)].double()
+                raise GammaError(f"token ids {bad} out of range [0, {vocab})")
+            return self.ckpt.rows(name, list(tokens)).double()
         return _llama.embed_tokens(self.ckpt, list(tokens))
 
     def _input_shape(self, comp: str, seq_len: int) -> tuple[int, ...]:
@@ -135,6 +136,18 @@ class Model:
             enc_out = self.encoder_output(seq_len, encoder_input)
             return _whisper.build_decoder(self.ckpt, seq_len, enc_out, output)
         return _llama.build_llama(self.ckpt, seq_len, output)
+
+    def block_plan(self, component: Optional[str] = None, seq_len: int = 8, output: str = "hidden",
+                   encoder_input: Optional[torch.Tensor] = None):
+        """The blocks of :meth:`graph` one at a time (:mod:`gamma.blocks`): Llama / Qwen3
+        build each block alone from its own weights; Whisper cuts its whole graph."""
+        from .blocks import GraphPlan, StreamPlan
+        comp = self.component(component)
+        if output not in ("hidden", "logits"):
+            raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")
+        if self.arch in StreamPlan.ARCHS:
+            return StreamPlan(self.ckpt, seq_len, output)
+        return GraphPlan(self.graph(comp, seq_len, output, encoder_input))
 
     def encoder_output(self, seq_len: int, encoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         enc = _whisper.build_encoder(self.ckpt, seq_len)

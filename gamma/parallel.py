@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -56,10 +57,17 @@ ATTEMPTS = 2                 # a failed block is retried once
 class BlockTask:
     index: int                   # block index in the model (layer3 -> 3)
     name: str                    # "layer3"
-    graph: Graph                 # the block's subgraph: only its own weights
+    graph: Optional[Graph]       # the block's subgraph: only its own weights; None: built from source
     center: torch.Tensor         # float64 nominal input of the block, graph.input_shape
     epsilon: float
     opts: dict                   # method, intermediate, device, alpha_iters, arithmetic
+    source: Any = None           # without a graph: a recipe with build() -> Graph and portable
+                                 # (gamma.blocks.BlockSource: the worker reads its block from the file)
+
+    def block_graph(self) -> Graph:
+        """The block's graph: the one given, or built now from the source (its weights read
+        here, freed with the graph)."""
+        return self.graph if self.graph is not None else self.source.build()
 
 
 @dataclass
@@ -73,6 +81,8 @@ class BlockOutcome:
     attempts: int = 1
     seconds: float = 0.0         # wall time of the last attempt (as seen by the scheduler)
     resumed: bool = False        # read from the checkpoint, not computed
+    pid: Optional[int] = None    # the process that computed it (this one when serial)
+    peak_rss_mb: Optional[float] = None   # that process's peak resident memory after the block
 
     @property
     def failed(self) -> bool:
@@ -173,9 +183,20 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text and text[0] else type(e).__name__
 
 
-def _outcome(task: BlockTask, result, attempts: int, seconds: float) -> BlockOutcome:
+def _outcome(task: BlockTask, result, attempts: int, seconds: float, where=(None, None)) -> BlockOutcome:
     row, lower, upper = result
-    return BlockOutcome(task.index, task.name, row, lower, upper, None, attempts, seconds)
+    return BlockOutcome(task.index, task.name, row, lower, upper, None, attempts, seconds,
+                        pid=where[0], peak_rss_mb=where[1])
+
+
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory so far, in MiB (None where unknown)."""
+    try:
+        import resource
+    except ImportError:          # not on POSIX
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024     # bytes on macOS, KiB on Linux
 
 
 def _failure(task: BlockTask, error: str, attempts: int, seconds: float) -> BlockOutcome:
@@ -200,7 +221,7 @@ def _run_serial(tasks: list[BlockTask], solve: Solve, record: _Recorder, progres
                     continue
                 record(_failure(task, _describe(e), attempt, time.perf_counter() - t0))
                 break
-            record(_outcome(task, result, attempt, time.perf_counter() - t0))
+            record(_outcome(task, result, attempt, time.perf_counter() - t0, (os.getpid(), peak_rss_mb())))
             break
 
 
@@ -229,9 +250,13 @@ def _own(v):
 
 
 def task_bytes(task: BlockTask) -> bytes:
-    """The pickled task a worker receives (graph compacted to its own weights)."""
-    t = BlockTask(task.index, task.name, compact_graph(task.graph), _own(task.center).cpu(),
-                  task.epsilon, dict(task.opts))
+    """The pickled task a worker receives: a portable source (the worker reads its block's
+    weights from the checkpoint file), else the graph compacted to its own weights."""
+    graph, source = task.graph, task.source
+    if graph is None and not getattr(source, "portable", False):
+        graph, source = task.block_graph(), None          # weights in this process's memory: send them
+    t = BlockTask(task.index, task.name, None if graph is None else compact_graph(graph),
+                  _own(task.center).cpu(), task.epsilon, dict(task.opts), source)
     return pickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -240,13 +265,14 @@ def _worker_init(threads: int) -> None:
 
 
 def _solve_bytes(solve: Solve, blob: bytes, threads: Optional[int] = None):
-    """Worker side: unpickle the task and solve it (no progress callback)."""
+    """Worker side: unpickle the task and solve it (no progress callback); returns the
+    result, the seconds and (pid, peak resident MiB) of this worker."""
     if threads is not None:
         torch.set_num_threads(threads)
     task = pickle.loads(blob)
     t0 = time.perf_counter()
     result = solve(task, None)
-    return result, time.perf_counter() - t0
+    return result, time.perf_counter() - t0, (os.getpid(), peak_rss_mb())
 
 
 # ------------------------------------------------------------------ local processes
@@ -287,7 +313,7 @@ class _PoolRunner:
                 for fut in finished:
                     task, attempt, alone, t0 = inflight.pop(fut)
                     try:
-                        result, seconds = fut.result()
+                        result, seconds, where = fut.result()
                     except GammaError:
                         raise
                     except BrokenProcessPool:
@@ -299,7 +325,7 @@ class _PoolRunner:
                     except Exception as e:  # retried once, then reported
                         self._failed(task, attempt, _describe(e), t0, pending, record)
                     else:
-                        record(_outcome(task, result, attempt, seconds))
+                        record(_outcome(task, result, attempt, seconds, where))
                 if broken:
                     for fut, (task, attempt, alone, t0) in list(inflight.items()):
                         pending.appendleft((task, attempt, True))
@@ -375,7 +401,7 @@ class _RayRunner:
                 for ref in ready:
                     task, attempt, t0 = inflight.pop(ref)
                     try:
-                        result, seconds = ray.get(ref)
+                        result, seconds, where = ray.get(ref)
                     except Exception as e:  # RayTaskError wraps the worker's exception
                         cause = getattr(e, "cause", None)
                         if isinstance(cause, GammaError):
@@ -383,7 +409,7 @@ class _RayRunner:
                         err = _describe(cause) if cause is not None else _describe(e)
                         _PoolRunner._failed(task, attempt, err, t0, pending, record)
                     else:
-                        record(_outcome(task, result, attempt, seconds))
+                        record(_outcome(task, result, attempt, seconds, where))
         finally:
             for ref in inflight:
                 ray.cancel(ref, force=True)

@@ -55,9 +55,11 @@ Progress = Optional[Callable[[str], None]]
 
 
 # ------------------------------------------------------------------ loading
-def load(path: Optional[Union[str, os.PathLike]] = None) -> Model:
+def load(path: Optional[Union[str, os.PathLike]] = None, lazy: bool = False) -> Model:
     """Load a checkpoint (safetensors / GGUF / CTranslate2 / PyTorch, detected
-    by content).  ``None`` loads the default real model, Whisper tiny.en."""
+    by content).  ``None`` loads the default real model, Whisper tiny.en.
+    ``lazy``: read the header only; each tensor is read from the file when a
+    graph uses it (GGUF and safetensors; :mod:`gamma.io.lazy`)."""
     if path is None:
         from .io.zoo import whisper_tiny_en
         path = whisper_tiny_en()
@@ -65,14 +67,14 @@ def load(path: Optional[Union[str, os.PathLike]] = None) -> Model:
     if not os.path.exists(path):
         raise GammaError(f"{path}: no such file or directory")
     from .io import load_checkpoint
-    return Model(load_checkpoint(path))
+    return Model(load_checkpoint(path, lazy=lazy))
 
 
-def _as_model(model) -> tuple[Model, float]:
+def _as_model(model, lazy: bool = False) -> tuple[Model, float]:
     if isinstance(model, Model):
         return model, 0.0
     t0 = time.perf_counter()
-    m = load(model)
+    m = load(model, lazy=lazy)
     return m, time.perf_counter() - t0
 
 
@@ -300,6 +302,14 @@ def _point_and_graph(model: Model, component, seq_len, tokens, input_path, cente
     return comp, seq, point, graph
 
 
+def _point_and_plan(model: Model, component, seq_len, tokens, input_path, center, output):
+    """Like :func:`_point_and_graph`, with the model's block plan (:mod:`gamma.blocks`) for the graph."""
+    comp = model.component(component)
+    point = model.input_point(comp, seq_len, input_path=input_path, tokens=parse_tokens(tokens), center=center)
+    seq = point.x.shape[-1] // 2 if comp == "encoder" else point.x.shape[-2]
+    return comp, seq, point, model.block_plan(comp, seq, output)
+
+
 def forward(model=None, *, component: Optional[str] = None, seq_len: int = 8, tokens=None,
             input_path: Optional[str] = None, center: Optional[str] = None,
             output: str = "hidden") -> ForwardResult:
@@ -358,9 +368,12 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
 
     if progress and not isinstance(model, Model):
         progress("loading model")
-    model, t_load = _as_model(model)
+    model, t_load = _as_model(model, lazy=mode == "block_wise")     # block-wise: one block in memory at a time
     t0 = time.perf_counter()
-    comp, seq, point, graph = _point_and_graph(model, component, seq_len, tokens, input_path, center, output)
+    if mode == "block_wise":
+        comp, seq, point, graph = _point_and_plan(model, component, seq_len, tokens, input_path, center, output)
+    else:
+        comp, seq, point, graph = _point_and_graph(model, component, seq_len, tokens, input_path, center, output)
     t_graph = time.perf_counter() - t0
 
     report: dict[str, Any] = {
@@ -370,15 +383,16 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
         "method": method, "intermediate": intermediate, "epsilon": eps, "device": str(device),
         "arithmetic": arithmetic,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
-        "output_node": graph.output, "output_shape": list(graph.output_shape),
-        "num_blocks": len(graph.blocks()),
+        "output_node": graph.output_node if mode == "block_wise" else graph.output,
+        "output_shape": list(graph.output_shape),
+        "num_blocks": len(graph.names) if mode == "block_wise" else len(graph.blocks()),
         "tolerance": None if tolerance is None else float(tolerance),
     }
     opts = dict(method=method, intermediate=intermediate, device=device, alpha_iters=alpha_iters,
                 arithmetic=arithmetic)
     if mode == "block_wise":
         scale["key"] = parallel.run_key(report, alpha_iters, point.x)
-        body, arrays, timings = _run_blocks(graph, point.x, eps, select_blocks(blocks, len(graph.blocks())),
+        body, arrays, timings = _run_blocks(graph, point.x, eps, select_blocks(blocks, len(graph.names)),
                                             worst_k, tolerance, opts, progress, scale, attack_cfg)
     else:
         body, arrays, timings = _run_full(graph, point.x, eps, mode, tolerance, assertions, opts, progress,
@@ -484,27 +498,32 @@ def _block_growth(graph: Graph, widths: dict[str, Width], records: list[dict], e
     return rows
 
 
-def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale=None, attack_cfg=None):
-    names = graph.blocks()
+def _run_blocks(plan, x, eps, picked, worst_k, tolerance, opts, progress, scale=None, attack_cfg=None):
+    """Every selected block of ``plan`` (:mod:`gamma.blocks`): the nominal forward pass, then
+    each block built where it is bounded (here, a worker or a Ray task) and dropped after."""
+    names = plan.names
     t0 = time.perf_counter()
-    values = evaluate(graph, x, keep_all=True)
+    nominal = plan.nominal(x, picked, progress)
     t_nominal = time.perf_counter() - t0
-    arrays = {"input": _np(x), "nominal": _np(values[graph.output])}
+    arrays = {"input": _np(x)}
+    if nominal.output is not None:              # a streamed pass stops at the last selected block
+        arrays["nominal"] = _np(nominal.output)
     rows = []
     t_all = time.perf_counter()
     tasks = []
     for k in picked:
-        sub = graph.block_graph(names[k])
-        tasks.append(parallel.BlockTask(k, names[k], sub, values[sub.input], eps, opts))
+        source = plan.source(k)
+        tasks.append(parallel.BlockTask(k, names[k], None if source is not None else plan.block(k),
+                                        nominal.centers[k], eps, opts, source))
     outcomes = parallel.run_blocks(tasks, _solve_block, progress=progress, **(scale or {}))
     for task, out in zip(tasks, outcomes):
-        k, sub = task.index, task.graph
+        k = task.index
         if out.failed:
             rows.append(_failed_row(k, task.name, eps, out.error, out.seconds))
             continue
         rows.append(out.row)
-        arrays.update({f"block{k}_input": _np(values[sub.input]), f"block{k}_lower": out.lower,
-                       f"block{k}_upper": out.upper, f"block{k}_nominal": _np(values[sub.output])})
+        arrays.update({f"block{k}_input": _np(nominal.centers[k]), f"block{k}_lower": out.lower,
+                       f"block{k}_upper": out.upper, f"block{k}_nominal": _np(nominal.outputs[k])})
     t_bounds = time.perf_counter() - t_all
     t_attack, points = time.perf_counter(), 0
     for j, (task, out) in enumerate(zip(tasks, outcomes) if attack_cfg is not None else ()):
@@ -513,7 +532,7 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale
         if progress:
             progress(f"attack {j + 1}/{len(tasks)} {task.name}")
         lo, hi = torch.tensor(out.lower), torch.tensor(out.upper)          # copies: the arrays stay as they are
-        att = tightness.attack_bounds(task.graph, task.center, eps, lo, hi, attack_cfg)
+        att = tightness.attack_bounds(task.block_graph(), task.center, eps, lo, hi, attack_cfg)
         out.row.update(tightness.figures(out.row["output_width"], att, eps))
         arrays.update({f"block{task.index}_attacked_lower": _np(att.lower),
                        f"block{task.index}_attacked_upper": _np(att.upper)})
@@ -528,6 +547,7 @@ def _run_blocks(graph, x, eps, picked, worst_k, tolerance, opts, progress, scale
         "seconds": t_bounds,
         "failed_blocks": [o.name for o in outcomes if o.failed],
         "resumed_blocks": [o.index for o in outcomes if o.resumed],
+        "memory": _memory(outcomes),
         "attack": None if attack_cfg is None else tightness.block_summary(rows, attack_cfg, worst_k, points, t_attack),
     }
     if tolerance is not None:
@@ -552,12 +572,26 @@ _BLOCK_PROBES = {
 
 
 def _solve_block(task, progress: Progress = None):
-    """One block: (record, lower, upper); run by :mod:`gamma.parallel` here or in a worker."""
+    """One block: (record, lower, upper); run by :mod:`gamma.parallel` here or in a worker
+    (which builds the block from its source: its weights read from the checkpoint file there)."""
+    graph = task.block_graph()
     t0 = time.perf_counter()
-    res = _compute(task.graph, task.center, task.epsilon, task.opts, progress)
+    res = _compute(graph, task.center, task.epsilon, task.opts, progress)
     seconds = time.perf_counter() - t0
-    row = _block_row(task.graph, task.index, task.name, _widths(task.graph, res), task.epsilon, seconds)
+    row = _block_row(graph, task.index, task.name, _widths(graph, res), task.epsilon, seconds)
     return row, _np(res.lower), _np(res.upper)
+
+
+def _memory(outcomes) -> dict:
+    """Peak resident memory (MiB): this process, and each worker process with its blocks."""
+    workers: dict[int, dict] = {}
+    for o in outcomes:
+        if o.pid is None or o.pid == os.getpid() or o.peak_rss_mb is None:
+            continue
+        w = workers.setdefault(o.pid, {"pid": o.pid, "peak_rss_mb": 0.0, "blocks": []})
+        w["peak_rss_mb"] = max(w["peak_rss_mb"], o.peak_rss_mb)
+        w["blocks"].append(o.index)
+    return {"peak_rss_mb": parallel.peak_rss_mb(), "workers": list(workers.values())}
 
 
 def _failed_row(index: int, name: str, eps: float, error: str, seconds: float) -> dict:

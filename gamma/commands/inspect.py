@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    emit(describe(load(args.model)), inspect_lines, args.json)
+    # lazy: header, metadata and tensor table only (GGUF, safetensors): no tensor data is read
+    emit(describe(load(args.model, lazy=True)), inspect_lines, args.json)
     return 0
 
 

@@ -239,7 +239,19 @@ def block_lines(r: dict) -> list[str]:
                                                      for w in worst_blocks))
     lines.append("degraded blocks: " + (", ".join(
         f"{b['block_name']} at {b['first_degraded_node']}" for b in rows if b["degraded"]) or "none"))
-    return lines + _block_attack_lines(att) + _verdict(r)
+    return lines + _memory_lines(r.get("memory")) + _block_attack_lines(att) + _verdict(r)
+
+
+def _memory_lines(m: Optional[dict]) -> list[str]:
+    """Peak resident memory of this process and of each worker (block-wise runs)."""
+    if not m or m.get("peak_rss_mb") is None:
+        return []
+    line = f"peak memory: {m['peak_rss_mb'] / 1024:.2f} GiB (this process)"
+    if m["workers"]:
+        line += "; workers: " + ", ".join(
+            f"pid {w['pid']} {w['peak_rss_mb'] / 1024:.2f} GiB (blocks {','.join(map(str, w['blocks']))})"
+            for w in m["workers"])
+    return [line]
 
 
 def _block_attack_lines(a: Optional[dict]) -> list[str]:

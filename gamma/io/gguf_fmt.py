@@ -221,8 +221,14 @@ def load_gguf(src: Source, lazy: bool = False) -> Checkpoint:
 
 
 def _probe(path: str, e: FileTensor) -> None:
-    """Dequantize one row of ``e`` (its first): an unsupported or corrupt type fails here."""
-    if len(e.shape) > 1 and e.shape[0] > 0:
-        e._rows([0], path, contiguous=False)
-    else:
-        e.load(path)
+    """Dequantize one block of zero bytes of ``e``'s type (no file data is read): a type
+    gguf-py cannot dequantize fails here, with the eager loader's message, not at first use."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    if e.dtype in DIRECT_TYPES:
+        return
+    type_size = GGML_QUANT_SIZES[GGMLQuantizationType[e.dtype]][1]
+    try:
+        dequantize_array(path, e.source, e.dtype, np.zeros((1, type_size), np.uint8), (-1,))
+    except GammaError as err:
+        if "unsupported quant type" in str(err):
+            raise

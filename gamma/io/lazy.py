@@ -13,8 +13,8 @@ by row: every quant block lies inside one row).
 Shapes, source types and the number of parameters come from the header alone,
 so ``gamma inspect`` reads no tensor data.  A store pickles as its table of
 entries (a few bytes per tensor): a worker process reads its own block from
-the file.  ``loads`` counts the tensors materialised (tests use it to prove a
-run read only the block it bounded).
+the file.  ``loads`` / ``row_loads`` count the tensors read whole / by rows (tests
+use them to prove a run read only the blocks it needed).
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ class LazyTensors(Mapping):
     def __init__(self, path: str, entries: dict[str, FileTensor]):
         self.path = path
         self.entries = dict(entries)
-        self.loads: Counter = Counter()            # canonical name -> times materialised
+        self.loads: Counter = Counter()            # canonical name -> times read whole
+        self.row_loads: Counter = Counter()        # canonical name -> times some rows were read
 
     # -- Mapping ------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -165,7 +166,7 @@ class LazyTensors(Mapping):
         """Rows ``index`` of tensor ``name`` (an embedding lookup), reading only those rows."""
         e = self.entries[name]
         t = torch.from_numpy(e.rows(index, self.path))
-        self.loads[name] += 1
+        self.row_loads[name] += 1
         _check_finite(self.path, name, e, t)
         return t
 

@@ -25,25 +25,26 @@ def rope_tables(t: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torc
     return emb.cos().double(), emb.sin().double()
 
 
-def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
-    """Graph from token embeddings (T, d) to the final hidden state (T, d) or logits (T, V)."""
-    cfg = ckpt.config
-    d, H, Hkv, dh, ff = cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.head_dim, cfg.d_ff
-    if H % Hkv:
-        raise GammaError(f"{ckpt.path}: {H} attention heads are not a multiple of {Hkv} kv heads")
-    if seq_len > cfg.max_positions:
-        raise GammaError(f"--seq-len {seq_len} exceeds the model's {cfg.max_positions} positions")
-    W = Weights(ckpt)
-    eps = f32_const(cfg.norm_eps)
-    cos, sin = rope_tables(seq_len, dh, cfg.rope_theta)
-    mask = causal_mask(seq_len)
-    scale = f32_const(dh ** -0.5)
-    qwen3 = cfg.arch == "qwen3"
+class _Block:
+    """What every block of one graph shares: sizes, weights, RoPE tables, mask, constants."""
 
-    g = Graph(f"{cfg.arch}-decoder", "embeddings", (seq_len, d))
-    x = "embeddings"
-    for i in range(cfg.n_layers):
-        p, b = f"model.layers.{i}.", f"layer{i}"
+    def __init__(self, ckpt: Checkpoint, seq_len: int):
+        cfg = ckpt.config
+        self.cfg = cfg
+        self.d, self.H, self.dh, self.ff = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
+        self.Hkv = cfg.n_kv_heads or cfg.n_heads
+        check_sizes(ckpt, seq_len)
+        self.W = Weights(ckpt)
+        self.eps = f32_const(cfg.norm_eps)
+        self.cos, self.sin = rope_tables(seq_len, self.dh, cfg.rope_theta)
+        self.mask = causal_mask(seq_len)
+        self.scale = f32_const(self.dh ** -0.5)
+        self.qwen3 = cfg.arch == "qwen3"
+
+    def add(self, g: Graph, i: int, x: str) -> str:
+        """Block ``i`` reading node ``x`` (T, d); returns its output node (T, d)."""
+        W, d, H, Hkv, dh, ff, eps = self.W, self.d, self.H, self.Hkv, self.dh, self.ff, self.eps
+        p, b = f"model.layers.{i}.", block_name(i)
         n = g.add(f"{b}.attn_norm", "rmsnorm", x, block=b, weight=W(p + "input_layernorm.weight", d), eps=eps)
         heads = {}
         for part, nh in (("q", H), ("k", Hkv), ("v", Hkv)):
@@ -51,15 +52,15 @@ def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph
                       weight=W(p + f"self_attn.{part}_proj.weight", nh * dh, d),
                       bias=W.optional(p + f"self_attn.{part}_proj.bias", nh * dh))
             t = g.add(f"{b}.attn.{part}_heads", "split_heads", t, block=b, heads=nh)      # (nh, T, dh)
-            if qwen3 and part != "v":
+            if self.qwen3 and part != "v":
                 t = g.add(f"{b}.attn.{part}_norm", "rmsnorm", t, block=b,
                           weight=W(p + f"self_attn.{part}_norm.weight", dh), eps=eps)
             if part != "v":
-                t = g.add(f"{b}.attn.{part}_rope", "rope", t, block=b, cos=cos, sin=sin)
+                t = g.add(f"{b}.attn.{part}_rope", "rope", t, block=b, cos=self.cos, sin=self.sin)
             if part != "q" and Hkv != H:
                 t = g.add(f"{b}.attn.{part}_rep", "repeat_kv", t, block=b, n_rep=H // Hkv)  # (H, T, dh)
             heads[part] = t
-        a = attention_core(g, b, f"{b}.attn", heads["q"], heads["k"], heads["v"], scale=scale, mask=mask)
+        a = attention_core(g, b, f"{b}.attn", heads["q"], heads["k"], heads["v"], scale=self.scale, mask=self.mask)
         a = g.add(f"{b}.attn.o", "linear", a, block=b, weight=W(p + "self_attn.o_proj.weight", d, H * dh),
                   bias=W.optional(p + "self_attn.o_proj.bias", d))
         h = g.add(f"{b}.attn.residual", "add", x, a, block=b)
@@ -69,19 +70,77 @@ def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph
         act = g.add(f"{b}.mlp.act", "silu", gate, block=b)
         sw = g.add(f"{b}.mlp.swiglu", "mul", act, up, block=b)
         down = g.add(f"{b}.mlp.down", "linear", sw, block=b, weight=W(p + "mlp.down_proj.weight", d, ff))
-        x = g.add(f"{b}.mlp.residual", "add", h, down, block=b)
-    x = g.add("final_norm", "rmsnorm", x, weight=W("model.norm.weight", d), eps=eps)
-    if output == "logits":
-        head = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else "model.embed_tokens.weight"
-        g.add("lm_head", "linear", x, weight=W(head, cfg.vocab_size, d))
+        return g.add(f"{b}.mlp.residual", "add", h, down, block=b)
+
+    def head(self, g: Graph, x: str, output: str) -> str:
+        """Final norm (and the LM head for ``output == "logits"``) after node ``x``."""
+        x = g.add("final_norm", "rmsnorm", x, weight=self.W("model.norm.weight", self.d), eps=self.eps)
+        if output == "logits":
+            head = "lm_head.weight" if "lm_head.weight" in self.W.ckpt.tensors else "model.embed_tokens.weight"
+            x = g.add("lm_head", "linear", x, weight=self.W(head, self.cfg.vocab_size, self.d))
+        return x
+
+
+def check_sizes(ckpt: Checkpoint, seq_len: int) -> None:
+    cfg = ckpt.config
+    H, Hkv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
+    if H % Hkv:
+        raise GammaError(f"{ckpt.path}: {H} attention heads are not a multiple of {Hkv} kv heads")
+    if seq_len > cfg.max_positions:
+        raise GammaError(f"--seq-len {seq_len} exceeds the model's {cfg.max_positions} positions")
+
+
+def block_name(i: int) -> str:
+    return f"layer{i}"
+
+
+def block_input(i: int) -> str:
+    """The node block ``i`` reads: the embeddings, or block ``i - 1``'s output."""
+    return "embeddings" if i == 0 else f"{block_name(i - 1)}.mlp.residual"
+
+
+def output_node(output: str) -> str:
+    return "lm_head" if output == "logits" else "final_norm"
+
+
+def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
+    """Graph from token embeddings (T, d) to the final hidden state (T, d) or logits (T, V)."""
+    cfg = ckpt.config
+    blk = _Block(ckpt, seq_len)
+    g = Graph(f"{cfg.arch}-decoder", "embeddings", (seq_len, cfg.d_model))
+    x = "embeddings"
+    for i in range(cfg.n_layers):
+        x = blk.add(g, i, x)
+    blk.head(g, x, output)
+    g.meta.update(arch=cfg.arch, component="decoder", seq_len=seq_len, output=output)
+    return g.infer_shapes()
+
+
+def build_block(ckpt: Checkpoint, i: int, seq_len: int, output: str = "hidden") -> Graph:
+    """Block ``i`` alone, with only its own weights: node for node, constant for constant,
+    the graph ``build_llama(ckpt, seq_len, output).block_graph(f"layer{i}")`` gives."""
+    cfg = ckpt.config
+    if not 0 <= i < cfg.n_layers:
+        raise GammaError(f"block {i} is out of range: the model has {cfg.n_layers} blocks (0..{cfg.n_layers - 1})")
+    g = Graph(block_name(i), block_input(i), (seq_len, cfg.d_model))
+    _Block(ckpt, seq_len).add(g, i, g.input)
+    g.meta.update(arch=cfg.arch, component="decoder", seq_len=seq_len, output=output)
+    return g.infer_shapes()
+
+
+def build_head(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
+    """From the last block's output to the final hidden state (or logits)."""
+    cfg = ckpt.config
+    g = Graph("head", block_input(cfg.n_layers), (seq_len, cfg.d_model))
+    _Block(ckpt, seq_len).head(g, g.input, output)
     g.meta.update(arch=cfg.arch, component="decoder", seq_len=seq_len, output=output)
     return g.infer_shapes()
 
 
 def embed_tokens(ckpt: Checkpoint, tokens: list[int]) -> torch.Tensor:
-    """(T, d) float64 token embeddings."""
-    emb = ckpt.get("model.embed_tokens.weight")
-    bad = [t for t in tokens if not 0 <= t < emb.shape[0]]
+    """(T, d) float64 token embeddings (a lazy checkpoint reads only these rows)."""
+    vocab = ckpt.shape("model.embed_tokens.weight")[0]
+    bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
-        raise GammaError(f"token ids {bad} out of range [0, {emb.shape[0]})")
-    return emb[torch.tensor(tokens, dtype=torch.long)].double()
+        raise GammaError(f"token ids {bad} out of range [0, {vocab})")
+    return ckpt.rows("model.embed_tokens.weight", list(tokens)).double()

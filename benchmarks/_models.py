@@ -3,7 +3,8 @@
 The benchmarks build their own large models (nothing is downloaded): seeded
 numpy weights in the shape of a real architecture, written the way llama.cpp
 writes a ``qwen3`` GGUF (gguf-py's tensor names, ``qwen3.*`` metadata,
-1-D tensors in F32, matrices in the requested quant type).
+1-D tensors in F32, matrices in the requested quant type), through the same
+writer as the tests' models (:mod:`gamma.io.tiny`).
 
 Weights follow transformers' initialisation of a fresh ``Qwen3ForCausalLM``
 (normal, std ``initializer_range`` = 0.02), except the token embeddings
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from gamma.io.tiny import hf_meta, write_gguf
 
 SEED = 1234
 
@@ -86,37 +89,10 @@ def qwen3_tensors(shape: Qwen3Shape, seed: int = SEED):
 
 def write_qwen3_gguf(path: str, shape: Qwen3Shape = QWEN3_0_6B, qtype: str = "Q8_0", seed: int = SEED) -> str:
     """Write a random Qwen3 model as a GGUF file (matrices in ``qtype``:
-    Q8_0, F16 or F32; 1-D tensors F32, as llama.cpp does)."""
-    import gguf
-    s = shape
-    Q = gguf.GGMLQuantizationType
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, s.num_hidden_layers)
-    w = gguf.GGUFWriter(path, "qwen3")
-    w.add_name("random-qwen3-" + "x".join(str(v) for v in (s.num_hidden_layers, s.hidden_size)))
-    w.add_block_count(s.num_hidden_layers)
-    w.add_context_length(s.max_position_embeddings)
-    w.add_embedding_length(s.hidden_size)
-    w.add_feed_forward_length(s.intermediate_size)
-    w.add_head_count(s.num_attention_heads)
-    w.add_head_count_kv(s.num_key_value_heads)
-    w.add_layer_norm_rms_eps(s.rms_norm_eps)
-    w.add_rope_freq_base(s.rope_theta)
-    w.add_vocab_size(s.vocab_size)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    for name, data in qwen3_tensors(s, seed):
-        if data.ndim == 1 or qtype == "F32":
-            arr, raw = data, None
-        elif qtype == "F16":
-            arr, raw = data.astype(np.float16), None
-        else:
-            arr, raw = gguf.quants.quantize(data, Q[qtype]), Q[qtype]
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), arr, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    Q8_0, F16 or F32; 1-D tensors F32, as llama.cpp does) with gamma's one
+    GGUF writer (:func:`gamma.io.tiny.write_gguf`)."""
+    name = "random-qwen3-" + "x".join(str(v) for v in (shape.num_hidden_layers, shape.hidden_size))
+    return write_gguf(path, "qwen3", hf_meta(shape), qwen3_tensors(shape, seed), qtype, name=name)
 
 
 def describe(shape: Qwen3Shape) -> dict:

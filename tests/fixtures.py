@@ -3,7 +3,9 @@
 Builders are plain functions (used by ``conftest.py`` fixtures); each is seeded,
 so the same call gives the same weights.  Every parameter, norms and biases
 included, is perturbed away from its initial value so that a swapped or
-dropped tensor changes the function.
+dropped tensor changes the function.  The models and the GGUF writer are
+gamma's own (:mod:`gamma.io.tiny`, shared with the benchmarks and the
+regression suite); this file holds the tests' shapes and the reference loaders.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 
-SEED = 1234
+from gamma.io.tiny import SEED, hf_meta, hf_model, quiet_transformers, state_dict_arrays, write_gguf
 
 WHISPER_TINY = dict(vocab_size=100, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
@@ -36,13 +37,10 @@ LLAMA_HD64 = dict(LLAMA_TINY, hidden_size=128, intermediate_size=256, num_attent
 LLAMA_256 = dict(LLAMA_TINY, vocab_size=64, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
 
-GGUF_LM_PARAMS = {"llama": "LLAMA", "qwen3": "QWEN3", "qwen2": "QWEN2"}
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+# kind -> (architecture, config)
+KINDS = {"whisper": ("whisper", WHISPER_TINY), "whisper384": ("whisper", WHISPER_384),
+         "llama": ("llama", LLAMA_TINY), "llama_hd64": ("llama", LLAMA_HD64), "llama256": ("llama", LLAMA_256),
+         "qwen3": ("qwen3", QWEN3_TINY), "qwen2": ("qwen2", QWEN2_TINY)}
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -55,20 +53,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def build(kind: str, seed: int = SEED) -> torch.nn.Module:
     """A seeded, perturbed, eval-mode HF model: whisper | whisper384 | llama | llama_hd64 | llama256 | qwen3 | qwen2."""
-    import transformers as tf
-    quiet_transformers()
-    torch.manual_seed(seed)
-    table = {
-        "whisper": (tf.WhisperConfig, tf.WhisperForConditionalGeneration, WHISPER_TINY),
-        "whisper384": (tf.WhisperConfig, tf.WhisperForConditionalGeneration, WHISPER_384),
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, LLAMA_TINY),
-        "llama_hd64": (tf.LlamaConfig, tf.LlamaForCausalLM, LLAMA_HD64),
-        "llama256": (tf.LlamaConfig, tf.LlamaForCausalLM, LLAMA_256),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, QWEN3_TINY),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, QWEN2_TINY),
-    }
-    cfg_cls, model_cls, kw = table[kind]
-    return _perturb(model_cls(cfg_cls(**kw)), seed)
+    arch, config = KINDS[kind]
+    return _perturb(hf_model(arch, config, seed), seed)
 
 
 # ---------------------------------------------------------------- state dicts
@@ -111,85 +97,16 @@ def save_ct2(hf_dir: str, out_dir: str, quantization: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------- GGUF
-def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (q: (H, H), k: (H, KV))."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def random_q6_k(shape: tuple, rng: np.random.Generator) -> np.ndarray:
-    """Valid random Q6_K blocks for a float (rows, cols) tensor (gguf-py cannot quantize Q6_K)."""
-    import gguf
-    block, type_size = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q6_K]
-    n_blocks = shape[0] * shape[1] // block
-    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    # ql[128] qh[64] scales[16] (int8) d (f16): keep d small and finite
-    d = (rng.uniform(0.5, 1.5, size=n_blocks) * 1e-3).astype(np.float16)
-    raw[:, -2:] = d.view(np.uint8).reshape(n_blocks, 2)
-    return raw.reshape(shape[0], shape[1] // block * type_size)
-
-
-def _encode(data: np.ndarray, qtype: str, rng: np.random.Generator):
-    """(array to write, raw_dtype) the way llama.cpp does: 1-D tensors stay F32."""
-    import gguf
-    Q = gguf.GGMLQuantizationType
-    if data.ndim == 1 or qtype == "F32":
-        return data.astype(np.float32), None
-    if qtype == "F16":
-        return data.astype(np.float16), None
-    if qtype == "Q6_K":
-        return random_q6_k(data.shape, rng), Q.Q6_K
-    return gguf.quants.quantize(data.astype(np.float32), Q[qtype]), Q[qtype]
-
-
 def save_gguf(model, path: str, arch: str, qtype: str = "F32", *, extra_tensors=(), overrides=None,
               extra_kv=None, rng_seed: int = SEED) -> str:
-    """Write ``model`` as llama.cpp would: names via gguf-py's TensorNameMap, q/k permuted for llama.
+    """Write ``model`` as llama.cpp would (:func:`gamma.io.tiny.write_gguf`: names via
+    gguf-py's TensorNameMap, q/k permuted for llama).
 
     ``overrides``: {hf name: (array, raw_dtype)} written instead of that tensor;
     ``extra_kv``: {key: str | float} more metadata; ``extra_tensors``: [(gguf name, array, raw_dtype)].
     """
-    import gguf
-    c = model.config
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[GGUF_LM_PARAMS[arch]], c.num_hidden_layers)
-    rng = np.random.default_rng(rng_seed)
-    w = gguf.GGUFWriter(path, arch)
-    w.add_name(f"tiny-{arch}")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_vocab_size(c.vocab_size)
-    if arch == "llama":
-        w.add_rope_dimension_count(hd)
-    else:
-        w.add_key_length(hd)
-        w.add_value_length(hd)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue                                    # tied: llama.cpp writes no output.weight
-        data = t.detach().numpy().astype(np.float32)
-        if arch == "llama" and ".q_proj." in name:
-            data = llama_cpp_permute(data, c.num_attention_heads, c.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            data = llama_cpp_permute(data, c.num_attention_heads, c.num_key_value_heads)
-        arr, raw = (overrides or {}).get(name) or _encode(data, qtype, rng)
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), arr, raw_dtype=raw)
-    for key, value in (extra_kv or {}).items():
-        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
-    for name, arr, raw in extra_tensors:
-        w.add_tensor(name, arr, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_gguf(path, arch, hf_meta(model.config), state_dict_arrays(model), qtype, name=f"tiny-{arch}",
+                      overrides=overrides, extra_kv=extra_kv, extra_tensors=extra_tensors, seed=rng_seed)
 
 
 def hf_from_gguf(path: str):

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import numpy as np
@@ -28,10 +27,10 @@ import torch
 
 import fixtures as F
 from gamma import compare as C
-from gamma.bounds import compute_bounds
 from gamma.commands import compare as cmd
 from gamma.errors import GammaError
 from gamma.graph import Graph
+from gamma.io.tiny import config_meta, init_weights, write_gguf
 from gamma.model import Model
 from gamma.ops import evaluate
 from gamma.verify import load
@@ -43,23 +42,6 @@ EPS = 1e-3
 
 
 # ---------------------------------------------------------------- tiny models of realistic scale
-def _init(model, seed: int = 1, gain: float = 0.5):
-    """Unit-scale embeddings, weights of std gain/sqrt(fan_in), norms near 1:
-    a model whose bounds stay informative at eps ~1e-3."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * (gain / p.shape[-1] ** 0.5))
-            elif "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def _perturb_layer(model, layer: int, scale: float = 1e-2, seed: int = 7):
     """A copy with the matrices of one decoder layer perturbed (relative ``scale``)."""
     m = copy.deepcopy(model)
@@ -76,7 +58,7 @@ def lms(tmp_path_factory):
     """{name: (path, hf model computing that file's function)} for the comparisons below."""
     out = {}
     for arch in ("llama", "qwen3"):
-        hf = _init(F.build(arch))
+        hf = init_weights(F.build(arch), seed=1, gain=0.5)   # unit-scale: bounds at eps ~1e-3 stay informative
         d = str(tmp_path_factory.mktemp(f"cmp_{arch}"))
         out[f"{arch}_hf"] = (F.save_hf(hf, os.path.join(d, "hf")), hf)
         for q in ("F32", "Q8_0"):
@@ -408,43 +390,10 @@ def test_cli_diff(lms, capsys):
 
 # ---------------------------------------------------------------- real models (slow)
 def write_llama_gguf(ckpt, path: str, qtype: str = "Q8_0") -> str:
-    """Re-export a loaded llama Checkpoint as llama.cpp would write it: gguf-py
-    names, q/k rows permuted back into llama.cpp's RoPE order, 1-D tensors F32."""
-    import gguf
-    c = ckpt.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layers)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(c.n_layers)
-    w.add_context_length(c.max_positions)
-    w.add_embedding_length(c.d_model)
-    w.add_feed_forward_length(c.d_ff)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_vocab_size(c.vocab_size)
-    Q = gguf.GGMLQuantizationType
-    for name, t in ckpt.tensors.items():
-        if name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        data = t.numpy().astype(np.float32)
-        if ".q_proj." in name:
-            data = F.llama_cpp_permute(data, c.n_heads, c.n_heads)
-        elif ".k_proj." in name:
-            data = F.llama_cpp_permute(data, c.n_heads, c.n_kv_heads)
-        if data.ndim == 1 or qtype == "F32":
-            arr, raw = data, None
-        elif qtype == "F16":
-            arr, raw = data.astype(np.float16), None
-        else:
-            arr, raw = gguf.quants.quantize(data, Q[qtype]), Q[qtype]
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), arr, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    """Re-export a loaded llama Checkpoint as llama.cpp would write it (gamma.io.tiny.write_gguf:
+    gguf-py names, q/k rows permuted back into llama.cpp's RoPE order, 1-D tensors F32)."""
+    return write_gguf(path, "llama", config_meta(ckpt.config),
+                      ((name, t.numpy().astype(np.float32)) for name, t in ckpt.tensors.items()), qtype)
 
 
 def write_whisper_hf(ckpt, folder: str, round_to=None) -> str:

@@ -8,6 +8,7 @@ import torch
 
 import fixtures as F
 from gamma.io import expected_shapes, load_checkpoint, reverse_permute
+from gamma.io.tiny import llama_cpp_permute
 
 
 def assert_same_tensors(ck, hf_model, atol: float = 0.0):
@@ -220,11 +221,11 @@ def test_reverse_permute_inverts_llama_cpp(n_head, n_kv):
     rng = np.random.default_rng(0)
     for heads, src in ((n_head, n_head), (n_kv, n_head)):      # q then k
         w = rng.standard_normal((heads * hd, d)).astype(np.float32)
-        permuted = F.llama_cpp_permute(w, src, heads)
+        permuted = llama_cpp_permute(w, src, heads)
         assert not np.array_equal(permuted, w)
         assert np.array_equal(reverse_permute(permuted, heads), w)
         b = rng.standard_normal(heads * hd).astype(np.float32)
-        assert np.array_equal(reverse_permute(F.llama_cpp_permute(b, src, heads), heads), b)
+        assert np.array_equal(reverse_permute(llama_cpp_permute(b, src, heads), heads), b)
 
 
 def test_gguf_tied_when_output_absent(llama_gguf_f32):

@@ -26,11 +26,12 @@ Modules: :mod:`.suite` (cases), :mod:`.models` (zoo / fixture / path models),
 (JSON Lines history, baselines, the check).
 """
 
+from ..io.tiny import FIXTURES, build_fixture
 from .history import (History, append_record, compare, failed, judge, load_baseline, read_history,
                       write_baseline)
 from .measure import (PeakMemory, attack_config, attacked_figures, figure, figures, now_utc, provenance, run_case,
                       soundness, unsound)
-from .models import FIXTURES, ZOO, Models, build_fixture, check_requirements, resolve_model
+from .models import ZOO, Models, check_requirements, resolve_model
 from .suite import (CONFIG_KEYS, DEFAULT_TRACK, FAILING, FIGURES, MIN_MEMORY_MB, MIN_SECONDS, MODES, SCHEMA, Case,
                     load_suite)
 

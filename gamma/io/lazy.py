@@ -141,6 +141,12 @@ class LazyTensors(Mapping):
         self.loads: Counter = Counter()            # canonical name -> times read whole
         self.row_loads: Counter = Counter()        # canonical name -> times some rows were read
 
+    def __getstate__(self):                        # a worker's copy: the table, fresh counters
+        return {"path": self.path, "entries": self.entries}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["entries"])
+
     # -- Mapping ------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
         e = self.entries[name]

@@ -66,7 +66,10 @@ class Checkpoint:
     ``model.encoder.layers.0.fc1.weight``, ...) to float32 CPU tensors in HF
     orientation (Linear weights are ``(out, in)``).  Quantized weights are
     dequantized on load; ``dtypes`` keeps the source type of every tensor
-    (``"F16"``, ``"Q4_1"``, ...).
+    (``"F16"``, ``"Q4_1"``, ...).  A lazy checkpoint (``load_checkpoint(path,
+    lazy=True)``) holds a :class:`~gamma.io.lazy.LazyTensors` instead of a dict:
+    each tensor is read (and dequantized) from the file when it is indexed, and
+    :meth:`shape` / :meth:`rows` / :attr:`n_params` read no tensor data.
     """
 
     path: str

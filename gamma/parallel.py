@@ -2,8 +2,12 @@
 
 One entry point, :func:`run_blocks`: it takes one :class:`BlockTask` per
 block (the block's own subgraph, whose constants are only that block's
-weights, and the block's nominal input) and a picklable ``solve(task,
-progress)`` that returns the block's record and output bounds.  It knows
+weights, or a ``source`` that builds it where the task runs: for a lazy
+checkpoint the table of where its tensors lie in the file, so a worker reads
+its own block's weights there; and the block's nominal input) and a picklable
+``solve(task, progress)`` that returns the block's record and output bounds.
+Each outcome carries the pid and peak resident memory of the process that
+computed it.  It knows
 nothing about bounds or records; it only decides where each block runs:
 
 * serially in this process (the default);

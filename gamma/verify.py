@@ -10,6 +10,9 @@ Three modes, one entry point (:func:`verify`):
 * ``block_wise``: every block verified on its own, over its nominal input
   (the value the exact float64 forward pass gives it at ``x``) +- eps.  This
   measures each block's sensitivity; it does not bound the whole network.
+  The checkpoint is loaded lazily and the blocks come one at a time from the
+  model's block plan (:mod:`gamma.blocks`): a Llama / Qwen3 model of any size
+  needs one block's weights in memory, not the model's.
 
 A node *degrades* when its bounds contain NaN or inf, or *saturate*: width
 above :data:`SATURATION_WIDTH`, or a softmax whose output width reaches

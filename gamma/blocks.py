@@ -16,7 +16,8 @@ yields each selected block's input and output.
 :class:`BlockSource` is one block's recipe for a worker process or a Ray task: a
 lazy checkpoint's table of where its tensors lie (no tensor data), the block
 index, the sequence length and the output; the worker reads its block's weights
-from the checkpoint file itself.
+from the checkpoint file itself (by its absolute path: on a Ray cluster of several
+machines the file must be at that path on each of them).
 """
 
 from __future__ import annotations

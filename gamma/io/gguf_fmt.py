@@ -9,6 +9,7 @@ transformers' ``LlamaTensorProcessor._reverse_permute_weights`` does.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any, NamedTuple
 
@@ -193,7 +194,8 @@ def load_gguf(src: Source, lazy: bool = False) -> Checkpoint:
         if permuted and (".attn_q." in t.name or ".attn_k." in t.name):
             n = cfg.n_heads if ".attn_q." in t.name else cfg.n_kv_heads
         if lazy:
-            entry = FileTensor(path, int(t.data_offset), int(t.n_bytes), "gguf", qname, shape, t.name, n)
+            entry = FileTensor(os.path.abspath(path), int(t.data_offset), int(t.n_bytes), "gguf", qname, shape,
+                               t.name, n)
             if qname not in counts:                 # a type gguf-py cannot dequantize fails now, not later
                 _probe(src.path, entry)
             counts[qname] += 1

@@ -88,7 +88,7 @@ def lazy_safetensors(path: str) -> Raw:
     out: Raw = {}
     for name, (dtype, shape, offset) in safetensors_header(path).items():
         nbytes = math.prod(shape) * ST_FLOAT_DTYPES[dtype]
-        out[name] = (FileTensor(path, offset, nbytes, "safetensors", dtype, shape, name), dtype)
+        out[name] = (FileTensor(os.path.abspath(path), offset, nbytes, "safetensors", dtype, shape, name), dtype)
     return out
 
 

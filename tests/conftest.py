@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import zlib
 
 import pytest
 
@@ -238,3 +239,11 @@ def copy_of(tmp_path):
             shutil.copy(path, dst)
         return dst
     return _copy
+
+
+# ---------------------------------------------------------------- random values
+@pytest.fixture
+def test_seed(request) -> int:
+    """A seed of this test's own (from its name, parameters included): the values a
+    test draws do not depend on which tests ran before it."""
+    return zlib.crc32(request.node.name.encode())

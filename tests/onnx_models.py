@@ -21,23 +21,24 @@ VIT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchma
 class TinyViT(nn.Module):
     def __init__(self, d: int = 12, heads: int = 2, classes: int = 4, seed: int = 0):
         super().__init__()
-        torch.manual_seed(seed)
-        self.d, self.heads = d, heads
-        self.patch = nn.Conv2d(3, d, 4, stride=4)                  # (B, 3, 8, 8) -> (B, d, 2, 2)
-        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.5)
-        self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.5)
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.bn = nn.BatchNorm1d(d)
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-        self.head = nn.Linear(d, classes)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.5, 0.5)
-            self.bn.running_var.uniform_(0.5, 2.0)
-            self.bn.weight.uniform_(0.5, 1.5)
-            self.bn.bias.uniform_(-0.2, 0.2)
+        with torch.random.fork_rng(devices=[]):    # seeded weights; the global random state is left as it was
+            torch.manual_seed(seed)
+            self.d, self.heads = d, heads
+            self.patch = nn.Conv2d(3, d, 4, stride=4)                  # (B, 3, 8, 8) -> (B, d, 2, 2)
+            self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.5)
+            self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.5)
+            self.ln1 = nn.LayerNorm(d)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.proj = nn.Linear(d, d)
+            self.bn = nn.BatchNorm1d(d)
+            self.fc1 = nn.Linear(d, 2 * d)
+            self.fc2 = nn.Linear(2 * d, d)
+            self.head = nn.Linear(d, classes)
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-0.5, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+                self.bn.weight.uniform_(0.5, 1.5)
+                self.bn.bias.uniform_(-0.2, 0.2)
         self.eval()
 
     def forward(self, x):                                          # (B, 3, 8, 8) -> (B, classes)

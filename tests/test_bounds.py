@@ -18,7 +18,13 @@ from gamma.models.common import causal_mask
 from gamma.models.llama import rope_tables
 from soundness import graph_fn, violations
 
-G = torch.Generator().manual_seed(1234)
+G = torch.Generator()            # reseeded before every test (below)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(test_seed):
+    """Each test draws its own values, whichever tests ran before it."""
+    G.manual_seed(test_seed)
 
 
 def rnd(*shape, scale=1.0):

@@ -16,7 +16,13 @@ from gamma.ops import evaluate
 
 from soundness import violations
 
-GEN = torch.Generator().manual_seed(5)
+GEN = torch.Generator()            # reseeded before every test (below)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(test_seed):
+    """Each test draws its own values, whichever tests ran before it."""
+    GEN.manual_seed(test_seed)
 
 
 def rnd(*shape, scale=1.0):
@@ -70,7 +76,8 @@ def test_norm_internals_sound_and_tighter(op, eps):
     upper = torch.cat([cu.flatten(), q_hi.flatten()])
     assert violations(internals, x0, eps, lower, upper, targets=torch.arange(lower.numel()), steps=20) == 0
     assert torch.all(q_hi - q_lo <= bq_hi - bq_lo + 1e-12)
-    assert float((q_hi - q_lo).sum()) < 0.8 * float((bq_hi - bq_lo).sum())
+    # refined / box width of the mean square, over 20 seeds: layernorm 0.14-0.26, rmsnorm 0.67-0.85
+    assert float((q_hi - q_lo).sum()) < (0.3 if centered else 0.9) * float((bq_hi - bq_lo).sum())
 
 
 @pytest.mark.parametrize("intermediate", ["crown", "cut"])

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .config import Checkpoint
+from .io.checkpoint import LoadedCheckpoint as Checkpoint
 from .graph import Graph
 from .models import llama as _llama
 from .ops import evaluate

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .config import Checkpoint
+from .io.checkpoint import LoadedCheckpoint as Checkpoint
 from .errors import GammaError
 from .graph import Graph
 from .models import llama as _llama

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import Checkpoint
+from .io.checkpoint import LoadedCheckpoint
 from .errors import GammaError
 
 DEFAULT_EXACT_LIMIT = 4096
@@ -212,7 +212,7 @@ def _is_quantized(dtype: Optional[str]) -> bool:
     return dtype is not None and dtype not in FLOAT_DTYPES
 
 
-def tensor_norms(ckpt: Checkpoint, exact_limit: int = DEFAULT_EXACT_LIMIT, rtol: float = DEFAULT_RTOL,
+def tensor_norms(ckpt: LoadedCheckpoint, exact_limit: int = DEFAULT_EXACT_LIMIT, rtol: float = DEFAULT_RTOL,
                  progress: Optional[Callable[[str], None]] = None,
                  components: Optional[Sequence[str]] = None) -> list[dict]:
     """One record per matrix (>= 2-D tensor), in checkpoint order.  Tied tensors
@@ -293,7 +293,7 @@ def summarize(blocks: list[dict]) -> dict:
     }
 
 
-def _notes(ckpt: Checkpoint, tensors: list[dict], rtol: float) -> list[str]:
+def _notes(ckpt: LoadedCheckpoint, tensors: list[dict], rtol: float) -> list[str]:
     notes = []
     quant: dict[str, int] = {}
     for rec in tensors:
@@ -314,7 +314,7 @@ def _notes(ckpt: Checkpoint, tensors: list[dict], rtol: float) -> list[str]:
     return notes
 
 
-def weight_norms(ckpt: Checkpoint, exact_limit: int = DEFAULT_EXACT_LIMIT, rtol: float = DEFAULT_RTOL,
+def weight_norms(ckpt: LoadedCheckpoint, exact_limit: int = DEFAULT_EXACT_LIMIT, rtol: float = DEFAULT_RTOL,
                  progress: Optional[Callable[[str], None]] = None,
                  components: Optional[Sequence[str]] = None) -> dict:
     """The ``gamma weights norms`` report: tensors, blocks, summary, notes.

@@ -135,7 +135,7 @@ def hf_from_gguf(path: str):
 
 
 def whisper_hf_from_checkpoint(ck):
-    """transformers' Whisper (float32, eager attention) holding a loaded Whisper Checkpoint's tensors."""
+    """transformers' Whisper (float32, eager attention) holding a loaded Whisper LoadedCheckpoint's tensors."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
     c = ck.config
     quiet_transformers()

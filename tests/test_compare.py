@@ -390,7 +390,7 @@ def test_cli_diff(lms, capsys):
 
 # ---------------------------------------------------------------- real models (slow)
 def write_llama_gguf(ckpt, path: str, qtype: str = "Q8_0") -> str:
-    """Re-export a loaded llama Checkpoint as llama.cpp would write it (gamma.io.tiny.write_gguf:
+    """Re-export a llama LoadedCheckpoint as llama.cpp would write it (gamma.io.tiny.write_gguf:
     gguf-py names, q/k rows permuted back into llama.cpp's RoPE order, 1-D tensors F32)."""
     return write_gguf(path, "llama", config_meta(ckpt.config),
                       ((name, t.numpy().astype(np.float32)) for name, t in ckpt.tensors.items()), qtype)
@@ -398,7 +398,7 @@ def write_llama_gguf(ckpt, path: str, qtype: str = "Q8_0") -> str:
 
 def write_whisper_hf(ckpt, folder: str, round_to=None) -> str:
     """An HF WhisperForConditionalGeneration (float32 safetensors) holding a loaded
-    Whisper Checkpoint's tensors (optionally rounded through ``round_to``)."""
+    Whisper LoadedCheckpoint's tensors (optionally rounded through ``round_to``)."""
     c = ckpt.config
     cfg = transformers.WhisperConfig(
         vocab_size=c.vocab_size, num_mel_bins=c.n_mels, d_model=c.d_model, encoder_layers=c.encoder_layers,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import Checkpoint
+from .checkpoint import LoadedCheckpoint
 from ..errors import GammaError
 from .ct2_fmt import load_ct2
 from .detect import Source, resolve, sniff
@@ -40,10 +40,10 @@ LOADERS = {
 LAZY_FORMATS = ("gguf", "safetensors", "index")
 
 
-def load_checkpoint(path: str | os.PathLike, lazy: bool = False) -> Checkpoint:
-    """Load a checkpoint file or directory into a validated :class:`Checkpoint`.
+def load_checkpoint(path: str | os.PathLike, lazy: bool = False) -> LoadedCheckpoint:
+    """Load a checkpoint file or directory into a validated :class:`LoadedCheckpoint`.
 
-    ``lazy``: read names, shapes and metadata only; ``Checkpoint.tensors`` is then a
+    ``lazy``: read names, shapes and metadata only; ``LoadedCheckpoint.tensors`` is then a
     :class:`~gamma.io.lazy.LazyTensors` that reads each tensor from the file when it is
     used (GGUF, safetensors; other formats load eagerly)."""
     path = os.fspath(path)

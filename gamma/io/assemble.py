@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import Checkpoint, ModelConfig
+from .checkpoint import LoadedCheckpoint as Checkpoint, ModelConfig
 from ..errors import GammaError
 from .lazy import FileTensor, LazyTensors
 from .names import TIED_OUTPUT

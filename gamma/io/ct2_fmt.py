@@ -24,7 +24,7 @@ import struct
 import numpy as np
 import torch
 
-from ..config import Checkpoint, ModelConfig
+from .checkpoint import LoadedCheckpoint, ModelConfig
 from ..errors import GammaError
 from .assemble import Collected, finish
 from .detect import Source
@@ -162,7 +162,7 @@ def _scalar(variables: dict, name: str):
     return None if a is None or a[0].ndim != 0 else a[0].item()
 
 
-def load_ct2(src: Source) -> Checkpoint:
+def load_ct2(src: Source) -> LoadedCheckpoint:
     path = src.file
     spec, variables = parse_ct2(path)
     if spec not in SUPPORTED_SPECS:

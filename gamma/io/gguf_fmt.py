@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import Checkpoint, ModelConfig
+from .checkpoint import LoadedCheckpoint as Checkpoint, ModelConfig
 from ..errors import GammaError
 from .assemble import Collected, finish, np_to_f32
 from .detect import Source

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any, Optional
 
-from ..config import ModelConfig
+from .checkpoint import ModelConfig
 from ..errors import GammaError
 from .names import ARCH_SIGNATURES
 

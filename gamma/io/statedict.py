@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..config import Checkpoint
+from .checkpoint import LoadedCheckpoint
 from ..errors import GammaError
 from .assemble import Collected, finish
 from .detect import Source, sniff
@@ -188,8 +188,8 @@ def read_index(path: str, lazy: bool = False) -> tuple[Raw, str]:
     return out, fmts.pop()
 
 
-def load_state_dict(src: Source, lazy: bool = False) -> Checkpoint:
-    """Checkpoint from a safetensors / PyTorch / sharded state dict (+ config.json).
+def load_state_dict(src: Source, lazy: bool = False) -> LoadedCheckpoint:
+    """A LoadedCheckpoint from a safetensors / PyTorch / sharded state dict (+ config.json).
 
     ``lazy``: safetensors files by their headers only (tensors read when used, :mod:`gamma.io.lazy`);
     PyTorch files (and shards) load eagerly."""

@@ -122,7 +122,7 @@ def hf_meta(c) -> dict:
 
 
 def config_meta(c) -> dict:
-    """GGUF metadata of a decoder LM from gamma's :class:`~gamma.config.ModelConfig`."""
+    """GGUF metadata of a decoder LM from gamma's :class:`~gamma.io.checkpoint.ModelConfig`."""
     return dict(n_layers=c.n_layers, context=c.max_positions, d_model=c.d_model, d_ff=c.d_ff,
                 n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, norm_eps=c.norm_eps,
                 rope_theta=c.rope_theta, vocab_size=c.vocab_size, tied=c.tie_word_embeddings)

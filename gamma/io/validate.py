@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from .checkpoint import ModelConfig
 from ..errors import GammaError
 
 
@@ -148,5 +148,5 @@ def validate(path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor],
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """Canonical tensor name -> shape for ``cfg`` (the names a Checkpoint must hold)."""
+    """Canonical tensor name -> shape for ``cfg`` (the names a LoadedCheckpoint must hold)."""
     return SHAPE_BUILDERS[cfg.arch](cfg)

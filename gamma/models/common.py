@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Checkpoint
+from ..io.checkpoint import LoadedCheckpoint as Checkpoint
 from ..bounds.fp import register_f32
 from ..graph import Graph
 

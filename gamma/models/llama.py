@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Checkpoint
+from ..io.checkpoint import LoadedCheckpoint as Checkpoint
 from ..errors import GammaError
 from ..graph import Graph
 from .common import Weights, attention_core, causal_mask, f32_const

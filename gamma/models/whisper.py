@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import Checkpoint
+from ..io.checkpoint import LoadedCheckpoint as Checkpoint
 from ..errors import GammaError
 from ..graph import Graph
 from ..ops import split_heads

@@ -1,4 +1,5 @@
-"""Architecture hyper-parameters, independent of the checkpoint format."""
+"""What a loader returns: the architecture's hyper-parameters (:class:`ModelConfig`,
+independent of the checkpoint format) and the loaded weights (:class:`LoadedCheckpoint`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from ..errors import GammaError
 
 ARCHITECTURES = ("whisper", "llama", "qwen3")
 
@@ -49,7 +52,6 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
-            from .errors import GammaError
             raise GammaError(f"unknown architecture '{self.arch}' (supported: {', '.join(ARCHITECTURES)})")
         if self.arch != "whisper" and not self.head_dim and self.n_heads:
             self.head_dim = self.d_model // self.n_heads
@@ -59,7 +61,7 @@ class ModelConfig:
 
 
 @dataclass
-class Checkpoint:
+class LoadedCheckpoint:
     """A loaded checkpoint: float32 tensors under canonical (Hugging Face) names.
 
     ``tensors`` maps canonical HF names (``model.layers.0.self_attn.q_proj.weight``,
@@ -95,7 +97,6 @@ class Checkpoint:
     def shape(self, name: str) -> tuple:
         """The shape of tensor ``name`` without reading it."""
         if name not in self.tensors:
-            from .errors import GammaError
             raise GammaError(f"{self.path}: missing tensor '{name}' for {self.config.arch}")
         return self.tensors.shape(name) if self.lazy else tuple(self.tensors[name].shape)
 
@@ -107,7 +108,6 @@ class Checkpoint:
         return self.get(name)[torch.tensor(index, dtype=torch.long)]
 
     def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
-        from .errors import GammaError
         if name not in self.tensors:
             raise GammaError(f"{self.path}: missing tensor '{name}' for {self.config.arch}")
         t = self.tensors[name]

@@ -150,7 +150,7 @@ def compare_lines(r: dict, top: int = 5) -> list[str]:
                      + f"attack {seconds(s['attack'])}, total {seconds(r['timings']['total'])}")
     else:
         lines += ["", "blocks by drift (max |reference - target| over each block's box):"]
-        rows = sorted(r["blocks"], key=lambda b: -lib._drift_key(b["certified_max"]))
+        rows = sorted(r["blocks"], key=lambda b: -lib.drift_key(b["certified_max"]))
         naive = any(b["naive_max"] is not None for b in rows)
         lines += ["  " + s for s in table(
             ["#", "block", "certified"] + (["naive", "gain"] if naive else []) + ["empirical", "shared", "verdict",

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .errors import GammaError
+from .ops import evaluate
 
 
 @dataclass
@@ -60,7 +61,6 @@ class Graph:
 
     def infer_shapes(self) -> "Graph":
         """Fill ``Node.shape`` by one float64 evaluation at zero input."""
-        from .ops import evaluate
         x = torch.zeros(self.nodes[self.input].shape, dtype=torch.float64)
         values = evaluate(self, x, keep_all=True)
         for name, v in values.items():

@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from .bounds import compute_bounds
 from .errors import GammaError
 from .graph import Graph, Node
+from .io.onnx_load import load_onnx, read_bytes
 from .ops import evaluate
 from .vnnspec import Region, Spec, parse_vnnlib
 
@@ -139,7 +139,6 @@ def check_point(model_path: str, model: Graph, region: Region, case: list, x: to
     checked_by = "gamma float64 forward"
     try:
         import onnxruntime as ort
-        from .io.onnx_load import read_bytes
         sess = ort.InferenceSession(read_bytes(model_path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         y = torch.from_numpy(sess.run(None, {name: x.reshape(model.input_shape).float().numpy()})[0]).double()
@@ -160,7 +159,6 @@ def verify_vnnlib(model_path: str, property_path: str, timeout: float = 100.0, a
     if not (timeout > 0 and math.isfinite(timeout)):
         raise GammaError(f"--timeout must be a finite number of seconds > 0, got {timeout}")
     deadline = t0 + timeout
-    from .io.onnx_load import load_onnx
     model = load_onnx(model_path)
     spec: Spec = parse_vnnlib(property_path)
     spec.check_sizes(math.prod(model.input_shape), math.prod(model.output_shape), model_path)

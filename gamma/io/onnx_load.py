@@ -35,6 +35,7 @@ import torch
 from ..errors import GammaError
 from ..graph import Graph
 from ..ops import forward_op
+from . import onnx_ops
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -250,7 +251,6 @@ def _input_shape(path: str, vi) -> tuple:
 
 def load_onnx(path) -> Graph:
     """The ONNX model at ``path`` (``.onnx`` or ``.onnx.gz``) as a gamma Graph."""
-    from . import onnx_ops
     path = os.fspath(path)
     model = read_model(path)
     nodes, consts = decode_nodes(model)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import GammaError
+from ..ops_tensor import concat_offset
 from .onnx_fold import (FOLD, axes_of, const_arg, ints, neg_axis, reshape_target, slice_args, squeeze_shape,
                         unsqueeze_shape, shape_of)
 
@@ -329,7 +330,6 @@ def _concat(b, n, a):
         return inputs[0]
     out_shape = list(b.shape(vars_[0]))
     out_shape[axis] = sum(p[1] for p in pieces)
-    from ..ops_tensor import concat_offset
     return b.emit("concat", inputs, n.outputs[0], axis=axis, pieces=tuple(pieces),
                   offset=concat_offset(pieces, axis, out_shape))
 

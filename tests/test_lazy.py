@@ -88,6 +88,15 @@ def test_lazy_safetensors_equals_eager(llama_hf_dir, llama_sharded_dir, qwen3_hf
         _same_store(load_checkpoint(d), load_checkpoint(d, lazy=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_lazy_safetensors_dtypes(tmp_path, qwen3_model, dtype):
+    from safetensors.torch import save_file
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in qwen3_model.state_dict().items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    F.write_json(str(tmp_path / "config.json"), qwen3_model.config.to_dict())
+    _same_store(load_checkpoint(str(tmp_path)), load_checkpoint(str(tmp_path), lazy=True))
+
+
 def test_lazy_header_only(monkeypatch, qwen3_q4, llama_hf_dir):
     """Loading lazily and `gamma inspect` read no tensor data (every read goes through read_bytes)."""
     def no_read(*a, **k):

@@ -119,7 +119,7 @@ class FileTensor:
             return dequantize_array(shown, self.source, self.dtype, data, tuple(shape))
         data = raw.view(_ST_ITEM_TYPES[self.dtype]).reshape(tuple(shape))
         if self.dtype == "BF16":                           # exact: bf16 -> f32 appends zero bits
-            return torch.from_numpy(data.astype(np.int16)).view(torch.bfloat16).float().numpy()
+            return torch.from_numpy(data.view(np.int16)).view(torch.bfloat16).float().numpy()
         return data
 
 

@@ -186,3 +186,35 @@ def test_layernorm_margin_is_unbounded_where_the_float32_variance_may_vanish():
     wide = Interval(flat - 1e-3, flat + 1e-3)
     out = compute_bounds(g, flat, 1e-3, "ibp", arithmetic="real").nodes["y"]
     assert torch.isinf(fpmargin.margin(g["y"], [wide], out)).all()
+
+
+def _common_mode_ln(d: int = 32):
+    """x (1, 1) -> linear to (1, d) -> LayerNorm: each element's box straddles the others'
+    (the box admits zero variance) while every input gives variance t^2 var(w) > 0."""
+    gen = torch.Generator().manual_seed(21)
+    g = Graph("cm", "x", (1, 1))
+    w = (torch.randn(d, 1, generator=gen) * 0.2 + 1.0).float().double()       # float32 values
+    g.add("h", "linear", "x", weight=w)
+    g.add("y", "layernorm", "h", weight=torch.ones(d, dtype=torch.float64),
+          bias=torch.zeros(d, dtype=torch.float64), eps=1e-5)
+    return g.infer_shapes()
+
+
+def test_crown_norm_box_uses_crown_variance_so_the_float32_margin_stays_finite():
+    """Where the input box of a LayerNorm admits zero variance the box's rsqrt error is
+    unbounded, but CROWN's mean square (the correlation between the elements) stays
+    away from zero: the norm's box and margin then come from it, finite and sound."""
+    g = _common_mode_ln()
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    eps = 0.5                                   # t in [0.5, 1.5]: boxes overlap, variance >= 0.25 var(w)
+    ibp = compute_bounds(g, x0, eps, "ibp")
+    assert not torch.isfinite(ibp.upper - ibp.lower).all()
+    cr = compute_bounds(g, x0, eps, "crown")
+    assert torch.isfinite(cr.upper - cr.lower).all()
+    for dtype in (torch.float32, torch.float64):
+        assert violations(graph_fn(g, dtype), x0, eps, cr.lower, cr.upper, n_samples=2000, seed=3) == 0
+    # the real-arithmetic box of the norm is no looser than the plain interval rule's
+    real = compute_bounds(g, x0, eps, "crown", arithmetic="real").nodes["y"]
+    plain = compute_bounds(g, x0, eps, "ibp", arithmetic="real").nodes["y"]
+    assert (real.lower >= plain.lower).all() and (real.upper <= plain.upper).all()
+    assert (real.width() < 0.5 * plain.width()).all()

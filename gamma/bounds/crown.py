@@ -37,7 +37,7 @@ from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .fp import CotangentProduct
 from .interval import Interval, planes, shift_constant, simplex_shift
-from .jacobian import _norm_stats, linearize, row_dot
+from .jacobian import _norm_stats, linearize, norm_interval, row_dot
 from .rows import Rows
 
 COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
@@ -63,15 +63,22 @@ class Context:
         self._relax: dict = {}
         self._band: dict = {}
         self._lint: dict = {}
+        self._refined: dict = {}
 
     def inb(self, node, k: int = 0) -> Interval:
         return self.bounds[node.inputs[k]]
 
+    def refinement(self, node) -> dict:
+        """Sound facts about the op's internals beyond its input box (:data:`REFINE`),
+        computed once per node: ``q`` and ``c`` for norms, {} for other ops."""
+        if node.name not in self._refined:
+            refine = REFINE.get(node.op)
+            self._refined[node.name] = refine(self, node) if refine is not None else {}
+        return self._refined[node.name]
+
     def linearization(self, node):
         if node.name not in self._lin:
-            refine = REFINE.get(node.op)
-            refined = refine(self, node) if refine is not None else {}
-            self._lin[node.name] = linearize(node, self.inb(node), **refined)
+            self._lin[node.name] = linearize(node, self.inb(node), **self.refinement(node))
         return self._lin[node.name]
 
     def lin_const(self, node):
@@ -347,6 +354,28 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
 
 
 REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square}
+
+
+def _norm_box(ctx: Context, node, x: Interval) -> Interval:
+    """The box's rule intersected with the refined one (each sound), carrying the
+    refined statistics (which are the box's intersected with CROWN's)."""
+    refined = norm_interval(node, x, **ctx.refinement(node))
+    out = refined.intersect(norm_interval(node, x))
+    out.stats = refined.stats
+    return out
+
+
+# interval rules that use the refinements: a norm's box from CROWN's mean square and
+# centred input instead of the box's (the float32 margin then reads the same statistics:
+# where the box's variance may reach 0, its rsqrt error is unbounded; CROWN's is not)
+REFINED_IBP = {"layernorm": _norm_box, "rmsnorm": _norm_box}
+
+
+def refined_interval(ctx: Context, node, ins: list) -> Optional[Interval]:
+    """The node's interval from its refinements (:data:`REFINED_IBP`), or None
+    where the op has none."""
+    rule = REFINED_IBP.get(node.op)
+    return rule(ctx, node, *ins) if rule is not None else None
 
 
 # ---------------------------------------------------------------- the walk

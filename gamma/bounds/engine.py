@@ -27,7 +27,7 @@ import torch
 
 from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
-from .crown import Context, node_bounds
+from .crown import Context, node_bounds, refined_interval
 from .fpmargin import margin, output_cap
 from .interval import Interval, ibp_node
 from .zonotope import Zono, zono_node
@@ -173,6 +173,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     ctx = Context(graph, bounds, margins)
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
+    # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
+    refine = method in ("crown", "alpha") and intermediate != "ibp"
     ctx.stops = stops
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
@@ -189,7 +191,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
             unbounded.add(node.name)
             continue
         ins = [bounds[i] for i in node.inputs]
-        iv = ibp_node(node, *ins)
+        iv = refined_interval(ctx, node, ins) if refine else None
+        if iv is None:
+            iv = ibp_node(node, *ins)
         m = margin(node, ins, iv, margins) if arithmetic == "float32" else None
         margins[node.name] = m
         iv = iv.widen(m)

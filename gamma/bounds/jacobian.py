@@ -486,11 +486,13 @@ def norm_naive(node, x: Interval, stats=None) -> Interval:
     return Interval(wl, wu) if b is None else Interval(wl + b, wu + b)
 
 
-def norm_interval(node, x: Interval) -> Interval:
+def norm_interval(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None) -> Interval:
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
     enclosure intersected with ``y0 +- norm_radius`` (mean value theorem).
-    The box statistics ride on the result for the float32 margin."""
-    stats = _norm_stats(x, node.params["eps"], node.op == "layernorm")
+    ``q`` / ``c``: sound bounds of the mean square and of the centred input
+    (CROWN's, :func:`gamma.bounds.crown.norm_mean_square`), tighter than the
+    box's.  The statistics ride on the result for the float32 margin."""
+    stats = _norm_stats(x, node.params["eps"], node.op == "layernorm", q, c)
     naive = norm_naive(node, x, stats)
     finite = bounded_rows(x)
     if finite is None:              # every row unbounded: the mean-value radius is inf (or NaN) throughout

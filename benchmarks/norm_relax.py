@@ -1,20 +1,21 @@
 """LayerNorm / RMSNorm, softmax and attention relaxations in CROWN, side by side in one process.
 
-Six variants, alternated per case (the machine is noisy), each adding to the one before:
+Six variants (engine tunings, :class:`gamma.bounds.Tunings`), alternated per case (the machine is
+noisy), each adding to the one before:
 
 * ``mean-value``: the mean-value form alone (J0 plus a remainder summed over
   the row) for norms and softmax, what gamma used before;
 * ``decomposed``: norms take per row the smaller of that and the decomposed
-  form (``w (c s) + b`` relaxed step by step), intermediate quantities from the box;
+  form (``w (c s) + b`` relaxed step by step, ``norm_decomposed``), intermediate quantities from the box;
 * ``+ internals``: as decomposed, with CROWN bounds of the norms' centred
-  input and mean square (``crown.REFINE``);
+  input and mean square (``norm_internals``);
 * ``+ softmax decomposed``: also softmax takes per row the smaller of its
-  mean-value and decomposed forms (``exp(x_i) / sum exp``);
+  mean-value and decomposed forms (``exp(x_i) / sum exp``, ``softmax_decomposed``);
 * ``+ row remainders``: the decomposed forms' shared remainders (inverse
   scale, mean square, 1/Z, the row sum of exp) charged once per row
-  (``jacobian.RowRemainder``) instead of once per entry;
+  (``RowRemainder``, ``row_remainder``) instead of once per entry;
 * ``+ attention planes``: the default: attention @ V by McCormick planes
-  chosen per sign of Lambda instead of their half-sum (``interval.MATMUL_PLANES``).
+  chosen per sign of Lambda instead of their half-sum (``matmul_planes``).
 
 Cases: the pre-LN Whisper block of ``benchmarks/autolirpa.py`` (width 64, 16
 tokens, where auto_LiRPA runs) at eps 1e-3 and 1e-2, Whisper tiny.en block 0
@@ -38,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))      # this checkout's gamma, not an installed copy
 sys.path.insert(0, HERE)
 
-from gamma.bounds import compute_bounds, crown, interval, jacobian, softmax  # noqa: E402
+from gamma.bounds import Tunings, compute_bounds  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 from gamma.verify import load  # noqa: E402
 
@@ -46,18 +47,12 @@ from _common import ROOT, fmt_s, load_avg, log, machine, table, write_markdown, 
 
 VARIANTS = ("mean-value", "decomposed", "+ internals", "+ softmax decomposed", "+ row remainders",
             "+ attention planes")
-DEFAULT = VARIANTS[-1]
 
 
-def _set(variant: str, refine: dict) -> None:
+def tunings(variant: str) -> Tunings:
     k = VARIANTS.index(variant)
-    jacobian.NORM_DECOMPOSED = k >= 1
-    softmax.SOFTMAX_DECOMPOSED = k >= 3
-    jacobian.ROW_REMAINDER = k >= 4
-    interval.MATMUL_PLANES = k >= 5
-    crown.REFINE.clear()
-    if k >= 2:
-        crown.REFINE.update(refine)
+    return Tunings(norm_decomposed=k >= 1, norm_internals=k >= 2, softmax_decomposed=k >= 3, row_remainder=k >= 4,
+                   matmul_planes=k >= 5)
 
 
 def cases(quick: bool):
@@ -86,27 +81,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the width-64 block at eps 1e-3 only")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "norm_relax.md"))
     args = ap.parse_args(argv)
-    refine = dict(crown.REFINE)
     rows = []
-    try:
-        for label, g, x, epss in cases(args.quick):
-            for eps in epss:
-                got = {}
-                for v in VARIANTS:
-                    _set(v, refine)
-                    t0 = time.perf_counter()
-                    res = compute_bounds(g, x, eps, "crown")
-                    dt = time.perf_counter() - t0
-                    w = res.upper - res.lower
-                    got[v] = (float(w.mean()), float(w.max()), dt)
-                    log(f"{label} eps {eps:g} {v}: mean width {got[v][0]:.4g}, {dt:.1f}s")
-                base = got["mean-value"]
-                for v in VARIANTS:
-                    m, mx, dt = got[v]
-                    rows.append([label, f"{eps:g}", v, f"{m:.4g}", f"{mx:.4g}", f"{base[0] / m:.2f}",
-                                 fmt_s(dt), f"{dt / base[2]:.2f}", load_avg()])
-    finally:
-        _set(DEFAULT, refine)
+    for label, g, x, epss in cases(args.quick):
+        for eps in epss:
+            got = {}
+            for v in VARIANTS:
+                t0 = time.perf_counter()
+                res = compute_bounds(g, x, eps, "crown", tunings=tunings(v))
+                dt = time.perf_counter() - t0
+                w = res.upper - res.lower
+                got[v] = (float(w.mean()), float(w.max()), dt)
+                log(f"{label} eps {eps:g} {v}: mean width {got[v][0]:.4g}, {dt:.1f}s")
+            base = got["mean-value"]
+            for v in VARIANTS:
+                m, mx, dt = got[v]
+                rows.append([label, f"{eps:g}", v, f"{m:.4g}", f"{mx:.4g}", f"{base[0] / m:.2f}",
+                             fmt_s(dt), f"{dt / base[2]:.2f}", load_avg()])
     lines = ["### LayerNorm / RMSNorm, softmax and attention relaxations in CROWN (side by side, one process)", ""]
     lines += machine(sys.argv[1:])[:1] + [f"- command: `python benchmarks/norm_relax.py {' '.join(sys.argv[1:])}`"]
     lines += machine([])[2:6] + [""]

@@ -165,9 +165,8 @@ def test_attention_planes_sound_and_used(intermediate, monkeypatch):
     for dtype in (torch.float64, torch.float32):
         assert violations(graph_fn(g, dtype), x0, 0.05, r.lower, r.upper, steps=20) == 0
     if intermediate == "crown":
-        from gamma.bounds import interval
-        monkeypatch.setattr(interval, "MATMUL_PLANES", False)
-        half = compute_bounds(g, x0, 0.05, "crown")
+        from gamma.bounds import Tunings
+        half = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(matmul_planes=False))
         assert float(r.width().sum()) < float(half.width().sum())
 
 

@@ -426,7 +426,7 @@ def test_linear_image_unbounded_and_overflowing_inputs():
                                                                                + (c3[2] + r[2]) @ w[0].clamp_max(0))
 
 
-def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded(monkeypatch):
+def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded():
     """A weight over the cache budget gets |W| in row chunks (same bounds up to
     float32 rounding, still sound); the cache never holds more than its
     budget, forgets dead weights and weights modified in place."""
@@ -436,28 +436,27 @@ def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded(monkeypatch):
     c = torch.randn(3, 16, generator=g, dtype=torch.float64)
     r = torch.rand(3, 16, generator=g, dtype=torch.float64) * 1e-2
     whole = fp.linear_image(c, r, w)
-    monkeypatch.setattr(fp, "ABS_CHUNK", 48)                 # 3 rows at a time
-    monkeypatch.setattr(fp, "ABS_CACHE_BYTES", 100)          # below this weight's |W|
-    chunked = fp.linear_image(c, r, w)
+    chunked = fp.linear_image(c, r, w, cache=fp.AbsCache(100), chunk=48)   # |W| over the budget: 3 rows at a time
     for a, b in zip(whole, chunked):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
     lo, hi = chunked[0] - chunked[1], chunked[0] + chunked[1]
     ref_lo, ref_hi = c @ w.T - r @ w.abs().T, c @ w.T + r @ w.abs().T
     assert torch.all(lo <= ref_lo) and torch.all(hi >= ref_hi)
-    monkeypatch.setattr(fp, "ABS_CACHE_BYTES", 3000)         # room for one 16x16 |W| (1 KiB), not three
+    cache = fp.AbsCache(3000)                                # room for one 16x16 |W| (1 KiB), not three
     ws = [torch.randn(16, 16, generator=g).to(torch.float64) for _ in range(3)]
     for v in ws:
-        fp.linear_image(c, r, v)
-        assert fp._ABS32_BYTES[0] <= 3000
-    assert id(ws[-1]) in fp._ABS32
-    key = id(ws[-1])
-    before = fp.linear_image(c, r, ws[-1])
+        fp.linear_image(c, r, v, cache=cache)
+        assert cache.bytes <= 3000
+    assert ws[-1] in cache and ws[0] not in cache
+    before = fp.linear_image(c, r, ws[-1], cache=cache)
     ws[-1].mul_(-2.0)                                        # in place: the cached |W| must not be reused
-    after = fp.linear_image(c, r, ws[-1])
+    after = fp.linear_image(c, r, ws[-1], cache=cache)
     assert torch.allclose(after[1] - r @ ws[-1].abs().T, before[1] * 2 - r @ ws[-1].abs().T, rtol=1e-4, atol=1e-9)
     assert torch.allclose(after[0], c @ ws[-1].T, rtol=1e-5, atol=1e-9)
+    keys = set(cache._store)
+    assert keys
     del ws, v
-    assert key not in fp._ABS32
+    assert not cache._store and cache.bytes == 0 and keys
 
 
 def test_registered_float32_source_lapses_when_modified():

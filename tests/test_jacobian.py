@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gamma.bounds import compute_bounds
+from gamma.bounds import Tunings, compute_bounds
 from gamma.bounds.interval import Interval
 from gamma.bounds.jacobian import _inv_sqrt_line, _norm_decomposed, _norm_mv, linearize
 from gamma.graph import Graph
@@ -177,7 +177,6 @@ def test_decomposed_remainder_beats_mean_value_on_wide_boxes(op):
 def test_crown_through_layernorm_sound_and_tighter():
     """linear -> LayerNorm -> linear at eps 0.05: CROWN bounds hold (samples
     + PGD) and are tighter than with the mean-value form alone."""
-    from gamma.bounds import jacobian
     d = 32
     g = Graph("ln", "x", (4, d))
     g.add("h", "linear", "x", weight=rnd(d, d, scale=0.3), bias=rnd(d, scale=0.1))
@@ -187,11 +186,7 @@ def test_crown_through_layernorm_sound_and_tighter():
     x0, eps = rnd(4, d), 0.05
     res = compute_bounds(g, x0, eps, "crown")
     assert violations(lambda xs: evaluate(g, xs), x0, eps, res.lower, res.upper, targets=torch.arange(32)) == 0
-    jacobian.NORM_DECOMPOSED = False
-    try:
-        mv = compute_bounds(g, x0, eps, "crown")
-    finally:
-        jacobian.NORM_DECOMPOSED = True
+    mv = compute_bounds(g, x0, eps, "crown", tunings=Tunings(norm_decomposed=False))
     assert float((res.upper - res.lower).mean()) < 0.9 * float((mv.upper - mv.lower).mean())
 
 
@@ -301,12 +296,7 @@ def test_softmax_decomposed_slopes_tend_to_the_jacobian_and_win_on_wide_boxes():
     e_dc = _softmax_decomposed(g["y"], wide)[4].sum(-1)
     lin = linearize(g["y"], wide)
     assert torch.all(lin.err.sum(-1) <= e_dc * (1 + 1e-12))          # the choice never loses
-    from gamma.bounds import softmax
-    softmax.SOFTMAX_DECOMPOSED = False
-    try:
-        mv = linearize(g["y"], wide).err.sum(-1)
-    finally:
-        softmax.SOFTMAX_DECOMPOSED = True
+    mv = linearize(g["y"], wide, Tunings(softmax_decomposed=False)).err.sum(-1)
     assert float(lin.err.sum()) < 0.8 * float(mv.sum())
 
 

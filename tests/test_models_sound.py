@@ -119,19 +119,19 @@ def test_model_bounds_contain_transformers(models, case, eps, method):
 
 @pytest.mark.parametrize("method,intermediate", [("crown", "crown"), ("crown", "cut"), ("alpha", "crown")])
 @pytest.mark.parametrize("case", CASES)
-def test_compact_rows_equal_dense(models, case, method, intermediate, monkeypatch):
+def test_compact_rows_equal_dense(models, case, method, intermediate):
     """Token-compact cotangents (gamma.bounds.rows) give the dense walk's bounds
     at every node, on whole models (encoder front end with conv and transposes
     included: the walk falls back to dense there) and block graphs."""
-    from gamma.bounds import crown
+    from gamma.bounds import Tunings
     model, _ = models[case]
     comp = "decoder" if case != "whisper-encoder" else "encoder"
     ip = model.input_point(comp, seq_len=4)
     g = model.graph(comp, seq_len=4)
     got = {}
     for compact in (True, False):
-        monkeypatch.setattr(crown, "COMPACT_ROWS", compact)
-        got[compact] = compute_bounds(g, ip.x, 1e-4, method, intermediate=intermediate, alpha_iters=2)
+        got[compact] = compute_bounds(g, ip.x, 1e-4, method, intermediate=intermediate, alpha_iters=2,
+                                      tunings=Tunings(compact_rows=compact))
     a, b = got[True], got[False]
     assert a.nodes.keys() == b.nodes.keys()
     for name in a.nodes:
@@ -149,7 +149,7 @@ def test_float32_transposes_used_sound_and_as_tight(models, case, monkeypatch):
     """The checkpoints' weights are float32 values, so CROWN's linear transposes
     run as float32 products (fp.CotangentProduct); the bounds contain every
     sampled and attacked output and are within 1% of the float64 products'."""
-    from gamma.bounds import crown, fp
+    from gamma.bounds import Tunings, fp
     model, ref = models[case]
     comp = "decoder" if case != "whisper-encoder" else "encoder"
     ip = model.input_point(comp, seq_len=4)
@@ -159,9 +159,8 @@ def test_float32_transposes_used_sound_and_as_tight(models, case, monkeypatch):
     monkeypatch.setattr(fp.CotangentProduct, "product", lambda self, lam, **kw: (calls.append(1), product(self, lam, **kw))[1])
     got = {}
     for f32 in (True, False):
-        monkeypatch.setattr(crown, "FLOAT32_TRANSPOSE", f32)
         calls.clear()
-        got[f32] = compute_bounds(g, ip.x, 1e-4, "crown")
+        got[f32] = compute_bounds(g, ip.x, 1e-4, "crown", tunings=Tunings(float32_transpose=f32))
         assert bool(calls) is f32
     a, b = got[True], got[False]
     assert violations(ref, ip.x, 1e-4, a.lower, a.upper, n_samples=1000, steps=10, restarts=1) == 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from gamma.bounds import crown, rows
+from gamma.bounds import Tunings, crown, rows
 from gamma.bounds.rows import Rows
 from gamma.graph import Graph
 
@@ -42,8 +42,7 @@ def test_compact_rules_are_used(monkeypatch):
     x0 = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     a = compute_bounds(g, x0, 1e-2, "crown")
     assert {"linear", "rmsnorm", "matmul"} <= set(used)
-    monkeypatch.setattr(crown, "COMPACT_ROWS", False)
-    b = compute_bounds(g, x0, 1e-2, "crown")
+    b = compute_bounds(g, x0, 1e-2, "crown", tunings=Tunings(compact_rows=False))
     assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-14)
     assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-14)
 
@@ -111,13 +110,13 @@ def test_single_token_rows_give_the_gathered_bounds(monkeypatch):
     from gamma.bounds import compute_bounds
     g = _llama_block()
     x0 = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    monkeypatch.setattr(crown, "CHUNK_ELEMS", 6 * 2 * 64)     # 6 spec rows per chunk at the output: some
-    a = compute_bounds(g, x0, 1e-2, "crown")                   # chunks within one token, some across two
+    six = Tunings(chunk_elems=6 * 2 * 64)                      # 6 spec rows per chunk at the output: some
+    a = compute_bounds(g, x0, 1e-2, "crown", tunings=six)      # chunks within one token, some across two
     seen = []
     orig = Rows.of
     monkeypatch.setattr(Rows, "of", staticmethod(lambda t, tok, T: (seen.append(orig(t, tok, T).one),
                                                                      Rows(t, tok, T))[1]))
-    b = compute_bounds(g, x0, 1e-2, "crown")
+    b = compute_bounds(g, x0, 1e-2, "crown", tunings=six)
     assert None in seen and any(s is not None for s in seen)               # both paths were taken in a
     assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-14)
     assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-14)

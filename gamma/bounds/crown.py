@@ -27,7 +27,7 @@ The walk itself (:func:`backward`) knows nothing about the ops.
 from __future__ import annotations
 
 import math
-
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -39,11 +39,7 @@ from .fp import CotangentProduct
 from .interval import Interval, planes, shift_constant, simplex_shift
 from .jacobian import _norm_stats, linearize, norm_interval, row_dot
 from .rows import Rows
-
-COMPACT_ROWS = True     # token-compact cotangents (rows.py); False: always dense
-FLOAT32_TRANSPOSE = True  # linear transposes as float32 products with their error in the constant
-CHUNK_ELEMS = 1 << 22    # spec rows per backward pass: this many elements over (2 x the widest node)
-SHARED_HALVES = True      # [lam; -lam] specs walked as one lam until a sign-dependent relaxation (rows.Sym)
+from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
 
@@ -51,8 +47,10 @@ Tensor = torch.Tensor
 class Context:
     """Intermediate bounds, margins and cached relaxations of one graph."""
 
-    def __init__(self, graph, bounds: dict, margins: dict, alpha: Optional[dict] = None):
+    def __init__(self, graph, bounds: dict, margins: dict, alpha: Optional[dict] = None,
+                 tunings: Tunings = DEFAULT):
         self.graph = graph
+        self.tunings = tunings
         self.bounds = bounds            # name -> Interval (sound, float64)
         self.margins = margins          # name -> Tensor | None
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
@@ -72,13 +70,14 @@ class Context:
         """Sound facts about the op's internals beyond its input box (:data:`REFINE`),
         computed once per node: ``q`` and ``c`` for norms, {} for other ops."""
         if node.name not in self._refined:
-            refine = REFINE.get(node.op)
+            refine = REFINE.get(node.op) if self.tunings.norm_internals else None
             self._refined[node.name] = refine(self, node) if refine is not None else {}
         return self._refined[node.name]
 
     def linearization(self, node):
         if node.name not in self._lin:
-            self._lin[node.name] = linearize(node, self.inb(node), **self.refinement(node))
+            lin = linearize(node, self.inb(node), self.tunings, **self.refinement(node))
+            self._lin[node.name] = lin if self.tunings.row_remainder else replace(lin, rem=None)
         return self._lin[node.name]
 
     def lin_const(self, node):
@@ -94,7 +93,8 @@ class Context:
         if node.name not in self._lint:
             x = self.inb(node)
             self._lint[node.name] = (CotangentProduct.build(node.params["weight"], node.params.get("bias"),
-                                                            x.lower, x.upper) if FLOAT32_TRANSPOSE else None)
+                                                            x.lower, x.upper)
+                                       if self.tunings.float32_transpose else None)
         return self._lint[node.name]
 
     def margin(self, node):
@@ -108,6 +108,11 @@ class Context:
         if p is None:
             return m
         return p.err if m is None else m + p.err
+
+    def use_planes(self, node) -> bool:
+        """Whether this pass relaxes the product ``node`` by McCormick planes chosen
+        per sign of Lambda (:func:`_matmul_planes`; attention @ V only)."""
+        return self.planes and self.tunings.matmul_planes and planes(node)
 
     def relaxation(self, node):
         """(al, bl, au, bu) lines of an elementwise node on its input bounds."""
@@ -219,7 +224,7 @@ def _mul_planes(node, lam, ctx):
 
 
 def _matmul(node, lam, ctx):
-    if ctx.planes and planes(node):
+    if ctx.use_planes(node):
         return _matmul_planes(node, lam, ctx)
     return _matmul_centre(node, lam, ctx)
 
@@ -332,13 +337,13 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
     box = ctx.bounds[graph.input]
     dtype, device = box.lower.dtype, box.lower.device
     widest = max(_numel(graph[a].shape) for a in graph.ancestors(name) | {name})
-    step = max(1, min(n, (chunk_elems or CHUNK_ELEMS) // max(1, 2 * widest)))
+    step = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
     for s in range(0, n, step):
         e = min(n, s + step)
         idx = torch.arange(s, e, device=device)
-        lam = rows.first_rows(graph, name, idx, dtype, device) if COMPACT_ROWS else None
+        lam = rows.first_rows(graph, name, idx, dtype, device) if ctx.tunings.compact_rows else None
         if lam is not None:
             lam = rows.Sym(lam.lam.like(lam.lam.t - lam.lam.t.mean(-1, keepdim=True)))
         else:
@@ -346,7 +351,7 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
             eye[torch.arange(e - s), idx] = 1.0
             eye = eye.reshape(e - s, -1, d)
             lam = rows.Sym((eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape))
-        lb = backward(ctx, _halves({name: lam}), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
+        lb = backward(ctx, _halves({name: lam}, ctx.tunings), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
                       ctx.stops.get(name, frozenset()))
         lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
     slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
@@ -374,7 +379,7 @@ REFINED_IBP = {"layernorm": _norm_box, "rmsnorm": _norm_box}
 def refined_interval(ctx: Context, node, ins: list) -> Optional[Interval]:
     """The node's interval from its refinements (:data:`REFINED_IBP`), or None
     where the op has none."""
-    rule = REFINED_IBP.get(node.op)
+    rule = REFINED_IBP.get(node.op) if ctx.tunings.norm_internals else None
     return rule(ctx, node, *ins) if rule is not None else None
 
 
@@ -425,7 +430,7 @@ def sign_dependent(node, ctx: Context) -> bool:
         return ctx.band(node) is None
     if node.op == "mul" and node.name in ctx.alpha:
         return True
-    return node.op == "matmul" and ctx.planes and planes(node)
+    return node.op == "matmul" and ctx.use_planes(node)
 
 
 def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset(),
@@ -501,9 +506,9 @@ def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, dtype, device) -> Tens
     return bias
 
 
-def _halves(lams: dict) -> dict:
-    """The specs as built (shared halves), or stacked when SHARED_HALVES is off."""
-    if SHARED_HALVES:
+def _halves(lams: dict, tunings: Tunings) -> dict:
+    """The specs as built (shared halves), or stacked when ``tunings.shared_halves`` is off."""
+    if tunings.shared_halves:
         return lams
     return {k: (v.full() if isinstance(v, rows.Sym) else v) for k, v in lams.items()}
 
@@ -520,7 +525,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
     k = len(idx)
     n = _numel(shape)
     m = ctx.margins.get(target)
-    if COMPACT_ROWS and node.op == "linear" and len(shape) >= 2:
+    if ctx.tunings.compact_rows and node.op == "linear" and len(shape) >= 2:
         W = node.params["weight"]                               # (out, in)
         in_shape = graph[node.inputs[0]].shape
         T, out = shape[-2], shape[-1]
@@ -529,7 +534,7 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         t[torch.arange(k, device=device), lead] = W[unit]
         t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
         return {node.inputs[0]: rows.Sym(Rows.of(t, tok, T))}, _linear_spec_bias(node, idx, unit, m, dtype, device)
-    if COMPACT_ROWS and len(shape) >= 2:
+    if ctx.tunings.compact_rows and len(shape) >= 2:
         return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
                                                                                           device=device)
     if node.op == "linear" and len(shape) >= 1:
@@ -554,7 +559,7 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[
     shape = graph[target].shape
     n = _numel(shape)
     widest = max(_numel(graph[a].shape) for a in graph.ancestors(target))
-    n_rows = max(1, min(n, (chunk_elems or CHUNK_ELEMS) // max(1, 2 * widest)))
+    n_rows = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
     dtype, device = box.lower.dtype, box.lower.device
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
@@ -562,7 +567,7 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[
         e = min(n, s + n_rows)
         k = e - s
         lams, bias = _first_step(ctx, target, torch.arange(s, e, device=device), dtype, device)
-        lams = _halves(lams)
+        lams = _halves(lams, ctx.tunings)
         lb = backward(ctx, lams, bias, box, stop)
         lo[s:e] = lb[:k]
         hi[s:e] = -lb[k:]

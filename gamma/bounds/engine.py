@@ -30,6 +30,7 @@ from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from .crown import Context, node_bounds, refined_interval
 from .fpmargin import margin, output_cap
 from .interval import Interval, ibp_node
+from .tuning import DEFAULT, Tunings
 from .zonotope import Zono, zono_node
 
 METHODS = ("ibp", "crown", "alpha", "zonotope")
@@ -141,20 +142,25 @@ def resolve_device(device: str) -> torch.device:
 def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "crown", *,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
                    progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
-                   arithmetic: str = "float32") -> BoundResult:
+                   arithmetic: str = "float32", tunings: Optional[Tunings] = None) -> BoundResult:
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
     computes (an outward margin for its rounding at every node).  ``"real"``:
     they contain the real-valued function only (no margins; gamma's own
     float32 products still charge their rounding), which is what other
-    verifiers bound, and not a guarantee for a float32 engine."""
+    verifiers bound, and not a guarantee for a float32 engine.  ``tunings``: how
+    the engine computes them (:class:`Tunings`; the defaults when None)."""
     if method not in METHODS:
         raise GammaError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if intermediate not in INTERMEDIATE:
         raise GammaError(f"unknown --intermediate '{intermediate}' (choose {', '.join(INTERMEDIATE)})")
     if arithmetic not in ARITHMETIC:
         raise GammaError(f"unknown --arithmetic '{arithmetic}' (choose {', '.join(ARITHMETIC)})")
+    if tunings is None:
+        tunings = DEFAULT
+    elif not isinstance(tunings, Tunings):
+        raise GammaError(f"tunings must be a gamma.bounds.Tunings, got {type(tunings).__name__}")
     eps = float(epsilon) if (allow_zero and epsilon == 0) else check_epsilon(epsilon)
     dev = resolve_device(device)
     if tuple(center.shape) != tuple(graph.input_shape):
@@ -170,7 +176,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     stats = {"crown_nodes": 0}
 
     zonos = {graph.input: Zono.from_box(box)} if method == "zonotope" else None
-    ctx = Context(graph, bounds, margins)
+    ctx = Context(graph, bounds, margins, tunings=tunings)
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
@@ -204,7 +210,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
         if node.op in OUTPUT_RANGE:
             iv = clamp_output_range(node.op, iv, m)
         if zonos is not None:
-            z = zono_node(node, [zonos[i] for i in node.inputs], ins)
+            z = zono_node(node, [zonos[i] for i in node.inputs], ins, tunings)
             if m is not None:
                 z.box = z.box + m
             zonos[node.name] = z

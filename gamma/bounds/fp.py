@@ -49,7 +49,7 @@ from . import relax
 
 __all__ = ["U", "FLOOR", "F32Model", "MODELS", "gamma", "dot_error", "elementwise_error", "abs_matmul_upper",
            "matmul_upper", "is_exact32", "f32_matmul_is_ieee", "CotangentProduct", "register_f32", "weight32",
-           "linear_image"]
+           "linear_image", "AbsCache", "ABS_CACHE"]
 
 U = 2.0 ** -24                    # float32 unit roundoff
 FLOOR = 2.0 ** -120               # absolute floor: underflow / FTZ / silu overflow
@@ -219,7 +219,7 @@ def abs_matmul_upper(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     relative slack for its own rounding.  Falls back to float64 when float32
     matmuls may use TF32 / bf16.
     """
-    w32 = _abs32(w) if f32_matmul_is_ieee(a.device) else None
+    w32 = ABS_CACHE.get(w) if f32_matmul_is_ieee(a.device) else None
     if w32 is None:
         return _up64(a @ w.abs().T, w.shape[-1])
     return _from32(_up32(a) @ w32.T, w.shape[-1])
@@ -266,43 +266,56 @@ def weight32(w: torch.Tensor):
     return w.to(torch.float32) if is_exact32(w) else None
 
 
-ABS_CACHE_BYTES = 512 << 20     # |W| in float32 of the most recently used weights, at most this much
-_ABS32: "OrderedDict[int, tuple]" = OrderedDict()   # id(w) -> (|w| float32, w's version)
-_ABS32_BYTES = [0]
+class AbsCache:
+    """|W| in float32 of the most recently used float32-valued weights, at most
+    ``budget`` bytes (least recently used first out), keyed by the weight tensor
+    and dropped when it dies or is modified in place, so a loaded model forms
+    each |W| once instead of on every bound call."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.bytes = 0
+        self._store: "OrderedDict[int, tuple]" = OrderedDict()   # id(w) -> (|w| float32, w's version)
+
+    def __contains__(self, w: torch.Tensor) -> bool:
+        return id(w) in self._store
+
+    def fits(self, w: torch.Tensor) -> bool:
+        """Whether |w| in float32 would fit in the budget."""
+        return w.numel() * 4 <= self.budget
+
+    def get(self, w: torch.Tensor):
+        """|w| in float32 when w is float32-valued (:func:`is_exact32`), else None
+        (kept when it fits)."""
+        key = id(w)
+        hit = self._store.get(key)
+        if hit is not None and hit[1] == w._version and hit[0].device == w.device:
+            self._store.move_to_end(key)
+            return hit[0]
+        w32 = weight32(w)
+        if w32 is None:
+            return None
+        a = w32.abs()
+        size = a.numel() * a.element_size()
+        if size <= self.budget:
+            self._drop(key)
+            self._store[key] = (a, w._version)
+            self.bytes += size
+            weakref.finalize(w, self._drop, key)
+            while self.bytes > self.budget:
+                self._drop(next(iter(self._store)))
+        return a
+
+    def _drop(self, key: int) -> None:
+        old = self._store.pop(key, None)
+        if old is not None:
+            self.bytes -= old[0].numel() * old[0].element_size()
 
 
-def _abs32(w: torch.Tensor):
-    """|w| in float32 when w is float32-valued (:func:`is_exact32`), else None.
-    Kept in a least-recently-used cache of :data:`ABS_CACHE_BYTES` (keyed by
-    the weight tensor, dropped when it dies or is modified in place), so a
-    loaded model forms each |W| once instead of on every bound call."""
-    key = id(w)
-    hit = _ABS32.get(key)
-    if hit is not None and hit[1] == w._version and hit[0].device == w.device:
-        _ABS32.move_to_end(key)
-        return hit[0]
-    w32 = weight32(w)
-    if w32 is None:
-        return None
-    a = w32.abs()
-    size = a.numel() * a.element_size()
-    if size <= ABS_CACHE_BYTES:
-        _abs32_drop(key)
-        _ABS32[key] = (a, w._version)
-        _ABS32_BYTES[0] += size
-        weakref.finalize(w, _abs32_drop, key)
-        while _ABS32_BYTES[0] > ABS_CACHE_BYTES:
-            _abs32_drop(next(iter(_ABS32)))
-    return a
+ABS_CACHE = AbsCache(512 << 20)     # the process's cache of |W| (512 MiB)
 
 
-def _abs32_drop(key: int) -> None:
-    old = _ABS32.pop(key, None)
-    if old is not None:
-        _ABS32_BYTES[0] -= old[0].numel() * old[0].element_size()
-
-
-ABS_CHUNK = 1 << 20         # weights above 4x this many entries get |W| a chunk of rows at a time
+ABS_CHUNK = 1 << 20         # default: weights above 4x this many entries get |W| a chunk of rows at a time
 
 
 def _abs_max(w: torch.Tensor) -> float:
@@ -318,16 +331,16 @@ def _abs_max(w: torch.Tensor) -> float:
 _ABSMAX: dict = {}
 
 
-def _center_abs_products(c32: torch.Tensor, a32: torch.Tensor, w32: torch.Tensor, absw=None):
+def _center_abs_products(c32: torch.Tensor, a32: torch.Tensor, w32: torch.Tensor, absw, chunk: int):
     """``c32 @ W^T`` and ``a32 @ |W|^T`` in float32 (``absw``: |W| when cached).
     Otherwise, for large W (an lm_head) |W| is formed a chunk of rows at a time into one reused buffer instead of
     one full-size temporary of fresh pages per call."""
     m, n = w32.shape
     if absw is not None:
         return c32 @ w32.T, a32 @ absw.T
-    if m * n <= 4 * ABS_CHUNK:
+    if m * n <= 4 * chunk:
         return c32 @ w32.T, a32 @ w32.abs().T
-    step = max(1, ABS_CHUNK // max(1, n))
+    step = max(1, chunk // max(1, n))
     p = torch.empty(c32.shape[:-1] + (m,), dtype=torch.float32, device=c32.device)
     s = torch.empty(a32.shape[:-1] + (m,), dtype=torch.float32, device=c32.device)
     buf = torch.empty(step, n, dtype=torch.float32, device=c32.device)
@@ -339,7 +352,8 @@ def _center_abs_products(c32: torch.Tensor, a32: torch.Tensor, w32: torch.Tensor
     return p, s
 
 
-def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
+def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor, *, cache: AbsCache = ABS_CACHE,
+                 chunk: int = ABS_CHUNK):
     """IBP of ``x W^T`` over the box ``|x - c| <= r`` (c, r: float64 (.., n);
     W: (m, n)).  Returns float64 ``(p, rad, sums)``: ``x W^T`` lies in
     ``p +- rad`` for every x in the box and ``sums >= |x| |W|^T`` (what the
@@ -364,7 +378,8 @@ def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
     (``gamma_n A_c``), about half the node's own float32 margin.  Where a
     product may have overflowed (or met ``inf * 0``) the radius is inf.
     Without float32-valued W: the float64 products ``c W^T`` and
-    :func:`abs_matmul_upper`."""
+    :func:`abs_matmul_upper`.  ``cache``: where |W| is kept (when it fits);
+    ``chunk``: rows of a larger |W| are formed about this many entries at a time."""
     n = w.shape[-1]
     w32 = weight32(w) if f32_matmul_is_ieee(c.device) else None
     if w32 is None:
@@ -380,8 +395,8 @@ def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
     a32 = torch.empty((2,) + tuple(c.shape), dtype=torch.float32, device=c.device)
     torch.nextafter(r.to(torch.float32), torch.tensor(math.inf, device=c.device), out=a32[0])
     torch.abs(c32, out=a32[1])
-    absw = _abs32(w) if w.numel() * 4 <= ABS_CACHE_BYTES else None      # else formed in chunks
-    p32, s32 = _center_abs_products(c32, a32, w32, absw)
+    absw = cache.get(w) if cache.fits(w) else None      # else formed in chunks
+    p32, s32 = _center_abs_products(c32, a32, w32, absw, chunk)
     g = gamma(n)
     slack = 1.0 + 2.0 ** -40
     k = slack / (1.0 - g)

@@ -136,14 +136,11 @@ def shift_constant(x_center: Tensor, m: Tensor) -> Tensor:
     return (1 - x_center.sum(-1, keepdim=True)) * m.transpose(-1, -2)
 
 
-MATMUL_PLANES = True        # CROWN: attention @ V by sign-chosen McCormick planes (False: half-sums, benchmarks)
-
-
 def planes(node) -> bool:
-    """Whether CROWN relaxes this product ``x @ y^T`` by McCormick planes chosen
+    """Whether CROWN may relax this product ``x @ y^T`` by McCormick planes chosen
     per sign of Lambda (:func:`gamma.bounds.crown._matmul_planes`): the
     attention @ V product, whose x rows are probabilities."""
-    return MATMUL_PLANES and bool(node.params.get("rows_sum_to_one"))
+    return bool(node.params.get("rows_sum_to_one"))
 
 
 def _matmul(node, x: Interval, y: Interval) -> Interval:

@@ -40,12 +40,10 @@ import torch
 
 from ..ops import FORWARD
 from .interval import Interval
+from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
 ULP64 = 2.0 ** -52
-NORM_DECOMPOSED = True      # False: LayerNorm/RMSNorm use the mean-value form only (benchmarks compare)
-ROW_CHUNK_ELEMS = 1 << 22   # dense per-row Jacobian entries processed at once
-ROW_REMAINDER = True        # False: CROWN charges the elementwise err even where a RowRemainder exists (benchmarks)
 
 
 @dataclass
@@ -63,7 +61,7 @@ class Linearization:
     def even_at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
         """lam (S, ..) -> (S,): a bound of ``-lam . (f(x) - y0 - J0 (x - x0))`` over the box,
         even in lam; ``take`` gathers per-row state as :func:`vjp_at` does."""
-        if self.rem is not None and ROW_REMAINDER:
+        if self.rem is not None:
             return self.rem.at(take)
         err = take(self.err)
         return lambda lam: row_dot(lam.abs(), err)
@@ -142,8 +140,8 @@ def _rows(t: Tensor, n: int) -> Tensor:
     return t.reshape(-1, n)
 
 
-def _chunked_rows(n_rows: int, row_elems: int):
-    step = max(1, ROW_CHUNK_ELEMS // max(1, row_elems))
+def _chunked_rows(n_rows: int, row_elems: int, chunk_elems: int):
+    step = max(1, chunk_elems // max(1, row_elems))
     for s in range(0, n_rows, step):
         yield slice(s, min(n_rows, s + step))
 
@@ -197,7 +195,8 @@ def _norm_stats(x: Interval, eps: float, centered: bool, q: Optional[tuple] = No
             (s_lo, s_hi), (v_lo, v_hi), (cl, cu))
 
 
-def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None):
+def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None,
+             chunk_elems: int = DEFAULT.row_chunk_elems):
     """Mean-value form of LayerNorm/RMSNorm around the box centre: the exact
     Jacobian ``a P + u v^T P`` (a = w s0, u = -w s0 n0 / d, v = n0) and the
     dense remainder bound err (rows (.., d); d x d per row, a few rows at a time)."""
@@ -219,7 +218,7 @@ def _norm_mv(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = 
     err = torch.empty(rows, d, dtype=x0.dtype, device=x0.device)
     eye = torch.eye(d, dtype=x0.dtype, device=x0.device)
     off = 1.0 / d if centered else 0.0
-    for sl_ in _chunked_rows(rows, d * d):
+    for sl_ in _chunked_rows(rows, d * d, chunk_elems):
         a, bb = NL[sl_], NU[sl_]
         p = torch.stack([a.unsqueeze(-1) * a.unsqueeze(-2), a.unsqueeze(-1) * bb.unsqueeze(-2),
                          bb.unsqueeze(-1) * a.unsqueeze(-2), bb.unsqueeze(-1) * bb.unsqueeze(-2)])
@@ -329,7 +328,8 @@ def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[t
     return a, u, m, k, e + slack, rem
 
 
-def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] = None) -> Linearization:
+def _norm_lin(node, x: Interval, tunings: Tunings = DEFAULT, q: Optional[tuple] = None,
+              c: Optional[tuple] = None) -> Linearization:
     """Per row, whichever of the mean-value form (:func:`_norm_mv`) and the
     decomposed form (:func:`_norm_decomposed`) has the smaller total
     remainder; both are ``y in a*(Px) + u (v . Px) + k +- e``.  ``q``: sound
@@ -340,15 +340,15 @@ def _norm_lin(node, x: Interval, q: Optional[tuple] = None, c: Optional[tuple] =
     x0 = x.center
     a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc = _norm_decomposed(node, x, q, c)
     e_dc_sum = e_dc.sum(-1, keepdim=True)
-    if NORM_DECOMPOSED and bool((_norm_mv_diagonal(node, x, q, c) >= e_dc_sum).all()):
+    if tunings.norm_decomposed and bool((_norm_mv_diagonal(node, x, q, c) >= e_dc_sum).all()):
         # the mean-value remainder cannot be smaller in any row: skip its d x d work
         a, u, v, err = a_dc.expand(shape), u_dc.expand(shape), v_dc.expand(shape), e_dc.expand(shape)
         dec, mv = torch.ones_like(e_dc_sum, dtype=torch.bool), None
         rem = rem_dc.where(dec, err)
     else:
-        y0_mv, a_mv, u_mv, v_mv, e_mv = mv = _norm_mv(node, x, q, c)
+        y0_mv, a_mv, u_mv, v_mv, e_mv = mv = _norm_mv(node, x, q, c, tunings.row_chunk_elems)
         dec = e_dc_sum < e_mv.sum(-1, keepdim=True)                         # (.., 1) per row
-        if not NORM_DECOMPOSED:
+        if not tunings.norm_decomposed:
             dec = torch.zeros_like(dec)
         pick = lambda p, q: torch.where(dec, p, q).expand(shape)
         a, u, v, err = pick(a_dc, a_mv), pick(u_dc, u_mv), pick(v_dc, v_mv), pick(e_dc, e_mv)
@@ -526,9 +526,9 @@ from .softmax import _softmax_lin, softmax_ibp  # noqa: E402  (softmax.py uses L
 LINEARIZE = {"softmax": _softmax_lin, "layernorm": _norm_lin, "rmsnorm": _norm_lin}
 
 
-def linearize(node, x: Interval, **refined) -> Linearization:
-    """``refined``: extra sound facts about the op's internals (``q`` for norms)."""
-    return LINEARIZE[node.op](node, x, **refined)
+def linearize(node, x: Interval, tunings: Tunings = DEFAULT, **refined) -> Linearization:
+    """``refined``: extra sound facts about the op's internals (``q`` and ``c`` for norms)."""
+    return LINEARIZE[node.op](node, x, tunings, **refined)
 
 
 IBP_RULES = {"softmax": softmax_ibp, "layernorm": norm_interval, "rmsnorm": norm_interval}

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..ops import AFFINE, ELEMENTWISE
-from .interval import planes, shift_constant, simplex_shift
+from .interval import shift_constant, simplex_shift
 from .jacobian import row_dot
 
 Tensor = torch.Tensor
@@ -200,7 +200,7 @@ def _mul(node, lam: Rows, ctx):
 
 
 def _matmul(node, lam: Rows, ctx):
-    if ctx.planes and planes(node):
+    if ctx.use_planes(node):
         return _matmul_planes(node, lam, ctx)
     return _matmul_centre(node, lam, ctx)
 

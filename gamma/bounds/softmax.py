@@ -15,9 +15,9 @@ import torch
 from ..ops import FORWARD
 from .interval import Interval
 from .jacobian import ULP64, Linearization, RowRemainder, _convex_intercepts, bounded_rows, row_sums
+from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
-SOFTMAX_DECOMPOSED = True   # False: softmax uses the mean-value form only (benchmarks compare)
 
 
 def _loo_logsumexp(a: Tensor) -> Tensor:
@@ -188,7 +188,7 @@ def _softmax_decomposed(node, x: Interval):
     return a, u, alpha, k, e, rem
 
 
-def _softmax_lin(node, x: Interval) -> Linearization:
+def _softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT) -> Linearization:
     """Per row, whichever of the mean-value form (exact Jacobian at the centre,
     dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
     the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``."""
@@ -216,7 +216,7 @@ def _softmax_lin(node, x: Interval) -> Linearization:
     err_mv = (D @ r.unsqueeze(-1)).squeeze(-1) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
     shape = x0.shape
 
-    if SOFTMAX_DECOMPOSED:
+    if tunings.softmax_decomposed:
         a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc = _softmax_decomposed(node, x)
         dec = e_dc.sum(-1, keepdim=True) < err_mv.sum(-1, keepdim=True)        # NaN / inf rows: mean value
     else:

@@ -27,6 +27,7 @@ from ..ops import AFFINE, ELEMENTWISE
 from . import relax
 from .interval import Interval, simplex_shift
 from .jacobian import linearize
+from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
 
@@ -58,7 +59,7 @@ def _dev(z: Zono, iv: Interval) -> Tensor:
     return torch.minimum(z.radius(), torch.maximum(iv.upper - z.c, z.c - iv.lower).clamp_min(0))
 
 
-def _affine(node, zs, ivs):
+def _affine(node, zs, ivs, tunings):
     fact = AFFINE[node.op]
     c = fact.lin(node, *(z.c for z in zs))
     off = fact.offset(node)
@@ -69,7 +70,7 @@ def _affine(node, zs, ivs):
     return Zono(c, G, box)
 
 
-def _elementwise(node, zs, ivs):
+def _elementwise(node, zs, ivs, tunings):
     z, iv = zs[0], ivs[0]
     al, bl, au, bu = relax.linear(node.op, iv.lower, iv.upper)
     a = au
@@ -78,13 +79,13 @@ def _elementwise(node, zs, ivs):
     return Zono(a * z.c + (b_lo + b_hi) / 2, a * z.G, a.abs() * z.box + (b_hi - b_lo).clamp_min(0) / 2)
 
 
-def _mul(node, zs, ivs):
+def _mul(node, zs, ivs, tunings):
     x, y = zs
     rem = _dev(x, ivs[0]) * _dev(y, ivs[1])
     return Zono(x.c * y.c, y.c * x.G + x.c * y.G, y.c.abs() * x.box + x.c.abs() * y.box + rem)
 
 
-def _matmul(node, zs, ivs):
+def _matmul(node, zs, ivs, tunings):
     x, y = zs
     t = lambda v: v.transpose(-1, -2)
     rem = _dev(x, ivs[0]) @ t(_dev(y, ivs[1]))
@@ -96,9 +97,9 @@ def _matmul(node, zs, ivs):
     return Zono(c if m is None else c + t(m), G, box)
 
 
-def _jacobian(node, zs, ivs):
+def _jacobian(node, zs, ivs, tunings):
     z = zs[0]
-    lin = linearize(node, ivs[0])
+    lin = linearize(node, ivs[0], tunings)
     c = lin.y0 + lin.jvp(z.c - lin.x0)
     return Zono(c, lin.jvp(z.G), lin.abs_jvp(z.box) + lin.err)
 
@@ -109,9 +110,9 @@ ZONO.update({"mul": _mul, "matmul": _matmul,
              "softmax": _jacobian, "layernorm": _jacobian, "rmsnorm": _jacobian})
 
 
-def zono_node(node, zs, ivs) -> Zono:
+def zono_node(node, zs, ivs, tunings: Tunings = DEFAULT) -> Zono:
     try:
         rule = ZONO[node.op]
     except KeyError:
         raise UnsupportedOp(node.op, "zonotope", node.name) from None
-    return rule(node, zs, ivs)
+    return rule(node, zs, ivs, tunings)

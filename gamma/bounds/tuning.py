@@ -1,0 +1,44 @@
+"""Engine tunings: how the bounds are computed, not what they bound.
+
+One frozen :class:`Tunings` travels with a run (``compute_bounds(...,
+tunings=)``, :class:`gamma.bounds.crown.Context`); tests and benchmarks pass
+another one instead of flipping module globals.  Every setting gives sound
+bounds; the defaults are the measured best (docs/design.md), the alternatives
+are there to compare against (``benchmarks/norm_relax.py``) and to test that
+two paths agree (dense and token-compact cotangents, float32 and float64
+transposes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import GammaError
+
+
+@dataclass(frozen=True)
+class Tunings:
+    # CROWN's walk
+    compact_rows: bool = True         # token-compact cotangents (rows.py); False: always dense
+    float32_transpose: bool = True    # linear transposes as float32 products, their error in the constant
+    chunk_elems: int = 1 << 22        # spec rows per backward pass: this many elements over (2 x the widest node)
+    shared_halves: bool = True        # [lam; -lam] walked as one lam until a sign-dependent rule (rows.Sym)
+    # CROWN's relaxations
+    matmul_planes: bool = True        # attention @ V by sign-chosen McCormick planes (False: their half-sums)
+    row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
+    norm_internals: bool = True       # norms' centred input and mean square by their own backward passes
+    # linearisations (CROWN and zonotopes)
+    norm_decomposed: bool = True      # LayerNorm / RMSNorm may take the decomposed form (False: mean value only)
+    softmax_decomposed: bool = True   # softmax likewise
+    row_chunk_elems: int = 1 << 22    # dense per-row Jacobian entries processed at once
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, bool):
+                raise GammaError(f"tuning {f.name} must be True or False, got {v!r}")
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise GammaError(f"tuning {f.name} must be a positive integer, got {v!r}")
+
+
+DEFAULT = Tunings()

@@ -16,8 +16,8 @@ than this machine's memory), then measures, each command in its own process unde
 4. the same block-wise command on SmolLM2-135M (Q4_1 GGUF, blocks 0,29), and with
    ``--baseline-rev REV`` also at revision REV (a ``git worktree``), for before/after.
 
-    python benchmarks/big_gguf.py [--dir /tmp/gamma-big] [--keep] [--no-ray] [--no-workers]
-                                  [--baseline-rev REV] [--out FILE] [--wait-lock FILE]
+    python benchmarks/big_gguf.py [--dir /tmp/gamma-big] [--keep] [--runs inspect,serial,workers,ray,smol]
+                                  [--baseline-rev REV] [--out FILE] [--json FILE] [--wait-lock FILE]
 
 The file is written under ``--dir`` (never into the repository) and reused with
 ``--keep`` when it is already there.
@@ -165,16 +165,19 @@ def _gib(mb) -> str:
 def markdown(path: str, size: int, inspect_runs: list[dict], rows: list[dict], notes: list[str]) -> str:
     s = QWEN3_8B
     f32 = (s.params() - s.vocab_size * s.hidden_size) * 4          # tied: no LM head
-    out = ["| run | command | wall s | peak RSS GiB (largest process) | per-worker peak GiB | load avg after |",
-           "|---|---|---|---|---|---|"]
-    walls = [r["wall"] for r in inspect_runs]
-    out.append(f"| Qwen3-8B shape, Q4_0 | `gamma inspect` (median of {len(walls)}) | {statistics.median(walls):.2f} | "
-               f"{_gib(inspect_runs[-1]['peak_mb'])} | - | {inspect_runs[-1]['load']} |")
+    out = ["| model | command | wall s | peak RSS GiB (largest process) | driver peak GiB | per-worker peak GiB "
+           "| load avg after |",
+           "|---|---|---|---|---|---|---|"]
+    if inspect_runs:
+        walls = [r["wall"] for r in inspect_runs]
+        out.append(f"| Qwen3-8B shape, Q4_0 | `gamma inspect` (median of {len(walls)}) | "
+                   f"{statistics.median(walls):.2f} | {_gib(inspect_runs[-1]['peak_mb'])} | - | - | "
+                   f"{inspect_runs[-1]['load']} |")
     for r in rows:
         workers = ", ".join(f"{_gib(mb)} (blocks {','.join(map(str, b))})" for _, mb, b in r["workers"]) or "-"
-        out.append(f"| {r['model']} | {r['label']} | {r['wall']:.0f} | **{_gib(r['peak_mb'])}** | {workers} | "
-                   f"{r['load']} |" if r["rc"] == 0 else
-                   f"| {r['model']} | {r['label']} | - | failed (exit {r['rc']}) | - | {r['load']} |")
+        out.append(f"| {r['model']} | {r['label']} | {r['wall']:.0f} | **{_gib(r['peak_mb'])}** | "
+                   f"{_gib(r['driver_mb'])} | {workers} | {r['load']} |" if r["rc"] == 0 else
+                   f"| {r['model']} | {r['label']} | - | failed (exit {r['rc']}) | - | - | {r['load']} |")
     out += ["", f"File: {path}: {size / 1e9:.2f} GB on disk, {f32 / 1e9:.1f} GB of weights as float32 "
                 f"({s.params() - s.vocab_size * s.hidden_size:,} parameters); this machine has "
                 f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB of memory and "
@@ -194,10 +197,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "gamma-big"))
     ap.add_argument("--keep", action="store_true", help="reuse the GGUF when it is already there")
-    ap.add_argument("--no-ray", action="store_true")
-    ap.add_argument("--no-workers", action="store_true")
+    ap.add_argument("--runs", default="inspect,serial,workers,ray,smol",
+                    help="what to measure, comma-separated (default: all of inspect,serial,workers,ray,smol)")
     ap.add_argument("--baseline-rev", metavar="REV", help="also run the SmolLM2 command at this git revision")
     ap.add_argument("--out", metavar="FILE", help="write the markdown here (default: stdout)")
+    ap.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
     ap.add_argument("--wait-lock", metavar="FILE", action="append", default=[],
                     help="before each measured command, wait while FILE exists (a shared machine's timing lock)")
     args = ap.parse_args(argv)
@@ -212,20 +216,21 @@ def main(argv=None) -> int:
     size = os.path.getsize(path)
     notes: list[str] = []
 
-    log("gamma inspect")
-    inspect_runs = [timed(gamma_cmd("inspect", path)) for _ in range(3)]
-    if inspect_runs[-1]["rc"]:
-        raise SystemExit("gamma inspect failed")
+    want = {w.strip() for w in args.runs.split(",")}
+    inspect_runs = []
+    if "inspect" in want:
+        log("gamma inspect")
+        inspect_runs = [timed(gamma_cmd("inspect", path)) for _ in range(3)]
+        if inspect_runs[-1]["rc"]:
+            raise SystemExit("gamma inspect failed")
     rows = []
-    runs = [("serial", ["--blocks", "0,35"])]
-    if not args.no_workers:
+    runs = [("serial", ["--blocks", "0,35"])] if "serial" in want else []
+    if "workers" in want:
         runs.append(("`--workers 2 --no-attack`", ["--blocks", "0,35", "--workers", "2", "--no-attack"]))
     ray_ok = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True).returncode == 0
-    if args.no_ray:
-        pass
-    elif ray_ok:
+    if "ray" in want and ray_ok:
         runs.append(("`--ray local --no-attack`", ["--blocks", "0,35", "--ray", "local", "--no-attack"]))
-    else:
+    elif "ray" in want:
         notes.append("Ray: not installed here (`python -c 'import ray'` fails); not run.")
     for label, extra in runs:
         log(f"gamma verify {label}")
@@ -237,12 +242,13 @@ def main(argv=None) -> int:
 
     import gamma.io.zoo as zoo
     smol = zoo.smollm2_135m()
-    log("SmolLM2-135M")
-    r = verify_row("`verify --block-wise --blocks 0,29 --intermediate cut --seq-len 4`",
-                   timed(gamma_cmd("verify", smol, *VERIFY, "--blocks", "0,29")))
-    r["model"] = "SmolLM2-135M, Q4_1"
-    rows.append(r)
-    if args.baseline_rev:
+    if "smol" in want:
+        log("SmolLM2-135M")
+        r = verify_row("`verify --block-wise --blocks 0,29 --intermediate cut --seq-len 4`",
+                       timed(gamma_cmd("verify", smol, *VERIFY, "--blocks", "0,29")))
+        r["model"] = "SmolLM2-135M, Q4_1"
+        rows.append(r)
+    if args.baseline_rev and "smol" in want:
         wt = os.path.join(args.dir, "baseline-worktree")
         if os.path.exists(wt):
             subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=ROOT, check=False)
@@ -266,6 +272,11 @@ def main(argv=None) -> int:
                 same = [w for _, w, _ in r["widths"]] == base
                 notes.append(f"{r['label']}: block widths {'identical to' if same else 'DIFFERENT from'} the serial run's.")
     text = markdown(path, size, inspect_runs, rows, notes)
+    if args.json:
+        keep = [{k: v for k, v in r.items() if k != "json"} for r in rows]
+        with open(args.json, "w") as f:
+            json.dump({"inspect": [{k: v for k, v in r.items() if k != "stdout"} for r in inspect_runs],
+                       "rows": keep, "notes": notes}, f, indent=1, default=str)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -25,6 +25,7 @@ import torch
 
 from .io.checkpoint import LoadedCheckpoint as Checkpoint
 from .errors import GammaError
+from .blocks import GraphPlan, StreamPlan
 from .graph import Graph
 from .models import llama as _llama
 from .models import whisper as _whisper
@@ -141,7 +142,6 @@ class Model:
                    encoder_input: Optional[torch.Tensor] = None):
         """The blocks of :meth:`graph` one at a time (:mod:`gamma.blocks`): Llama / Qwen3
         build each block alone from its own weights; Whisper cuts its whole graph."""
-        from .blocks import GraphPlan, StreamPlan
         comp = self.component(component)
         if output not in ("hidden", "logits"):
             raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")

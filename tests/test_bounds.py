@@ -173,7 +173,7 @@ def test_attention_planes_sound_and_used(intermediate, monkeypatch):
 def test_shift_constant_by_hand():
     """``m^T - cx m'^T`` for the shifted attention @ V product: cx = (0.5, 0.25), m = (2, 3)
     gives (1 - 0.75) (2, 3) = (0.5, 0.75); equal to the matmul form on random data."""
-    from gamma.bounds.interval import shift_constant
+    from gamma.bounds.bilinear import shift_constant
     cx = torch.tensor([[0.5, 0.25]], dtype=torch.float64)                 # (T=1, S'=2)
     m = torch.tensor([[2.0], [3.0]], dtype=torch.float64)                 # (a=2, 1)
     assert shift_constant(cx, m).tolist() == [[0.5, 0.75]]

@@ -10,7 +10,7 @@ import torch
 
 from gamma.bounds import compute_bounds
 from gamma.bounds.crown import Context, centred_bounds, norm_mean_square
-from gamma.bounds.jacobian import _norm_stats
+from gamma.bounds.norm import norm_stats
 from gamma.graph import Graph
 from gamma.ops import evaluate
 
@@ -60,7 +60,7 @@ def test_norm_internals_sound_and_tighter(op, eps):
     P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
     refined = norm_mean_square(ctx, node)
     q_lo, q_hi = refined["q"]
-    _, _, (bq_lo, bq_hi), (bcl, bcu) = _norm_stats(ctx.bounds["h"], node.params["eps"], centered)
+    _, _, (bq_lo, bq_hi), (bcl, bcu) = norm_stats(ctx.bounds["h"], node.params["eps"], centered)
 
     def internals(xs):                                  # (c, q) of the norm's input, flattened
         c = P(evaluate(g, xs, upto="h"))

@@ -1,4 +1,4 @@
-"""The O(d) LayerNorm/RMSNorm and softmax rules IBP uses (gamma.bounds.jacobian).
+"""The O(d) LayerNorm/RMSNorm and softmax rules IBP uses (gamma.bounds.norm, gamma.bounds.softmax).
 
 * ``norm_abs_jvp`` (|J0| r through sorting and prefix sums) equals the dense
   product with |M| to float64 rounding, ties and zeros included.
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gamma.bounds.interval import Interval
-from gamma.bounds.jacobian import (_norm_mv, _norm_stats, linearize, norm_abs_jvp, norm_err_separable, norm_interval,
-                                   norm_naive)
+from gamma.bounds.jacobian import linearize
+from gamma.bounds.norm import _norm_mv, norm_abs_jvp, norm_err_separable, norm_interval, norm_naive, norm_stats
 from gamma.bounds.softmax import softmax_ibp, softmax_interval
 from gamma.graph import Graph
 from gamma.models.common import causal_mask
@@ -93,7 +93,7 @@ def test_separable_remainder_sound(op, box):
     node = g["y"]
     x0 = rnd(3, 16, scale=scale) + (5.0 if box == "large" else 0.0)
     x = Interval(x0 - eps, x0 + eps)
-    (nl, nu), (sl, su), _, _ = _norm_stats(x, node.params["eps"], op == "layernorm")
+    (nl, nu), (sl, su), _, _ = norm_stats(x, node.params["eps"], op == "layernorm")
     P = (lambda t: t - t.mean(-1, keepdim=True)) if op == "layernorm" else (lambda t: t)
     c0 = P(x0)
     s0 = torch.rsqrt((c0 * c0).mean(-1, keepdim=True) + node.params["eps"])
@@ -256,7 +256,7 @@ def test_bounded_rows_and_unbounded_everywhere():
     all rows bounded -> True; an inf row -> its mask; every row unbounded -> None;
     a bound that is (-inf, inf) at every entry (and only then) counts as unbounded."""
     from gamma.bounds.engine import _unbounded_everywhere
-    from gamma.bounds.jacobian import bounded_rows
+    from gamma.bounds.linearization import bounded_rows
     inf = math.inf
     lo = torch.zeros(3, 4, dtype=torch.float64)
     assert bounded_rows(Interval(lo, lo + 1)) is True

@@ -1,5 +1,5 @@
 """The linear forms of LayerNorm / RMSNorm that CROWN and zonotopes use
-(gamma/bounds/jacobian.py):
+(gamma/bounds/norm.py, softmax.py, linearization.py):
 
 * the decomposed relaxation (formula ``w (c s) + b`` relaxed step by step)
   and the per-row choice between it and the mean-value form contain
@@ -19,7 +19,8 @@ import torch
 
 from gamma.bounds import Tunings, compute_bounds
 from gamma.bounds.interval import Interval
-from gamma.bounds.jacobian import _inv_sqrt_line, _norm_decomposed, _norm_mv, linearize
+from gamma.bounds.jacobian import linearize
+from gamma.bounds.norm import _inv_sqrt_line, _norm_decomposed, _norm_mv
 from gamma.graph import Graph
 from gamma.ops import evaluate
 
@@ -195,7 +196,7 @@ def test_crown_through_layernorm_sound_and_tighter():
 def test_mean_value_remainder_lower_bound(op, scale):
     """The O(d) estimate that lets the norm skip the d x d mean-value remainder
     never exceeds that remainder's row sum (so it never hides a tighter form)."""
-    from gamma.bounds.jacobian import _norm_mv, _norm_mv_diagonal
+    from gamma.bounds.norm import _norm_mv_diagonal
     gen = torch.Generator().manual_seed(11)
     d = 48
     g = Graph(op, "x", (6, d))
@@ -267,18 +268,18 @@ def test_softmax_linearization_sound(box):
 @pytest.mark.parametrize("lo,hi", [(-3.0, 1.0), (0.5, 0.5 + 1e-12), (-40.0, -39.0), (-700.0, 0.0), (2.0, 2.0)])
 def test_convex_intercepts_hold_on_a_grid(lo, hi):
     """exp (shifted) and 1/z: the line ``beta x + [k_lo, k_hi]`` contains f on a dense grid, tightly."""
-    from gamma.bounds.jacobian import _convex_intercepts
+    from gamma.bounds.linearization import convex_intercepts
     l, u = torch.tensor([lo], dtype=torch.float64), torch.tensor([hi], dtype=torch.float64)
     f = torch.exp
     beta = (f(u) - f(l)) / (u - l) if hi > lo else f(l)
-    k_lo, k_hi = _convex_intercepts(f, f, l, u, beta, torch.log(beta))
+    k_lo, k_hi = convex_intercepts(f, f, l, u, beta, torch.log(beta))
     xs = torch.linspace(lo, hi, 20001, dtype=torch.float64)
     gx = f(xs) - beta * xs
     assert float(gx.min()) >= float(k_lo) and float(gx.max()) <= float(k_hi)
     assert float(k_hi - k_lo) <= 1.01 * float(gx.max() - gx.min()) + 1e-12
     zl, zu = l.exp() + 0.5, u.exp() + 0.5                 # 1/z on z > 0
     g = (1 / zu - 1 / zl) / (zu - zl) if float(zu) > float(zl) else -1 / zl ** 2
-    k_lo, k_hi = _convex_intercepts(lambda z: 1 / z, lambda z: -1 / z ** 2, zl, zu, g, torch.rsqrt(-g))
+    k_lo, k_hi = convex_intercepts(lambda z: 1 / z, lambda z: -1 / z ** 2, zl, zu, g, torch.rsqrt(-g))
     zs = torch.linspace(float(zl), float(zu), 20001, dtype=torch.float64)
     gz = 1 / zs - g * zs
     assert float(gz.min()) >= float(k_lo) and float(gz.max()) <= float(k_hi)
@@ -306,7 +307,7 @@ def test_ibp_rule_on_partly_unbounded_rows(op):
     sqrt(d), softmax in [0, 1]), never the NaN of an infinite mean-value radius;
     bounded rows are as without it (to float64 rounding); all rows unbounded skips the
     mean-value work and gives the direct enclosure everywhere."""
-    from gamma.bounds.interval import ibp_node
+    from gamma.bounds.ibp import ibp_node
     d = 16
     if op == "softmax":
         g = Graph(op, "x", (3, d))

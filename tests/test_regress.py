@@ -20,7 +20,7 @@ import pytest
 
 from gamma import regress as R
 from gamma.regress import measure
-from gamma.bounds import interval
+from gamma.bounds import ibp, interval
 from gamma.commands.regress import add_parser, write_report
 from gamma.errors import GammaError
 
@@ -214,7 +214,7 @@ def test_loosened_relaxation_is_a_regression(env, tmp_path, capsys, monkeypatch)
     assert rc == 0 and "no regression" in out
 
     # every linear layer's IBP interval 10% wider: sound, but looser
-    monkeypatch.setitem(interval.IBP, "linear", _widened(interval.IBP["linear"], 0.1))
+    monkeypatch.setitem(ibp.IBP, "linear", _widened(ibp.IBP["linear"], 0.1))
     rc, out, _ = cli(capsys, "regress", "check", suite, "--baseline", base, "--cache", cache, "--quiet")
     assert rc == 1
     assert "REGRESSION in 1 case(s): tq-ibp-blocks" in out

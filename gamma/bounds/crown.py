@@ -16,7 +16,7 @@ intermediate bounds:
 * products ``x*y`` and ``x @ y^T``: ``xy = cy x + cx y - cx cy + dx dy`` with
   ``|dx dy| <= rx ry`` (centres and radii of the intermediate bounds);
 * softmax: mean-value linearisation; LayerNorm / RMSNorm: per row the
-  mean-value or the decomposed form (:mod:`.jacobian`), with the mean square
+  mean-value or the decomposed form (:mod:`.norm`, :mod:`.softmax`), with the mean square
   of the centred input bounded by its own small backward pass
   (:func:`norm_mean_square`).
 
@@ -36,8 +36,11 @@ from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax, rows
 from .fp import CotangentProduct
-from .interval import Interval, planes, shift_constant, simplex_shift
-from .jacobian import _norm_stats, linearize, norm_interval, row_dot
+from .bilinear import planes, shift_constant, simplex_shift
+from .interval import Interval
+from .jacobian import linearize
+from .linearization import row_dot
+from .norm import norm_interval, norm_stats
 from .rows import Rows
 from .tuning import DEFAULT, Tunings
 
@@ -156,7 +159,7 @@ def _flat_sum(t: Tensor) -> Tensor:
 
 def _dot(lam: Tensor, c) -> Tensor:
     """sum over the trailing dims of lam * c (c broadcast to lam.shape[1:]): (S,), one mat-vec
-    (:func:`.jacobian.row_dot`)."""
+    (:func:`.linearization.row_dot`)."""
     return row_dot(lam, torch.as_tensor(c, dtype=lam.dtype, device=lam.device))
 
 
@@ -304,7 +307,7 @@ def norm_mean_square(ctx: Context, node) -> dict:
     x = ctx.inb(node)
     centered = node.op == "layernorm"
     c = centred_bounds(ctx, node) if centered else None
-    _, _, _, (cl, cu) = _norm_stats(x, node.params["eps"], centered, c=c)
+    _, _, _, (cl, cu) = norm_stats(x, node.params["eps"], centered, c=c)
     shape = x.lower.shape
     d = shape[-1]
     R = x.lower.numel() // d

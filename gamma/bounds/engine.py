@@ -29,7 +29,8 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from .crown import Context, node_bounds, refined_interval
 from .fpmargin import margin, output_cap
-from .interval import Interval, ibp_node
+from .ibp import ibp_node
+from .interval import Interval
 from .tuning import DEFAULT, Tunings
 from .zonotope import Zono, zono_node
 

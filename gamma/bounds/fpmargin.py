@@ -27,7 +27,7 @@ import torch
 
 from . import fp
 from .interval import Interval
-from .jacobian import _norm_stats
+from .norm import norm_stats
 
 U = 2.0 ** -24
 # Rules proven for IEEE float32 arithmetic in any evaluation order (dot products, sums,
@@ -182,7 +182,7 @@ def _norm(node, ins, out):
     d = x.lower.shape[-1]
     eps = node.params["eps"]
     w = node.params["weight"].abs()
-    stats = out.stats if out.stats is not None else _norm_stats(x, eps, centered)
+    stats = out.stats if out.stats is not None else norm_stats(x, eps, centered)
     (nl, nu), (sl, su), (vl, vh), (cl, cu) = stats
     xa = x.abs_max()
     g = fp.gamma(d + 4)

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from ..ops import AFFINE, ELEMENTWISE
-from .interval import shift_constant, simplex_shift
-from .jacobian import row_dot
+from .bilinear import shift_constant, simplex_shift
+from .linearization import row_dot
 
 Tensor = torch.Tensor
 

@@ -2,7 +2,7 @@
 linear forms CROWN and zonotopes choose between per row (mean value around
 the centre; the decomposed relaxation of ``exp(x_i) / sum exp``).  The
 shared machinery (:class:`Linearization`, convex intercepts) lives in
-:mod:`.jacobian`.  Rows are the last dim ``(.., R, S)`` with an optional
+:mod:`.linearization`.  Rows are the last dim ``(.., R, S)`` with an optional
 (R, S) mask."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..ops import FORWARD
 from .interval import Interval
-from .jacobian import ULP64, Linearization, RowRemainder, _convex_intercepts, bounded_rows, row_sums
+from .linearization import ULP64, Linearization, RowRemainder, bounded_rows, convex_intercepts, row_sums
 from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
@@ -129,8 +129,8 @@ def _softmax_decomposed(node, x: Interval):
     """Softmax relaxed as its formula ``y_i = e_i s``, ``e_i = exp(x_i - m)``
     (m: the row's largest upper bound), ``Z = sum e``, ``s = 1 / Z``, one
     slope per quantity over the box (convex exp and 1/Z: chord slope, rigorous
-    intercepts from :func:`_convex_intercepts`), and the product by the
-    half-sum of its two McCormick planes, as :func:`_norm_decomposed`:
+    intercepts from :func:`convex_intercepts`), and the product by the
+    half-sum of its two McCormick planes, as :func:`.norm._norm_decomposed`:
 
         e_i in alpha_i x_i + [b_lo_i, b_hi_i],   s in gamma Z + [k_lo, k_hi]
         e_i s in s_m e_i + e_m_i s - e_m_i s_m +- (eu_i - el_i)(su - sl) / 4
@@ -154,7 +154,7 @@ def _softmax_decomposed(node, x: Interval):
     narrow = span <= 1e-9 * (1 + lf.abs())
     alpha = torch.where(narrow, f(0.5 * (lf + uf)), (eu - el) / torch.where(narrow, torch.ones_like(span), span))
     alpha = alpha.clamp_min(0)
-    b_lo, b_hi = _convex_intercepts(f, f, lf, uf, alpha, m + torch.log(alpha))
+    b_lo, b_hi = convex_intercepts(f, f, lf, uf, alpha, m + torch.log(alpha))
     zero = torch.zeros_like(l)
     alpha, b_lo, b_hi = (torch.where(valid, t, zero) for t in (alpha, b_lo, b_hi))
     el, eu = torch.where(valid, el, zero), torch.where(valid, eu, zero)
@@ -166,7 +166,7 @@ def _softmax_decomposed(node, x: Interval):
     znarrow = zspan <= 1e-9 * zl
     gamma = torch.where(znarrow, -1 / (0.5 * (zl + zu)) ** 2,
                         (1 / zu - 1 / zl) / torch.where(znarrow, torch.ones_like(zspan), zspan))
-    k_lo, k_hi = _convex_intercepts(lambda z: 1 / z, lambda z: -1 / (z * z), zl, zu, gamma,
+    k_lo, k_hi = convex_intercepts(lambda z: 1 / z, lambda z: -1 / (z * z), zl, zu, gamma,
                                     torch.rsqrt(-gamma.clamp_max(-1e-300)))
     bc, bg = 0.5 * (b_lo + b_hi), 0.5 * (b_hi - b_lo)
     kc, kg = 0.5 * (k_lo + k_hi), 0.5 * (k_hi - k_lo)
@@ -188,7 +188,7 @@ def _softmax_decomposed(node, x: Interval):
     return a, u, alpha, k, e, rem
 
 
-def _softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT) -> Linearization:
+def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT) -> Linearization:
     """Per row, whichever of the mean-value form (exact Jacobian at the centre,
     dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
     the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``."""

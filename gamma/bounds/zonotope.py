@@ -12,7 +12,7 @@ Rules (:data:`ZONO`):
 * GELU / SiLU: ``y in a x + [b_lo, b_hi]`` from the relaxation lines;
 * products: ``xy = cx cy + cy dx + cx dy + dx dy`` with ``|dx dy| <= Rx Ry``
   (Rx: radius of x about its centre, from the zonotope and its interval);
-* softmax / LayerNorm / RMSNorm: mean-value linearisation from :mod:`.jacobian`.
+* softmax / LayerNorm / RMSNorm: their linear forms (:func:`.jacobian.linearize`).
 No rescaling of any kind is applied.
 """
 
@@ -25,7 +25,8 @@ import torch
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
 from . import relax
-from .interval import Interval, simplex_shift
+from .bilinear import simplex_shift
+from .interval import Interval
 from .jacobian import linearize
 from .tuning import DEFAULT, Tunings
 

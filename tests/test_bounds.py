@@ -71,7 +71,7 @@ def g_matmul():
 
 def g_attention():
     """Softmax attention, so that CROWN meets attention @ V (rows_sum_to_one:
-    sign-chosen McCormick planes, gamma.bounds.crown._matmul_planes)."""
+    sign-chosen McCormick planes, gamma.bounds.crown_rules._matmul_planes)."""
     g = Graph("attention", "x", (4, 8))
     heads = lambda n: g.add(n + "h", "split_heads", g.add(n, "linear", "x", weight=rnd(8, 8, scale=0.5)), heads=2)
     q, k, v = heads("q"), heads("k"), heads("v")
@@ -153,11 +153,10 @@ def test_attention_planes_sound_and_used(intermediate, monkeypatch):
     """attention @ V: sign-chosen planes with --intermediate crown, the half-sums with
     cut (its cheap mode); both sound (samples + PGD, float64 and float32), and at eps
     0.05 the planes are tighter here."""
-    from gamma.bounds import crown, rows
+    from gamma.bounds import crown_rules
     used = []
-    for mod in (crown, rows):
-        orig = mod._matmul_planes
-        monkeypatch.setattr(mod, "_matmul_planes", lambda n, l, c, orig=orig: (used.append(n.name), orig(n, l, c))[1])
+    orig = crown_rules._matmul_planes
+    monkeypatch.setattr(crown_rules, "_matmul_planes", lambda n, l, c: (used.append(n.name), orig(n, l, c))[1])
     g = g_attention().infer_shapes()
     x0 = rnd(*g.input_shape)
     r = compute_bounds(g, x0, 0.05, "crown", intermediate=intermediate)

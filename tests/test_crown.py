@@ -1,4 +1,4 @@
-"""CROWN's refinements of a norm's internals (gamma/bounds/crown.py):
+"""CROWN's refinements of a norm's internals (gamma/bounds/refine.py):
 :func:`centred_bounds` (bounds of ``x - mean(x)``) and
 :func:`norm_mean_square` (bounds of ``mean(c^2)``) contain every sampled and
 attacked value, and are tighter than what the box of x gives."""
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gamma.bounds import compute_bounds
-from gamma.bounds.crown import Context, centred_bounds, norm_mean_square
+from gamma.bounds.crown import Context
+from gamma.bounds.refine import centred_bounds, norm_mean_square
 from gamma.bounds.norm import norm_stats
 from gamma.graph import Graph
 from gamma.ops import evaluate
@@ -130,10 +131,10 @@ def test_trace_accounts_for_the_whole_width(op):
 
 def test_mul_planes_by_hand_and_alpha_on_a_product_is_sound_and_never_looser():
     """alpha-CROWN mixes the two McCormick planes of x * y per element
-    (crown.mul_planes): a = 1 gives P1 = xl y + yl x - xl yl exactly, a = b = 1/2
+    (bilinear.mul_planes): a = 1 gives P1 = xl y + yl x - xl yl exactly, a = b = 1/2
     the half-sum rule; on a SwiGLU-shaped graph the optimised bounds contain the
     function (samples + PGD) and are never looser than CROWN's."""
-    from gamma.bounds.crown import mul_planes
+    from gamma.bounds.bilinear import mul_planes
     from gamma.bounds.interval import Interval
     from gamma.graph import Graph
     from soundness import graph_fn, violations

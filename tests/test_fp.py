@@ -314,7 +314,7 @@ def test_cotangent_product_needs_float32_weights_and_finite_inputs():
 def test_crown_linear_rule_falls_back_to_float64_on_overflow():
     """A cotangent beyond float32's range makes the float32 product inf/NaN;
     the rule then returns the float64 product and its constant."""
-    from gamma.bounds import crown, rows
+    from gamma.bounds import crown, crown_rules, rows
     from gamma.bounds.interval import Interval
     from gamma.graph import Graph
     g = torch.Generator().manual_seed(2)
@@ -327,17 +327,17 @@ def test_crown_linear_rule_falls_back_to_float64_on_overflow():
     ctx = crown.Context(gr, {"x": x}, {"y": None})
     node = gr["y"]
     lam = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
-    (lin,), odd, even = crown._linear(node, lam, ctx)
+    (lin,), odd, even = crown_rules.apply(node, lam, ctx)
     assert not torch.equal(lin, lam @ w) and torch.allclose(lin, lam @ w, rtol=1e-5)     # the float32 path
-    assert torch.allclose(odd, crown._dot(lam, b.expand(2, 4)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(odd, crown_rules._dot(lam, b.expand(2, 4)), rtol=1e-5, atol=1e-6)
     assert 0 < even == ctx.linear_product(node).floor < 1e-30
     lam[1, 0, 2] = 1e300
-    (lin,), odd, even = crown._linear(node, lam, ctx)
+    (lin,), odd, even = crown_rules.apply(node, lam, ctx)
     assert torch.equal(lin, lam @ w) and torch.isfinite(odd).all() and even is None      # float64
-    assert torch.equal(odd, crown._dot(lam, b))
+    assert torch.equal(odd, crown_rules._dot(lam, b))
     # the compact rule does the same
     r = rows.Rows(lam[:, :1], torch.tensor([0, 1, 1]), 2)
-    (lin_r,), odd_r, even_r = rows._linear(node, r, ctx)
+    (lin_r,), odd_r, even_r = crown_rules.apply(node, r, ctx)
     assert torch.equal(lin_r.t, lam[:, :1] @ w) and torch.isfinite(odd_r).all() and even_r is None
     # the walk charges the product's error at the node (on top of its float32 margin)
     assert torch.equal(ctx.margin(node), ctx.linear_product(node).err)

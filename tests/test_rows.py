@@ -2,7 +2,7 @@
 
 import torch
 
-from gamma.bounds import Tunings, crown, rows
+from gamma.bounds import Tunings, crown, crown_rules, rows
 from gamma.bounds.rows import Rows
 from gamma.graph import Graph
 
@@ -36,8 +36,9 @@ def test_compact_rules_are_used(monkeypatch):
     g.add("y", "matmul", q, k)
     g.infer_shapes()
     used = []
-    for op in ("linear", "rmsnorm", "matmul"):
-        monkeypatch.setitem(rows.COMPACT, op, (lambda f, op: lambda *a: (used.append(op), f(*a))[1])(rows.COMPACT[op], op))
+    for op in ("linear", "rmsnorm", "matmul"):                  # rules that ran on a compact cotangent
+        monkeypatch.setitem(crown_rules.RULES, op, (lambda f, op: lambda n, lam, c: (
+            isinstance(lam, Rows) and used.append(op), f(n, lam, c))[1])(crown_rules.RULES[op], op))
     from gamma.bounds import compute_bounds
     x0 = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     a = compute_bounds(g, x0, 1e-2, "crown")
@@ -193,7 +194,7 @@ def test_rope_T_is_the_transpose():
 
 
 def test_outer_is_contiguous_and_the_product():
-    """rows._outer: the broadcast product, written contiguously, with a shared or per-row row factor."""
+    """rows.outer: the broadcast product, written contiguously, with a shared or per-row row factor."""
     gen = torch.Generator().manual_seed(6)
     # a compact cotangent whose memory has the heads outermost, as upstream rules can leave it
     lam_t = torch.randn(2, 3, 1, 5, generator=gen, dtype=torch.float64).transpose(0, 1)   # (S, H, 1, Tk)
@@ -202,6 +203,6 @@ def test_outer_is_contiguous_and_the_product():
     gathered = Rows(torch.zeros(3, 2, 1, 4, dtype=torch.float64), torch.tensor([1, 4, 2]), 6).take(c)
     assert not (col * gathered).is_contiguous()           # the plain product keeps that layout
     for row in (gathered, c.narrow(-2, 3, 1)):            # per-row, and one token shared
-        out = rows._outer(col, row)
+        out = rows.outer(col, row)
         assert out.shape == (3, 2, 5, 4) and out.is_contiguous()
         assert torch.equal(out, col * row)

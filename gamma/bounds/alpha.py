@@ -1,6 +1,6 @@
 """alpha-CROWN: optimise the relaxation parameters of GELU/SiLU nodes and the
 plane mixtures of products of two bounded tensors (SwiGLU's gate * up,
-:func:`gamma.bounds.crown.mul_planes`).
+:func:`gamma.bounds.bilinear.mul_planes`).
 
 Every alpha in [0, 1] gives sound relaxation lines (:func:`relax.linear`), so
 every iterate gives sound output bounds; we keep the elementwise best over

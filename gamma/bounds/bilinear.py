@@ -4,7 +4,8 @@
 ``rows_sum_to_one``) equals ``x @ (y - m)^T + m^T`` for any per-row constant
 m, so the domains relax the product around ``y - m`` (:func:`simplex_shift`)
 and CROWN may take one McCormick plane per product by the sign of Lambda
-(:func:`planes`).
+(:func:`planes`).  The McCormick planes of an elementwise product and their
+mixtures (alpha-CROWN's parameters): :func:`mul_planes`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ def shift_constant(x_center: Tensor, m: Tensor) -> Tensor:
 
 def planes(node) -> bool:
     """Whether CROWN may relax this product ``x @ y^T`` by McCormick planes chosen
-    per sign of Lambda (:func:`gamma.bounds.crown._matmul_planes`): the
+    per sign of Lambda (:func:`gamma.bounds.crown_rules._matmul_planes`): the
     attention @ V product, whose x rows are probabilities."""
     return bool(node.params.get("rows_sum_to_one"))
+
+
+def mul_planes(x, y, a_lo, a_hi):
+    """Mixtures of the two McCormick planes of ``z = x y`` on the box, per element:
+
+        z >= a P1 + (1 - a) P2,  P1 = xl y + yl x - xl yl,  P2 = xu y + yu x - xu yu   (a = a_lo)
+        z <= b Q1 + (1 - b) Q2,  Q1 = xu y + yl x - xu yl,  Q2 = xl y + yu x - xl yu   (b = a_hi)
+
+    each a convex combination of valid planes, so valid for any a, b in [0, 1];
+    a = b = 1/2 is the half-sum rule (alpha-CROWN optimises a, b).  Returns (x and
+    y slopes, constant) of the lower and of the upper line."""
+    xl, xu, yl, yu = x.lower, x.upper, y.lower, y.upper
+    lo = (a_lo * yl + (1 - a_lo) * yu, a_lo * xl + (1 - a_lo) * xu, -(a_lo * xl * yl + (1 - a_lo) * xu * yu))
+    hi = (a_hi * yl + (1 - a_hi) * yu, a_hi * xu + (1 - a_hi) * xl, -(a_hi * xu * yl + (1 - a_hi) * xl * yu))
+    return lo, hi

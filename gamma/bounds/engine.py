@@ -27,9 +27,11 @@ import torch
 
 from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
-from .crown import Context, node_bounds, refined_interval
+from .alpha import optimize
+from .crown import Context, node_bounds
 from .fpmargin import margin, output_cap
 from .ibp import ibp_node
+from .refine import REFINE, refined_interval
 from .interval import Interval
 from .tuning import DEFAULT, Tunings
 from .zonotope import Zono, zono_node
@@ -177,7 +179,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     stats = {"crown_nodes": 0}
 
     zonos = {graph.input: Zono.from_box(box)} if method == "zonotope" else None
-    ctx = Context(graph, bounds, margins, tunings=tunings)
+    ctx = Context(graph, bounds, margins, tunings=tunings, refine=REFINE)
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
     stops = cut_points(graph, need) if intermediate == "cut" else {}
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
@@ -234,7 +236,6 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
 
     out = bounds[graph.output]
     if method == "alpha":
-        from .alpha import optimize
         out = optimize(ctx, graph.output, box, out, iters=alpha_iters, progress=progress)
         bounds[graph.output] = out
     seconds = time.perf_counter() - t0

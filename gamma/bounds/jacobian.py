@@ -17,5 +17,5 @@ LINEARIZE = {"softmax": softmax_lin, "layernorm": norm_lin, "rmsnorm": norm_lin}
 
 def linearize(node, x: Interval, tunings: Tunings = DEFAULT, **refined) -> Linearization:
     """The linear form of ``node`` over the box ``x``.  ``refined``: extra sound facts
-    about the op's internals (``q`` and ``c`` for norms, :data:`gamma.bounds.crown.REFINE`)."""
+    about the op's internals (``q`` and ``c`` for norms, :data:`gamma.bounds.refine.REFINE`)."""
     return LINEARIZE[node.op](node, x, tunings, **refined)

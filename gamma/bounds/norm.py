@@ -17,7 +17,7 @@ values, ``y = w n + b``.
 
 ``q`` / ``c``: sound bounds of the mean square and of the centred input
 tighter than the box's (CROWN's own backward passes,
-:func:`gamma.bounds.crown.norm_mean_square`), intersected with the box's.
+:func:`gamma.bounds.refine.norm_mean_square`), intersected with the box's.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def norm_lin(node, x: Interval, tunings: Tunings = DEFAULT, q: Optional[tuple] =
     decomposed form (:func:`_norm_decomposed`) has the smaller total
     remainder; both are ``y in a*(Px) + u (v . Px) + k +- e``.  ``q``: sound
     bounds of the mean square ``mean((Px)^2)`` per row, tighter than the box's
-    (CROWN passes them, :func:`gamma.bounds.crown.norm_mean_square`)."""
+    (CROWN passes them, :func:`gamma.bounds.refine.norm_mean_square`)."""
     centered = node.op == "layernorm"
     shape = x.center.shape
     x0 = x.center
@@ -368,7 +368,7 @@ def norm_interval(node, x: Interval, q: Optional[tuple] = None, c: Optional[tupl
     """IBP rule of LayerNorm/RMSNorm in O(d log d) per row: the direct
     enclosure intersected with ``y0 +- norm_radius`` (mean value theorem).
     ``q`` / ``c``: sound bounds of the mean square and of the centred input
-    (CROWN's, :func:`gamma.bounds.crown.norm_mean_square`), tighter than the
+    (CROWN's, :func:`gamma.bounds.refine.norm_mean_square`), tighter than the
     box's.  The statistics ride on the result for the float32 margin."""
     stats = norm_stats(x, node.params["eps"], node.op == "layernorm", q, c)
     naive = norm_naive(node, x, stats)

@@ -1,16 +1,26 @@
-"""Token-compact CROWN cotangents.
+"""The two layouts of a CROWN cotangent, behind one interface the rules use.
 
-A CROWN spec row for an output at token t has a cotangent that is zero at
-every other token until the backward walk crosses an op that mixes tokens
-(the key/value side of attention).  :class:`Rows` stores such a cotangent
-as one token slice per row: ``t`` (S, *lead, 1, n) with row s living at
-token ``tok[s]`` of axis -2 of the node's shape (T tokens).  Rules in
-:data:`COMPACT` map a compact cotangent of a node's output to cotangents of
-its inputs (compact, or dense where the op spreads a row over tokens) and a
-constant, with every per-token constant of the node gathered at each row's
-token (:meth:`Rows.take`).  The dense walk (:mod:`.crown`) falls back to
-:meth:`Rows.dense` for any other op or shape, so results equal the dense
-computation; memory and work follow S x n instead of S x T x n.
+:class:`Dense`: ``t`` (S, *node shape), one full cotangent per spec row.
+
+:class:`Rows` (token-compact): a CROWN spec row for an output at token t has a
+cotangent that is zero at every other token until the backward walk crosses
+an op that mixes tokens (the key/value side of attention).  Rows stores such
+a cotangent as one token slice per row: ``t`` (S, *lead, 1, n) with row s
+living at token ``tok[s]`` of axis -2 of the node's shape (T tokens).  Ops in
+:data:`TOKEN_LOCAL` keep it (their rules map it to compact cotangents of the
+row-keeping inputs, dense ones where the op spreads a row over tokens), with
+every per-token constant of the node gathered at each row's token
+(:meth:`Rows.take`).  The walk (:mod:`.crown`) falls back to :meth:`Rows.dense`
+for any other op or shape, so results equal the dense computation; memory and
+work follow S x n instead of S x T x n.
+
+Both layouts answer ``take`` (a node-shaped constant as each row sees it),
+``like`` (another cotangent of the same layout), ``view`` (the node with its
+per-token parameters taken), ``dot`` / ``abs_dot`` (per-row sums against a
+constant), ``vjp`` (a linearisation's transpose) and ``sparse`` (whether a
+linear transpose should skip all-zero rows), each with the tensor ops that
+layout has always used, so one rule body serves both
+(:mod:`.crown_rules`).
 
 Ops are token-local along axis -2 when they act on the last axis (linear,
 norms, softmax rows), elementwise (activations, add, mul, rope with
@@ -27,8 +37,7 @@ from typing import Optional
 
 import torch
 
-from ..ops import AFFINE, ELEMENTWISE
-from .bilinear import shift_constant, simplex_shift
+from ..ops import ELEMENTWISE
 from .linearization import row_dot
 
 Tensor = torch.Tensor
@@ -37,6 +46,38 @@ Tensor = torch.Tensor
 TOKEN_PARAMS = {"rope": ("cos", "sin"), "add_const": ("c",), "mul_const": ("c",)}
 # ops whose inputs all have the node's own shape (no broadcasting between inputs)
 SAME_SHAPE = ELEMENTWISE | {"add", "mul", "softmax", "layernorm", "rmsnorm", "add_const", "mul_const", "rope"}
+# ops whose rules keep a compact cotangent at its token (x @ y^T: on x's side)
+TOKEN_LOCAL = ELEMENTWISE | {"add", "add_const", "mul_const", "split_heads", "merge_heads", "repeat_kv", "rope",
+                             "matmul_const", "linear", "mul", "matmul", "softmax", "layernorm", "rmsnorm"}
+
+
+class Dense:
+    """A dense cotangent ``t`` (S, *node shape) behind the layout interface (module docstring)."""
+
+    sparse = True                    # linear transposes skip all-zero rows (attention's spread rows have many)
+    __slots__ = ("t",)
+
+    def __init__(self, t: Tensor):
+        self.t = t
+
+    def take(self, c):
+        return c
+
+    def like(self, t: Tensor) -> "Dense":
+        return Dense(t)
+
+    def view(self, node):
+        return node
+
+    def dot(self, c) -> Tensor:
+        """(S,): sum over each row of ``t * c``, c broadcast to the node's shape (one mat-vec)."""
+        return row_dot(self.t, torch.as_tensor(c, dtype=self.t.dtype, device=self.t.device))
+
+    def abs_dot(self, c) -> Tensor:
+        return row_dot(self.t.abs(), torch.as_tensor(c, dtype=self.t.dtype, device=self.t.device))
+
+    def vjp(self, lin) -> Tensor:
+        return lin.vjp(self.t)
 
 
 @dataclass
@@ -46,6 +87,7 @@ class Rows:
     T: int           # tokens on axis -2 of the node
     one: Optional[int] = None   # the token of every row when they share one (a chunk of consecutive
                                 # specs mostly does): constants are then sliced, not gathered per row
+    sparse = False              # (not a field) compact rows are rarely zero: linear transposes keep them all
 
     @staticmethod
     def of(t: Tensor, tok: Tensor, T: int) -> "Rows":
@@ -83,6 +125,20 @@ class Rows:
         g = self.take(c)
         return row_dot(self.t, g)
 
+    def abs_dot(self, c) -> Tensor:
+        return self.like(self.t.abs()).dot(c)
+
+    def view(self, node):
+        """The node with its per-token parameters (:data:`TOKEN_PARAMS`) taken at each row's token."""
+        keys = TOKEN_PARAMS.get(node.op, ())
+        if not keys:
+            return node
+        params = {k: (self.take(v) if k in keys else v) for k, v in node.params.items()}
+        return SimpleNamespace(name=node.name, op=node.op, params=params, shape=node.shape)
+
+    def vjp(self, lin) -> Tensor:
+        return lin.vjp_at(self.take)(self.t)
+
 
 @dataclass
 class Sym:
@@ -100,6 +156,11 @@ class Sym:
         if isinstance(lam, Rows):
             return Rows(torch.cat([lam.t, -lam.t]), torch.cat([lam.tok, lam.tok]), lam.T, lam.one)
         return torch.cat([lam, -lam])
+
+
+def layout(lam):
+    """A cotangent (Tensor, :class:`Rows` or :class:`Dense`) behind the layout interface."""
+    return lam if isinstance(lam, (Rows, Dense)) else Dense(lam)
 
 
 def add(a, b):
@@ -122,7 +183,7 @@ def add(a, b):
 def applies(graph, node, lam: Rows) -> bool:
     """Whether the compact rule of ``node`` is valid for ``lam``: axis -2 of
     the node and of its row-keeping inputs holds lam.T tokens."""
-    if node.op not in COMPACT or len(node.shape) < 2 or node.shape[-2] != lam.T:
+    if node.op not in TOKEN_LOCAL or len(node.shape) < 2 or node.shape[-2] != lam.T:
         return False
     ins = node.inputs[:1] if node.op == "matmul" else node.inputs
     for name in ins:
@@ -150,84 +211,7 @@ def first_rows(graph, target: str, idx: Tensor, dtype, device):
     return Sym(Rows.of(t, tok, T))
 
 
-# ---------------------------------------------------------------- rules
-def _view(node, lam: Rows):
-    keys = TOKEN_PARAMS.get(node.op, ())
-    if not keys:
-        return node
-    params = {k: (lam.take(v) if k in keys else v) for k, v in node.params.items()}
-    return SimpleNamespace(name=node.name, op=node.op, params=params, shape=node.shape)
-
-
-def _affine(node, lam: Rows, ctx):
-    fact = AFFINE[node.op]
-    view = _view(node, lam)
-    shapes = [ctx.graph[i].shape for i in node.inputs]
-    ins = fact.lin_T(view, lam.t, shapes)
-    off = fact.offset(node)
-    bias = lam.dot(off) if off is not None else lam.t.new_zeros(lam.t.shape[0])
-    return [lam.like(i) for i in ins], bias, None
-
-
-def _linear(node, lam: Rows, ctx):
-    """``lam W`` as a float32 product where it applies (:class:`.fp.CotangentProduct`)."""
-    p = ctx.linear_product(node)
-    if p is not None:
-        lin = lam.like(p.product(lam.t, sparse=False))       # compact rows are rarely zero
-        odd = lam.dot(p.y0) - lin.dot(p.x0)
-        if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
-            return [lin], odd, p.floor
-    return _affine(node, lam, ctx)
-
-
-def _elementwise(node, lam: Rows, ctx):
-    al, bl, au, bu = ctx.relaxation(node)
-    band = ctx.band(node)
-    if band is not None:                        # parallel lines: linear in lam (crown._elementwise)
-        c, h = band
-        return [lam.like(lam.t * lam.take(al))], lam.dot(c), lam.like(lam.t.abs()).dot(h)
-    pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
-    bias = lam.like(pos).dot(bl) + lam.like(neg).dot(bu)
-    return [lam.like(pos * lam.take(al) + neg * lam.take(au))], bias, None
-
-
-def _mul(node, lam: Rows, ctx):
-    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
-    cx, cy = lam.take(x.center), lam.take(y.center)
-    rr = x.radius * y.radius
-    odd = -(lam.t * cx * cy).reshape(lam.t.shape[0], -1).sum(1)
-    return [lam.like(lam.t * cy), lam.like(lam.t * cx)], odd, lam.like(lam.t.abs()).dot(rr)
-
-
-def _matmul(node, lam: Rows, ctx):
-    if ctx.use_planes(node):
-        return _matmul_planes(node, lam, ctx)
-    return _matmul_centre(node, lam, ctx)
-
-
-def _matmul_centre(node, lam: Rows, ctx):
-    """z = x y^T: lam (S, .., 1, Tk) keeps x's rows; y's cotangent is dense.
-
-    The x-side product runs with the rows as the matrix dimension, one
-    (S, Tk) @ (Tk, a) per head, and serves the constant too:
-    ``sum lam * (cx cy^T) = sum (lam cy) * cx``."""
-    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
-    cy = y.center
-    t = lambda v: v.transpose(-1, -2)
-    m = simplex_shift(node, cy)
-    cx_rows = lam.take(x.center)                                   # (S, .., 1, a)
-    S = lam.t.shape[0]
-    bias = lam.t.new_zeros(S)
-    if m is not None:
-        cy = cy - m
-        bias = bias + lam.dot(shift_constant(x.center, m).expand(node.shape))
-    lx = (lam.t.squeeze(-2).movedim(0, -2) @ cy).movedim(-2, 0).unsqueeze(-2)   # (S, .., 1, a)
-    bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
-    even = lam.like(lam.t.abs()).dot(x.radius @ t(y.radius))
-    return [lam.like(lx), _outer(t(lam.t), cx_rows)], bias, even     # (S, .., Tk, a): outer products
-
-
-def _outer(col: Tensor, row: Tensor) -> Tensor:
+def outer(col: Tensor, row: Tensor) -> Tensor:
     """``col * row`` for col (S, .., Tk, 1) and row (S or 1, .., 1, a), written
     contiguously: left to broadcasting, the output may take a permuted layout
     (heads outermost), which every later row-wise dot has to copy."""
@@ -236,40 +220,3 @@ def _outer(col: Tensor, row: Tensor) -> Tensor:
     rs = (1,) * (col.dim() - row.dim()) + tuple(row.shape)
     shape = tuple(max(a, b) for a, b in zip(col.shape, rs))       # each pair equal or 1
     return torch.mul(col, row, out=col.new_empty(shape))
-
-
-def _matmul_planes(node, lam: Rows, ctx):
-    """:func:`.crown._matmul_planes` with lam keeping x's rows (y's cotangent dense);
-    the constant from the x-side product: ``sum_j lam_j (xl yl^T)_j = (lam yl) . xl``."""
-    x, y = ctx.inb(node, 0), ctx.inb(node, 1)
-    t = lambda v: v.transpose(-1, -2)
-    m = simplex_shift(node, y.center)
-    yl, yu = y.lower, y.upper
-    S = lam.t.shape[0]
-    bias = lam.t.new_zeros(S)
-    if m is not None:
-        yl, yu = yl - m, yu - m
-        bias = bias + lam.dot(t(m).expand(node.shape))
-    xl_rows = lam.take(x.lower)                                    # (S, .., 1, a)
-    pos, neg = lam.t.clamp(min=0), lam.t.clamp(max=0)
-    mm = lambda v, w: (v.squeeze(-2).movedim(0, -2) @ w).movedim(-2, 0).unsqueeze(-2)
-    lx = mm(pos, yl) + mm(neg, yu)                                 # (S, .., 1, a)
-    bias = bias - (lx * xl_rows).reshape(S, -1).sum(1)
-    ly = _outer(t(lam.t), xl_rows)                                 # (S, .., Tk, a)
-    if m is not None:
-        bias = bias - (ly * m).reshape(S, -1).sum(1)               # ly . (y - m) = ly . y - ly . m
-    return [lam.like(lx), ly], bias, None
-
-
-def _jacobian(node, lam: Rows, ctx):
-    lin = ctx.linearization(node)
-    const = ctx.lin_const(node)
-    return [lam.like(lin.vjp_at(lam.take)(lam.t))], lam.dot(const), lin.even_at(lam.take)(lam.t)
-
-
-COMPACT: dict = {op: _affine for op in ("add", "add_const", "mul_const", "split_heads",
-                                        "merge_heads", "repeat_kv", "rope", "matmul_const")}
-COMPACT.update({op: _elementwise for op in ELEMENTWISE})
-COMPACT.update({"linear": _linear, "mul": _mul, "matmul": _matmul, "softmax": _jacobian, "layernorm": _jacobian,
-                "rmsnorm": _jacobian})
-

@@ -1,0 +1,116 @@
+"""CROWN's refinements of an op's internals: sound facts beyond its input box,
+from backward passes of their own (:func:`.crown.backward`), computed once per
+node (:meth:`.crown.Context.refinement`, which finds them in :data:`REFINE`).
+
+LayerNorm / RMSNorm: the centred input ``c = x - mean(x)`` (:func:`centred_bounds`)
+and the mean square ``q = mean(c^2)`` (:func:`norm_mean_square`).  The box of x
+loses the correlation between x_i and mean(x) and between the entries of a
+row, which is what makes the norm's inverse scale, and so its relaxation,
+tight.  They serve the norm's linear form (:func:`.norm.norm_lin`) and, through
+:data:`REFINED_IBP`, its box and float32 margin: where the input box admits
+zero variance the box's rsqrt error is unbounded, CROWN's is not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import rows
+from .crown import Context, backward, halves, numel
+from .interval import Interval
+from .norm import norm_interval, norm_stats
+
+
+def norm_mean_square(ctx: Context, node) -> dict:
+    """CROWN bounds of the mean square ``q = mean(c^2)``, ``c = P x`` (x: the
+    norm's input, P: centring or identity), per row: with ``[cl, cu]`` the
+    box of c and t its centre,
+
+        mean(m c) - mean(cl cu)  >=  q  >=  mean(2 t c) - mean(t^2)    (m = cl + cu)
+
+    (chords and tangents of c^2), both linear in x, bounded by one backward
+    pass of 2R rows (R = rows of x).  The box gives q's range from independent
+    c_j intervals; this keeps the correlation between them, which is what
+    makes the norm's inverse scale, and so its relaxation, tight."""
+    x = ctx.inb(node)
+    centered = node.op == "layernorm"
+    c = centred_bounds(ctx, node) if centered else None
+    _, _, _, (cl, cu) = norm_stats(x, node.params["eps"], centered, c=c)
+    shape = x.lower.shape
+    d = shape[-1]
+    R = x.lower.numel() // d
+    P = (lambda t: t - t.mean(-1, keepdim=True)) if centered else (lambda t: t)
+    t = 0.5 * (cl + cu)
+    up = P(cl + cu).reshape(R, d) / d                       # q <= up . x_row - mean(cl cu)
+    lo = P(2 * t).reshape(R, d) / d                         # q >= lo . x_row - mean(t^2)
+    lam = x.lower.new_zeros(2 * R, R, d)
+    ar = torch.arange(R, device=lam.device)
+    lam[ar, ar] = -up
+    lam[R + ar, ar] = lo
+    lb = backward(ctx, {node.inputs[0]: lam.reshape(2 * R, *shape)}, lam.new_zeros(2 * R),
+                  ctx.bounds[ctx.graph.input], ctx.stops.get(node.inputs[0], frozenset()))
+    row = shape[:-1] + (1,)
+    q_hi = (-lb[:R]).reshape(row) - (cl * cu).mean(-1, keepdim=True)
+    q_lo = lb[R:].reshape(row) - (t * t).mean(-1, keepdim=True)
+    slack = 1e-12 * (q_hi.abs() + q_lo.abs()) + 1e-300        # float64 rounding of the pass
+    return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
+
+
+def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tuple:
+    """CROWN bounds ``(lower, upper)`` of LayerNorm's centred input ``x - mean(x)``
+    (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
+    The box of x loses the correlation between x_i and mean(x)."""
+    graph = ctx.graph
+    name = node.inputs[0]
+    shape = graph[name].shape
+    n = numel(shape)
+    d = shape[-1]
+    box = ctx.bounds[graph.input]
+    dtype, device = box.lower.dtype, box.lower.device
+    widest = max(numel(graph[a].shape) for a in graph.ancestors(name) | {name})
+    step = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
+    lo = torch.empty(n, dtype=dtype, device=device)
+    hi = torch.empty(n, dtype=dtype, device=device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        idx = torch.arange(s, e, device=device)
+        lam = rows.first_rows(graph, name, idx, dtype, device) if ctx.tunings.compact_rows else None
+        if lam is not None:
+            lam = rows.Sym(lam.lam.like(lam.lam.t - lam.lam.t.mean(-1, keepdim=True)))
+        else:
+            eye = torch.zeros(e - s, n, dtype=dtype, device=device)
+            eye[torch.arange(e - s), idx] = 1.0
+            eye = eye.reshape(e - s, -1, d)
+            lam = rows.Sym((eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape))
+        lb = backward(ctx, halves({name: lam}, ctx.tunings), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
+                      ctx.stops.get(name, frozenset()))
+        lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
+    slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
+    return (lo - slack).reshape(shape), (hi + slack).reshape(shape)
+
+
+REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square}
+
+
+def _norm_box(ctx: Context, node, x: Interval) -> Interval:
+    """The box's rule intersected with the refined one (each sound), carrying the
+    refined statistics (which are the box's intersected with CROWN's)."""
+    refined = norm_interval(node, x, **ctx.refinement(node))
+    out = refined.intersect(norm_interval(node, x))
+    out.stats = refined.stats
+    return out
+
+
+# interval rules that use the refinements: a norm's box from CROWN's mean square and
+# centred input instead of the box's (the float32 margin then reads the same statistics:
+# where the box's variance may reach 0, its rsqrt error is unbounded; CROWN's is not)
+REFINED_IBP = {"layernorm": _norm_box, "rmsnorm": _norm_box}
+
+
+def refined_interval(ctx: Context, node, ins: list) -> Optional[Interval]:
+    """The node's interval from its refinements (:data:`REFINED_IBP`), or None
+    where the op has none."""
+    rule = REFINED_IBP.get(node.op) if ctx.tunings.norm_internals else None
+    return rule(ctx, node, *ins) if rule is not None else None

@@ -15,6 +15,7 @@ import scipy.special as sp
 import torch
 import torch.nn.functional as F
 
+from gamma import float32
 from gamma.bounds import fp
 from gamma.errors import UnsupportedOp
 
@@ -219,7 +220,7 @@ def test_abs_matmul_upper_is_an_upper_bound_and_tight(n, float32_weights):
     if float32_weights:
         w = w.to(torch.float32).to(torch.float64)        # as weights read from a checkpoint are
     up = fp.abs_matmul_upper(a, w)
-    assert fp._EXACT32[id(w)][0] is float32_weights
+    assert float32._EXACT32[id(w)][0] is float32_weights
     for i in range(4):
         for j in range(5):
             exact = _exact_rational_dot(a[i], w[j].abs())
@@ -385,8 +386,8 @@ def test_linear_image_contains_the_exact_range(n, registered):
     c, r, w32 = _linear_case(n, n)
     w = w32.to(torch.float64)
     if registered:
-        fp.register_f32(w, w32)
-        assert fp.weight32(w) is w32
+        float32.register_f32(w, w32)
+        assert float32.weight32(w) is w32
     p, rad, sums = fp.linear_image(c, r, w)
     assert p.dtype == rad.dtype == sums.dtype == torch.float64
     assert torch.isfinite(p).all() and torch.isfinite(rad).all()
@@ -462,14 +463,14 @@ def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded():
 def test_registered_float32_source_lapses_when_modified():
     w32 = torch.randn(3, 4)
     w = w32.to(torch.float64)
-    fp.register_f32(w, w32)
-    assert fp.weight32(w) is w32
+    float32.register_f32(w, w32)
+    assert float32.weight32(w) is w32
     w.mul_(2.0)                                              # the float64 copy changed: convert instead
-    got = fp.weight32(w)
+    got = float32.weight32(w)
     assert got is not w32 and torch.equal(got.to(torch.float64), w)
     w.add_(1e-12)                                            # no longer float32-valued: no float32 product
-    assert fp.weight32(w) is None and not fp.is_exact32(w)
+    assert float32.weight32(w) is None and not float32.is_exact32(w)
     w2 = w32.to(torch.float64)
-    fp.register_f32(w2, w32)
+    float32.register_f32(w2, w32)
     w32.mul_(3.0)                                            # the source changed: convert the float64 copy
-    assert torch.equal(fp.weight32(w2).to(torch.float64), w2)
+    assert torch.equal(float32.weight32(w2).to(torch.float64), w2)

@@ -16,8 +16,6 @@ TOO_LONG = {"parallel.py", "verify.py"}
 CYCLES = []
 # in-function imports of gamma modules that defer a heavy optional dependency or break a cycle still to remove
 LATE = {
-    "gamma/bounds/fp.py": {"gamma.ops"},
-    "gamma/bounds/fpmargin.py": {"gamma.ops"},
     "gamma/io/lazy.py": {"gamma.io.gguf_fmt"},           # gguf_fmt imports lazy
     "gamma/parallel.py": {"gamma.extras"},
     "gamma/verify.py": {"gamma.io", "gamma.io.zoo"},

@@ -45,11 +45,13 @@ from typing import Union
 import torch
 
 from ..errors import UnsupportedOp
+from ..float32 import is_exact32, weight32
+from ..ops import matmul_sparse_rows
 from . import relax
 
 __all__ = ["U", "FLOOR", "F32Model", "MODELS", "gamma", "dot_error", "elementwise_error", "abs_matmul_upper",
-           "matmul_upper", "is_exact32", "f32_matmul_is_ieee", "CotangentProduct", "register_f32", "weight32",
-           "linear_image", "AbsCache", "ABS_CACHE"]
+           "matmul_upper", "f32_matmul_is_ieee", "CotangentProduct", "linear_image", "AbsCache",
+           "ABS_CACHE"]
 
 U = 2.0 ** -24                    # float32 unit roundoff
 FLOOR = 2.0 ** -120               # absolute floor: underflow / FTZ / silu overflow
@@ -225,47 +227,6 @@ def abs_matmul_upper(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _from32(_up32(a) @ w32.T, w.shape[-1])
 
 
-_EXACT32: dict = {}         # id(tensor) -> (bool, version), dropped when the tensor dies
-
-
-def is_exact32(w: torch.Tensor) -> bool:
-    """Whether every entry of w is a finite float32 value (weights read from
-    fp16 / bf16 / float32 / quantized files are).  The check runs once per
-    tensor and is remembered while the tensor lives."""
-    hit = _EXACT32.get(id(w))
-    if hit is not None and hit[1] == w._version:
-        return hit[0]
-    exact = bool((w.to(torch.float32).to(w.dtype) == w).all()) and bool(torch.isfinite(w).all())
-    if hit is None:
-        weakref.finalize(w, _EXACT32.pop, id(w), None)
-    _EXACT32[id(w)] = (exact, w._version)         # checked again if w is modified in place
-    return exact
-
-
-_F32_SOURCE: dict = {}      # id(float64 tensor) -> (its float32 source, both tensors' versions)
-
-
-def register_f32(w: torch.Tensor, w32: torch.Tensor) -> None:
-    """Record that float64 ``w`` was made as ``w32.to(float64)`` (a checkpoint's
-    float32 tensor), so float32 products can use ``w32`` without converting
-    ``w`` on every call.  The entry lapses when either tensor is modified in
-    place (version counters) and is dropped when ``w`` dies."""
-    key = id(w)
-    _F32_SOURCE[key] = (w32, w._version, w32._version)
-    weakref.finalize(w, _F32_SOURCE.pop, key, None)
-
-
-def weight32(w: torch.Tensor):
-    """w as a float32 tensor with the same values (its registered source, or a
-    conversion), or None when w is not float32-valued (:func:`is_exact32`)."""
-    src = _F32_SOURCE.get(id(w))
-    if src is not None:
-        w32, v, v32 = src
-        if v == w._version and v32 == w32._version and w32.device == w.device and w32.shape == w.shape:
-            return w32
-    return w.to(torch.float32) if is_exact32(w) else None
-
-
 class AbsCache:
     """|W| in float32 of the most recently used float32-valued weights, at most
     ``budget`` bytes (least recently used first out), keyed by the weight tensor
@@ -285,7 +246,7 @@ class AbsCache:
         return w.numel() * 4 <= self.budget
 
     def get(self, w: torch.Tensor):
-        """|w| in float32 when w is float32-valued (:func:`is_exact32`), else None
+        """|w| in float32 when w is float32-valued (:func:`gamma.float32.is_exact32`), else None
         (kept when it fits)."""
         key = id(w)
         hit = self._store.get(key)
@@ -361,7 +322,7 @@ def linear_image(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor, *, cache: Ab
 
     With float32-valued W and IEEE float32 matmuls all three come from two
     float32 products, about twice the speed of float64 and with no
-    conversion of W when its float32 source is registered (:func:`register_f32`).
+    conversion of W when its float32 source is registered (:func:`gamma.float32.register_f32`).
     With ``c32 = fl32(c)`` (``|c - c32| <= U |c32| + 2^-150``), ``r32 >= r``
     (the next float32 up), ``P = fl32(c32 W^T)`` and ``[S_r; S_c] =
     fl32([r32; |c32|] |W|^T)``, any summation order or FMA:
@@ -496,5 +457,4 @@ class CotangentProduct:
 
     def product(self, lam: torch.Tensor, sparse: bool = True) -> torch.Tensor:
         """``fl32(fl32(lam) @ W)`` as float64 (zero rows skipped unless ``sparse=False``)."""
-        from ..ops import matmul_sparse_rows
         return matmul_sparse_rows(lam, self.w32, torch.float32, sparse)

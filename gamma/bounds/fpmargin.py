@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from .. import ops
+from ..float32 import is_exact32
 from . import fp
 from .interval import Interval
 from .norm import norm_stats
@@ -43,7 +45,7 @@ def _rounded(c):
     """``|c - fl32(c)|`` for a constant a float32 engine rounds on load (a tensor or a
     float), or None where c is float32-valued already (checkpoint weights, RoPE tables)."""
     if isinstance(c, torch.Tensor):
-        return None if fp.is_exact32(c) else (c - c.to(torch.float32).to(c.dtype)).abs()
+        return None if is_exact32(c) else (c - c.to(torch.float32).to(c.dtype)).abs()
     try:
         d = abs(float(c) - struct.unpack("f", struct.pack("f", float(c)))[0])   # no tensor: no device
     except (OverflowError, struct.error):                                        # beyond float32's range
@@ -80,9 +82,8 @@ def _linear(node, ins, out):
 
 
 def _conv1d(node, ins, out):
-    from ..ops import _conv1d as conv
     w = node.params["weight"]
-    s = conv(ins[0].abs_max(), w.abs(), None, node.params["stride"], node.params["padding"])
+    s = ops._conv1d(ins[0].abs_max(), w.abs(), None, node.params["stride"], node.params["padding"])
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()[:, None]
@@ -90,9 +91,8 @@ def _conv1d(node, ins, out):
 
 
 def _conv2d(node, ins, out):
-    from ..ops import _conv2d_abs
     w = node.params["weight"]
-    s = _conv2d_abs(node, ins[0].abs_max())
+    s = ops._conv2d_abs(node, ins[0].abs_max())
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()[:, None, None]
@@ -101,12 +101,11 @@ def _conv2d(node, ins, out):
 
 def _reduce_mean(node, ins, out):
     """A sum of n terms, then one division."""
-    from ..ops import FORWARD
     axes = node.params["axes"]
     n = 1
     for a in axes:
         n *= ins[0].lower.shape[a]
-    return fp.dot_error(FORWARD["reduce_mean"](node, ins[0].abs_max()), n + 4) + _rel(out, 1.0)
+    return fp.dot_error(ops.FORWARD["reduce_mean"](node, ins[0].abs_max()), n + 4) + _rel(out, 1.0)
 
 
 def _matmul(node, ins, out, prev=None):
@@ -144,14 +143,13 @@ def _matmul_const(node, ins, out):
 
 
 def _rope(node, ins, out):
-    from ..ops import rotate_half_abs
     x = ins[0].abs_max()
-    s = x * node.params["cos"].abs() + rotate_half_abs(x) * node.params["sin"].abs()
+    s = x * node.params["cos"].abs() + ops.rotate_half_abs(x) * node.params["sin"].abs()
     m = 3 * U * (1 + U) * s                 # two products and their sum, each rounded once
     dcos, dsin = _rounded(node.params["cos"]), _rounded(node.params["sin"])
     if dcos is not None or dsin is not None:  # tables that are not float32 values (transformers' are)
         z = torch.zeros_like(x)
-        m = m + 2 * (x * (z if dcos is None else dcos) + rotate_half_abs(x) * (z if dsin is None else dsin))
+        m = m + 2 * (x * (z if dcos is None else dcos) + ops.rotate_half_abs(x) * (z if dsin is None else dsin))
     return m
 
 

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..io.checkpoint import LoadedCheckpoint as Checkpoint
-from ..bounds.fp import register_f32
+from ..float32 import register_f32
 from ..graph import Graph
+from ..io.checkpoint import LoadedCheckpoint as Checkpoint
 
 
 def f32_const(value: float) -> float:

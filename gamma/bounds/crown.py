@@ -67,7 +67,7 @@ class Context:
         """Sound facts about the op's internals beyond its input box (:attr:`refine`),
         computed once per node: ``q`` and ``c`` for norms, {} for other ops."""
         if node.name not in self._refined:
-            refine = self.refine.get(node.op) if self.tunings.norm_internals else None
+            refine = self.refine.get(node.op)
             self._refined[node.name] = refine(self, node) if refine is not None else {}
         return self._refined[node.name]
 

@@ -21,6 +21,7 @@ from . import rows
 from .crown import Context, backward, halves, numel
 from .interval import Interval
 from .norm import norm_interval, norm_stats
+from .softmax_pairs import softmax_pairs
 
 
 def norm_mean_square(ctx: Context, node) -> dict:
@@ -34,6 +35,8 @@ def norm_mean_square(ctx: Context, node) -> dict:
     pass of 2R rows (R = rows of x).  The box gives q's range from independent
     c_j intervals; this keeps the correlation between them, which is what
     makes the norm's inverse scale, and so its relaxation, tight."""
+    if not ctx.tunings.norm_internals:
+        return {}
     x = ctx.inb(node)
     centered = node.op == "layernorm"
     c = centred_bounds(ctx, node) if centered else None
@@ -91,13 +94,16 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
     return (lo - slack).reshape(shape), (hi + slack).reshape(shape)
 
 
-REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square}
+REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square, "softmax": softmax_pairs}
 
 
-def _norm_box(ctx: Context, node, x: Interval) -> Interval:
+def _norm_box(ctx: Context, node, x: Interval) -> Optional[Interval]:
     """The box's rule intersected with the refined one (each sound), carrying the
     refined statistics (which are the box's intersected with CROWN's)."""
-    refined = norm_interval(node, x, **ctx.refinement(node))
+    facts = ctx.refinement(node)
+    if not facts:
+        return None
+    refined = norm_interval(node, x, **facts)
     out = refined.intersect(norm_interval(node, x))
     out.stats = refined.stats
     return out
@@ -106,11 +112,17 @@ def _norm_box(ctx: Context, node, x: Interval) -> Interval:
 # interval rules that use the refinements: a norm's box from CROWN's mean square and
 # centred input instead of the box's (the float32 margin then reads the same statistics:
 # where the box's variance may reach 0, its rsqrt error is unbounded; CROWN's is not)
-REFINED_IBP = {"layernorm": _norm_box, "rmsnorm": _norm_box}
+def _softmax_box(ctx: Context, node, x: Interval) -> Optional[Interval]:
+    """Softmax's box from its score differences (:mod:`.softmax_pairs`), already
+    intersected with the box rule's."""
+    return ctx.refinement(node).get("y")
+
+
+REFINED_IBP = {"layernorm": _norm_box, "rmsnorm": _norm_box, "softmax": _softmax_box}
 
 
 def refined_interval(ctx: Context, node, ins: list) -> Optional[Interval]:
     """The node's interval from its refinements (:data:`REFINED_IBP`), or None
     where the op has none."""
-    rule = REFINED_IBP.get(node.op) if ctx.tunings.norm_internals else None
+    rule = REFINED_IBP.get(node.op)
     return rule(ctx, node, *ins) if rule is not None else None

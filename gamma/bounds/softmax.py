@@ -188,14 +188,19 @@ def _softmax_decomposed(node, x: Interval):
     return a, u, alpha, k, e, rem
 
 
-def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT) -> Linearization:
+def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None) -> Linearization:
     """Per row, whichever of the mean-value form (exact Jacobian at the centre,
     dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
-    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``."""
+    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``.
+    ``y``: sound bounds of the output tighter than the box's corners (CROWN's,
+    :mod:`.softmax_pairs`): the Jacobian's range, and so the mean-value
+    remainder, is taken over them."""
     mask = node.params.get("mask")
     x0, r = x.center, x.radius
     y0 = FORWARD["softmax"](node, x0)
     naive = softmax_interval(x.lower, x.upper, mask)
+    if y is not None:
+        naive = naive.intersect(y)
     yl, yu = naive.lower, naive.upper
     if mask is not None:
         r = r.masked_fill(~mask, 0.0)

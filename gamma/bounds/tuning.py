@@ -27,6 +27,7 @@ class Tunings:
     matmul_planes: bool = True        # attention @ V by sign-chosen McCormick planes (False: their half-sums)
     row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
     norm_internals: bool = True       # norms' centred input and mean square by their own backward passes
+    softmax_pairs: bool = True        # softmax's box from its score differences' own backward pass
     # linearisations (CROWN and zonotopes)
     norm_decomposed: bool = True      # LayerNorm / RMSNorm may take the decomposed form (False: mean value only)
     softmax_decomposed: bool = True   # softmax likewise

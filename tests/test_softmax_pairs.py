@@ -1,0 +1,102 @@
+"""Softmax refined by CROWN bounds of its score differences (gamma.bounds.softmax_pairs):
+exact by hand where the differences are constant, never looser than the box rule,
+and sound (samples + PGD, float32 and float64 engines) on attention with and
+without a causal mask, in every arithmetic mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gamma.bounds import Tunings, compute_bounds
+from gamma.bounds.interval import Interval
+from gamma.bounds.softmax_pairs import pairwise_interval
+from gamma.graph import Graph
+from gamma.models.common import causal_mask
+from soundness import graph_fn, violations
+
+OFF = Tunings(softmax_pairs=False)
+
+
+def _shifted_scores() -> Graph:
+    """z = (x, x + 1, x + 2): every difference is constant, so softmax is constant."""
+    g = Graph("shift", "x", (1, 1))
+    g.add("z", "linear", "x", weight=torch.ones(3, 1, dtype=torch.float64),
+          bias=torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
+    g.add("y", "softmax", "z")
+    return g.infer_shapes()
+
+
+def test_constant_differences_give_the_exact_softmax_by_hand():
+    g = _shifted_scores()
+    x0 = torch.zeros(1, 1, dtype=torch.float64)
+    want = torch.tensor([1.0, math.e, math.e ** 2], dtype=torch.float64) / (1 + math.e + math.e ** 2)
+    r = compute_bounds(g, x0, 0.5, "crown", arithmetic="real")
+    y = r.nodes["y"]
+    assert (y.lower <= want).all() and (want <= y.upper).all()
+    assert float(y.width().max()) < 1e-6                    # the float32 transposes' own rounding
+    plain = compute_bounds(g, x0, 0.5, "crown", arithmetic="real", tunings=OFF).nodes["y"]
+    assert float(plain.width().min()) > 0.05                 # the box rule sees scores moving apart
+
+
+def test_pairwise_interval_by_hand_and_with_a_mask():
+    # two keys, z_2 - z_1 in [0, 1]: y_1 in [1 / (1 + e), 1 / 2], y_2 in [1 / 2, e / (1 + e)]
+    x = Interval(torch.tensor([[-5.0, -5.0]], dtype=torch.float64), torch.tensor([[5.0, 5.0]], dtype=torch.float64))
+    d_lo = torch.tensor([[[0.0, 0.0], [-1.0, 0.0]]], dtype=torch.float64)
+    d_hi = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
+    y = pairwise_interval(x, d_lo, d_hi)
+    e = math.e
+    assert torch.allclose(y.lower, torch.tensor([[1 / (1 + e), 0.5]], dtype=torch.float64), rtol=1e-14)
+    assert torch.allclose(y.upper, torch.tensor([[0.5, e / (1 + e)]], dtype=torch.float64), rtol=1e-14)
+    assert (y.lower <= torch.tensor([[1 / (1 + e), 0.5]], dtype=torch.float64)).all()
+    # a masked key: y = 0 there and out of the other's sum (y_1 = 1)
+    y = pairwise_interval(x, d_lo, d_hi, mask=torch.tensor([[True, False]]))
+    assert float(y.lower[0, 0]) <= 1.0 <= float(y.upper[0, 0]) and float(y.lower[0, 0]) > 1 - 1e-12
+    assert float(y.lower[0, 1]) == 0.0 == float(y.upper[0, 1])
+
+
+def _attention(masked: bool, seed: int) -> Graph:
+    """x (T, d) -> q, k (linear) -> softmax(q k^T [causal]) (T, T)."""
+    gen = torch.Generator().manual_seed(seed)
+    T, d = 5, 6
+    g = Graph("att", "x", (T, d))
+    w = lambda: (torch.randn(d, d, generator=gen) / math.sqrt(d)).float().double()
+    g.add("q", "linear", "x", weight=w())
+    g.add("k", "linear", "x", weight=w())
+    g.add("s", "matmul", "q", "k")
+    g.add("p", "softmax", "s", mask=causal_mask(T) if masked else None)
+    return g.infer_shapes()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("arithmetic", ["float32", "real"])
+def test_refined_softmax_is_sound_and_never_looser(masked, arithmetic):
+    g = _attention(masked, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    x0 = torch.randn(*g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.05
+    r = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    plain = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=OFF)
+    assert (r.lower >= plain.lower).all() and (r.upper <= plain.upper).all()
+    assert float(r.width().sum()) < 0.9 * float(plain.width().sum())
+    rp, pp = r.nodes["p"], plain.nodes["p"]
+    assert (rp.lower >= pp.lower).all() and (rp.upper <= pp.upper).all()
+    dtypes = (torch.float32, torch.float64) if arithmetic == "float32" else (torch.float64,)
+    for dtype in dtypes:
+        assert violations(graph_fn(g, dtype), x0, eps, r.lower, r.upper, n_samples=1000, seed=9) == 0
+
+
+def test_long_rows_are_left_to_the_box_rule():
+    """Beyond MAX_KEYS keys the pass (S^2 rows per softmax row) is skipped: same bounds as without."""
+    gen = torch.Generator().manual_seed(12)
+    g = Graph("long", "x", (40, 3))
+    g.add("q", "linear", "x", weight=torch.randn(3, 3, generator=gen).float().double())
+    g.add("s", "matmul", "q", "x")
+    g.add("p", "softmax", "s")
+    g = g.infer_shapes()
+    x0 = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    a = compute_bounds(g, x0, 0.01, "crown")
+    b = compute_bounds(g, x0, 0.01, "crown", tunings=OFF)
+    assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

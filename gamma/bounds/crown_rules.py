@@ -126,22 +126,21 @@ def _matmul_centre(node, lam, ctx):
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     cx, cy = x.center, y.center
     m = simplex_shift(node, cy)                     # z = x (y - m)^T + m^T when x rows sum to 1
+    cx_rows = lam.take(cx)                          # compact: (S, .., 1, a)
     S = lam.t.shape[0]
     bias = lam.t.new_zeros(S)
     if m is not None:
         # x (y - m)^T relaxed around (cx, cy - m): the y-term is cx (y - m)^T = cx y^T - cx m^T
         cy = cy - m
         bias = bias + lam.dot(shift_constant(cx, m).expand(node.shape))
-    rr = x.radius @ _t(y.radius)
     if isinstance(lam, Rows):
         # lam . (cx cy^T) = (lam cy) . cx: the x-side product serves the constant too
-        cx_rows = lam.take(cx)                                         # (S, .., 1, a)
         lx = _rows_matmul(lam.t, cy)                                   # (S, .., 1, a)
         bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
-        even = lam.abs_dot(rr)
+        even = lam.abs_dot(x.radius @ _t(y.radius))
         return [lam.like(lx), outer(_t(lam.t), cx_rows)], bias, even   # (S, .., Tk, a): outer products
     bias = bias - lam.dot(cx @ _t(cy))                                 # cx cy^T formed once for all rows
-    return [lam.t @ cy, _t(lam.t) @ cx], bias, lam.abs_dot(rr)
+    return [lam.t @ cy, _t(lam.t) @ cx], bias, lam.abs_dot(x.radius @ _t(y.radius))
 
 
 def _matmul_planes(node, lam, ctx):

@@ -159,6 +159,21 @@ class Graph:
                         node.params[k] = v.to(device=device)
         return self
 
+    def on(self, device) -> "Graph":
+        """This graph with every constant tensor on ``device``, leaving ``self`` as it is:
+        ``self`` when they are all there already, else a copy (new nodes, each tensor moved)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if all(v.device == device for node in self.nodes.values() for v in node.params.values()
+               if isinstance(v, torch.Tensor)):
+            return self
+        out = Graph(self.name, self.input, self.input_shape)
+        out.nodes = {name: Node(n.name, n.op, n.inputs, dict(n.params), n.block, n.shape)
+                     for name, n in self.nodes.items()}
+        out.output, out.meta = self.output, dict(self.meta)
+        return out.to(device)
+
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for node in self.nodes.values():

@@ -34,6 +34,29 @@ from .ops import evaluate
 COMPONENTS = {"whisper": ("encoder", "decoder"), "llama": ("decoder",), "qwen3": ("decoder",)}
 
 
+OUTPUTS = ("hidden", "logits")
+CENTERS = ("default", "zeros")
+
+
+def check_seq_len(seq_len: int) -> int:
+    if seq_len < 1:
+        raise GammaError(f"--seq-len must be >= 1, got {seq_len}")
+    return seq_len
+
+
+def check_center(center: Optional[str]) -> Optional[str]:
+    """None (the default point), "default" or "zeros"."""
+    if center not in (None,) + CENTERS:
+        raise GammaError(f"unknown --center '{center}' (choose zeros or default)")
+    return center
+
+
+def check_output(output: str) -> str:
+    if output not in OUTPUTS:
+        raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")
+    return output
+
+
 @dataclass
 class InputPoint:
     x: torch.Tensor                      # float64, the graph's input shape
@@ -73,8 +96,7 @@ class Model:
                     input_path: Optional[str] = None, tokens: Optional[Sequence[int]] = None,
                     center: Optional[str] = None) -> InputPoint:
         comp = self.component(component)
-        if seq_len < 1:
-            raise GammaError(f"--seq-len must be >= 1, got {seq_len}")
+        check_seq_len(seq_len)
         shape = self._input_shape(comp, seq_len)
         if input_path is not None:
             x = _load_npy(input_path)
@@ -82,8 +104,7 @@ class Model:
                 raise GammaError(f"{input_path}: input has shape {tuple(x.shape)}, expected {shape} "
                                  f"for {self.arch} {comp} at --seq-len {seq_len}")
             return InputPoint(x, f"file {os.path.basename(input_path)}")
-        if center not in (None, "default", "zeros"):
-            raise GammaError(f"unknown --center '{center}' (choose zeros or default)")
+        check_center(center)
         if center == "zeros":
             return InputPoint(torch.zeros(shape, dtype=torch.float64), "zeros")
         if comp == "encoder":
@@ -127,8 +148,7 @@ class Model:
               encoder_input: Optional[torch.Tensor] = None) -> Graph:
         """The graph whose input is the verification input point."""
         comp = self.component(component)
-        if output not in ("hidden", "logits"):
-            raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")
+        check_output(output)
         if comp == "encoder":
             if output == "logits":
                 raise GammaError("--output logits applies to decoders, not the Whisper encoder")
@@ -143,8 +163,7 @@ class Model:
         """The blocks of :meth:`graph` one at a time (:mod:`gamma.blocks`): Llama / Qwen3
         build each block alone from its own weights; Whisper cuts its whole graph."""
         comp = self.component(component)
-        if output not in ("hidden", "logits"):
-            raise GammaError(f"unknown --output '{output}' (choose hidden or logits)")
+        check_output(output)
         if self.arch in StreamPlan.ARCHS:
             return StreamPlan(self.ckpt, seq_len, output)
         return GraphPlan(self.graph(comp, seq_len, output, encoder_input))
@@ -154,10 +173,13 @@ class Model:
         x = default_mel(enc.input_shape) if encoder_input is None else encoder_input.double()
         return evaluate(enc, x)
 
+    def seq_len_of(self, component: str, x: torch.Tensor) -> int:
+        """The sequence length of an input point (the encoder's 2T mel columns are T frames)."""
+        return x.shape[-1] // 2 if self.component(component) == "encoder" else x.shape[-2]
+
     def forward(self, x: torch.Tensor, component: Optional[str] = None, output: str = "hidden") -> torch.Tensor:
         comp = self.component(component)
-        seq_len = x.shape[-1] // 2 if comp == "encoder" else x.shape[-2]
-        return evaluate(self.graph(comp, seq_len, output), x.double())
+        return evaluate(self.graph(comp, self.seq_len_of(comp, x), output), x.double())
 
 
 def default_mel(shape: tuple[int, ...]) -> torch.Tensor:

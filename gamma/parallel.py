@@ -49,6 +49,7 @@ import torch
 
 from .errors import GammaError
 from .graph import Graph
+from .options import BoundOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ class BlockTask:
     name: str                    # "layer3"
     graph: Optional[Graph]       # the block's subgraph: only its own weights; None: built from source
     center: torch.Tensor         # float64 nominal input of the block, graph.input_shape
-    epsilon: float
-    opts: dict                   # method, intermediate, device, alpha_iters, arithmetic
+    options: BoundOptions        # how to bound it (epsilon included): frozen, checked, picklable
     source: Any = None           # without a graph: a recipe with build() -> Graph and portable
                                  # (gamma.blocks.BlockSource: the worker reads its block from the file)
 
@@ -260,7 +260,7 @@ def task_bytes(task: BlockTask) -> bytes:
     if graph is None and not getattr(source, "portable", False):
         graph, source = task.block_graph(), None          # weights in this process's memory: send them
     t = BlockTask(task.index, task.name, None if graph is None else compact_graph(graph),
-                  _own(task.center).cpu(), task.epsilon, dict(task.opts), source)
+                  _own(task.center).cpu(), task.options, source)
     return pickle.dumps(t, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -34,7 +34,7 @@ from .stats import spearman
 def attack_bounds(graph: Graph, center: torch.Tensor, eps: float, lower: torch.Tensor, upper: torch.Tensor,
                   config: AttackConfig) -> AttackRange:
     """Attack ``graph`` (float64, on the CPU) over ``center +- eps``, aiming at its widest certified outputs."""
-    graph.to("cpu")                         # the bounds may have moved it to a device
+    graph = graph.on("cpu")
     return attack_range(lambda z: evaluate(graph, z), center.detach().to("cpu", torch.float64), eps,
                         lower.detach().to("cpu", torch.float64), upper.detach().to("cpu", torch.float64), config)
 

@@ -143,8 +143,8 @@ def test_option_errors_after_load(capsys, llama_dir, tmp_path):
 def test_unsupported_op_exits_2(capsys, llama_dir, monkeypatch):
     import gamma.bounds
 
-    def refuse(graph, center, epsilon, method="crown", **kw):
-        raise UnsupportedOp("softmax", method, "layer0.attn.softmax")
+    def refuse(graph, center, *, options, **kw):
+        raise UnsupportedOp("softmax", options.method, "layer0.attn.softmax")
     monkeypatch.setattr(gamma.bounds, "compute_bounds", refuse)
     rc, out, err = main(capsys, "verify", llama_dir, "--method", "zonotope", "--seq-len", "2")
     assert rc == 2 and out == ""

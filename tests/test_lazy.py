@@ -10,7 +10,6 @@ weights, and reads its block from the file.
 
 from __future__ import annotations
 
-import importlib
 import pickle
 
 import numpy as np
@@ -26,8 +25,9 @@ from gamma.io import load_checkpoint
 from gamma.model import Model
 from gamma.models import llama
 from gamma.ops import evaluate
-
-V = importlib.import_module("gamma.verify")     # the module (gamma.verify is the function)
+from gamma.options import BoundOptions
+from gamma.verify.blockwise import solve_block
+from gamma.verify.records import schema
 
 EPS = 1e-3
 SEQ = 3
@@ -211,13 +211,12 @@ def test_solve_reads_only_its_block(llama_q8):
     model = Model(load_checkpoint(llama_q8, lazy=True))
     plan = model.block_plan("decoder", SEQ)
     x = plan.nominal(model.input_point("decoder", SEQ).x, [1]).centers[1]
-    task = parallel.BlockTask(1, "layer1", None, x, EPS, dict(method="crown", intermediate="cut", device="cpu",
-                                                              alpha_iters=20), plan.source(1))
+    task = parallel.BlockTask(1, "layer1", None, x, BoundOptions(EPS, "crown", "cut"), plan.source(1))
     back = pickle.loads(parallel.task_bytes(task))
     assert back.graph is None and back.source.portable
     store = back.source.ckpt.tensors
     assert store.loads == {}
-    row, lo, hi = V._solve_block(back)
+    row, lo, hi = solve_block(back)
     assert dict(store.loads) == {n: 1 for n in store if n.startswith("model.layers.1.")}
     ref = bounds.compute_bounds(plan.block(1), x, EPS, "crown", intermediate="cut")
     assert np.array_equal(lo, ref.lower.double().numpy()) and np.array_equal(hi, ref.upper.double().numpy())
@@ -227,12 +226,12 @@ def test_worker_task_carries_offsets_not_weights(llama_q8):
     lazy = Model(load_checkpoint(llama_q8, lazy=True)).block_plan("decoder", SEQ)
     eager = Model(load_checkpoint(llama_q8)).block_plan("decoder", SEQ)
     x = torch.zeros(SEQ, 64, dtype=torch.float64)
-    blob = parallel.task_bytes(parallel.BlockTask(0, "layer0", None, x, EPS, {}, lazy.source(0)))
+    blob = parallel.task_bytes(parallel.BlockTask(0, "layer0", None, x, BoundOptions(EPS), lazy.source(0)))
     weights = sum(v.numel() * 4 for v in (load_checkpoint(llama_q8).tensors[n] for n in lazy.ckpt.tensors
                                           if n.startswith("model.layers.0.")))
     assert len(blob) < 20_000 < weights                       # the table of offsets, no tensor data
     # a loaded (eager) checkpoint has no file to read from: its block's graph is sent instead
-    sent = pickle.loads(parallel.task_bytes(parallel.BlockTask(0, "layer0", None, x, EPS, {}, eager.source(0))))
+    sent = pickle.loads(parallel.task_bytes(parallel.BlockTask(0, "layer0", None, x, BoundOptions(EPS), eager.source(0))))
     assert sent.source is None
     _same_graph(sent.graph, eager.block(0))
 
@@ -266,7 +265,7 @@ def test_cli_block_wise_json_has_memory(capsys, qwen3_q4):
     out, _ = capsys.readouterr()
     assert rc == 0
     d = json.loads(out)
-    jsonschema.Draft202012Validator(V.schema()).validate(d)
+    jsonschema.Draft202012Validator(schema()).validate(d)
     assert d["memory"]["peak_rss_mb"] > 0 and d["memory"]["workers"] == []
     rc = cli.main(["verify", qwen3_q4, "--block-wise", "--blocks", "1", "--seq-len", "2", "--method", "ibp",
                    "--quiet"])

@@ -20,8 +20,10 @@ import torch
 import gamma
 from gamma import cli, parallel
 from gamma.errors import GammaError
+from gamma.options import BoundOptions
 
-V = importlib.import_module("gamma.verify")     # the module (gamma.verify is the function)
+V = importlib.import_module("gamma.verify")     # the package (gamma.verify is the function)
+B = importlib.import_module("gamma.verify.blockwise")
 
 EPS = 1e-3
 SEQ = 2
@@ -78,7 +80,7 @@ def test_task_holds_only_its_block(qwen3):
     assert {n.block for n in sub if n.op != "input"} == {block}
     own = sum(v.numel() * v.element_size() for n in sub for v in n.params.values() if isinstance(v, torch.Tensor))
     x = torch.zeros(sub.input_shape, dtype=torch.float64)
-    blob = parallel.task_bytes(parallel.BlockTask(1, block, sub, x, EPS, {}))
+    blob = parallel.task_bytes(parallel.BlockTask(1, block, sub, x, BoundOptions(EPS)))
     everything = sum(v.numel() * v.element_size() for n in graph for v in n.params.values()
                      if isinstance(v, torch.Tensor))
     assert own < len(blob) < own + 16 * 1024 < everything            # the other block's weights are not sent
@@ -92,7 +94,7 @@ def test_views_are_compacted():
     big = torch.randn(1000, 64, dtype=torch.float64)
     g = Graph("g", "x", (2, 64))
     g.add("lin", "linear", "x", block="b", weight=big[:8], bias=big[10, :8])
-    blob = parallel.task_bytes(parallel.BlockTask(0, "b", g, torch.zeros(2, 64, dtype=torch.float64), EPS, {}))
+    blob = parallel.task_bytes(parallel.BlockTask(0, "b", g, torch.zeros(2, 64, dtype=torch.float64), BoundOptions(EPS)))
     assert len(blob) < 20_000                     # not the 512 kB storage
     w = pickle.loads(blob).graph["lin"].params["weight"]
     assert torch.equal(w, big[:8]) and w.untyped_storage().nbytes() == w.numel() * 8
@@ -140,7 +142,7 @@ def test_ray_missing_is_a_clear_error(qwen3, monkeypatch):
 
 
 # ---------------------------------------------------------------- failures
-_SOLVE = V._solve_block          # the real one, before any monkeypatch
+_SOLVE = B.solve_block          # the real one, before any monkeypatch
 
 
 class Flaky:
@@ -168,11 +170,11 @@ def _tasks(model):
     graph = model.graph("decoder", SEQ)
     x = model.input_point("decoder", SEQ).x
     values = gamma.ops.evaluate(graph, x, keep_all=True)
-    opts = dict(method="crown", intermediate="crown", device="cpu", alpha_iters=20)
+    opts = BoundOptions(EPS, "crown", "crown", device="cpu", alpha_iters=20)
     out = []
     for k, b in enumerate(graph.blocks()):
         sub = graph.block_graph(b)
-        out.append(parallel.BlockTask(k, b, sub, values[sub.input], EPS, opts))
+        out.append(parallel.BlockTask(k, b, sub, values[sub.input], opts))
     return out
 
 
@@ -197,7 +199,7 @@ def test_block_failing_twice_is_reported(qwen3, serial, tmp_path, workers, crash
 
 
 def test_failed_block_in_the_result(qwen3, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(V, "_solve_block", Flaky(str(tmp_path), {1}, once=False))
+    monkeypatch.setattr(B, "solve_block", Flaky(str(tmp_path), {1}, once=False))
     r = gamma.verify(qwen3, EPS, "crown", block_wise=True, seq_len=SEQ, tolerance=1.0)
     d = _validate(r)
     assert d["failed_blocks"] == ["layer1"]
@@ -215,11 +217,11 @@ def _count_solves(monkeypatch):
     def counting(task, progress=None):
         calls.append(task.index)
         return ORIGINAL_SOLVE(task, progress)
-    monkeypatch.setattr(V, "_solve_block", counting)
+    monkeypatch.setattr(B, "solve_block", counting)
     return calls
 
 
-ORIGINAL_SOLVE = V._solve_block
+ORIGINAL_SOLVE = B.solve_block
 
 
 def test_checkpoint_resumes_a_partial_run(qwen3, serial, tmp_path, monkeypatch):

@@ -20,8 +20,8 @@ import torch
 import gamma
 from gamma.errors import GammaError
 from gamma.ops import evaluate
-from gamma.verify import (Width, check_epsilon, json_safe, parse_property, schema, select_blocks,
-                          summarize)
+from gamma.verify import Width, check_epsilon, json_safe, schema, select_blocks, summarize
+from gamma.vnnlib import parse_property
 
 EPS = 1e-3
 SEQ = 2

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
+from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions
 from .alpha import optimize
 from .crown import Context, node_bounds
 from .fpmargin import margin, output_cap
@@ -36,14 +37,9 @@ from .interval import Interval
 from .tuning import DEFAULT, Tunings
 from .zonotope import Zono, zono_node
 
-METHODS = ("ibp", "crown", "alpha", "zonotope")
 # facts: ranges an op's float32 output can never leave (softmax: a correctly
 # rounded a / b with 0 <= a <= b stays in [0, 1])
 OUTPUT_RANGE = {"softmax": (0.0, 1.0)}
-INTERMEDIATE = ("crown", "cut", "ibp")
-# what the bounds contain: "float32" every output of a float32 engine (rounding margins at every
-# node, the default); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
-ARITHMETIC = ("float32", "real")
 
 
 def clamp_output_range(op: str, iv: Interval, margin) -> Interval:
@@ -124,28 +120,11 @@ def cut_points(graph, need: set[str]) -> dict[str, frozenset]:
     return out
 
 
-def check_epsilon(epsilon) -> float:
-    try:
-        eps = float(epsilon)
-    except (TypeError, ValueError):
-        raise GammaError(f"--epsilon must be a finite number > 0, got {epsilon}") from None
-    if not math.isfinite(eps) or eps <= 0:
-        raise GammaError(f"--epsilon must be a finite number > 0, got {epsilon}")
-    return eps
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise GammaError(f"unknown --device '{device}' (choose cpu or cuda)")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise GammaError("--device cuda requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "crown", *,
+def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None, method: str = "crown", *,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
                    progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
-                   arithmetic: str = "float32", tunings: Optional[Tunings] = None) -> BoundResult:
+                   arithmetic: str = "float32", tunings: Optional[Tunings] = None,
+                   options: Optional[BoundOptions] = None) -> BoundResult:
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
@@ -153,23 +132,30 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
     they contain the real-valued function only (no margins; gamma's own
     float32 products still charge their rounding), which is what other
     verifiers bound, and not a guarantee for a float32 engine.  ``tunings``: how
-    the engine computes them (:class:`Tunings`; the defaults when None)."""
-    if method not in METHODS:
-        raise GammaError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    if intermediate not in INTERMEDIATE:
-        raise GammaError(f"unknown --intermediate '{intermediate}' (choose {', '.join(INTERMEDIATE)})")
-    if arithmetic not in ARITHMETIC:
-        raise GammaError(f"unknown --arithmetic '{arithmetic}' (choose {', '.join(ARITHMETIC)})")
+    the engine computes them (:class:`Tunings`; the defaults when None).
+
+    ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
+    of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters`` and
+    ``arithmetic``; without it those are checked here, by the same checks.  ``graph``
+    stays where it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
+    zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
+    if options is None:
+        options = BoundOptions(1.0 if zero else epsilon, method, intermediate, arithmetic, device, alpha_iters)
+    elif not isinstance(options, BoundOptions):
+        raise GammaError(f"options must be a gamma.options.BoundOptions, got {type(options).__name__}")
+    elif epsilon is not None:
+        raise TypeError("compute_bounds: give epsilon in options or on its own, not both")
     if tunings is None:
         tunings = DEFAULT
     elif not isinstance(tunings, Tunings):
         raise GammaError(f"tunings must be a gamma.bounds.Tunings, got {type(tunings).__name__}")
-    eps = float(epsilon) if (allow_zero and epsilon == 0) else check_epsilon(epsilon)
-    dev = resolve_device(device)
+    method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
+    eps = 0.0 if zero else options.epsilon
+    dev = torch.device(options.device)
     if tuple(center.shape) != tuple(graph.input_shape):
         raise GammaError(f"input has shape {tuple(center.shape)}, the graph expects {tuple(graph.input_shape)}")
     t0 = time.perf_counter()
-    graph.to(dev)
+    graph = graph.on(dev)
     # contiguous: float32 products take their GEMM path (and so their rounding) from the layout,
     # and a block input sliced out of a forward pass may be a transposed view
     x0 = center.to(device=dev, dtype=torch.float64).contiguous()
@@ -236,7 +222,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: float, method: str = "c
 
     out = bounds[graph.output]
     if method == "alpha":
-        out = optimize(ctx, graph.output, box, out, iters=alpha_iters, progress=progress)
+        out = optimize(ctx, graph.output, box, out, iters=options.alpha_iters, progress=progress)
         bounds[graph.output] = out
     seconds = time.perf_counter() - t0
     nodes = {k: v.to("cpu") for k, v in bounds.items()}

@@ -9,7 +9,8 @@ from ..analyze import analyze, check_verify_report, load_verify_json, write_repo
 from ..errors import GammaError
 from ..extras import require
 from ..norms import DEFAULT_EXACT_LIMIT, weight_norms
-from ..verify import METHODS, check_epsilon, load, verify
+from ..options import METHODS, BoundOptions
+from ..verify import InputSpec, RunSpec, load, run as run_verification
 from .common import Progress, print_json, table
 
 DEFAULT_OUT = "gamma-report"
@@ -58,13 +59,13 @@ def _verify_report(args, progress) -> tuple[dict, object]:
         progress("loading model")
         return report, load(path)
     opts = {k: (v if getattr(args, k) is None else getattr(args, k)) for k, v in VERIFY_DEFAULTS.items()}
-    eps = check_epsilon(opts["epsilon"], shown=str(opts["epsilon"]))
+    options = BoundOptions(opts["epsilon"], opts["method"])
+    inputs = InputSpec(opts["component"], opts["seq_len"], opts["tokens"],
+                       center=None if opts["center"] == "default" else opts["center"])
+    spec = RunSpec("block_wise", opts["blocks"])
     progress("loading model")
     model = load(args.model)
-    result = verify(model, eps, opts["method"], block_wise=True, component=opts["component"],
-                    seq_len=opts["seq_len"], tokens=opts["tokens"],
-                    center=None if opts["center"] == "default" else opts["center"], blocks=opts["blocks"],
-                    progress=progress)
+    result = run_verification(model, options, inputs, spec, progress)
     report = result.to_dict()
     check_verify_report(report)
     return report, model

@@ -9,7 +9,8 @@ import argparse
 import math
 from typing import Optional
 
-from ..verify import ARITHMETIC, INTERMEDIATE, METHODS, check_epsilon, verify
+from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions
+from ..verify import InputSpec, RunSpec, run as run_verification
 from .common import (Progress, add_input_options, check_writable, input_kwargs, num, print_json, seconds,
                      table)
 from .vnncomp import add_verify_options
@@ -62,18 +63,17 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if args.vnnlib:
         return run_vnnlib(args)
-    raw = "1e-3" if args.epsilon is None else args.epsilon
-    eps = check_epsilon(raw, shown=raw)
+    options = BoundOptions("1e-3" if args.epsilon is None else args.epsilon, args.method, args.intermediate,
+                           args.arithmetic, args.device, args.alpha_iters)     # a bad --epsilon shown as typed
     check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
+    spec = RunSpec("block_wise" if block_wise else "layer_by_layer" if args.layer_by_layer else "full",
+                   args.blocks, args.tolerance, args.property, args.worst_k, args.workers, args.ray,
+                   args.checkpoint, args.attack)
+    inputs = InputSpec(**input_kwargs(args))
     progress = Progress.for_stderr(not args.quiet)
     try:
-        result = verify(args.model, eps, args.method, block_wise=block_wise, layer_by_layer=args.layer_by_layer,
-                        blocks=args.blocks, tolerance=args.tolerance, property=args.property,
-                        worst_k=args.worst_k, intermediate=args.intermediate, device=args.device,
-                        alpha_iters=args.alpha_iters, workers=args.workers, ray=args.ray,
-                        checkpoint=args.checkpoint, progress=progress, arithmetic=args.arithmetic,
-                        attack=args.attack, **input_kwargs(args))
+        result = run_verification(args.model, options, inputs, spec, progress)
     finally:
         progress.done()
     if args.save_bounds:

@@ -16,7 +16,8 @@ from ..errors import GammaError
 from ..model import Model
 from ..ops import evaluate
 from ..progress import CountEstimate
-from ..verify import check_epsilon, load, parse_tokens, select_blocks, versions
+from ..options import BoundOptions, check_tolerance
+from ..verify import load, parse_tokens, select_blocks, versions
 from .network import Progress, compare_graphs, max_value
 
 # config fields that must agree for the two graphs to be comparable (vocab: only for logits)
@@ -131,9 +132,8 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     ``gamma verify --full`` on one model (over 14 minutes for SmolLM2-135M
     compared with itself, where the joint bound is free)."""
     t_start = time.perf_counter()
-    eps = check_epsilon(epsilon)
-    if tolerance is not None and not (math.isfinite(float(tolerance)) and float(tolerance) >= 0):
-        raise GammaError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    eps = BoundOptions(epsilon, method, intermediate, device=device, alpha_iters=alpha_iters).epsilon
+    tol = check_tolerance(tolerance)
     for name, v, low in (("--samples", samples, 0), ("--attack-steps", attack_steps, 0), ("--restarts", restarts, 0)):
         if int(v) < low:
             raise GammaError(f"{name} must be >= {low}, got {v}")
@@ -141,7 +141,6 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
         raise GammaError("--blocks applies to --block-wise runs")
     head, x, (g_ref, g_tgt), timings = _setup(reference, target, component, seq_len, tokens, input_path,
                                               center, output, progress)
-    tol = None if tolerance is None else float(tolerance)
     opts = dict(method=method, merge=merge, naive=naive, progress=progress, intermediate=intermediate,
                 device=device, alpha_iters=alpha_iters,
                 attack=dict(samples=int(samples), steps=int(attack_steps), restarts=int(restarts), seed=seed))

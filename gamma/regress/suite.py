@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GammaError
-from ..verify import INTERMEDIATE, METHODS, check_epsilon
+from ..options import INTERMEDIATE, METHODS, check_epsilon
 
 try:
     import tomllib

@@ -1,0 +1,120 @@
+"""What the user chooses about the bounds, checked once: :class:`BoundOptions`.
+
+One frozen object (method, epsilon, intermediate bounds, arithmetic, device,
+alpha-CROWN iterations) is built where the user's input enters (the CLI from
+its arguments, :func:`gamma.verify` from its keyword arguments, a direct
+:func:`gamma.bounds.compute_bounds` call from its own) and travels unchanged to
+the engine and to worker processes (it pickles).  Each field has one check
+here, with one message in the CLI's words; every entry point raises the same
+:class:`~gamma.errors.GammaError` for the same bad value.
+
+This module imports nothing of gamma but the errors, so the engine itself can
+check through it.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import GammaError
+
+METHODS = ("ibp", "crown", "alpha", "zonotope")
+INTERMEDIATE = ("crown", "cut", "ibp")
+# what the bounds contain: "float32" every output of a float32 engine (rounding margins at every
+# node, the default); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
+ARITHMETIC = ("float32", "real")
+
+
+# ------------------------------------------------------------------ one check per option
+def check_epsilon(epsilon, shown: Optional[str] = None) -> float:
+    """A finite float > 0, or GammaError naming the value as the user wrote it
+    (``shown``; default ``str(epsilon)``, which is the text itself for a string)."""
+    shown = str(epsilon) if shown is None else shown
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        eps = float("nan")
+    if not (math.isfinite(eps) and eps > 0):
+        raise GammaError(f"--epsilon must be a finite number > 0, got {shown}")
+    return eps
+
+
+def _choice(option: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise GammaError(f"unknown {option} '{value}' (choose from {', '.join(choices)})")
+    return value
+
+
+def check_method(method) -> str:
+    return _choice("method", method, METHODS)
+
+
+def check_intermediate(intermediate) -> str:
+    return _choice("--intermediate", intermediate, INTERMEDIATE)
+
+
+def check_arithmetic(arithmetic) -> str:
+    return _choice("--arithmetic", arithmetic, ARITHMETIC)
+
+
+def check_device(device) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``, the latter two only where CUDA is available."""
+    name = str(device)
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise GammaError(f"unknown --device '{name}' (choose cpu or cuda)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GammaError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def check_alpha_iters(iters) -> int:
+    """An integer >= 0 (0: alpha-CROWN returns CROWN's bounds)."""
+    try:
+        n = -1 if isinstance(iters, bool) else operator.index(iters)
+    except TypeError:
+        n = -1
+    if n < 0:
+        raise GammaError(f"--alpha-iters must be an integer >= 0, got {iters}")
+    return n
+
+
+def check_tolerance(tolerance) -> Optional[float]:
+    """None, or a finite float >= 0."""
+    if tolerance is None:
+        return None
+    try:
+        tol = float(tolerance)
+    except (TypeError, ValueError):
+        tol = float("nan")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise GammaError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    return tol
+
+
+# ------------------------------------------------------------------ the options
+@dataclass(frozen=True)
+class BoundOptions:
+    """How to bound: checked when made (each field by its check above), then read only.
+
+    ``epsilon`` may be given as the user's text (``"1e-3"``): a bad value is
+    reported as written."""
+    epsilon: float
+    method: str = "crown"
+    intermediate: str = "crown"       # bounds of intermediate nodes for crown / alpha
+    arithmetic: str = "float32"
+    device: str = "cpu"
+    alpha_iters: int = 20
+
+    def __post_init__(self):
+        checked = {"epsilon": check_epsilon(self.epsilon), "method": check_method(self.method),
+                   "intermediate": check_intermediate(self.intermediate),
+                   "arithmetic": check_arithmetic(self.arithmetic), "device": check_device(self.device),
+                   "alpha_iters": check_alpha_iters(self.alpha_iters)}
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)

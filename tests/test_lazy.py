@@ -237,7 +237,7 @@ def test_worker_task_carries_offsets_not_weights(llama_q8):
 
 
 def test_workers_read_their_blocks_and_report_memory(monkeypatch, qwen3_q4):
-    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)      # --workers 2: one thread each
+    monkeypatch.setattr(parallel.runners, "cpu_count", lambda: 2)      # --workers 2: one thread each
     serial = gamma.verify(qwen3_q4, EPS, "crown", block_wise=True, seq_len=SEQ, intermediate="cut", attack=False)
     par = gamma.verify(qwen3_q4, EPS, "crown", block_wise=True, seq_len=SEQ, intermediate="cut", attack=False,
                        workers=2)

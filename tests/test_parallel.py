@@ -47,7 +47,7 @@ def _one_thread():
 
 @pytest.fixture(autouse=True)
 def _one_thread_per_worker(monkeypatch):
-    monkeypatch.setattr(parallel, "cpu_count", lambda: 2)      # --workers 2: one thread each
+    monkeypatch.setattr(parallel.runners, "cpu_count", lambda: 2)      # --workers 2: one thread each
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ try:
     from gamma.io import zoo  # noqa: E402
 except ImportError:                               # --compare-with a revision from before zoo moved to gamma.io
     from gamma import zoo  # noqa: E402
-from gamma.model import Model  # noqa: E402
+from gamma import Model  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 
 T = 8

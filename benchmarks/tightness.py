@@ -23,7 +23,7 @@ from gamma.io import zoo                      # noqa: E402
 from gamma.attack import pgd_points, sample_points   # noqa: E402
 from gamma.bounds import compute_bounds    # noqa: E402
 from gamma.io import load_checkpoint       # noqa: E402
-from gamma.model import Model              # noqa: E402
+from gamma import Model                     # noqa: E402
 from gamma.ops import evaluate             # noqa: E402
 
 

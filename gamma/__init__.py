@@ -13,7 +13,7 @@ Every problem with the user's input raises :class:`GammaError`.
 __version__ = "0.1.0"
 
 from .errors import GammaError, UnsupportedOp  # noqa: E402
-from .model import Model  # noqa: E402
+from .models import Model  # noqa: E402
 # binds the name gamma.verify to the function (the module stays importable as `from gamma.verify import ...`)
 from .verify import ForwardResult, VerifyResult, forward, load, verify  # noqa: E402
 

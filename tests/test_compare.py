@@ -32,7 +32,7 @@ from gamma.commands import compare as cmd
 from gamma.errors import GammaError
 from gamma.graph import Graph
 from gamma.io.tiny import config_meta, init_weights, write_gguf
-from gamma.model import Model
+from gamma.models import Model
 from gamma.ops import evaluate
 from gamma.verify import load
 from soundness import as_dtype, sample_points

@@ -1,4 +1,4 @@
-"""Lazy checkpoints (gamma.io.lazy) and block-wise runs one block at a time (gamma.blocks).
+"""Lazy checkpoints (gamma.io.lazy) and block-wise runs one block at a time (gamma.models.blocks).
 
 What must hold: a lazy store's tensors are the eager loader's bit for bit; a
 block built alone is the whole graph's block, node for node; a block-wise run
@@ -22,7 +22,7 @@ from gamma import bounds, cli, parallel
 from gamma.errors import GammaError
 from gamma.io import lazy as lazy_io
 from gamma.io import load_checkpoint
-from gamma.model import Model
+from gamma.models import Model
 from gamma.models import llama
 from gamma.ops import evaluate
 from gamma.options import BoundOptions

@@ -6,7 +6,7 @@ import torch
 
 from gamma.bounds import compute_bounds
 from gamma.io import load_checkpoint
-from gamma.model import Model
+from gamma.models import Model
 from soundness import violations
 
 transformers = pytest.importorskip("transformers")

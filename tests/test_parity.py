@@ -10,7 +10,7 @@ import torch
 
 import fixtures as F
 from gamma.io import load_checkpoint
-from gamma.model import Model
+from gamma.models import Model
 from gamma.ops import evaluate
 from soundness import as_dtype
 

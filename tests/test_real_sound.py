@@ -6,7 +6,7 @@ import torch
 
 import fixtures as F
 from gamma.bounds import compute_bounds
-from gamma.model import Model
+from gamma.models import Model
 from gamma.ops import evaluate
 from soundness import violations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..model import COMPONENTS, Model
+from ..models import COMPONENTS, Model
 from ..verify import load
 from .common import emit
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import GammaError
-from ..model import Model
+from ..models import Model
 from ..ops import evaluate
 from ..progress import CountEstimate
 from ..options import BoundOptions, check_tolerance

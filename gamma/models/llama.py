@@ -135,12 +135,3 @@ def build_head(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
     _Block(ckpt, seq_len).head(g, g.input, output)
     g.meta.update(arch=cfg.arch, component="decoder", seq_len=seq_len, output=output)
     return g.infer_shapes()
-
-
-def embed_tokens(ckpt: Checkpoint, tokens: list[int]) -> torch.Tensor:
-    """(T, d) float64 token embeddings (a lazy checkpoint reads only these rows)."""
-    vocab = ckpt.shape("model.embed_tokens.weight")[0]
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        raise GammaError(f"token ids {bad} out of range [0, {vocab})")
-    return ckpt.rows("model.embed_tokens.weight", list(tokens)).double()

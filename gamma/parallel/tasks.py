@@ -27,7 +27,7 @@ class BlockTask:
     center: torch.Tensor         # float64 nominal input of the block, graph.input_shape
     options: BoundOptions        # how to bound it (epsilon included): frozen, checked, picklable
     source: Any = None           # without a graph: a recipe with build() -> Graph and portable
-                                 # (gamma.blocks.BlockSource: the worker reads its block from the file)
+                                 # (gamma.models.blocks.BlockSource: the worker reads its block from the file)
 
     def block_graph(self) -> Graph:
         """The block's graph: the one given, or built now from the source (its weights read

@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..attack import AttackConfig, attack_range
 from ..errors import GammaError
-from ..model import Model
+from ..models import Model
 from ..ops import evaluate
 from ..verify import json_safe, verify, versions
 from .models import Models

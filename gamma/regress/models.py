@@ -10,7 +10,7 @@ from typing import Optional
 from ..extras import require
 from ..io import zoo
 from ..io.tiny import build_fixture
-from ..model import Model
+from ..models import Model
 from ..verify import load
 from .suite import Case
 

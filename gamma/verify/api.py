@@ -13,7 +13,7 @@ from .. import parallel
 from ..attack import AttackConfig
 from ..errors import GammaError
 from ..io import load_checkpoint, zoo
-from ..model import Model
+from ..models import Model
 from ..ops import evaluate
 from ..options import BoundOptions
 from ..vnnlib import Assertion

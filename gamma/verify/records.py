@@ -27,7 +27,7 @@ import torch
 from .. import __version__
 from ..errors import GammaError
 from ..graph import Graph
-from ..model import InputPoint
+from ..models import InputPoint
 
 SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no information
 SOFTMAX_SATURATION = 0.99    # a softmax output bound this wide is nearly [0, 1]

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 from .. import parallel
 from ..attack import AttackConfig
 from ..errors import GammaError
-from ..model import check_center, check_output, check_seq_len
+from ..models import check_center, check_output, check_seq_len
 from ..options import check_tolerance
 from ..vnnlib import Assertion, parse_property
 

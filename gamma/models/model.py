@@ -3,15 +3,19 @@
 Input points (the centre of the verification box):
 
 * Whisper encoder: log-mel features ``(n_mels, 2T)``.  Default: a
-  deterministic pseudo-random array (``torch.Generator`` seed 0, normal with
-  standard deviation 0.5, clipped to [-1, 1.5], the range of Whisper's
-  normalised log-mel features).
+  deterministic pseudo-random array (:func:`default_mel`: ``torch.Generator``
+  seed 0, normal with standard deviation 0.5, clipped to [-1, 1.5], the range
+  of Whisper's normalised log-mel features).
 * Decoder LMs and the Whisper decoder: token embeddings ``(T, d)``.  Default
   tokens: ``T`` ids drawn with ``torch.Generator`` seed 0 from ``[0, vocab)``.
   ``--tokens 1,2,3`` picks them; ``--center zeros`` uses all-zero inputs (as
   gamma-crown does); ``--input FILE.npy`` gives the exact array.
 * The Whisper decoder holds the encoder output at its nominal value, computed
   from the default (or given) encoder input of the same ``seq_len``.
+
+What differs between architectures is data (:mod:`.archs`); the checks of the
+input options (:func:`check_seq_len`, :func:`check_center`,
+:func:`check_output`) are the ones :class:`gamma.verify.InputSpec` runs.
 """
 
 from __future__ import annotations
@@ -23,16 +27,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .io.checkpoint import LoadedCheckpoint as Checkpoint
-from .errors import GammaError
-from .blocks import GraphPlan, StreamPlan
-from .graph import Graph
-from .models import llama as _llama
-from .models import whisper as _whisper
-from .ops import evaluate
-
-COMPONENTS = {"whisper": ("encoder", "decoder"), "llama": ("decoder",), "qwen3": ("decoder",)}
-
+from ..errors import GammaError
+from ..graph import Graph
+from ..io.checkpoint import LoadedCheckpoint
+from ..ops import evaluate
+from .archs import ARCHS, COMPONENTS, Component, default_mel, encoder_output
+from .blocks import GraphPlan
 
 OUTPUTS = ("hidden", "logits")
 CENTERS = ("default", "zeros")
@@ -68,7 +68,7 @@ class InputPoint:
 class Model:
     """A checkpoint with the graphs gamma verifies."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: LoadedCheckpoint):
         self.ckpt = ckpt
 
     @property
@@ -91,13 +91,17 @@ class Model:
             raise GammaError(f"{self.arch} has no component '{component}' (choose from {', '.join(allowed)})")
         return component
 
+    def _spec(self, component: Optional[str]) -> Component:
+        return ARCHS[self.arch][self.component(component)]
+
     # -- input points -----------------------------------------------------
     def input_point(self, component: Optional[str] = None, seq_len: int = 8, *,
                     input_path: Optional[str] = None, tokens: Optional[Sequence[int]] = None,
                     center: Optional[str] = None) -> InputPoint:
         comp = self.component(component)
+        spec = self._spec(comp)
         check_seq_len(seq_len)
-        shape = self._input_shape(comp, seq_len)
+        shape = spec.inputs.shape(self.config, seq_len)
         if input_path is not None:
             x = _load_npy(input_path)
             if tuple(x.shape) != shape:
@@ -107,84 +111,61 @@ class Model:
         check_center(center)
         if center == "zeros":
             return InputPoint(torch.zeros(shape, dtype=torch.float64), "zeros")
-        if comp == "encoder":
+        if spec.token_table is None:
             if tokens is not None:
-                raise GammaError("--tokens applies to decoders; the Whisper encoder takes --input FEATURES.npy")
+                raise GammaError(spec.no_tokens)
             return InputPoint(default_mel(shape), "default mel (seed 0)")
-        vocab = self._vocab()
         if tokens is None:
+            vocab = self.ckpt.shape(spec.token_table)[0]
             gen = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
             desc = "default tokens (seed 0)"
         else:
             tokens = [int(t) for t in tokens]
-            if len(tokens) != seq_len:
-                seq_len = len(tokens)
             desc = "tokens " + ",".join(map(str, tokens))
         return InputPoint(self.embed(tokens, comp), desc, tokens=list(tokens))
 
-    def _vocab(self) -> int:
-        name = "model.decoder.embed_tokens.weight" if self.arch == "whisper" else "model.embed_tokens.weight"
-        return self.ckpt.shape(name)[0]
-
     def embed(self, tokens: Sequence[int], component: str = "decoder") -> torch.Tensor:
-        if self.arch == "whisper":
-            name = "model.decoder.embed_tokens.weight"
-            vocab = self.ckpt.shape(name)[0]
-            bad = [t for t in tokens if not 0 <= t < vocab]
-            if bad:
-                raise GammaError(f"token ids {bad} out of range [0, {vocab})")
-            return self.ckpt.rows(name, list(tokens)).double()
-        return _llama.embed_tokens(self.ckpt, list(tokens))
+        """(T, d) float64 token embeddings (a lazy checkpoint reads only these rows)."""
+        spec = self._spec(component)
+        if spec.token_table is None:
+            raise GammaError(spec.no_tokens)
+        vocab = self.ckpt.shape(spec.token_table)[0]
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise GammaError(f"token ids {bad} out of range [0, {vocab})")
+        return self.ckpt.rows(spec.token_table, list(tokens)).double()
 
-    def _input_shape(self, comp: str, seq_len: int) -> tuple[int, ...]:
-        cfg = self.config
-        if comp == "encoder":
-            return (cfg.n_mels, 2 * seq_len)
-        return (seq_len, cfg.d_model)
+    def seq_len_of(self, component: Optional[str], x: torch.Tensor) -> int:
+        """The sequence length of an input point (the encoder's 2T mel columns are T frames)."""
+        return self._spec(component).inputs.seq_len(x)
 
     # -- graphs -------------------------------------------------------------
     def graph(self, component: Optional[str] = None, seq_len: int = 8, output: str = "hidden",
               encoder_input: Optional[torch.Tensor] = None) -> Graph:
         """The graph whose input is the verification input point."""
-        comp = self.component(component)
+        spec = self._spec(component)
         check_output(output)
-        if comp == "encoder":
-            if output == "logits":
-                raise GammaError("--output logits applies to decoders, not the Whisper encoder")
-            return _whisper.build_encoder(self.ckpt, seq_len)
-        if self.arch == "whisper":
-            enc_out = self.encoder_output(seq_len, encoder_input)
-            return _whisper.build_decoder(self.ckpt, seq_len, enc_out, output)
-        return _llama.build_llama(self.ckpt, seq_len, output)
+        if output == "logits" and spec.no_logits:
+            raise GammaError(spec.no_logits)
+        return spec.build(self.ckpt, seq_len, output, encoder_input)
 
     def block_plan(self, component: Optional[str] = None, seq_len: int = 8, output: str = "hidden",
                    encoder_input: Optional[torch.Tensor] = None):
-        """The blocks of :meth:`graph` one at a time (:mod:`gamma.blocks`): Llama / Qwen3
+        """The blocks of :meth:`graph` one at a time (:mod:`.blocks`): Llama / Qwen3
         build each block alone from its own weights; Whisper cuts its whole graph."""
-        comp = self.component(component)
+        spec = self._spec(component)
         check_output(output)
-        if self.arch in StreamPlan.ARCHS:
-            return StreamPlan(self.ckpt, seq_len, output)
-        return GraphPlan(self.graph(comp, seq_len, output, encoder_input))
+        if spec.stream is not None:
+            return spec.stream(self.ckpt, seq_len, output)
+        return GraphPlan(self.graph(component, seq_len, output, encoder_input))
 
     def encoder_output(self, seq_len: int, encoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-        enc = _whisper.build_encoder(self.ckpt, seq_len)
-        x = default_mel(enc.input_shape) if encoder_input is None else encoder_input.double()
-        return evaluate(enc, x)
-
-    def seq_len_of(self, component: str, x: torch.Tensor) -> int:
-        """The sequence length of an input point (the encoder's 2T mel columns are T frames)."""
-        return x.shape[-1] // 2 if self.component(component) == "encoder" else x.shape[-2]
+        return encoder_output(self.ckpt, seq_len, encoder_input)
 
     def forward(self, x: torch.Tensor, component: Optional[str] = None, output: str = "hidden") -> torch.Tensor:
         comp = self.component(component)
         return evaluate(self.graph(comp, self.seq_len_of(comp, x), output), x.double())
-
-
-def default_mel(shape: tuple[int, ...]) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5).clamp(-1.0, 1.5)
 
 
 def _load_npy(path: str) -> torch.Tensor:

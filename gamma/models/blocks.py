@@ -1,5 +1,7 @@
 """Block-wise runs one block at a time: where each block's graph and nominal input come from.
 
+Which plan an architecture gets is data (:mod:`.archs`).
+
 A *plan* gives a block-wise verification what it needs without the whole model
 in memory: the block names, the network's output node and shape, each block's
 graph (:meth:`block`) and the nominal forward pass (:meth:`nominal`) that
@@ -27,10 +29,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .io.checkpoint import LoadedCheckpoint as Checkpoint
-from .graph import Graph
-from .models import llama as _llama
-from .ops import evaluate
+from ..graph import Graph
+from ..io.checkpoint import LoadedCheckpoint
+from ..ops import evaluate
+from . import llama as _llama
 
 Progress = Optional[Callable[[str], None]]
 
@@ -46,7 +48,7 @@ class Nominal:
 @dataclass
 class BlockSource:
     """Block ``index`` of a Llama / Qwen3 checkpoint, built where the task runs."""
-    ckpt: Checkpoint
+    ckpt: LoadedCheckpoint
     index: int
     seq_len: int
     output: str = "hidden"
@@ -63,9 +65,7 @@ class BlockSource:
 class StreamPlan:
     """Llama / Qwen3: every block built alone, the forward pass streamed block by block."""
 
-    ARCHS = ("llama", "qwen3")
-
-    def __init__(self, ckpt: Checkpoint, seq_len: int, output: str = "hidden"):
+    def __init__(self, ckpt: LoadedCheckpoint, seq_len: int, output: str = "hidden"):
         cfg = ckpt.config
         _llama.check_sizes(ckpt, seq_len)
         self.ckpt, self.seq_len, self.output = ckpt, seq_len, output

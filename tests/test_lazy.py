@@ -231,7 +231,8 @@ def test_worker_task_carries_offsets_not_weights(llama_q8):
                                           if n.startswith("model.layers.0.")))
     assert len(blob) < 20_000 < weights                       # the table of offsets, no tensor data
     # a loaded (eager) checkpoint has no file to read from: its block's graph is sent instead
-    sent = pickle.loads(parallel.task_bytes(parallel.BlockTask(0, "layer0", None, x, BoundOptions(EPS), eager.source(0))))
+    task = parallel.BlockTask(0, "layer0", None, x, BoundOptions(EPS), eager.source(0))
+    sent = pickle.loads(parallel.task_bytes(task))
     assert sent.source is None
     _same_graph(sent.graph, eager.block(0))
 

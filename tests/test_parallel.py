@@ -94,7 +94,8 @@ def test_views_are_compacted():
     big = torch.randn(1000, 64, dtype=torch.float64)
     g = Graph("g", "x", (2, 64))
     g.add("lin", "linear", "x", block="b", weight=big[:8], bias=big[10, :8])
-    blob = parallel.task_bytes(parallel.BlockTask(0, "b", g, torch.zeros(2, 64, dtype=torch.float64), BoundOptions(EPS)))
+    x = torch.zeros(2, 64, dtype=torch.float64)
+    blob = parallel.task_bytes(parallel.BlockTask(0, "b", g, x, BoundOptions(EPS)))
     assert len(blob) < 20_000                     # not the 512 kB storage
     w = pickle.loads(blob).graph["lin"].params["weight"]
     assert torch.equal(w, big[:8]) and w.untyped_storage().nbytes() == w.numel() * 8

@@ -1,11 +1,11 @@
-"""Shared last step of every loader: tie outputs, validate, build the Checkpoint."""
+"""Shared last step of every loader: tie outputs, validate, build the LoadedCheckpoint."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .checkpoint import LoadedCheckpoint as Checkpoint, ModelConfig
+from .checkpoint import LoadedCheckpoint, ModelConfig
 from ..errors import GammaError
 from .lazy import FileTensor, LazyTensors
 from .names import TIED_OUTPUT
@@ -65,13 +65,13 @@ def _values(c: Collected, name: str) -> torch.Tensor:
     return torch.from_numpy(t.load(c.path)) if isinstance(t, FileTensor) else t
 
 
-def finish(c: Collected, fmt: str, cfg: ModelConfig, lazy: bool = False) -> Checkpoint:
-    """Tie the output projection if needed, validate everything, return the Checkpoint.
+def finish(c: Collected, fmt: str, cfg: ModelConfig, lazy: bool = False) -> LoadedCheckpoint:
+    """Tie the output projection if needed, validate everything, return the LoadedCheckpoint.
 
     ``lazy``: ``c.tensors`` holds :class:`~gamma.io.lazy.FileTensor` entries; names and
     shapes are checked now, values (finite) when each tensor is read."""
     _tie(c, cfg)
     validate(c.path, cfg, c.tensors, c.source_names, values=not lazy)
     tensors = LazyTensors(c.path, c.tensors) if lazy else c.tensors
-    return Checkpoint(path=c.path, format=fmt, config=cfg, tensors=tensors, dtypes=c.dtypes,
+    return LoadedCheckpoint(path=c.path, format=fmt, config=cfg, tensors=tensors, dtypes=c.dtypes,
                       notes=c.notes, source_names=c.source_names)

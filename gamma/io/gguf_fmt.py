@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .checkpoint import LoadedCheckpoint as Checkpoint, ModelConfig
+from .checkpoint import LoadedCheckpoint, ModelConfig
 from ..errors import GammaError
 from .assemble import Collected, finish, np_to_f32
 from .detect import Source
@@ -163,7 +163,7 @@ def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def load_gguf(src: Source, lazy: bool = False) -> Checkpoint:
+def load_gguf(src: Source, lazy: bool = False) -> LoadedCheckpoint:
     """``lazy``: read the header only; every tensor is read from the file when it is used
     (:mod:`gamma.io.lazy`)."""
     path = src.file

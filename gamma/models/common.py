@@ -8,7 +8,7 @@ import torch
 
 from ..float32 import register_f32
 from ..graph import Graph
-from ..io.checkpoint import LoadedCheckpoint as Checkpoint
+from ..io.checkpoint import LoadedCheckpoint
 
 
 def f32_const(value: float) -> float:
@@ -19,7 +19,7 @@ def f32_const(value: float) -> float:
 class Weights:
     """Shape-checked float64 views of a checkpoint's float32 tensors."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: LoadedCheckpoint):
         self.ckpt = ckpt
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:

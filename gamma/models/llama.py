@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..io.checkpoint import LoadedCheckpoint as Checkpoint
+from ..io.checkpoint import LoadedCheckpoint
 from ..errors import GammaError
 from ..graph import Graph
 from .common import Weights, attention_core, causal_mask, f32_const
@@ -28,7 +28,7 @@ def rope_tables(t: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torc
 class _Block:
     """What every block of one graph shares: sizes, weights, RoPE tables, mask, constants."""
 
-    def __init__(self, ckpt: Checkpoint, seq_len: int):
+    def __init__(self, ckpt: LoadedCheckpoint, seq_len: int):
         cfg = ckpt.config
         self.cfg = cfg
         self.d, self.H, self.dh, self.ff = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
@@ -81,7 +81,7 @@ class _Block:
         return x
 
 
-def check_sizes(ckpt: Checkpoint, seq_len: int) -> None:
+def check_sizes(ckpt: LoadedCheckpoint, seq_len: int) -> None:
     cfg = ckpt.config
     H, Hkv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
     if H % Hkv:
@@ -103,7 +103,7 @@ def output_node(output: str) -> str:
     return "lm_head" if output == "logits" else "final_norm"
 
 
-def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
+def build_llama(ckpt: LoadedCheckpoint, seq_len: int, output: str = "hidden") -> Graph:
     """Graph from token embeddings (T, d) to the final hidden state (T, d) or logits (T, V)."""
     cfg = ckpt.config
     blk = _Block(ckpt, seq_len)
@@ -116,7 +116,7 @@ def build_llama(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph
     return g.infer_shapes()
 
 
-def build_block(ckpt: Checkpoint, i: int, seq_len: int, output: str = "hidden") -> Graph:
+def build_block(ckpt: LoadedCheckpoint, i: int, seq_len: int, output: str = "hidden") -> Graph:
     """Block ``i`` alone, with only its own weights: node for node, constant for constant,
     the graph ``build_llama(ckpt, seq_len, output).block_graph(f"layer{i}")`` gives."""
     cfg = ckpt.config
@@ -128,7 +128,7 @@ def build_block(ckpt: Checkpoint, i: int, seq_len: int, output: str = "hidden") 
     return g.infer_shapes()
 
 
-def build_head(ckpt: Checkpoint, seq_len: int, output: str = "hidden") -> Graph:
+def build_head(ckpt: LoadedCheckpoint, seq_len: int, output: str = "hidden") -> Graph:
     """From the last block's output to the final hidden state (or logits)."""
     cfg = ckpt.config
     g = Graph("head", block_input(cfg.n_layers), (seq_len, cfg.d_model))

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..io.checkpoint import LoadedCheckpoint as Checkpoint
+from ..io.checkpoint import LoadedCheckpoint
 from ..errors import GammaError
 from ..graph import Graph
 from ..ops import split_heads
@@ -50,7 +50,7 @@ def _ln(g: Graph, W: Weights, name: str, x: str, p: str, d: int, eps: float, blo
     return g.add(name, "layernorm", x, block=block, weight=W(p + ".weight", d), bias=W(p + ".bias", d), eps=eps)
 
 
-def build_encoder(ckpt: Checkpoint, seq_len: int) -> Graph:
+def build_encoder(ckpt: LoadedCheckpoint, seq_len: int) -> Graph:
     cfg = ckpt.config
     d, H, ff = cfg.d_model, cfg.encoder_heads, cfg.encoder_ffn_dim
     eps = f32_const(cfg.layer_norm_eps)
@@ -80,7 +80,7 @@ def build_encoder(ckpt: Checkpoint, seq_len: int) -> Graph:
     return g.infer_shapes()
 
 
-def cross_kv(ckpt: Checkpoint, layer: int, enc_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_kv(ckpt: LoadedCheckpoint, layer: int, enc_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of cross-attention (H, S, dh) from the encoder output (S, d),
     computed in float32 as the reference engine does."""
     cfg = ckpt.config
@@ -92,7 +92,7 @@ def cross_kv(ckpt: Checkpoint, layer: int, enc_out: torch.Tensor) -> tuple[torch
     return split_heads(k, H).double(), split_heads(v, H).double()
 
 
-def build_decoder(ckpt: Checkpoint, seq_len: int, enc_out: torch.Tensor, output: str = "hidden") -> Graph:
+def build_decoder(ckpt: LoadedCheckpoint, seq_len: int, enc_out: torch.Tensor, output: str = "hidden") -> Graph:
     """Decoder graph from token embeddings (T, d); ``enc_out`` (S, d) is a constant."""
     cfg = ckpt.config
     d, H, ff = cfg.d_model, cfg.decoder_heads, cfg.decoder_ffn_dim

@@ -420,6 +420,50 @@ def test_forward_matches_model(llama):
     assert out.point.tokens is not None and out.seq_len == 3
 
 
+# ---------------------------------------------------------------- grouped arguments
+def _no_times(d):
+    if isinstance(d, list):
+        return [_no_times(v) for v in d]
+    if not isinstance(d, dict):
+        return d
+    return {k: _no_times(v) for k, v in d.items() if k not in ("seconds", "timings", "memory")}
+
+
+@pytest.mark.parametrize("kw", [dict(block_wise=True, blocks="1", tolerance=10.0),
+                                dict(layer_by_layer=True, method="ibp", tokens="3,1")])
+def test_run_with_grouped_arguments_is_verify(llama, kw):
+    """gamma.verify(**keywords) is run(model, BoundOptions, InputSpec, RunSpec): the same report
+    and the same arrays, bit for bit."""
+    from gamma.options import BoundOptions
+    from gamma.verify import InputSpec, RunSpec, mode_of, run
+    a = gamma.verify(llama, EPS, kw.get("method", "crown"), seq_len=SEQ, attack=False, **{
+        k: v for k, v in kw.items() if k != "method"})
+    spec = RunSpec(mode_of(kw.get("block_wise", False), kw.get("layer_by_layer", False)), kw.get("blocks"),
+                   kw.get("tolerance"), attack=False)
+    b = run(llama, BoundOptions(EPS, kw.get("method", "crown")), InputSpec(seq_len=SEQ, tokens=kw.get("tokens")),
+            spec)
+    assert _no_times(a.report) == _no_times(b.report)
+    assert a.arrays.keys() == b.arrays.keys()
+    assert all(a.arrays[k].tobytes() == b.arrays[k].tobytes() for k in a.arrays)
+
+
+def test_specs_are_checked_when_made():
+    from gamma.options import BoundOptions
+    from gamma.verify import InputSpec, RunSpec, run
+    with pytest.raises(GammaError, match=r"^--seq-len must be >= 1, got 0$"):
+        InputSpec(seq_len=0)
+    with pytest.raises(GammaError, match=r"^unknown --output 'x' \(choose hidden or logits\)$"):
+        InputSpec(output="x")
+    with pytest.raises(GammaError, match=r"^--blocks applies to --block-wise runs$"):
+        RunSpec("full", blocks="0")
+    with pytest.raises(GammaError, match=r"^unknown mode 'fast'"):
+        RunSpec("fast")
+    assert InputSpec(tokens="1, 2").tokens == (1, 2)
+    assert RunSpec("block_wise").attack_config() is not None and RunSpec("full").attack_config() is None
+    with pytest.raises(GammaError, match=r"^expected a BoundOptions, got dict$"):
+        run(None, {"epsilon": EPS})
+
+
 # ---------------------------------------------------------------- real models (slow)
 @pytest.mark.slow
 @pytest.mark.real

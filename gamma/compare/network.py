@@ -233,7 +233,6 @@ def compare_graphs(ref: Graph, tgt: Graph, center: torch.Tensor, eps: float, tol
     dg = difference_graph(ref, tgt, merge)
     t_graph = time.perf_counter() - t0
     b = bound_difference(dg, ref, tgt, center, eps, method, naive, progress, **opts)
-    dg.graph.to("cpu")
     if dg.identical:
         zero = torch.zeros_like(b.lower)
         att = DiffAttack(zero, zero, 0.0, center.clone(), (0,) * center.dim(), 1, 0, 0.0)

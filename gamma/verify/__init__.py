@@ -28,9 +28,9 @@ from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions, check_eps
 from .api import as_model, forward, load, run, verify
 from .records import (HIGH_SENSITIVITY, MODERATE_SENSITIVITY, SATURATION_WIDTH, SOFTMAX_SATURATION, ForwardResult,
                       VerifyResult, Width, json_safe, schema, summarize, versions)
-from .spec import MODES, InputSpec, RunSpec, parse_tokens, select_blocks
+from .spec import MODES, InputSpec, RunSpec, mode_of, parse_tokens, select_blocks
 
 __all__ = ["verify", "run", "forward", "load", "as_model", "BoundOptions", "InputSpec", "RunSpec", "VerifyResult",
            "ForwardResult", "Width", "json_safe", "schema", "summarize", "versions", "check_epsilon",
-           "parse_tokens", "select_blocks", "METHODS", "INTERMEDIATE", "ARITHMETIC", "MODES", "SATURATION_WIDTH",
-           "SOFTMAX_SATURATION", "MODERATE_SENSITIVITY", "HIGH_SENSITIVITY"]
+           "parse_tokens", "select_blocks", "mode_of", "METHODS", "INTERMEDIATE", "ARITHMETIC", "MODES",
+           "SATURATION_WIDTH", "SOFTMAX_SATURATION", "MODERATE_SENSITIVITY", "HIGH_SENSITIVITY"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import gamma
+
 from gamma.graph import Graph
 from gamma.progress import BoundsEstimate, CountEstimate, duration, remaining
 
@@ -68,3 +70,14 @@ def test_count_estimate_from_mean_task_time():
     assert tags == ["block 1/4 layer0", "block 2/4 layer1", "block 3/4 layer2", "block 4/4 layer3"]
     assert seen == ["block 1/4 layer0", "block 2/4 layer1, about 1m30s left", "block 3/4 layer2, about 1m00s left",
                     "block 4/4 layer3, about 30s left"]
+
+
+def test_whole_network_progress_counts_nodes(whisper_hf_dir):
+    """A whole-network run reports 'bounds: node i/N NAME' as CROWN reaches each node
+    (with the time left once an estimate is possible, gamma.progress)."""
+    seen = []
+    gamma.verify(gamma.load(whisper_hf_dir[0]), 1e-3, "crown", seq_len=4, progress=seen.append)
+    nodes = [m for m in seen if m.startswith("bounds: node ")]
+    assert nodes and all("/" in m.split()[2] for m in nodes)
+    i, n = nodes[-1].split()[2].split("/")
+    assert int(i) <= int(n)

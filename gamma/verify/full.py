@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import bounds, tightness
+from ..progress import BoundsEstimate
 from ..graph import Graph
 from ..ops import evaluate
 from ..options import BoundOptions
@@ -31,7 +32,9 @@ def run_full(graph: Graph, x: torch.Tensor, options: BoundOptions, spec: RunSpec
     nominal = evaluate(graph, x)
     t_nominal = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = bounds.compute_bounds(graph, x, options=options, progress=progress)
+    # node i/N with the time left (the whole network: minutes on real models)
+    est = BoundsEstimate(progress, graph, "bounds") if progress else None
+    res = bounds.compute_bounds(graph, x, options=options, progress=est)
     t_bounds = time.perf_counter() - t0
     lower, upper = res.lower.double().cpu(), res.upper.double().cpu()
     ws = widths(graph, res)

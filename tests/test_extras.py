@@ -25,10 +25,10 @@ def _no_work(monkeypatch):
         raise AssertionError("work started before the dependency check")
     import importlib
     A = importlib.import_module("gamma.commands.analyze")
-    V = importlib.import_module("gamma.verify")          # the module (gamma.verify is also a function)
+    api = importlib.import_module("gamma.verify.api")
     monkeypatch.setattr(A, "load", boom)
-    monkeypatch.setattr(A, "verify", boom)
-    monkeypatch.setattr(V, "_as_model", boom)
+    monkeypatch.setattr(A, "run_verification", boom)
+    monkeypatch.setattr(api, "as_model", boom)
 
 
 def _run(capsys, argv):

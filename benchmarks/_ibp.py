@@ -38,14 +38,14 @@ class _IbpTimer:
 
     def __enter__(self):
         from gamma.bounds import engine
-        self._orig = engine.ibp_node, engine.margin
+        self._orig = engine.ibp_node, engine.margin_split
         engine.ibp_node = self._wrap(self._orig[0], self.rule, self.count)
-        engine.margin = self._wrap(self._orig[1], self.margin, None)
+        engine.margin_split = self._wrap(self._orig[1], self.margin, None)
         return self
 
     def __exit__(self, *exc):
         from gamma.bounds import engine
-        engine.ibp_node, engine.margin = self._orig
+        engine.ibp_node, engine.margin_split = self._orig
 
     def ops(self) -> dict:
         return {op: (self.count[op], self.rule[op], self.margin[op]) for op in self.count}

@@ -82,9 +82,9 @@ def test_ibp_ratio_and_breakdown_restore_the_engine(tiny_gguf, run):
     path, _ = tiny_gguf
     m = gamma.load(path)
     graph, x = m.graph(None, 1), m.input_point(None, 1).x
-    rule, margin = engine.ibp_node, engine.margin
+    rule, margin = engine.ibp_node, engine.margin_split
     r = run.ibp_ratio(graph, x, repeats=2, budget=60.0, breakdown=True)
-    assert (engine.ibp_node, engine.margin) == (rule, margin)
+    assert (engine.ibp_node, engine.margin_split) == (rule, margin)
     assert r["repeats"] == 2 and r["ratio"] == pytest.approx(r["ibp_s"] / r["forward_s"])
     b = r["breakdown"]
     counted = sum(n for n, _, _ in b["ops"].values())

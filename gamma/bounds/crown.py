@@ -50,6 +50,7 @@ class Context:
         self.refine = refine or {}
         self.bounds = bounds            # name -> Interval (sound, float64)
         self.margins = margins          # name -> Tensor | None
+        self.modes: dict = {}           # name -> fpmargin.CommonModes: a margin's row-shared errors (norms)
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
         self.planes = True              # attention @ V by sign-chosen planes (the engine: in the output's pass only)
@@ -159,6 +160,20 @@ def _margin_dot(lam, m: Tensor) -> Tensor:
     return lam.abs_dot(torch.where(fin, m, torch.zeros_like(m))).masked_fill(hit > 0, math.inf)
 
 
+def _margin_charge(ctx: Context, node, cot) -> Optional[Tensor]:
+    """What the float32 margin of ``node`` costs each row of ``cot``: ``|lam| . m``,
+    or, where the margin has row-shared errors (:class:`.fpmargin.CommonModes`),
+    ``|lam| . elem`` plus each shared error times its signed row sum."""
+    parts = ctx.modes.get(node.name)
+    if parts is None or not parts.finite():
+        m = ctx.margin(node)
+        return None if m is None else _margin_dot(cot, m)
+    c = cot.abs_dot(parts.elem)
+    for vc, vr, s in parts.modes:
+        c = c + cot.shared_abs_dot(vc, s) + cot.abs_dot(s * vr)
+    return c
+
+
 def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
     """``bias + odd - even`` per row; for a shared cotangent (:class:`rows.Sym`)
     the rows of -Lambda get ``-odd - even``."""
@@ -233,9 +248,9 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         if isinstance(lam, Tensor) and not lam.is_contiguous():
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         cot = rows.layout(lam)
-        m = ctx.margin(node)
+        m = _margin_charge(ctx, node, cot)
         if m is not None:
-            bias = _charge(bias, _acc(bias, sym, None, _margin_dot(cot, m)), trace, node.name, "margin")
+            bias = _charge(bias, _acc(bias, sym, None, m), trace, node.name, "margin")
         ins, odd, even = crown_rules.apply(node, cot, ctx)
         bias = _charge(bias, _acc(bias, sym, odd, even), trace, node.name, "rule")
         for name, li in zip(node.inputs, ins):

@@ -30,7 +30,7 @@ from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions
 from .alpha import optimize
 from .crown import Context, node_bounds
-from .fpmargin import margin, output_cap
+from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
 from .refine import REFINE, refined_interval
 from .interval import Interval
@@ -189,8 +189,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         iv = refined_interval(ctx, node, ins) if refine else None
         if iv is None:
             iv = ibp_node(node, *ins)
-        m = margin(node, ins, iv, margins) if arithmetic == "float32" else None
+        m, modes = margin_split(node, ins, iv, margins) if arithmetic == "float32" else (None, None)
         margins[node.name] = m
+        if modes is not None:
+            ctx.modes[node.name] = modes
         iv = iv.widen(m)
         cap = output_cap(node) if m is not None else None
         if cap is not None and bool(torch.isfinite(ins[0].lower).all()) and bool(torch.isfinite(ins[0].upper).all()):

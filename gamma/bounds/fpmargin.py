@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -172,7 +172,46 @@ def _softmax(node, ins, out):
     return m if mask is None else m.masked_fill(~mask, 0.0)
 
 
-def _norm(node, ins, out):
+class CommonModes(NamedTuple):
+    """A margin split into an elementwise part and row-shared errors:
+    ``fl32(y) - y = e + sum_k t_k v_k`` with ``|e| <= elem`` elementwise and, per row
+    (last axis), one scalar ``|t_k| <= s_k`` (.., 1) times a vector ``v_k`` that lies
+    in ``vc_k +- vr_k`` (the node's shape).  CROWN charges ``|lam| . elem + sum_k
+    sum_rows s_k |lam_row . vc_k| + |lam| . (s_k vr_k)``: the shared error of a row
+    costs what its signed sum costs, not the sum of its absolute values."""
+    elem: torch.Tensor
+    modes: tuple
+
+    def total(self) -> torch.Tensor:
+        """The elementwise margin the split comes from: ``elem + sum_k s_k |v_k|``."""
+        m = self.elem
+        for vc, vr, s in self.modes:
+            m = m + s * (vc.abs() + vr)
+        return m
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.elem).all()) and all(
+            bool(torch.isfinite(s).all()) and bool(torch.isfinite(vc).all()) and bool(torch.isfinite(vr).all())
+            for vc, vr, s in self.modes)
+
+
+def norm_modes(node, ins, out) -> CommonModes:
+    """The norm's float32 margin as :class:`CommonModes` (hedged like the other
+    norm margins).  The row's inverse scale is computed once: ``r' = r (1 + t)``
+    with ``|t| <= rel_s``, a shared error ``t n_i`` of every normalised value, so
+    ``t w_i n_i`` in the output; LayerNorm's mean is computed once: ``mu' = mu + e``
+    with ``|e| <= e_mu``, a shared ``-e r w_i`` in the output (``|e r| <= e_mu
+    s_hi``).  What is left per element: the centring's own rounding, the two
+    products and the bias add, and the cross terms of the shared errors."""
+    parts = _norm(node, ins, out)
+    return CommonModes(HEDGE * parts.elem, tuple((vc, vr, HEDGE * s) for vc, vr, s in parts.modes))
+
+
+def _norm_margin(node, ins, out):
+    return _norm(node, ins, out).total()
+
+
+def _norm(node, ins, out) -> CommonModes:
     """LayerNorm / RMSNorm evaluated as mean, centre, mean of squares (or
     E[x^2] - E[x]^2), rsqrt, two products and a bias add."""
     x = ins[0]
@@ -187,8 +226,10 @@ def _norm(node, ins, out):
     c_abs = torch.maximum(cl.abs(), cu.abs())
     if centered:
         e_mu = g * xa.mean(-1, keepdim=True)
-        e_c = e_mu + U * (c_abs + e_mu)
+        e_d = U * (c_abs + e_mu)                  # the centring's own rounding
+        e_c = e_mu + e_d
     else:
+        e_mu, e_d = 0.0, 0.0
         e_c = torch.zeros_like(c_abs)
     # float32 (v + eps) = (v + eps)(1 + t), |t| <= q.  Two-pass form: mean(c^2) of the rounded c is off
     # by at most A = mean(2|c| e_c + e_c^2), then a sum of non-negative terms (relative g) and the eps
@@ -204,8 +245,15 @@ def _norm(node, ins, out):
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
                         torch.full_like(q, math.inf))
     n_abs = torch.maximum(nl.abs(), nu.abs())
-    e_n = e_c * su * (1 + rel_s) * (1 + U) + n_abs * (rel_s + U * (1 + rel_s))
-    return w * e_n + 2 * U * (w * n_abs + out.abs_max()) + 2.0 ** -126
+    # fl(c' r') = (c - e + d_c)(r (1 + t))(1 + d): c r t (shared t) - e r (shared e) + the rest, per element
+    grow = (1 + rel_s) * (1 + U)
+    e_n = e_d * su * grow + e_mu * su * (grow - 1) + n_abs * U * (1 + rel_s)
+    elem = w * e_n + 2 * U * (w * n_abs + out.abs_max()) + 2.0 ** -126
+    ws = node.params["weight"]
+    modes = [((nl + nu) * 0.5 * ws, (nu - nl) * 0.5 * w, rel_s)]          # t w n, n in [nl, nu]
+    if centered:
+        modes.append((ws, torch.zeros_like(ws), e_mu * su))                  # e r w
+    return CommonModes(elem, tuple(modes))
 
 
 def output_cap(node):
@@ -244,7 +292,7 @@ def _mul_const(node, ins, out):
 MARGIN = {
     "linear": _linear, "conv1d": _conv1d, "matmul": _matmul, "matmul_const": _matmul_const,
     "rope": _rope, "gelu": _elementwise, "gelu_tanh": _elementwise, "silu": _elementwise,
-    "softmax": _softmax, "layernorm": _norm, "rmsnorm": _norm,
+    "softmax": _softmax, "layernorm": _norm_margin, "rmsnorm": _norm_margin,
     "add": _add, "add_const": _add, "mul": _mul, "mul_const": _mul_const,
     "transpose": None, "split_heads": None, "merge_heads": None, "repeat_kv": None,
     # imported graphs: relu and the plumbing ops are exact in float32
@@ -261,3 +309,12 @@ def margin(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None
         return None
     m = rule(node, ins, out, prev) if rule is _matmul else rule(node, ins, out)
     return HEDGE * m if node.op in HEDGED else m
+
+
+def margin_split(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None):
+    """``(margin, CommonModes or None)``: the norms' margin also as its split
+    (:func:`norm_modes`), whose total the margin is."""
+    if node.op in ("layernorm", "rmsnorm"):
+        parts = norm_modes(node, ins, out)
+        return parts.total(), parts
+    return margin(node, ins, out, prev), None

@@ -76,6 +76,11 @@ class Dense:
     def abs_dot(self, c) -> Tensor:
         return row_dot(self.t.abs(), torch.as_tensor(c, dtype=self.t.dtype, device=self.t.device))
 
+    def shared_abs_dot(self, v: Tensor, s: Tensor) -> Tensor:
+        """(S,): ``sum_rows s_row |sum_i t_i v_i|`` per cotangent row; rows are the node's
+        last axis, ``s`` (.., 1) one factor per row of the node."""
+        return Dense((self.t * v).sum(-1, keepdim=True).abs()).dot(s)
+
     def vjp(self, lin) -> Tensor:
         return lin.vjp(self.t)
 
@@ -127,6 +132,10 @@ class Rows:
 
     def abs_dot(self, c) -> Tensor:
         return self.like(self.t.abs()).dot(c)
+
+    def shared_abs_dot(self, v: Tensor, s: Tensor) -> Tensor:
+        """As :meth:`Dense.shared_abs_dot`, each row at its token."""
+        return self.like((self.t * self.take(v)).sum(-1, keepdim=True).abs()).dot(s)
 
     def view(self, node):
         """The node with its per-token parameters (:data:`TOKEN_PARAMS`) taken at each row's token."""

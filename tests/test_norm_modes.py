@@ -1,0 +1,150 @@
+"""Row-shared float32 errors of LayerNorm / RMSNorm (gamma.bounds.fpmargin.CommonModes):
+the norm computes its mean and its inverse scale once per row, so their rounding is one
+error per row, which CROWN charges through the row's signed sum.  Hand cases for the
+charge, the split against the elementwise margin, and float32 engines that compute the
+norm in several orders and variance formulas against the bounds (samples + PGD)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gamma.bounds import Tunings, compute_bounds, fpmargin
+from gamma.bounds.interval import Interval
+from gamma.bounds.rows import Dense, Rows
+from gamma.graph import Graph
+from soundness import graph_fn, violations
+
+
+def test_shared_error_is_charged_through_the_signed_row_sum_by_hand():
+    # one cotangent row over a node (2 tokens, 2 units); s = 0.5 on token 0, 0.25 on token 1
+    v = torch.tensor([[2.0, 2.0], [1.0, 3.0]], dtype=torch.float64)
+    s = torch.tensor([[0.5], [0.25]], dtype=torch.float64)
+    t = torch.tensor([[[1.0, -1.0], [1.0, 1.0]]], dtype=torch.float64)       # (S=1, T=2, d=2)
+    # token 0: 0.5 |2 - 2| = 0; token 1: 0.25 |1 + 3| = 1
+    assert Dense(t).shared_abs_dot(v, s).tolist() == [1.0]
+    # against the elementwise charge |t| . (s |v|) = 0.5 * 4 + 0.25 * 4 = 3
+    assert Dense(t).abs_dot(s * v.abs()).tolist() == [3.0]
+    # the token-compact layout: row 0 at token 1 with [1, 1], row 1 at token 0 with [1, -1]
+    r = Rows(torch.tensor([[[1.0, 1.0]], [[1.0, -1.0]]], dtype=torch.float64), torch.tensor([1, 0]), 2)
+    assert r.shared_abs_dot(v, s).tolist() == [1.0, 0.0]
+
+
+def _ln_box(seed: int, d: int = 16, offset: float = 0.0, centered: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph("n", "x", (3, d))
+    op = "layernorm" if centered else "rmsnorm"
+    params = dict(weight=torch.randn(d, generator=gen).float().double(), eps=1e-5)
+    if centered:
+        params["bias"] = torch.randn(d, generator=gen).float().double()
+    g.add("y", op, "x", **params)
+    g.infer_shapes()
+    c = torch.randn(3, d, generator=gen, dtype=torch.float64) + offset
+    x = Interval(c - 1e-3, c + 1e-3)
+    out = compute_bounds(g, c, 1e-3, "ibp", arithmetic="real").nodes["y"]
+    return g, x, out
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_split_adds_up_to_the_elementwise_margin(centered):
+    """elem + sum_k s_k |v_k| is the hedged elementwise margin the IBP boxes are widened by,
+    and the shared parts are where the bulk of it is (the variance's and mean's sums)."""
+    g, x, out = _ln_box(4, d=64, offset=30.0, centered=centered)
+    parts = fpmargin.norm_modes(g["y"], [x], out)
+    m = fpmargin.margin(g["y"], [x], out)
+    assert torch.allclose(parts.total(), m, rtol=1e-12, atol=0)
+    assert len(parts.modes) == (2 if centered else 1)
+    assert (parts.elem < 0.2 * m).all()
+
+
+def _ln_then_cancel(d: int = 32, offset: float = 200.0):
+    """x (2, d) -> LayerNorm -> linear whose rows are orthogonal to the norm's weight and
+    to nothing else: the mean's rounding (shared, times w) cancels in every output."""
+    gen = torch.Generator().manual_seed(31)
+    g = Graph("cancel", "x", (2, d))
+    w = (torch.rand(d, generator=gen) + 0.5).float().double()
+    g.add("n", "layernorm", "x", weight=w, bias=torch.zeros(d, dtype=torch.float64), eps=1e-5)
+    a = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    a = a - (a @ w)[:, None] * w[None, :] / (w @ w)                              # a_k . w = 0
+    g.add("y", "linear", "n", weight=a.float().double())
+    g.infer_shapes()
+    x0 = (torch.randn(2, d, generator=gen, dtype=torch.float64) + offset).float().double()
+    return g, x0
+
+
+def _float32_engines(g, order_seed: int):
+    """float32 LayerNorm + linear computed as an engine might: the mean and the variance
+    summed in a random order, given order and reversed, by two-pass or E[x^2] - E[x]^2,
+    dividing by the scale or multiplying by its reciprocal."""
+    ln, lin = g["n"].params, g["y"].params
+    w32, b32 = ln["weight"].float().numpy(), ln["bias"].float().numpy()
+    a32 = lin["weight"].float().numpy()
+    d = w32.shape[0]
+    rng = np.random.default_rng(order_seed)
+    perm = rng.permutation(d)
+
+    def seq_sum(v, order):
+        acc = np.float32(0)
+        for i in order:
+            acc = np.float32(acc + v[i])
+        return acc
+
+    def engine(order, two_pass, divide):
+        def f(x):
+            out = []
+            for row in x.to(torch.float32).numpy():
+                mu = np.float32(seq_sum(row, order) / np.float32(d))
+                c = (row - mu).astype(np.float32)
+                if two_pass:
+                    var = np.float32(seq_sum((c * c).astype(np.float32), order) / np.float32(d))
+                else:
+                    msq = np.float32(seq_sum((row * row).astype(np.float32), order) / np.float32(d))
+                    var = np.float32(msq - np.float32(mu * mu))
+                sd = np.float32(np.sqrt(np.float32(var + np.float32(1e-5))))
+                n = (c / sd).astype(np.float32) if divide else (c * np.float32(1 / sd)).astype(np.float32)
+                y = (w32 * n + b32).astype(np.float32)
+                out.append(torch.from_numpy(y) @ torch.from_numpy(a32).T)
+            return torch.stack(out).double()
+        return f
+
+    orders = [np.arange(d), np.arange(d)[::-1], perm]
+    return [engine(o, tp, dv) for o in orders for tp in (True, False) for dv in (True, False)]
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+def test_norm_then_cancelling_linear_contains_float32_engines(eps):
+    """A row mean of 200 with unit spread: the mean's rounding is large (gamma_d * 200) but
+    shared by the row, and the linear after the norm cancels it.  The bounds charge it
+    through the signed sums (below the elementwise charge; the variance's rounding, shared
+    too, does not cancel here) and still contain every
+    float32 engine's outputs, in every order and formula (box samples + PGD)."""
+    g, x0 = _ln_then_cancel()
+    r = compute_bounds(g, x0, eps, "crown", allow_zero=True)
+    assert torch.isfinite(r.width()).all()
+    real = compute_bounds(g, x0, eps, "crown", arithmetic="real", allow_zero=True)
+    ln = r.nodes["n"]
+    lin_in = compute_bounds(g, x0, eps, "ibp", allow_zero=True).nodes["x"]
+    elementwise = fpmargin.margin(g["n"], [lin_in], ln)                        # the old charge per unit |lam|
+    old_charge = elementwise @ g["y"].params["weight"].abs().T
+    charged = r.width() - real.width()
+    assert (charged < old_charge).all() and charged.sum() < 0.6 * old_charge.sum()
+    fns = _float32_engines(g, order_seed=5) + [graph_fn(g, torch.float32)]
+    gen = torch.Generator().manual_seed(8)
+    pts = [x0] + [(x0 + eps * (2 * torch.rand(x0.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
+                  for _ in range(20)]
+    for f in fns:
+        for p in pts:
+            y = f(p)
+            assert (y >= r.lower).all() and (y <= r.upper).all()
+    if eps > 0:
+        assert violations(graph_fn(g, torch.float32), x0, eps, r.lower, r.upper, n_samples=500, steps=20,
+                          seed=2) == 0
+
+
+def test_token_compact_and_dense_walks_charge_the_shared_errors_alike():
+    g, x0 = _ln_then_cancel(d=16, offset=50.0)
+    a = compute_bounds(g, x0, 1e-3, "crown")
+    b = compute_bounds(g, x0, 1e-3, "crown", tunings=Tunings(compact_rows=False))
+    assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-15)

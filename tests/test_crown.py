@@ -81,6 +81,41 @@ def test_norm_internals_sound_and_tighter(op, eps):
     assert float((q_hi - q_lo).sum()) < (0.3 if centered else 0.9) * float((bq_hi - bq_lo).sum())
 
 
+def test_mean_square_lower_bound_by_hand_where_the_tangent_reaches_zero():
+    """x = t w, t in [0.5, 1.5] -> RMSNorm: q = t^2 mean(w^2), least 0.25 mean(w^2) at t = 0.5.
+    The tangent at the box centre w gives mean(2 w c) - mean(w^2) >= 2 (0.5) mean(w^2) - mean(w^2)
+    = 0; the scaled tangent (Cauchy-Schwarz) gives mean(w c)^2 / mean(w^2) = 0.25 mean(w^2)."""
+    d = 8
+    w = torch.arange(1, d + 1, dtype=torch.float64)
+    g = Graph("line", "x", (1, 1))
+    g.add("h", "linear", "x", weight=w[:, None])
+    g.add("y", "rmsnorm", "h", weight=torch.ones(d, dtype=torch.float64), eps=1e-5)
+    g.infer_shapes()
+    res = compute_bounds(g, torch.ones(1, 1, dtype=torch.float64), 0.5, "crown", arithmetic="real")
+    ctx = Context(g, dict(res.nodes), {n.name: None for n in g})
+    q_lo, q_hi = norm_mean_square(ctx, g["y"])["q"]
+    ms = float((w * w).mean())                               # 25.5
+    # (within the float32 cotangent products' error terms, which the pass charges outward)
+    assert float(q_lo) == pytest.approx(0.25 * ms, rel=1e-5) and float(q_lo) <= 0.25 * ms
+    assert float(q_hi) >= 2.25 * ms * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_mean_square_lower_bound_sound_on_wide_boxes(op):
+    """Boxes wide enough that the tangent at the box centre reaches zero for some rows:
+    the scaled tangent keeps those rows above zero, and sampling + PGD find nothing below."""
+    g = mixed_norm_graph(op, d=12, T=3)
+    x0, eps = rnd(3, 12), 0.6
+    ctx = _ctx(g, x0, eps)
+    node = g["y"]
+    P = (lambda t: t - t.mean(-1, keepdim=True)) if op == "layernorm" else (lambda t: t)
+    q_lo, q_hi = norm_mean_square(ctx, node)["q"]
+    assert (q_lo >= 0).all() and (q_lo <= q_hi).all()
+    ms = lambda xs: (P(evaluate(g, xs, upto="h")) ** 2).mean(-1)
+    assert violations(ms, x0, eps, q_lo.flatten(), q_hi.flatten(), targets=torch.arange(3), steps=30,
+                      n_samples=2000) == 0
+
+
 @pytest.mark.parametrize("intermediate", ["crown", "cut"])
 @pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
 def test_crown_with_refined_norm_sound(op, intermediate):

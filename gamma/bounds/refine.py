@@ -32,7 +32,8 @@ def norm_mean_square(ctx: Context, node) -> dict:
         mean(m c) - mean(cl cu)  >=  q  >=  mean(2 t c) - mean(t^2)    (m = cl + cu)
 
     (chords and tangents of c^2), both linear in x, bounded by one backward
-    pass of 2R rows (R = rows of x).  The box gives q's range from independent
+    pass of 2R rows (R = rows of x); the lower one also as
+    ``q >= mean(t c)^2 / mean(t^2)`` where ``mean(t c) > 0`` over the region.  The box gives q's range from independent
     c_j intervals; this keeps the correlation between them, which is what
     makes the norm's inverse scale, and so its relaxation, tight."""
     if not ctx.tunings.norm_internals:
@@ -56,7 +57,13 @@ def norm_mean_square(ctx: Context, node) -> dict:
                   ctx.bounds[ctx.graph.input], ctx.stops.get(node.inputs[0], frozenset()))
     row = shape[:-1] + (1,)
     q_hi = (-lb[:R]).reshape(row) - (cl * cu).mean(-1, keepdim=True)
-    q_lo = lb[R:].reshape(row) - (t * t).mean(-1, keepdim=True)
+    # q >= mean(2 a t c) - a^2 mean(t^2) for every a >= 0 (the tangent at a t); with m2 <= mean(2 t c)
+    # over the region, the best a = m2 / (2 mean(t^2)) gives m2^2 / (4 mean(t^2)) (Cauchy-Schwarz:
+    # mean(c^2) mean(t^2) >= mean(t c)^2), never below a = 1's m2 - mean(t^2), and still > 0 where
+    # the tangent at t itself reaches below zero
+    m2, tt = lb[R:].reshape(row), (t * t).mean(-1, keepdim=True)
+    scaled = torch.where((m2 > 0) & (tt > 0), m2 * m2 / (4 * tt).clamp_min(1e-300), torch.zeros_like(m2))
+    q_lo = torch.maximum(m2 - tt, scaled)
     slack = 1e-12 * (q_hi.abs() + q_lo.abs()) + 1e-300        # float64 rounding of the pass
     return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
 

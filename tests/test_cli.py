@@ -261,7 +261,10 @@ def test_verify_real_arithmetic_said(capsys, llama_dir):
     assert rc == 0, err
     assert out.splitlines()[2] == ("bounds   of the real-valued function only (--arithmetic real): no float32 "
                                    "margins, not a guarantee for a float32 engine")
-    assert "--arithmetic" not in main(capsys, "verify", llama_dir, "--method", "ibp", "--seq-len", "2")[1]
+    default = main(capsys, "verify", llama_dir, "--method", "ibp", "--seq-len", "2")[1]
+    assert "--arithmetic" not in default
+    assert default.splitlines()[2] == ("bounds   hold for every float32 engine: its rounding included, in any "
+                                       "summation order, no assumption about the engine")
 
 
 def test_verify_full_table_and_layer_growth(capsys, llama_dir):

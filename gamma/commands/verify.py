@@ -95,8 +95,10 @@ def _header(r: dict) -> list[str]:
     m, ip = r["model"], r["input_point"]
     mode = {"full": "full network", "layer_by_layer": "layer by layer", "block_wise": "block-wise"}[r["mode"]]
     inter = f", intermediate {r['intermediate']}" if r["method"] in ("crown", "alpha") else ""
-    real = ["bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
-            "not a guarantee for a float32 engine"] if r.get("arithmetic", "float32") == "real" else []
+    real = (["bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
+             "not a guarantee for a float32 engine"] if r.get("arithmetic", "float32") == "real" else
+            ["bounds   hold for every float32 engine: its rounding included, in any summation order, no "
+             "assumption about the engine"])
     return [
         f"model    {m['arch']} {r['component']} ({m['format']}) {m['path']}",
         f"run      {mode}, method {r['method']}{inter}, epsilon {r['epsilon']:g}, device {r['device']}",

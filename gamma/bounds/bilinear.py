@@ -52,3 +52,33 @@ def mul_planes(x, y, a_lo, a_hi):
     lo = (a_lo * yl + (1 - a_lo) * yu, a_lo * xl + (1 - a_lo) * xu, -(a_lo * xl * yl + (1 - a_lo) * xu * yu))
     hi = (a_hi * yl + (1 - a_hi) * yu, a_hi * xu + (1 - a_hi) * xl, -(a_hi * xu * yl + (1 - a_hi) * xl * yu))
     return lo, hi
+
+
+def polar_band(x, y, s: tuple, d: tuple):
+    """A band ``a x + b y + c +- h`` that contains ``x y`` wherever x, y lie in their
+    boxes and ``s = x + y``, ``d = x - y`` in theirs, per element: the narrower of
+
+    * the half-sum of the McCormick planes: ``a = cy, b = cx, c = -cx cy, h = rx ry``;
+    * the polarization ``x y = (s^2 - d^2) / 4``: ``s^2`` above its tangent at s's centre
+      s0 and below its chord, ``d^2`` likewise, which gives lines with one slope pair
+      ``a = (s0 - d0) / 2, b = (s0 + d0) / 2`` and constants
+      ``(dl du - s0^2) / 4`` (lower) and ``(d0^2 - sl su) / 4`` (upper), so
+      ``h = (rs^2 + rd^2) / 8``.
+
+    With s, d from the boxes alone (``rs = rd = rx + ry``) the second is never the
+    narrower; with CROWN's own bounds of s and d it is where x and y move together or
+    against each other.  Returns (a, b, c, h)."""
+    cx, cy, rx, ry = x.center, y.center, x.radius, y.radius
+    sl, su = s
+    dl, du = d
+    s0, d0 = 0.5 * (sl + su), 0.5 * (dl + du)
+    lo = 0.25 * (dl * du - s0 * s0)
+    hi = 0.25 * (d0 * d0 - sl * su)
+    c_p, h_p = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    h_p = h_p + 1e-12 * (lo.abs() + hi.abs())          # float64 rounding of the constants, outward
+    use = h_p < rx * ry
+    a = torch.where(use, 0.5 * (s0 - d0), cy)
+    b = torch.where(use, 0.5 * (s0 + d0), cx)
+    c = torch.where(use, c_p, -cx * cy)
+    h = torch.where(use, h_p, rx * ry)
+    return a, b, c, h

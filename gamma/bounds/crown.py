@@ -78,6 +78,13 @@ class Context:
             self._lin[node.name] = lin if self.tunings.row_remainder else replace(lin, rem=None)
         return self._lin[node.name]
 
+    def cached(self, node, make):
+        """``make()`` once per node and Context (a rule's per-node constants)."""
+        key = ("rule", node.name)
+        if key not in self._const:
+            self._const[key] = make()
+        return self._const[key]
+
     def lin_const(self, node):
         """``y0 - J0 x0`` of a linearised node (the constant of its linear form)."""
         if node.name not in self._const:

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import UnsupportedOp
 from ..ops import AFFINE, ELEMENTWISE
-from .bilinear import mul_planes, shift_constant, simplex_shift
+from .bilinear import mul_planes, polar_band, shift_constant, simplex_shift
 from .linearization import row_dot
 from .rows import Dense, Rows, layout, outer
 
@@ -89,6 +89,11 @@ def _mul(node, lam, ctx):
     if node.name in ctx.alpha:
         return _mul_planes(node, lam, ctx)
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
+    facts = ctx.refinement(node)
+    if facts:
+        a, b, c, h = ctx.cached(node, lambda: polar_band(x, y, facts["s"], facts["d"]))
+        ins = [lam.like(lam.t * lam.take(a)), lam.like(lam.t * lam.take(b))]
+        return ins, lam.dot(c), lam.abs_dot(h)
     cx, cy = lam.take(x.center), lam.take(y.center)
     if isinstance(lam, Rows):                   # one token's centres per row: product and sum in one pass
         odd = -(lam.t * cx * cy).reshape(lam.t.shape[0], -1).sum(1)

@@ -101,7 +101,47 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
     return (lo - slack).reshape(shape), (hi + slack).reshape(shape)
 
 
-REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square, "softmax": softmax_pairs}
+def product_sums(ctx: Context, node, chunk_elems: Optional[int] = None) -> dict:
+    """CROWN bounds of ``s = x + y`` and ``d = x - y`` for the product ``x * y`` of two
+    nodes of its shape (SwiGLU's act * up): ``{"s": (lo, hi), "d": (lo, hi)}``, or {}
+    where the tuning is off or x and y are one node.  Where x and y move together (or
+    against each other) these are tighter than the sums of their boxes, which is what
+    :func:`.bilinear.polar_band` turns into a narrower band for the product."""
+    xa, ya = node.inputs
+    if not ctx.tunings.product_sums or xa == ya:
+        return {}
+    graph = ctx.graph
+    shape = graph[xa].shape
+    n = numel(shape)
+    box = ctx.bounds[graph.input]
+    dtype, device = box.lower.dtype, box.lower.device
+    widest = max(numel(graph[a].shape) for a in graph.ancestors(xa) | graph.ancestors(ya) | {xa, ya})
+    step = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
+    stop = ctx.stops.get(xa, frozenset()) | ctx.stops.get(ya, frozenset())
+    out = {}
+    for key, sign in (("s", 1.0), ("d", -1.0)):
+        lo = torch.empty(n, dtype=dtype, device=device)
+        hi = torch.empty(n, dtype=dtype, device=device)
+        for a in range(0, n, step):
+            e = min(n, a + step)
+            idx = torch.arange(a, e, device=device)
+            lam = rows.first_rows(graph, xa, idx, dtype, device) if ctx.tunings.compact_rows else None
+            if lam is None:
+                eye = torch.zeros(e - a, n, dtype=dtype, device=device)
+                eye[torch.arange(e - a), idx] = 1.0
+                lam = rows.Sym(eye.reshape(e - a, *shape))
+            inner = lam.lam
+            other = rows.Sym(inner.like(sign * inner.t) if isinstance(inner, rows.Rows) else sign * inner)
+            lams = halves({xa: lam, ya: other}, ctx.tunings)
+            lb = backward(ctx, lams, torch.zeros(2 * (e - a), dtype=dtype, device=device), box, stop)
+            lo[a:e], hi[a:e] = lb[:e - a], -lb[e - a:]
+        slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
+        out[key] = ((lo - slack).reshape(shape), (hi + slack).reshape(shape))
+    return out
+
+
+REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square, "softmax": softmax_pairs,
+          "mul": product_sums}
 
 
 def _norm_box(ctx: Context, node, x: Interval) -> Optional[Interval]:

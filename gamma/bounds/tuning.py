@@ -28,6 +28,7 @@ class Tunings:
     row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
     norm_internals: bool = True       # norms' centred input and mean square by their own backward passes
     softmax_pairs: bool = True        # softmax's box from its score differences' own backward pass
+    product_sums: bool = True         # x * y also by (s^2 - d^2) / 4 with CROWN bounds of s = x + y, d = x - y
     # linearisations (CROWN and zonotopes)
     norm_decomposed: bool = True      # LayerNorm / RMSNorm may take the decomposed form (False: mean value only)
     softmax_decomposed: bool = True   # softmax likewise

@@ -68,37 +68,45 @@ def norm_mean_square(ctx: Context, node) -> dict:
     return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
 
 
-def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tuple:
-    """CROWN bounds ``(lower, upper)`` of LayerNorm's centred input ``x - mean(x)``
-    (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
-    The box of x loses the correlation between x_i and mean(x)."""
+def _element_bounds(ctx: Context, names: list, maps: list, stop: frozenset,
+                    chunk_elems: Optional[int] = None) -> tuple:
+    """CROWN bounds ``(lower, upper)``, per element i of the nodes ``names`` (one
+    shape), of ``sum_k maps[k](e_i) . value(names[k])``: spec rows ``[e_i; -e_i]``
+    (token-compact where the nodes have a token axis) mapped per node, walked in
+    chunks."""
     graph = ctx.graph
-    name = node.inputs[0]
-    shape = graph[name].shape
+    shape = graph[names[0]].shape
     n = numel(shape)
-    d = shape[-1]
     box = ctx.bounds[graph.input]
     dtype, device = box.lower.dtype, box.lower.device
-    widest = max(numel(graph[a].shape) for a in graph.ancestors(name) | {name})
+    widest = max(numel(graph[a].shape) for nm in names for a in graph.ancestors(nm) | {nm})
     step = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
     for s in range(0, n, step):
         e = min(n, s + step)
         idx = torch.arange(s, e, device=device)
-        lam = rows.first_rows(graph, name, idx, dtype, device) if ctx.tunings.compact_rows else None
-        if lam is not None:
-            lam = rows.Sym(lam.lam.like(lam.lam.t - lam.lam.t.mean(-1, keepdim=True)))
-        else:
+        unit = rows.first_rows(graph, names[0], idx, dtype, device) if ctx.tunings.compact_rows else None
+        if unit is None:
             eye = torch.zeros(e - s, n, dtype=dtype, device=device)
             eye[torch.arange(e - s), idx] = 1.0
-            eye = eye.reshape(e - s, -1, d)
-            lam = rows.Sym((eye - eye.mean(-1, keepdim=True)).reshape(e - s, *shape))
-        lb = backward(ctx, halves({name: lam}, ctx.tunings), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
-                      ctx.stops.get(name, frozenset()))
+            unit = rows.Sym(eye.reshape(e - s, *shape))
+        u = unit.lam
+        lams = {nm: rows.Sym(u.like(f(u.t)) if isinstance(u, rows.Rows) else f(u)) for nm, f in zip(names, maps)}
+        lb = backward(ctx, halves(lams, ctx.tunings), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
+                      stop)
         lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
     slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
     return (lo - slack).reshape(shape), (hi + slack).reshape(shape)
+
+
+def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tuple:
+    """CROWN bounds ``(lower, upper)`` of LayerNorm's centred input ``x - mean(x)``
+    (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
+    The box of x loses the correlation between x_i and mean(x)."""
+    name = node.inputs[0]
+    return _element_bounds(ctx, [name], [lambda t: t - t.mean(-1, keepdim=True)], ctx.stops.get(name, frozenset()),
+                           chunk_elems)
 
 
 def product_sums(ctx: Context, node, chunk_elems: Optional[int] = None) -> dict:
@@ -110,34 +118,9 @@ def product_sums(ctx: Context, node, chunk_elems: Optional[int] = None) -> dict:
     xa, ya = node.inputs
     if not ctx.tunings.product_sums or xa == ya:
         return {}
-    graph = ctx.graph
-    shape = graph[xa].shape
-    n = numel(shape)
-    box = ctx.bounds[graph.input]
-    dtype, device = box.lower.dtype, box.lower.device
-    widest = max(numel(graph[a].shape) for a in graph.ancestors(xa) | graph.ancestors(ya) | {xa, ya})
-    step = max(1, min(n, (chunk_elems or ctx.tunings.chunk_elems) // max(1, 2 * widest)))
     stop = ctx.stops.get(xa, frozenset()) | ctx.stops.get(ya, frozenset())
-    out = {}
-    for key, sign in (("s", 1.0), ("d", -1.0)):
-        lo = torch.empty(n, dtype=dtype, device=device)
-        hi = torch.empty(n, dtype=dtype, device=device)
-        for a in range(0, n, step):
-            e = min(n, a + step)
-            idx = torch.arange(a, e, device=device)
-            lam = rows.first_rows(graph, xa, idx, dtype, device) if ctx.tunings.compact_rows else None
-            if lam is None:
-                eye = torch.zeros(e - a, n, dtype=dtype, device=device)
-                eye[torch.arange(e - a), idx] = 1.0
-                lam = rows.Sym(eye.reshape(e - a, *shape))
-            inner = lam.lam
-            other = rows.Sym(inner.like(sign * inner.t) if isinstance(inner, rows.Rows) else sign * inner)
-            lams = halves({xa: lam, ya: other}, ctx.tunings)
-            lb = backward(ctx, lams, torch.zeros(2 * (e - a), dtype=dtype, device=device), box, stop)
-            lo[a:e], hi[a:e] = lb[:e - a], -lb[e - a:]
-        slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300      # float64 rounding of the pass
-        out[key] = ((lo - slack).reshape(shape), (hi + slack).reshape(shape))
-    return out
+    return {key: _element_bounds(ctx, [xa, ya], [lambda t: t, lambda t, k=sign: k * t], stop, chunk_elems)
+            for key, sign in (("s", 1.0), ("d", -1.0))}
 
 
 REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square, "softmax": softmax_pairs,

@@ -77,3 +77,14 @@ def test_token_compact_and_dense_walks_agree_on_the_polarized_product():
     b = compute_bounds(g, x0, 0.1, "crown", tunings=Tunings(compact_rows=False))
     assert torch.allclose(a.lower, b.lower, rtol=1e-10, atol=1e-12)
     assert torch.allclose(a.upper, b.upper, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,intermediate", [("crown", "cut"), ("alpha", "crown")])
+def test_polarized_product_under_cut_and_alpha_is_sound(method, intermediate):
+    """--intermediate cut (the passes for s and d stop where the others do) and alpha-CROWN
+    (whose product planes start from CROWN's bounds and keep the best) on top of it."""
+    g, x0 = _swiglu()
+    eps = 0.1
+    r = compute_bounds(g, x0, eps, method, intermediate=intermediate, alpha_iters=5)
+    assert torch.isfinite(r.width()).all()
+    assert violations(graph_fn(g, torch.float32), x0, eps, r.lower, r.upper, n_samples=1000, steps=20, seed=6) == 0

@@ -41,6 +41,23 @@ def test_polar_band_by_hand():
     assert (a2.item(), b2.item(), c2.item(), h2.item()) == (1.0, 1.0, -1.0, 1.0)
 
 
+def test_balanced_scale_by_hand():
+    """y = 10 x, x in [0, 2]: with k = 1, s = 11 x and d = -9 x give h = (11^2 + 9^2) / 8 = 25.25,
+    above the half-sum's rx ry = 10; with k = sqrt(ry / rx) = sqrt(10), s = 2 sqrt(10) x and d = 0
+    give h = (2 sqrt(10))^2 / 8 = 5, and the band holds on the line."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
+    x, y = Interval(t(0.0), t(2.0)), Interval(t(0.0), t(20.0))
+    *_, h1 = polar_band(x, y, (t(0.0), t(22.0)), (t(-18.0), t(0.0)))
+    assert h1.item() == 10.0                                         # the half-sum wins at k = 1
+    k = t(10.0).sqrt()
+    r = 2 * k * 2
+    a, b, c, h = polar_band(x, y, (t(0.0), r), (t(0.0), t(0.0)), k)
+    assert h.item() == pytest.approx(5.0, rel=1e-9)
+    xs = torch.linspace(0, 2, 101, dtype=torch.float64)
+    lin = a * xs + b * (10 * xs) + c
+    assert ((10 * xs * xs >= lin - h) & (10 * xs * xs <= lin + h)).all()
+
+
 def _swiglu(d: int = 12, f: int = 20, T: int = 3, shared: float = 0.8):
     """x -> RMSNorm -> gate, up (rows of up close to rows of gate: they move together) ->
     silu(gate) * up -> down."""

@@ -54,20 +54,22 @@ def mul_planes(x, y, a_lo, a_hi):
     return lo, hi
 
 
-def polar_band(x, y, s: tuple, d: tuple):
+def polar_band(x, y, s: tuple, d: tuple, k=1.0):
     """A band ``a x + b y + c +- h`` that contains ``x y`` wherever x, y lie in their
-    boxes and ``s = x + y``, ``d = x - y`` in theirs, per element: the narrower of
+    boxes and ``s = k x + y / k``, ``d = k x - y / k`` in theirs (k > 0 per element),
+    per element: the narrower of
 
     * the half-sum of the McCormick planes: ``a = cy, b = cx, c = -cx cy, h = rx ry``;
     * the polarization ``x y = (s^2 - d^2) / 4``: ``s^2`` above its tangent at s's centre
       s0 and below its chord, ``d^2`` likewise, which gives lines with one slope pair
-      ``a = (s0 - d0) / 2, b = (s0 + d0) / 2`` and constants
+      ``a = k (s0 - d0) / 2, b = (s0 + d0) / (2 k)`` and constants
       ``(dl du - s0^2) / 4`` (lower) and ``(d0^2 - sl su) / 4`` (upper), so
       ``h = (rs^2 + rd^2) / 8``.
 
-    With s, d from the boxes alone (``rs = rd = rx + ry``) the second is never the
-    narrower; with CROWN's own bounds of s and d it is where x and y move together or
-    against each other.  Returns (a, b, c, h)."""
+    With s, d from the boxes alone (``rs = rd = k rx + ry / k``, at least ``2 sqrt(rx ry)``,
+    reached at ``k = sqrt(ry / rx)``) the second is never the narrower; with CROWN's own
+    bounds of s and d it is where x and y move together or against each other.
+    Returns (a, b, c, h)."""
     cx, cy, rx, ry = x.center, y.center, x.radius, y.radius
     sl, su = s
     dl, du = d
@@ -77,8 +79,8 @@ def polar_band(x, y, s: tuple, d: tuple):
     c_p, h_p = 0.5 * (lo + hi), 0.5 * (hi - lo)
     h_p = h_p + 1e-12 * (lo.abs() + hi.abs())          # float64 rounding of the constants, outward
     use = h_p < rx * ry
-    a = torch.where(use, 0.5 * (s0 - d0), cy)
-    b = torch.where(use, 0.5 * (s0 + d0), cx)
+    a = torch.where(use, 0.5 * k * (s0 - d0), cy)
+    b = torch.where(use, 0.5 * (s0 + d0) / k, cx)
     c = torch.where(use, c_p, -cx * cy)
     h = torch.where(use, h_p, rx * ry)
     return a, b, c, h

@@ -91,7 +91,7 @@ def _mul(node, lam, ctx):
     x, y = ctx.inb(node, 0), ctx.inb(node, 1)
     facts = ctx.refinement(node)
     if facts:
-        a, b, c, h = ctx.cached(node, lambda: polar_band(x, y, facts["s"], facts["d"]))
+        a, b, c, h = ctx.cached(node, lambda: polar_band(x, y, facts["s"], facts["d"], facts["k"]))
         ins = [lam.like(lam.t * lam.take(a)), lam.like(lam.t * lam.take(b))]
         return ins, lam.dot(c), lam.abs_dot(h)
     cx, cy = lam.take(x.center), lam.take(y.center)

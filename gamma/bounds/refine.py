@@ -73,7 +73,8 @@ def _element_bounds(ctx: Context, names: list, maps: list, stop: frozenset,
     """CROWN bounds ``(lower, upper)``, per element i of the nodes ``names`` (one
     shape), of ``sum_k maps[k](e_i) . value(names[k])``: spec rows ``[e_i; -e_i]``
     (token-compact where the nodes have a token axis) mapped per node, walked in
-    chunks."""
+    chunks.  A map gets the rows and ``take`` (a tensor of the node's shape, as
+    each row sees it)."""
     graph = ctx.graph
     shape = graph[names[0]].shape
     n = numel(shape)
@@ -92,7 +93,8 @@ def _element_bounds(ctx: Context, names: list, maps: list, stop: frozenset,
             eye[torch.arange(e - s), idx] = 1.0
             unit = rows.Sym(eye.reshape(e - s, *shape))
         u = unit.lam
-        lams = {nm: rows.Sym(u.like(f(u.t)) if isinstance(u, rows.Rows) else f(u)) for nm, f in zip(names, maps)}
+        lams = {nm: rows.Sym(u.like(f(u.t, u.take)) if isinstance(u, rows.Rows) else f(u, lambda c: c))
+                for nm, f in zip(names, maps)}
         lb = backward(ctx, halves(lams, ctx.tunings), torch.zeros(2 * (e - s), dtype=dtype, device=device), box,
                       stop)
         lo[s:e], hi[s:e] = lb[:e - s], -lb[e - s:]
@@ -105,22 +107,31 @@ def centred_bounds(ctx: Context, node, chunk_elems: Optional[int] = None) -> tup
     (spec rows ``[P e_i; -P e_i]``, token-compact when x has a token axis).
     The box of x loses the correlation between x_i and mean(x)."""
     name = node.inputs[0]
-    return _element_bounds(ctx, [name], [lambda t: t - t.mean(-1, keepdim=True)], ctx.stops.get(name, frozenset()),
-                           chunk_elems)
+    return _element_bounds(ctx, [name], [lambda t, take: t - t.mean(-1, keepdim=True)],
+                           ctx.stops.get(name, frozenset()), chunk_elems)
 
 
 def product_sums(ctx: Context, node, chunk_elems: Optional[int] = None) -> dict:
-    """CROWN bounds of ``s = x + y`` and ``d = x - y`` for the product ``x * y`` of two
-    nodes of its shape (SwiGLU's act * up): ``{"s": (lo, hi), "d": (lo, hi)}``, or {}
-    where the tuning is off or x and y are one node.  Where x and y move together (or
-    against each other) these are tighter than the sums of their boxes, which is what
-    :func:`.bilinear.polar_band` turns into a narrower band for the product."""
+    """CROWN bounds of ``s = k x + y / k`` and ``d = k x - y / k`` for the product
+    ``x * y`` of two nodes of its shape (SwiGLU's act * up), ``k = sqrt(ry / rx)`` per
+    element (the scale that balances the two boxes): ``{"s": (lo, hi), "d": (lo, hi),
+    "k": k}``, or {} where the tuning is off or x and y are one node.  Where x and y move
+    together (or against each other) these are tighter than the sums of their boxes,
+    which is what :func:`.bilinear.polar_band` turns into a narrower band for the
+    product."""
     xa, ya = node.inputs
     if not ctx.tunings.product_sums or xa == ya:
         return {}
+    rx, ry = ctx.bounds[xa].radius, ctx.bounds[ya].radius
+    ok = (rx > 0) & (ry > 0) & torch.isfinite(rx) & torch.isfinite(ry)
+    k = torch.where(ok, (ry / torch.where(ok, rx, torch.ones_like(rx))).sqrt(), torch.ones_like(rx))
+    k = k.clamp(1e-6, 1e6)
     stop = ctx.stops.get(xa, frozenset()) | ctx.stops.get(ya, frozenset())
-    return {key: _element_bounds(ctx, [xa, ya], [lambda t: t, lambda t, k=sign: k * t], stop, chunk_elems)
-            for key, sign in (("s", 1.0), ("d", -1.0))}
+    out = {key: _element_bounds(ctx, [xa, ya], [lambda t, take: t * take(k),
+                                                lambda t, take, sg=sign: sg * t / take(k)], stop, chunk_elems)
+           for key, sign in (("s", 1.0), ("d", -1.0))}
+    out["k"] = k
+    return out
 
 
 REFINE = {"layernorm": norm_mean_square, "rmsnorm": norm_mean_square, "softmax": softmax_pairs,

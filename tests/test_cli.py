@@ -20,7 +20,8 @@ import pytest
 import gamma
 from gamma import cli
 from gamma.commands import common
-from gamma.errors import UnsupportedOp
+from gamma.errors import GammaError, UnsupportedOp
+from gamma.options import BoundOptions
 from gamma.verify import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,6 +266,29 @@ def test_verify_real_arithmetic_said(capsys, llama_dir):
     assert "--arithmetic" not in default
     assert default.splitlines()[2] == ("bounds   hold for every float32 engine: its rounding included, in any "
                                        "summation order, no assumption about the engine")
+
+
+def test_verify_products_option(capsys, llama_dir):
+    """--products half-sum turns the product's polarization off: said in the JSON and the header,
+    never tighter than the default; a bad value is one line and exit code 2."""
+    args = ("verify", llama_dir, "--full", "--seq-len", "2", "--epsilon", "0.05")
+    rc, out, err = main(capsys, *args, "--json")
+    assert rc == 0, err
+    polar = json.loads(out)
+    rc, out, err = main(capsys, *args, "--products", "half-sum", "--json")
+    assert rc == 0, err
+    half = json.loads(out)
+    jsonschema.validate(half, schema())
+    assert (polar["products"], half["products"]) == ("polar", "half-sum")
+    assert polar["max_width"] <= half["max_width"]
+    rc, out, _ = main(capsys, *args, "--products", "half-sum")
+    assert rc == 0 and ", products half-sum" in out.splitlines()[1]
+    assert ", products" not in main(capsys, *args)[1].splitlines()[1]
+    rc, _, err = main(capsys, *args, "--products", "exact")
+    assert rc == 2
+    _no_traceback(err)
+    with pytest.raises(GammaError, match=r"unknown --products 'exact' \(choose from polar, half-sum\)"):
+        BoundOptions(1e-3, products="exact")
 
 
 def test_verify_full_table_and_layer_growth(capsys, llama_dir):

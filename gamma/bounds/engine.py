@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -136,7 +136,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
 
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
     of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters`` and
-    ``arithmetic``; without it those are checked here, by the same checks.  ``graph``
+    ``arithmetic``; its ``products="half-sum"`` turns ``tunings.product_sums`` off; without it those are checked here, by the same checks.  ``graph``
     stays where it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
     zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
     if options is None:
@@ -149,6 +149,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         tunings = DEFAULT
     elif not isinstance(tunings, Tunings):
         raise GammaError(f"tunings must be a gamma.bounds.Tunings, got {type(tunings).__name__}")
+    if options.products == "half-sum" and tunings.product_sums:
+        tunings = replace(tunings, product_sums=False)
     method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
     eps = 0.0 if zero else options.epsilon
     dev = torch.device(options.device)

@@ -74,7 +74,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None, arithmetic: str = "float32",
-           attack: Union[bool, AttackConfig, None] = None) -> VerifyResult:
+           attack: Union[bool, AttackConfig, None] = None, products: str = "polar") -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -94,7 +94,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,
     and run by :func:`run`.
     """
-    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters)
+    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products)
     spec = RunSpec(mode_of(block_wise, layer_by_layer), blocks, tolerance, property, worst_k, workers, ray,
                    checkpoint, attack)
     inputs = InputSpec(component, seq_len, tokens, input_path, center, output)
@@ -123,7 +123,7 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
         "model": {"path": model.path, "format": model.ckpt.format, "arch": model.arch},
         "component": comp, "output": inputs.output, "seq_len": seq,
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
-        "device": options.device, "arithmetic": options.arithmetic,
+        "device": options.device, "arithmetic": options.arithmetic, "products": options.products,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output_node if block_wise else graph.output,
         "output_shape": list(graph.output_shape),

@@ -136,8 +136,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
 
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
     of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters`` and
-    ``arithmetic``; its ``products="half-sum"`` turns ``tunings.product_sums`` off; without it those are checked here, by the same checks.  ``graph``
-    stays where it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
+    ``arithmetic``; without it those are checked here, by the same checks.  Its
+    ``products="half-sum"`` turns ``tunings.product_sums`` off.  ``graph`` stays where
+    it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
     zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
     if options is None:
         options = BoundOptions(1.0 if zero else epsilon, method, intermediate, arithmetic, device, alpha_iters)

@@ -33,8 +33,8 @@ def norm_mean_square(ctx: Context, node) -> dict:
 
     (chords and tangents of c^2), both linear in x, bounded by one backward
     pass of 2R rows (R = rows of x); the lower one also as
-    ``q >= mean(t c)^2 / mean(t^2)`` where ``mean(t c) > 0`` over the region.  The box gives q's range from independent
-    c_j intervals; this keeps the correlation between them, which is what
+    ``q >= mean(t c)^2 / mean(t^2)`` where ``mean(t c) > 0`` over the region.  The
+    box gives q's range from independent c_j intervals; this keeps the correlation between them, which is what
     makes the norm's inverse scale, and so its relaxation, tight."""
     if not ctx.tunings.norm_internals:
         return {}

@@ -58,6 +58,44 @@ def test_split_adds_up_to_the_elementwise_margin(centered):
     assert (parts.elem < 0.2 * m).all()
 
 
+@pytest.mark.parametrize("two_pass", [True, False])
+def test_each_shared_error_within_its_bound_for_a_float32_layernorm(two_pass):
+    """The split term by term, against a float32 LayerNorm whose internals are visible: its
+    scale's relative error t = r'/r - 1 within s_A, its mean's error times r within s_B, and
+    what is left of fl(y) - y after t w n - e r w within elem, element by element (a row mean of
+    30: the mean's and the variance's rounding are far above the per-element rounding)."""
+    g, x, out = _ln_box(9, d=64, offset=30.0, centered=True)
+    parts = fpmargin.norm_modes(g["y"], [x], out)
+    (vcA, vrA, sA), (_, _, sB) = parts.modes
+    p = g["y"].params
+    w, b = p["weight"], p["bias"]
+    pts = [(x.center + f * x.radius).float().double() for f in (0.0, -0.9, 0.9)]
+    for xs in pts:
+        assert (xs >= x.lower).all() and (xs <= x.upper).all()
+        x32 = xs.float().numpy()
+        mu = xs.mean(-1, keepdim=True)
+        r = ((xs - mu) ** 2).mean(-1, keepdim=True).add(p["eps"]).rsqrt()
+        n = (xs - mu) * r
+        y = w * n + b
+        mu32 = np.float32(0) + np.zeros((x32.shape[0], 1), dtype=np.float32)
+        for i in range(x32.shape[1]):
+            mu32 = (mu32 + x32[:, i:i + 1]).astype(np.float32)
+        mu32 = (mu32 / np.float32(x32.shape[1])).astype(np.float32)
+        c32 = (x32 - mu32).astype(np.float32)
+        if two_pass:
+            var32 = (c32 * c32).astype(np.float32).mean(-1, keepdims=True, dtype=np.float32)
+        else:
+            var32 = ((x32 * x32).astype(np.float32).mean(-1, keepdims=True, dtype=np.float32) - mu32 * mu32)
+        r32 = (np.float32(1) / np.sqrt((var32 + np.float32(p["eps"])).astype(np.float32))).astype(np.float32)
+        y32 = (w.float().numpy() * (c32 * r32).astype(np.float32) + b.float().numpy()).astype(np.float32)
+        t = torch.from_numpy(r32).double() / r - 1
+        e = torch.from_numpy(mu32).double() - mu
+        assert (t.abs() <= sA).all() and ((e * r).abs() <= sB).all()
+        rest = torch.from_numpy(y32).double() - y - t * w * n + e * r * w
+        assert (rest.abs() <= parts.elem).all()
+        assert ((w * n - vcA).abs() <= vrA * (1 + 1e-12) + 1e-15).all()
+
+
 def _ln_then_cancel(d: int = 32, offset: float = 200.0):
     """x (2, d) -> LayerNorm -> linear whose rows are orthogonal to the norm's weight and
     to nothing else: the mean's rounding (shared, times w) cancels in every output."""

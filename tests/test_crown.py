@@ -195,3 +195,35 @@ def test_mul_planes_by_hand_and_alpha_on_a_product_is_sound_and_never_looser():
     assert float(a.width().sum()) < float(c.width().sum())
     for dtype in (torch.float64, torch.float32):
         assert violations(graph_fn(g, dtype), x0, 0.3, a.lower, a.upper, steps=20) == 0
+
+
+def test_walk_stops_where_an_unbounded_margin_reaches_every_row(monkeypatch):
+    """Once an infinite margin has made every row's bound -inf, the walk returns
+    without visiting the nodes before it; where it reaches only some rows, the
+    others stay finite and the walk goes on."""
+    import math
+    from gamma.bounds import crown, crown_rules
+    from gamma.bounds.interval import Interval
+    g = torch.Generator().manual_seed(11)
+    gr = Graph("t", "x", (2, 3))
+    gr.add("h", "linear", "x", weight=torch.randn(4, 3, generator=g, dtype=torch.float64), bias=None)
+    gr.add("y", "linear", "h", weight=torch.randn(2, 4, generator=g, dtype=torch.float64), bias=None)
+    gr.infer_shapes()
+    box = Interval(-torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    seen = []
+    apply = crown_rules.apply
+    monkeypatch.setattr(crown_rules, "apply", lambda node, lam, ctx: (seen.append(node.name), apply(node, lam, ctx))[1])
+    for hit, finite_rows in ((torch.full((2, 4), math.inf, dtype=torch.float64), 0), (None, 2)):
+        m = torch.zeros(2, 4, dtype=torch.float64)
+        if hit is None:
+            m[0] = math.inf                          # token 0 only: token 1's rows stay finite
+        else:
+            m = hit
+        ctx = Context(gr, {"x": box, "h": Interval(-10 * torch.ones(2, 4, dtype=torch.float64),
+                                                   10 * torch.ones(2, 4, dtype=torch.float64))},
+                      {"h": m, "y": None})
+        seen.clear()
+        b = crown.node_bounds(ctx, "y", box)
+        assert int(torch.isfinite(b.lower).sum()) == int(torch.isfinite(b.upper).sum()) == finite_rows
+        assert bool(torch.isneginf(b.lower[0]).all()) and bool(torch.isposinf(b.upper[0]).all())
+        assert ("h" in seen) is (hit is None)        # the walk stopped at h's margin when every row was hit

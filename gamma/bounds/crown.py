@@ -264,6 +264,8 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         m = _margin_charge(ctx, node, cot)
         if m is not None:
             bias = _charge(bias, _acc(bias, sym, None, m), trace, node.name, "margin")
+            if not bool(torch.isfinite(m).all()) and bool(torch.isneginf(bias).all()):
+                return bias         # an unbounded margin reached every row: nothing further can change it
         ins, odd, even = crown_rules.apply(node, cot, ctx)
         bias = _charge(bias, _acc(bias, sym, odd, even), trace, node.name, "rule")
         for name, li in zip(node.inputs, ins):

@@ -150,13 +150,18 @@ def _g(v):
     return "inf" if v == float("inf") else f"{v:.3g}"
 
 
+def _secs(r, tag) -> str:
+    return " / ".join(f"{r[f'{tag}_{k}_s']:.1f}" for k in ("f32", "real", "floor"))
+
+
 def table(rows, rev) -> list[str]:
     have_old = any("old_f32" in r for r in rows)
     head = ["model", "scope", "eps", "attacked max width", "certified (float32)", "ratio", "median / worst per output",
-            "certified (real)", "ratio (real)", "rounding floor", "float32 diff", "floor / diff", "seconds (float32)"]
+            "certified (real)", "ratio (real)", "rounding floor", "float32 diff", "floor / diff",
+            "seconds (float32 / real / floor)"]
     if have_old:
         head[4:4] = [f"certified (float32) at {rev}"]
-        head += [f"rounding floor at {rev}"]
+        head += [f"rounding floor at {rev}", f"seconds at {rev}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["scope"], f"{r['eps']:g}", _g(r["attacked"])]
@@ -165,9 +170,9 @@ def table(rows, rev) -> list[str]:
         cells += [_g(r["new_f32"]), _g(r["new_f32"] / r["attacked"]),
                   f"{r['median_ratio']:.3g} / {r['worst_ratio']:.3g}",
                   _g(r["new_real"]), _g(r["new_real"] / r["attacked"]), _g(r["new_floor"]), _g(r["f32_diff"]),
-                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), f"{r['new_f32_s']:.1f}"]
+                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new")]
         if have_old:
-            cells.append(_g(r["old_floor"]))
+            cells += [_g(r["old_floor"]), _secs(r, "old")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -84,26 +84,20 @@ def _conv1d(x: Tensor, w: Tensor, b: Optional[Tensor], stride: int, padding: int
     return y.reshape(*lead, *y.shape[-2:])
 
 
-def _conv1d_T(lam: Tensor, w: Tensor, stride: int, padding: int, in_len: int,
-              compute: Optional[torch.dtype] = None, w_mat: Optional[Tensor] = None) -> Tensor:
+def _conv1d_T(lam: Tensor, w: Tensor, stride: int, padding: int, in_len: int) -> Tensor:
     """Transpose of the conv's linear part: (..., C_out, L') -> (..., C_in, in_len).
 
     One GEMM ``(N L', C_out) @ (C_out, C_in K)`` gives every tap's contribution,
     then K strided adds place tap k of output position i at input position
-    ``i stride + k - padding`` (positions in the padding are dropped).  In
-    float64 this is 2-3x the speed of ``conv_transpose1d``.  ``compute``: the
-    GEMM's dtype (with ``w_mat``, w as (C_out, C_in K) in that dtype); the adds
-    are in lam's dtype, so each entry is a sum of at most K GEMM entries."""
-    c_out, k_taps = w.shape[0], w.shape[-1]
-    c_in = w.shape[1]
+    ``i stride + k - padding`` (positions in the padding are dropped): 2-3x the
+    speed of ``conv_transpose1d`` in float64, which every CROWN pass of a whole
+    Whisper encoder ends with (the stem)."""
+    c_out, c_in, k_taps = w.shape
     lead = lam.shape[:-2]
     lam2 = lam.reshape(-1, *lam.shape[-2:])                         # (N, C_out, L')
     n, out_len = lam2.shape[0], lam2.shape[-1]
-    a = lam2.transpose(1, 2)                                        # (N, L', C_out)
-    if compute is not None and compute != lam.dtype:
-        a = a.to(compute)
-    cols = torch.matmul(a, w.reshape(c_out, c_in * k_taps) if w_mat is None else w_mat)
-    cols = cols.to(lam.dtype).view(n, out_len, c_in, k_taps)        # (N, L', C_in, K)
+    cols = torch.matmul(lam2.transpose(1, 2), w.reshape(c_out, c_in * k_taps))
+    cols = cols.view(n, out_len, c_in, k_taps)                      # (N, L', C_in, K)
     span = (out_len - 1) * stride + 1
     full = lam2.new_zeros(n, max(span + k_taps - 1, padding + in_len), c_in)   # padded input positions
     for k in range(k_taps):

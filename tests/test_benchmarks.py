@@ -130,3 +130,19 @@ def test_crown_cost_passes_and_width_shares(tiny_gguf):
     assert sum(v for _, v in shares) == pytest.approx(1.0, rel=1e-9)
     labels = {k for k, _ in shares}
     assert "layer1.attn.o:margin" in labels and "layer0.mlp.residual:box" in labels
+
+
+def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
+    """benchmarks/depth.py's table: seconds per mode (float32 / real / floor) for this code
+    and, with --compare-with, for the other revision; unbounded widths read inf."""
+    depth = _module("depth")
+    row = {"model": "M", "scope": "whole", "eps": 1e-3, "attacked": 0.5, "f32_diff": 1e-6,
+           "new_f32": float("inf"), "new_real": 2.0, "new_floor": 0.01, "new_f32_s": 51.24, "new_real_s": 140.26,
+           "new_floor_s": 71.9, "median_ratio": float("inf"), "worst_ratio": float("inf")}
+    alone = depth.table([row], None)
+    assert alone[0].endswith("| seconds (float32 / real / floor) |")
+    assert alone[2].split(" | ")[4:6] == ["inf", "inf"] and alone[2].endswith("| 51.2 / 140.3 / 71.9 |")
+    old = dict(row, old_f32=float("inf"), old_floor=0.02, old_f32_s=276.7, old_real_s=200.66, old_floor_s=251.6)
+    both = depth.table([old], "abc123")
+    assert both[0].endswith("| rounding floor at abc123 | seconds at abc123 |")
+    assert both[2].endswith("| 51.2 / 140.3 / 71.9 | 0.02 | 276.7 / 200.7 / 251.6 |")

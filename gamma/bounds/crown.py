@@ -29,7 +29,6 @@ from ..ops import ELEMENTWISE
 from . import crown_rules, relax, rows
 from .bilinear import planes
 from .fp import CotangentProduct
-from .fpconv import ConvCotangent
 from .interval import Interval
 from .jacobian import linearize
 from .rows import Rows
@@ -94,26 +93,21 @@ class Context:
         return self._const[node.name]
 
     def linear_product(self, node):
-        """The float32 transpose of a linear or conv1d node (:class:`fp.CotangentProduct`,
-        :class:`fpconv.ConvCotangent`), or None where it does not apply (then the
-        float64 product is used)."""
+        """The float32 transpose of a linear node (:class:`fp.CotangentProduct`),
+        or None where it does not apply (then the float64 product is used)."""
         if node.name not in self._lint:
             x = self.inb(node)
-            p = None
-            if self.tunings.float32_transpose and node.op == "linear":
-                p = CotangentProduct.build(node.params["weight"], node.params.get("bias"), x.lower, x.upper)
-            elif self.tunings.float32_transpose and node.op == "conv1d":
-                p = ConvCotangent.build(node.params["weight"], node.params.get("bias"), node.params["stride"],
-                                        node.params["padding"], x.lower, x.upper)
-            self._lint[node.name] = p
+            self._lint[node.name] = (CotangentProduct.build(node.params["weight"], node.params.get("bias"),
+                                                            x.lower, x.upper)
+                                       if self.tunings.float32_transpose else None)
         return self._lint[node.name]
 
     def margin(self, node):
         """What the walk charges per unit ``|Lambda|`` at ``node``: its float32
-        margin plus, for a linear or conv1d node whose transpose runs in float32,
-        that product's error term (:meth:`linear_product`)."""
+        margin plus, for a linear node whose transpose runs in float32, that
+        product's error term (:class:`fp.CotangentProduct`)."""
         m = self.margins.get(node.name)
-        if node.op not in ("linear", "conv1d"):
+        if node.op != "linear":
             return m
         p = self.linear_product(node)
         if p is None:

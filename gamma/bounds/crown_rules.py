@@ -10,8 +10,7 @@ bounds: ``rule(node, lam, ctx) -> (ins, odd, even)``, where the constant is
 two (``take``, ``like``, ``dot``, ...), so a rule is written once:
 
 * affine ops: exact transpose (:data:`gamma.ops.AFFINE`); linear layers as
-  float32 products where they apply (:class:`.fp.CotangentProduct`), conv1d
-  likewise (:class:`.fpconv.ConvCotangent`);
+  float32 products where they apply (:class:`.fp.CotangentProduct`);
 * GELU / SiLU: chord/tangent lines from :mod:`.relax`, chosen by the sign of
   Lambda, or one band ``a x + c +- h`` when the lines are parallel;
 * products ``x*y`` and ``x @ y^T``: ``xy = cy x + cx y - cx cy + dx dy`` with
@@ -67,19 +66,6 @@ def _linear(node, lam, ctx):
     p = ctx.linear_product(node)
     if p is not None:
         lin = lam.like(p.product(lam.t, sparse=lam.sparse))
-        odd = lam.dot(p.y0) - lin.dot(p.x0)
-        if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
-            return [lin], odd, p.floor
-    return _affine(node, lam, ctx)
-
-
-def _conv(node, lam, ctx):
-    """A conv1d's transpose as a float32 GEMM where it applies (:class:`.fpconv.ConvCotangent`;
-    its error term is in :meth:`.crown.Context.margin`), else in float64."""
-    p = ctx.linear_product(node)
-    if p is not None and isinstance(lam, Dense):
-        in_len = ctx.graph[node.inputs[0]].shape[-1]
-        lin = lam.like(p.product(lam.t, in_len))
         odd = lam.dot(p.y0) - lin.dot(p.x0)
         if bool(torch.isfinite(odd).all()):                  # else float32 overflowed somewhere
             return [lin], odd, p.floor
@@ -211,7 +197,7 @@ def _jacobian(node, lam, ctx):
 
 RULES: dict = {op: _affine for op in AFFINE}
 RULES.update({op: _elementwise for op in ELEMENTWISE})
-RULES.update({"linear": _linear, "conv1d": _conv, "mul": _mul, "matmul": _matmul,
+RULES.update({"linear": _linear, "mul": _mul, "matmul": _matmul,
               "softmax": _jacobian, "layernorm": _jacobian, "rmsnorm": _jacobian})
 
 

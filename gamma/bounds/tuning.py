@@ -20,7 +20,7 @@ from ..errors import GammaError
 class Tunings:
     # CROWN's walk
     compact_rows: bool = True         # token-compact cotangents (rows.py); False: always dense
-    float32_transpose: bool = True    # linear and conv1d transposes as float32 products, their error in the constant
+    float32_transpose: bool = True    # linear transposes as float32 products, their error in the constant
     chunk_elems: int = 1 << 22        # spec rows per backward pass: this many elements over (2 x the widest node)
     shared_halves: bool = True        # [lam; -lam] walked as one lam until a sign-dependent rule (rows.Sym)
     # CROWN's relaxations

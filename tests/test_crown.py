@@ -227,3 +227,79 @@ def test_walk_stops_where_an_unbounded_margin_reaches_every_row(monkeypatch):
         assert int(torch.isfinite(b.lower).sum()) == int(torch.isfinite(b.upper).sum()) == finite_rows
         assert bool(torch.isneginf(b.lower[0]).all()) and bool(torch.isposinf(b.upper[0]).all())
         assert ("h" in seen) is (hit is None)        # the walk stopped at h's margin when every row was hit
+
+
+def test_norm_fed_nodes_are_those_only_layernorms_read():
+    """A residual read by a LayerNorm and an add gets its box from the norm; one also read
+    by a GELU, an RMSNorm's input, and the output keep their own CROWN passes."""
+    from gamma.bounds.engine import needs_bounds, norm_fed
+    d = 6
+    g = Graph("r", "x", (2, d))
+    g.add("h", "linear", "x", weight=rnd(d, d))
+    g.add("n1", "layernorm", "h", weight=rnd(d), bias=rnd(d), eps=1e-5)
+    g.add("r1", "add", "h", "n1")                           # h: read by a norm and an add
+    g.add("n2", "layernorm", "r1", weight=rnd(d), bias=rnd(d), eps=1e-5)
+    g.add("a", "gelu", "r1")                                # r1: also read by a GELU
+    g.add("r2", "add", "a", "n2")
+    g.add("n3", "rmsnorm", "r2", weight=rnd(d), eps=1e-5)   # r2: an RMSNorm has no centred pass
+    g.add("r3", "add", "r2", "n3")
+    g.add("t", "transpose", "r3")
+    g.add("out", "layernorm", "t", weight=rnd(2), bias=rnd(2), eps=1e-5)   # r3 through a transpose
+    g.add("z", "linear", "out", weight=rnd(3, 2))
+    g.infer_shapes()
+    need = needs_bounds(g)
+    assert {"h", "r1", "r2", "r3"} <= need
+    assert norm_fed(g, need) == {"h", "r3"}
+    g2 = Graph("o", "x", (2, d))
+    g2.add("h", "linear", "x", weight=rnd(d, d))
+    g2.add("n", "layernorm", "h", weight=rnd(d), bias=rnd(d), eps=1e-5)
+    g2.add("y", "add", "h", "n")
+    g2.infer_shapes()
+    assert norm_fed(g2, {"h"}) == {"h"}
+    assert norm_fed(g2, {"h", "y"} | set()) == {"h"}           # never the output, even when asked
+
+
+def test_row_mean_bounds_exact_for_a_linear_input():
+    """For h = W x + b the row mean of h is linear in x: the norm's mean rows give its exact
+    range, mean(W x0 + b) +- eps sum_j |mean_i W_ij| (within the float32 products' charge)."""
+    d, T, eps = 5, 3, 0.1
+    w, b, x0 = rnd(d, d), rnd(d), rnd(T, d)
+    g = Graph("m", "x", (T, d))
+    g.add("h", "linear", "x", weight=w, bias=b)
+    g.add("y", "layernorm", "h", weight=torch.ones(d, dtype=torch.float64), bias=torch.zeros(d, dtype=torch.float64),
+          eps=1e-5)
+    g.infer_shapes()
+    res = compute_bounds(g, x0, eps, "crown", arithmetic="real")
+    ctx = Context(g, dict(res.nodes), {n.name: None for n in g})
+    norm_mean_square(ctx, g["y"])
+    lo, hi = ctx.means["y"]
+    centre = (x0 @ w.T + b).mean(-1, keepdim=True)
+    rad = eps * w.mean(0).abs().sum()
+    assert torch.allclose(lo, centre - rad, rtol=0, atol=1e-9) and torch.allclose(hi, centre + rad, rtol=0, atol=1e-9)
+    assert bool((lo <= centre - rad + 1e-15).all()) and bool((hi >= centre + rad - 1e-15).all())
+
+
+@pytest.mark.parametrize("arithmetic", ["real", "float32"])
+def test_norm_input_box_from_centre_and_mean_sound_and_output_unchanged(arithmetic):
+    """A LayerNorm input's box as centred input + mean (no CROWN pass of its own) contains
+    every sampled and attacked value of that input; the graph's output bounds stay those
+    of the pass they replace (the norm reads the centred input and the mean square only)
+    and contain the output under samples + PGD."""
+    from gamma.bounds import Tunings
+    from soundness import graph_fn
+    g = mixed_norm_graph("layernorm")
+    g.add("r", "add", "h", "y")                               # the residual: h read by the norm and an add
+    g.add("out", "linear", "r", weight=rnd(6, 24, scale=0.3))
+    g.infer_shapes()
+    x0, eps = rnd(4, 24), 3e-2
+    on, off = (compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(norm_input_from_centre=v))
+               for v in (True, False))
+    assert on.stats["crown_nodes"] == off.stats["crown_nodes"] - 1   # h's own pass is gone
+    h = on.nodes["h"]
+    assert violations(lambda xs: evaluate(g, xs, upto="h").flatten(-2), x0, eps, h.lower.flatten(), h.upper.flatten(),
+                      targets=torch.arange(h.lower.numel()), steps=20) == 0
+    assert float(h.width().sum()) <= 1.5 * float(off.nodes["h"].width().sum())
+    assert torch.allclose(on.lower, off.lower, rtol=1e-4, atol=1e-9) and torch.allclose(on.upper, off.upper, rtol=1e-4,
+                                                                                          atol=1e-9)
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, targets=torch.arange(24)) == 0

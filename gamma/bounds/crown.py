@@ -51,6 +51,7 @@ class Context:
         self.bounds = bounds            # name -> Interval (sound, float64)
         self.margins = margins          # name -> Tensor | None
         self.modes: dict = {}           # name -> fpmargin.CommonModes: a margin's row-shared errors (norms)
+        self.means: dict = {}           # LayerNorm name -> bounds of its input's row mean (refine.norm_mean_square)
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
         self.planes = True              # attention @ V by sign-chosen planes (the engine: in the output's pass only)

@@ -32,7 +32,7 @@ from .alpha import optimize
 from .crown import Context, node_bounds
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
-from .refine import REFINE, refined_interval
+from .refine import REFINE, norm_input_box, refined_interval
 from .interval import Interval
 from .tuning import DEFAULT, Tunings
 from .zonotope import Zono, zono_node
@@ -99,6 +99,20 @@ def needs_bounds(graph) -> set[str]:
                 if graph[name].op != "input":
                     need.add(name)
     return need
+
+
+def norm_fed(graph, need: set[str]) -> set[str]:
+    """The nodes of ``need`` that only LayerNorms need (every nonlinear op that reads
+    them, through pass-through ops, is a LayerNorm), the output excepted: their box
+    can come from the norm's own refinement (:func:`.refine.norm_input_box`)."""
+    why: dict = {}
+    for node in graph:
+        if node.op in NONLINEAR:
+            for name in node.inputs:
+                while graph[name].op in PASS_THROUGH:
+                    name = graph[name].inputs[0]
+                why.setdefault(name, set()).add(node.op)
+    return {n for n in need if why.get(n) == {"layernorm"} and n != graph.output}
 
 
 def cut_points(graph, need: set[str]) -> dict[str, frozenset]:
@@ -170,6 +184,11 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     zonos = {graph.input: Zono.from_box(box)} if method == "zonotope" else None
     ctx = Context(graph, bounds, margins, tunings=tunings, refine=REFINE)
     need = needs_bounds(graph) if (method in ("crown", "alpha") and intermediate != "ibp") else set()
+    # a LayerNorm input's box from the norm's centred-input and mean passes instead of a pass of its own
+    # (not under --intermediate cut, whose passes stop at these nodes and concretise their boxes)
+    from_norm = (norm_fed(graph, need) if intermediate == "crown" and tunings.norm_internals
+                 and tunings.norm_input_from_centre else set())
+    need -= from_norm
     stops = cut_points(graph, need) if intermediate == "cut" else {}
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
     refine = method in ("crown", "alpha") and intermediate != "ibp"
@@ -188,6 +207,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
             margins[node.name] = None
             unbounded.add(node.name)
             continue
+        if node.op == "layernorm" and node.inputs[0] in from_norm:
+            x = norm_input_box(ctx, node)
+            if x is not None:
+                bounds[node.inputs[0]] = _sanitize(bounds[node.inputs[0]].intersect(x))
         ins = [bounds[i] for i in node.inputs]
         iv = refined_interval(ctx, node, ins) if refine else None
         if iv is None:

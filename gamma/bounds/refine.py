@@ -49,11 +49,16 @@ def norm_mean_square(ctx: Context, node) -> dict:
     t = 0.5 * (cl + cu)
     up = P(cl + cu).reshape(R, d) / d                       # q <= up . x_row - mean(cl cu)
     lo = P(2 * t).reshape(R, d) / d                         # q >= lo . x_row - mean(t^2)
-    lam = x.lower.new_zeros(2 * R, R, d)
+    # rows: -up, lo (the mean square's lines) and, for LayerNorm, +-1/d (the row's mean)
+    k = 4 if centered else 2
+    lam = x.lower.new_zeros(k * R, R, d)
     ar = torch.arange(R, device=lam.device)
     lam[ar, ar] = -up
     lam[R + ar, ar] = lo
-    lb = backward(ctx, {node.inputs[0]: lam.reshape(2 * R, *shape)}, lam.new_zeros(2 * R),
+    if centered:
+        lam[2 * R + ar, ar] = 1.0 / d
+        lam[3 * R + ar, ar] = -1.0 / d
+    lb = backward(ctx, {node.inputs[0]: lam.reshape(k * R, *shape)}, lam.new_zeros(k * R),
                   ctx.bounds[ctx.graph.input], ctx.stops.get(node.inputs[0], frozenset()))
     row = shape[:-1] + (1,)
     q_hi = (-lb[:R]).reshape(row) - (cl * cu).mean(-1, keepdim=True)
@@ -61,11 +66,29 @@ def norm_mean_square(ctx: Context, node) -> dict:
     # over the region, the best a = m2 / (2 mean(t^2)) gives m2^2 / (4 mean(t^2)) (Cauchy-Schwarz:
     # mean(c^2) mean(t^2) >= mean(t c)^2), never below a = 1's m2 - mean(t^2), and still > 0 where
     # the tangent at t itself reaches below zero
-    m2, tt = lb[R:].reshape(row), (t * t).mean(-1, keepdim=True)
+    m2, tt = lb[R:2 * R].reshape(row), (t * t).mean(-1, keepdim=True)
     scaled = torch.where((m2 > 0) & (tt > 0), m2 * m2 / (4 * tt).clamp_min(1e-300), torch.zeros_like(m2))
     q_lo = torch.maximum(m2 - tt, scaled)
     slack = 1e-12 * (q_hi.abs() + q_lo.abs()) + 1e-300        # float64 rounding of the pass
+    if centered:
+        m_lo, m_hi = lb[2 * R:3 * R].reshape(row), (-lb[3 * R:]).reshape(row)
+        ms = 1e-12 * torch.maximum(m_lo.abs(), m_hi.abs()) + 1e-300
+        ctx.means[node.name] = (m_lo - ms, m_hi + ms)
     return {"q": ((q_lo - slack).clamp_min(0), q_hi + slack), "c": c}
+
+
+def norm_input_box(ctx: Context, node) -> Optional[Interval]:
+    """A LayerNorm input's box from the norm's refinement: ``x = c + mean(x)``, with
+    CROWN's bounds of the centred input c and of the row mean (one backward pass
+    fewer than bounding x itself; the norm reads only c and the mean square), or
+    None where the refinement has no mean (RMSNorm, tunings off)."""
+    facts = ctx.refinement(node)
+    if node.name not in ctx.means or facts.get("c") is None:
+        return None
+    (cl, cu), (ml, mh) = facts["c"], ctx.means[node.name]
+    lo, hi = cl + ml, cu + mh
+    slack = 1e-12 * torch.maximum(lo.abs(), hi.abs()) + 1e-300   # float64 rounding of the sums
+    return Interval(lo - slack, hi + slack)
 
 
 def _element_bounds(ctx: Context, names: list, maps: list, stop: frozenset,

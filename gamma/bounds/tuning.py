@@ -27,6 +27,7 @@ class Tunings:
     matmul_planes: bool = True        # attention @ V by sign-chosen McCormick planes (False: their half-sums)
     row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
     norm_internals: bool = True       # norms' centred input and mean square by their own backward passes
+    norm_input_from_centre: bool = True   # a LayerNorm input's box as centred input + mean (no pass of its own)
     softmax_pairs: bool = True        # softmax's box from its score differences' own backward pass
     product_sums: bool = True         # x * y also by (s^2 - d^2) / 4 with CROWN bounds of s = x + y, d = x - y
     # linearisations (CROWN and zonotopes)

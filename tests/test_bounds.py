@@ -150,22 +150,26 @@ def test_op_sound(op, box, method):
 
 @pytest.mark.parametrize("intermediate", ["crown", "cut"])
 def test_attention_planes_sound_and_used(intermediate, monkeypatch):
-    """attention @ V: sign-chosen planes with --intermediate crown, the half-sums with
-    cut (its cheap mode); both sound (samples + PGD, float64 and float32), and at eps
-    0.05 the planes are tighter here."""
-    from gamma.bounds import crown_rules
+    """attention @ V: sign-chosen planes with ``Tunings(matmul_planes=True)`` and --intermediate
+    crown (in the output's pass), never with cut (its cheap mode) nor by default (the half-sums
+    with the value-side remainder, tests/test_value_side.py); all sound (samples + PGD, float64
+    and float32), and at eps 0.05 the planes are tighter here than the half-sums alone."""
+    from gamma.bounds import Tunings, crown_rules
     used = []
     orig = crown_rules._matmul_planes
     monkeypatch.setattr(crown_rules, "_matmul_planes", lambda n, l, c: (used.append(n.name), orig(n, l, c))[1])
     g = g_attention().infer_shapes()
     x0 = rnd(*g.input_shape)
-    r = compute_bounds(g, x0, 0.05, "crown", intermediate=intermediate)
+    default = compute_bounds(g, x0, 0.05, "crown", intermediate=intermediate)
+    assert not used
+    r = compute_bounds(g, x0, 0.05, "crown", intermediate=intermediate,
+                       tunings=Tunings(matmul_planes=True, value_side=False))
     assert (set(used) == {"y"}) is (intermediate == "crown") and (not used) is (intermediate == "cut")
-    for dtype in (torch.float64, torch.float32):
-        assert violations(graph_fn(g, dtype), x0, 0.05, r.lower, r.upper, steps=20) == 0
+    for b in (default, r):
+        for dtype in (torch.float64, torch.float32):
+            assert violations(graph_fn(g, dtype), x0, 0.05, b.lower, b.upper, steps=20) == 0
     if intermediate == "crown":
-        from gamma.bounds import Tunings
-        half = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(matmul_planes=False))
+        half = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(matmul_planes=False, value_side=False))
         assert float(r.width().sum()) < float(half.width().sum())
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, relax, rows
+from . import crown_rules, relax, rows, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -114,6 +114,16 @@ class Context:
         if p is None:
             return m
         return p.err if m is None else m + p.err
+
+    def value_side(self, node):
+        """The constants of :func:`.value_side.remainder` for the product ``node``
+        (None where its y is not a linear layer's heads, or the tuning is off)."""
+        if not self.tunings.value_side:
+            return None
+        key = ("value_side", node.name)
+        if key not in self._const:
+            self._const[key] = value_side.build(self.graph, node, self.bounds, self.margins, self.inb(node, 1))
+        return self._const[key]
 
     def use_planes(self, node) -> bool:
         """Whether this pass relaxes the product ``node`` by McCormick planes chosen

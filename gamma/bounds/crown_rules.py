@@ -14,9 +14,11 @@ two (``take``, ``like``, ``dot``, ...), so a rule is written once:
 * GELU / SiLU: chord/tangent lines from :mod:`.relax`, chosen by the sign of
   Lambda, or one band ``a x + c +- h`` when the lines are parallel;
 * products ``x*y`` and ``x @ y^T``: ``xy = cy x + cx y - cx cy + dx dy`` with
-  ``|dx dy| <= rx ry`` (the half-sum of the McCormick planes); attention @ V
-  by one plane per product chosen by the sign of Lambda; SwiGLU's product
-  under alpha-CROWN by its plane mixtures (:func:`.bilinear.mul_planes`);
+  ``|dx dy| <= rx ry`` (the half-sum of the McCormick planes); attention @ V's
+  remainder also read through the value layer (:mod:`.value_side`), or, with
+  ``Tunings(matmul_planes=True)``, one plane per product chosen by the sign of
+  Lambda; SwiGLU's product under alpha-CROWN by its plane mixtures
+  (:func:`.bilinear.mul_planes`);
 * softmax, LayerNorm, RMSNorm: their linear forms (:func:`.jacobian.linearize`).
 
 The products' constants are the one place the layouts compute differently:
@@ -38,6 +40,7 @@ from ..ops import AFFINE, ELEMENTWISE
 from .bilinear import mul_planes, polar_band, shift_constant, simplex_shift
 from .linearization import row_dot
 from .rows import Dense, Rows, layout, outer
+from .value_side import remainder as value_remainder
 
 Tensor = torch.Tensor
 
@@ -142,10 +145,19 @@ def _matmul_centre(node, lam, ctx):
         # lam . (cx cy^T) = (lam cy) . cx: the x-side product serves the constant too
         lx = _rows_matmul(lam.t, cy)                                   # (S, .., 1, a)
         bias = bias - (lx * cx_rows).reshape(S, -1).sum(1)
-        even = lam.abs_dot(x.radius @ _t(y.radius))
-        return [lam.like(lx), outer(_t(lam.t), cx_rows)], bias, even   # (S, .., Tk, a): outer products
+        return [lam.like(lx), outer(_t(lam.t), cx_rows)], bias, _remainder(node, lam, ctx, x, y)
     bias = bias - lam.dot(cx @ _t(cy))                                 # cx cy^T formed once for all rows
-    return [lam.t @ cy, _t(lam.t) @ cx], bias, lam.abs_dot(x.radius @ _t(y.radius))
+    return [lam.t @ cy, _t(lam.t) @ cx], bias, _remainder(node, lam, ctx, x, y)
+
+
+def _remainder(node, lam, ctx, x, y) -> Tensor:
+    """(S,): the half-sum remainder ``sum |lam| (rx ry^T)``, or, where y is a linear
+    layer's heads (attention @ V), the narrower one read through that layer
+    (:mod:`.value_side`)."""
+    vs = ctx.value_side(node)
+    if vs is None:
+        return lam.abs_dot(x.radius @ _t(y.radius))
+    return value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
 
 
 def _matmul_planes(node, lam, ctx):

@@ -24,7 +24,10 @@ class Tunings:
     chunk_elems: int = 1 << 22        # spec rows per backward pass: this many elements over (2 x the widest node)
     shared_halves: bool = True        # [lam; -lam] walked as one lam until a sign-dependent rule (rows.Sym)
     # CROWN's relaxations
-    matmul_planes: bool = True        # attention @ V by sign-chosen McCormick planes (False: their half-sums)
+    # attention @ V by sign-chosen McCormick planes in the output's pass (False: their half-sums, whose
+    # value-side remainder is tighter: Whisper block 2 0.670 with planes, 0.598 without; docs/depth.md)
+    matmul_planes: bool = False
+    value_side: bool = True           # attention @ V's remainder also through the value layer (value_side.py)
     row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
     norm_internals: bool = True       # norms' centred input and mean square by their own backward passes
     norm_input_from_centre: bool = True   # a LayerNorm input's box as centred input + mean (no pass of its own)

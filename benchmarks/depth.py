@@ -47,6 +47,7 @@ from gamma.ops import evaluate  # noqa: E402
 
 T = 8
 SECTION = "10. Bounds through depth"
+WHOLE_SECTION = "13. Bounds through depth, whole model"
 
 
 def cases(models, whole: bool, smollm2_blocks):
@@ -208,7 +209,7 @@ def main(argv=None):
         if src:
             subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
     load = os.getloadavg()
-    section = SECTION + (" (whole model)" if args.whole_only else "")
+    section = WHOLE_SECTION if args.whole_only else SECTION
     lines = [f"## {section}", "",
              f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
              + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "") + (f" --compare-with {args.compare_with}" if src else "")

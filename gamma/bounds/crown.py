@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, relax, rows, value_side
+from . import crown_rules, norm_side, relax, rows, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -123,6 +123,16 @@ class Context:
         key = ("value_side", node.name)
         if key not in self._const:
             self._const[key] = value_side.build(self.graph, node, self.bounds, self.margins, self.inb(node, 1))
+        return self._const[key]
+
+    def norm_side(self, node):
+        """The constants of :func:`.norm_side.saving` for an RMSNorm ``node`` (None for other
+        ops, where its input is not a residual add of a linear layer, or the tuning is off)."""
+        if node.op != "rmsnorm" or not self.tunings.norm_side:
+            return None
+        key = ("norm_side", node.name)
+        if key not in self._const:
+            self._const[key] = norm_side.build(self.graph, node, self.bounds, self.margins)
         return self._const[key]
 
     def use_planes(self, node) -> bool:

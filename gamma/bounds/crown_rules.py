@@ -40,6 +40,7 @@ from ..ops import AFFINE, ELEMENTWISE
 from .bilinear import mul_planes, polar_band, shift_constant, simplex_shift
 from .linearization import row_dot
 from .rows import Dense, Rows, layout, outer
+from .norm_side import saving as norm_saving
 from .value_side import remainder as value_remainder
 
 Tensor = torch.Tensor
@@ -204,7 +205,11 @@ def _matmul_planes(node, lam, ctx):
 def _jacobian(node, lam, ctx):
     lin = ctx.linearization(node)
     const = ctx.lin_const(node)
-    return [lam.like(lam.vjp(lin))], lam.dot(const), lin.even_at(lam.take)(lam.t)
+    even = lin.even_at(lam.take)(lam.t)
+    bs = ctx.norm_side(node)
+    if bs is not None and lin.cs is not None:      # a norm's product remainder read one layer back (norm_side.py)
+        even = even - norm_saving(bs, lam, node.params["weight"], lin.cs, node.op == "layernorm")
+    return [lam.like(lam.vjp(lin))], lam.dot(const), even
 
 
 RULES: dict = {op: _affine for op in AFFINE}

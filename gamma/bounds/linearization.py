@@ -39,6 +39,9 @@ class Linearization:
     naive: Interval                   # a direct interval enclosure of f over the box
     vjp_at: Optional[Callable] = None  # take -> vjp with the per-row state gathered by take (rows.py)
     rem: Optional["RowRemainder"] = None  # err with what a row shares kept apart (CROWN); None: err only
+    # norms' decomposed form: (r_c, r_s, c_m) of its c * s product, whose remainder |w| r_c r_s is part of
+    # err and rem (r_s is 0 on rows of the mean-value form); :mod:`.norm_side`
+    cs: Optional[tuple] = None
 
     def even_at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
         """lam (S, ..) -> (S,): a bound of ``-lam . (f(x) - y0 - J0 (x - x0))`` over the box,

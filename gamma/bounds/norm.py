@@ -176,9 +176,11 @@ def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[t
     Composed: ``y in a*(Px) + u (v . Px) + k +- e`` per row with ``a = w s_m``,
     ``u = w c_m beta / d``, ``v = m``.  Every remainder is second order in the
     box radius and none is summed over the row (the mean-value remainder is),
-    which keeps it tight at large radii.  Returns (a, u, v, k, e, rem): e the
+    which keeps it tight at large radii.  Returns (a, u, v, k, e, rem, (r_c, r_s, c_m)): e the
     elementwise remainder, rem the same with the inverse scale's and the mean
-    square's remainders kept as one term per row (:class:`RowRemainder`)."""
+    square's remainders kept as one term per row (:class:`RowRemainder`); r_c, r_s
+    and c_m the radii and centre the product's remainder ``|w| r_c r_s`` (part of e and
+    rem) is made of (:mod:`.norm_side` reads it one layer back)."""
     centered = node.op == "layernorm"
     w = node.params["weight"]
     b = node.params.get("bias")
@@ -203,7 +205,7 @@ def _norm_decomposed(node, x: Interval, q: Optional[tuple] = None, c: Optional[t
     slack = 64 * d * ULP64 * mag
     # y_i - line_i = w_i d_i + (w_i c_m_i) z, |d_i| <= g_cs_i, z = s - line(s) shared by the row, |z| <= shared
     rem = RowRemainder(w.abs() * g_cs + slack, w * c_m, shared)
-    return a, u, m, k, e + slack, rem
+    return a, u, m, k, e + slack, rem, (0.5 * (cu - cl), 0.5 * (su - sl), c_m)
 
 
 def norm_lin(node, x: Interval, tunings: Tunings = DEFAULT, q: Optional[tuple] = None,
@@ -216,7 +218,7 @@ def norm_lin(node, x: Interval, tunings: Tunings = DEFAULT, q: Optional[tuple] =
     centered = node.op == "layernorm"
     shape = x.center.shape
     x0 = x.center
-    a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc = _norm_decomposed(node, x, q, c)
+    a_dc, u_dc, v_dc, k_dc, e_dc, rem_dc, (r_c, r_s, c_m) = _norm_decomposed(node, x, q, c)
     e_dc_sum = e_dc.sum(-1, keepdim=True)
     if tunings.norm_decomposed and bool((_norm_mv_diagonal(node, x, q, c) >= e_dc_sum).all()):
         # the mean-value remainder cannot be smaller in any row: skip its d x d work
@@ -260,7 +262,9 @@ def norm_lin(node, x: Interval, tunings: Tunings = DEFAULT, q: Optional[tuple] =
             return bound
         return torch.where(dec, bound, norm_abs_jvp(n0, rr, centered) * a_mv.abs())
 
-    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at, rem)
+    # the c * s product's remainder, |w_i| r_c_i r_s per element of the decomposed rows (none elsewhere)
+    cs = (r_c, torch.where(dec, r_s, torch.zeros_like(r_s)), c_m)
+    return Linearization(x0, y0, err, jvp, vjp, abs_jvp, norm_naive(node, x), vjp_at, rem, cs)
 
 
 def norm_abs_jvp(n0: Tensor, r: Tensor, centered: bool) -> Tensor:

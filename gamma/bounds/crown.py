@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, norm_side, relax, rows, value_side
+from . import crown_rules, norm_side, relax, rows, score_side, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -123,6 +123,17 @@ class Context:
         key = ("value_side", node.name)
         if key not in self._const:
             self._const[key] = value_side.build(self.graph, node, self.bounds, self.margins, self.inb(node, 1))
+        return self._const[key]
+
+    def score_side(self, node):
+        """The per-score remainder bound of :func:`.score_side.remainder` for the product
+        ``node`` (None where a side is not a linear layer's heads, or the tuning is off)."""
+        if not self.tunings.score_side or node.params.get("rows_sum_to_one"):
+            return None
+        key = ("score_side", node.name)
+        if key not in self._const:
+            self._const[key] = score_side.remainder(self.graph, node, self.bounds, self.margins,
+                                                    self.inb(node, 0), self.inb(node, 1))
         return self._const[key]
 
     def norm_side(self, node):

@@ -154,11 +154,13 @@ def _matmul_centre(node, lam, ctx):
 def _remainder(node, lam, ctx, x, y) -> Tensor:
     """(S,): the half-sum remainder ``sum |lam| (rx ry^T)``, or, where y is a linear
     layer's heads (attention @ V), the narrower one read through that layer
-    (:mod:`.value_side`)."""
+    (:mod:`.value_side`), or, where both sides are (q k^T), through both layers
+    (:mod:`.score_side`)."""
     vs = ctx.value_side(node)
-    if vs is None:
-        return lam.abs_dot(x.radius @ _t(y.radius))
-    return value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
+    if vs is not None:
+        return value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
+    r = ctx.score_side(node)                        # q k^T read through both projections (score_side.py)
+    return lam.abs_dot(x.radius @ _t(y.radius) if r is None else r)
 
 
 def _matmul_planes(node, lam, ctx):

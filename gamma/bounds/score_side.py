@@ -1,0 +1,120 @@
+"""Attention scores' product remainder, read one linear layer back on both sides.
+
+CROWN relaxes ``z = x y^T`` (per head, ``z_ij = x_i . y_j``: queries against keys)
+around the centres of the two boxes; the remainder of entry (i, j) is
+``(x_i - cx_i) . (y_j - cy_j)``, bounded elementwise by ``sum_c r_x,ic r_y,jc``.
+Where each side is a linear layer's output carried to the heads by per-token
+linear maps (``split_heads``, ``mul_const``, ``rope``, ``repeat_kv``), ``x_i = A_i n_i
++ a_i`` and ``y_j = B_j n'_j + b_j`` with n, n' the layers' inputs, and
+
+    (x_i - cx_i) . (y_j - cy_j) = dn_i^T A_i^T B_j dn'_j + s_i . B_j dn'_j + t_j . A_i dn_i + s_i . t_j
+
+(dn = n - n_c over n's box, ``s_i = A_i n_c,i + a_i - cx_i``, t likewise).  Its bound
+``r_n,i^T |A_i^T B_j| r_n',j + |B_j^T s_i| . r_n',j + |A_i^T t_j| . r_n,i + |s_i . t_j|``
+reads ``|A^T B|``, where the sum over the head's columns cancels, instead of
+``|A|^T |B|``.  In the float32 mode the sides' margins e, f (each side's linear
+margin carried through the chain, plus the chain's own) add
+``sum_c E_x,c r_y,c + (r_x,c + E_x,c) E_y,c``.  Each entry takes the narrower of the
+two bounds; the result is a constant per node (no cotangent enters it).
+
+The cost is ``H T Tk d d' dh`` once per node and Context (token-independent
+chains, without RoPE: ``H d d' dh``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops import forward_op, rotate_half_abs
+
+Tensor = torch.Tensor
+CHAIN = {"split_heads", "mul_const", "rope", "repeat_kv"}     # linear, no offset, token by token
+_OUT = 1.0 + 1e-12                                            # float64 rounding of the sums, outward
+
+
+def source(graph, name: str):
+    """``(linear node, chain)`` when ``name`` is a linear layer's output carried by
+    :data:`CHAIN` ops (chain in forward order), else None."""
+    chain = []
+    node = graph[name]
+    while node.op in CHAIN:
+        chain.append(node)
+        node = graph[node.inputs[0]]
+    if node.op != "linear" or not chain:
+        return None
+    return node, chain[::-1]
+
+
+def _side(graph, name: str, bounds: dict, margins: dict, T: int):
+    """(A (H, T, dh, d), a (H, T, dh), n box, E (H, T, dh) or None) of one side, or None."""
+    src = source(graph, name)
+    if src is None or bounds.get(src[0].inputs[0]) is None:
+        return None
+    lin, chain = src
+    n = bounds[lin.inputs[0]]
+    w = lin.params["weight"].to(n.center.dtype)                       # (d_out, d)
+    basis = w.T[:, None, :].expand(w.shape[1], T, w.shape[0])        # column k of W at every token
+    b = lin.params.get("bias")
+    off = (torch.zeros(T, w.shape[0], dtype=w.dtype, device=w.device) if b is None
+           else b.to(w.dtype).expand(T, w.shape[0]))
+    m = margins.get(lin.name)
+    err = None if m is None else m.expand(T, w.shape[0])
+    for node in chain:
+        basis, off = forward_op(node, basis), forward_op(node, off)
+        if err is not None:
+            err = _abs_op(node, err)
+        extra = margins.get(node.name)
+        if extra is not None:
+            err = extra if err is None else err + extra
+    return basis.movedim(0, -1), off, n, err                         # A: (H, T, dh, d)
+
+
+def _abs_op(node, e: Tensor) -> Tensor:
+    """A bound of |op(v)| for |v| <= e (e >= 0), op a :data:`CHAIN` op."""
+    if node.op == "mul_const":
+        return e * torch.as_tensor(node.params["c"], dtype=e.dtype, device=e.device).abs()
+    if node.op == "rope":
+        return e * node.params["cos"].abs() + rotate_half_abs(e) * node.params["sin"].abs()
+    return forward_op(node, e)                                       # split_heads, repeat_kv: copies
+
+
+def remainder(graph, node, bounds: dict, margins: dict, x_box, y_box) -> Optional[Tensor]:
+    """(H, T, Tk): a bound of ``|(x_i - cx_i) . (y_j - cy_j)|`` per score, never above the
+    elementwise ``r_x r_y^T``; None where a side is not a linear layer's heads."""
+    T, Tk = x_box.center.shape[-2], y_box.center.shape[-2]
+    xs, ys = _side(graph, node.inputs[0], bounds, margins, T), _side(graph, node.inputs[1], bounds, margins, Tk)
+    if xs is None or ys is None:
+        return None
+    (A, a, n, ex), (B, b, n2, ey) = xs, ys
+    if A.shape[:3] != x_box.center.shape or B.shape[:3] != y_box.center.shape:
+        return None
+    rn, rn2 = n.radius, n2.radius                                   # (T, d), (Tk, d')
+    s = torch.einsum("htcd,td->htc", A, n.center) + a - x_box.center     # (H, T, dh)
+    t = torch.einsum("hjce,je->hjc", B, n2.center) + b - y_box.center
+    H = A.shape[0]
+    quad = torch.empty(H, T, Tk, dtype=A.dtype, device=A.device)
+    shared = bool((A == A[:, :1]).all()) and bool((B == B[:, :1]).all())   # no RoPE: one A, B per head
+    for h in range(H):
+        if shared:
+            quad[h] = rn @ (A[h, 0].T @ B[h, 0]).abs() @ rn2.T
+            continue
+        for i in range(T):
+            m = torch.einsum("cd,jce->jde", A[h, i], B[h]).abs()             # (Tk, d, d')
+            quad[h, i] = torch.einsum("jde,je->jd", m, rn2) @ rn[i]
+    e1 = torch.einsum("hic,hjce->hije", s, B).abs()                          # |B_j^T s_i|: (H, T, Tk, d')
+    e1 = (e1 * rn2).sum(-1)
+    e2 = torch.einsum("hjc,hicd->hijd", t, A).abs()                          # |A_i^T t_j|: (H, T, Tk, d)
+    e2 = (e2 * rn[:, None, :]).sum(-1)
+    bil = quad + e1 + e2 + (s @ t.transpose(-1, -2)).abs()
+    rx, ry = x_box.radius, y_box.radius
+    if ex is not None or ey is not None:
+        zx = torch.zeros_like(rx) if ex is None else ex
+        zy = torch.zeros_like(ry) if ey is None else ey
+        bil = bil + zx @ ry.transpose(-1, -2) + (rx + zx) @ zy.transpose(-1, -2)
+    bil = bil * _OUT
+    box = rx @ ry.transpose(-1, -2)
+    bil = torch.where(torch.isnan(bil), torch.full_like(bil, math.inf), bil)
+    return torch.minimum(box, bil)

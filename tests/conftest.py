@@ -247,3 +247,10 @@ def test_seed(request) -> int:
     """A seed of this test's own (from its name, parameters included): the values a
     test draws do not depend on which tests ran before it."""
     return zlib.crc32(request.node.name.encode())
+
+
+@pytest.fixture(autouse=True)
+def _reseed_draw(test_seed):
+    """draw.rnd's generator, reseeded from this test's own seed (tests/draw.py)."""
+    import draw
+    draw.G.manual_seed(test_seed)

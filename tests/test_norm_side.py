@@ -10,23 +10,9 @@ import torch
 from gamma.bounds import Tunings, compute_bounds, norm_side
 from gamma.bounds.rows import Dense
 from gamma.graph import Graph
+from draw import rnd
+from draw import tensor as _t
 from soundness import graph_fn, violations
-
-G = torch.Generator()
-
-
-@pytest.fixture(autouse=True)
-def _seed_per_test(test_seed):
-    G.manual_seed(test_seed)
-
-
-def rnd(*shape, scale=1.0):
-    return torch.randn(shape, generator=G, dtype=torch.float64) * scale
-
-
-def _t(*v):
-    return torch.tensor(v, dtype=torch.float64)
-
 
 def test_saving_by_hand():
     """RMSNorm input x = p + W z with W = [[1, 1], [1, -1]], r_p = 0, r_z = (1, 1), lam w = (1, 1):

@@ -13,23 +13,9 @@ from gamma.bounds.interval import Interval
 from gamma.graph import Graph
 from gamma.models.common import causal_mask
 from gamma.models.llama import rope_tables
+from draw import G, rnd
+from draw import tensor as _t
 from soundness import graph_fn, violations
-
-G = torch.Generator()
-
-
-@pytest.fixture(autouse=True)
-def _seed_per_test(test_seed):
-    G.manual_seed(test_seed)
-
-
-def rnd(*shape, scale=1.0):
-    return torch.randn(shape, generator=G, dtype=torch.float64) * scale
-
-
-def _t(*v):
-    return torch.tensor(v, dtype=torch.float64)
-
 
 def test_remainder_by_hand():
     """One head, d = dh = 2, one token each side, q = W_q n, k = W_k n with W_q = [[1, 1], [1, -1]],

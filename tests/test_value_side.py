@@ -11,19 +11,8 @@ from gamma.bounds import Tunings, compute_bounds
 from gamma.bounds import value_side
 from gamma.graph import Graph
 from gamma.models.common import causal_mask
+from draw import rnd
 from soundness import graph_fn, violations
-
-G = torch.Generator()
-
-
-@pytest.fixture(autouse=True)
-def _seed_per_test(test_seed):
-    G.manual_seed(test_seed)
-
-
-def rnd(*shape, scale=1.0):
-    return torch.randn(shape, generator=G, dtype=torch.float64) * scale
-
 
 def test_remainder_by_hand():
     """One head, dh = d = 2, V_j = W n_j with W = [[1, 1], [1, -1]], r_n = (1, 1) for both keys,

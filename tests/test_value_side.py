@@ -100,3 +100,18 @@ def test_value_side_off_without_a_value_layer():
     assert torch.equal(on.lower, off.lower) and torch.equal(on.upper, off.upper)
     for dtype in (torch.float64, torch.float32):
         assert violations(graph_fn(g, dtype), x0, 0.05, on.lower, on.upper, steps=20) == 0
+
+
+def test_skipped_where_the_value_layers_inputs_move_together():
+    """Where V's own box is far narrower than n's box carried through |W_h| (n's elements move
+    together, as in a whole encoder), build gives None and the rule keeps the box remainder;
+    with V's box as wide as that image it gives the value side."""
+    from gamma.bounds.interval import Interval
+    g = attention()
+    n = Interval(-torch.ones(4, 32, dtype=torch.float64), torch.ones(4, 32, dtype=torch.float64))
+    w = g["v"].params["weight"]
+    image = (n.radius @ w.abs().T).reshape(4, 2, 16).transpose(0, 1).transpose(-1, -2)    # (H, dh, Tk)
+    for scale, expect in ((0.1, None), (0.9, value_side.ValueSide)):
+        y = Interval(-scale * image, scale * image)
+        got = value_side.build(g, g["av"], {"n": n}, {}, y)
+        assert (got is None) if expect is None else isinstance(got, expect)

@@ -102,3 +102,17 @@ def test_remainder_contains_sampled_products():
     prod = ((vals["qr"] - xb.center) @ (vals["krep"] - kb.center).transpose(-1, -2)).abs()
     assert bool((prod <= r + 1e-12).all())
     assert float(r.sum()) < float((xb.radius @ kb.radius.transpose(-1, -2)).sum())
+
+
+def test_skipped_above_its_budget(monkeypatch):
+    """A node whose bound would cost more than BUDGET multiply-adds keeps the elementwise
+    remainder (RoPE makes the cost per token pair), and the bounds equal those without it."""
+    g = attention(True, 1)
+    x0 = rnd(*g.input_shape)
+    cost = score_side._cost(g, g["s"], compute_bounds(g, x0, 0.05, "crown").nodes["qr"],
+                            compute_bounds(g, x0, 0.05, "crown").nodes["kr"])
+    assert cost == 2 * 8 * 16 * 16 * 4 * 4 + 2 * 4 * 8 * 16 * 5      # H dh d d' T Tk + H T dh d (1 + Tk)
+    monkeypatch.setattr(score_side, "BUDGET", cost - 1)
+    on = compute_bounds(g, x0, 0.05, "crown")
+    off = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_side=False))
+    assert torch.equal(on.lower, off.lower) and torch.equal(on.upper, off.upper)

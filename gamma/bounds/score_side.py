@@ -33,6 +33,7 @@ from ..ops import forward_op, rotate_half_abs
 Tensor = torch.Tensor
 CHAIN = {"split_heads", "mul_const", "rope", "repeat_kv"}     # linear, no offset, token by token
 _OUT = 1.0 + 1e-12                                            # float64 rounding of the sums, outward
+BUDGET = 2e10                                                 # multiply-adds per node (about 0.5 s here)
 
 
 def source(graph, name: str):
@@ -81,9 +82,25 @@ def _abs_op(node, e: Tensor) -> Tensor:
     return forward_op(node, e)                                       # split_heads, repeat_kv: copies
 
 
+def _cost(graph, node, x_box, y_box) -> float:
+    """Multiply-adds of :func:`remainder` for ``node`` (inf where a side is no chain)."""
+    sides = [source(graph, name) for name in node.inputs]
+    if any(s is None for s in sides):
+        return math.inf
+    H, T, dh = x_box.center.shape[-3:]
+    Tk = y_box.center.shape[-2]
+    d, d2 = (int(s[0].params["weight"].shape[1]) for s in sides)
+    per_token = any(c.op == "rope" for s in sides for c in s[1])
+    return float(H * dh * d * d2 * (T * Tk if per_token else 1) + H * T * dh * d * (1 + Tk))
+
+
 def remainder(graph, node, bounds: dict, margins: dict, x_box, y_box) -> Optional[Tensor]:
     """(H, T, Tk): a bound of ``|(x_i - cx_i) . (y_j - cy_j)|`` per score, never above the
-    elementwise ``r_x r_y^T``; None where a side is not a linear layer's heads."""
+    elementwise ``r_x r_y^T``; None where a side is not a linear layer's heads, or where
+    it would cost more than :data:`BUDGET` multiply-adds (RoPE makes it per token pair:
+    SmolLM2-135M 12e9, a Llama-8B-shaped block 1e12)."""
+    if _cost(graph, node, x_box, y_box) > BUDGET:
+        return None
     T, Tk = x_box.center.shape[-2], y_box.center.shape[-2]
     xs, ys = _side(graph, node.inputs[0], bounds, margins, T), _side(graph, node.inputs[1], bounds, margins, Tk)
     if xs is None or ys is None:

@@ -103,3 +103,23 @@ def test_product_remainder_is_part_of_what_the_rule_charges(op):
     prod = g["y"].params["weight"].abs() * r_c * r_s
     assert bool((prod <= lin.rem.E * (1 + 1e-12)).all()) and bool((prod <= lin.err * (1 + 1e-12)).all())
     assert bool((r_s >= 0).all()) and bool((prod > 0).any())
+
+
+def test_float32_product_never_saves_more():
+    """With float32-valued weights W^T g runs in float32 with its rounding charged: the saving is
+    never above the float64 computation's, and within 1e-5 of it (relative to the remainder)."""
+    from gamma.bounds.crown import Context
+    g = block()
+    g["o"].params["weight"] = g["o"].params["weight"].float().double()
+    x0 = rnd(*g.input_shape)
+    res = compute_bounds(g, x0, 0.1, "crown", arithmetic="real")
+    ctx = Context(g, dict(res.nodes), {n.name: None for n in g})
+    bs = norm_side.build(g, g["n"], ctx.bounds, {})
+    assert bs.w32 is not None
+    cs = ctx.linearization(g["n"]).cs
+    lam = Dense(rnd(9, 3, 16) * torch.logspace(-30, 3, 9, dtype=torch.float64).reshape(9, 1, 1))
+    w = g["n"].params["weight"]
+    f32 = norm_side.saving(bs, lam, w, cs, centered=False)
+    f64 = norm_side.saving(bs._replace(w32=None), lam, w, cs, centered=False)
+    box = (lam.t.abs() * w.abs() * cs[0] * cs[1]).reshape(9, -1).sum(1)
+    assert bool((f32 <= f64).all()) and bool(((f64 - f32) <= 1e-5 * box + 1e-300).all()) and bool((f64 > 0).any())

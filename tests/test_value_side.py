@@ -115,3 +115,21 @@ def test_skipped_where_the_value_layers_inputs_move_together():
         y = Interval(-scale * image, scale * image)
         got = value_side.build(g, g["av"], {"n": n}, {}, y)
         assert (got is None) if expect is None else isinstance(got, expect)
+
+
+def test_float32_product_bounds_the_float64_one():
+    """With float32-valued weights the remainder's product runs in float32 with its rounding
+    charged: never below the float64 computation's remainder, and within 1e-5 of it."""
+    from gamma.bounds.crown import Context
+    g = attention()
+    g["v"].params["weight"] = g["v"].params["weight"].float().double()      # float32 values, as checkpoints hold
+    x0 = rnd(*g.input_shape)
+    res = compute_bounds(g, x0, 0.05, "crown", arithmetic="real")
+    ctx = Context(g, dict(res.nodes), {n.name: None for n in g})
+    vs = value_side.build(g, g["av"], ctx.bounds, {}, ctx.inb(g["av"], 1))
+    assert vs.w32 is not None and vs.w32.dtype == torch.float32
+    lam = rnd(7, 2, 4, 16) * torch.logspace(-30, 3, 7, dtype=torch.float64).reshape(7, 1, 1, 1)
+    r_p, r_v = ctx.inb(g["av"], 0).radius, ctx.inb(g["av"], 1).radius
+    f32 = value_side.remainder(vs, lam, r_p, r_v)
+    f64 = value_side.remainder(vs._replace(w32=None), lam, r_p, r_v)
+    assert bool((f32 >= f64).all()) and bool((f32 <= f64 * (1 + 1e-5) + 1e-300).all())

@@ -29,6 +29,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..float32 import is_exact32
+from . import fp
+
 Tensor = torch.Tensor
 _IN, _OUT = 1.0 - 1e-12, 1.0 + 1e-12       # float64 rounding of the sums below: the saving rounded down
 
@@ -38,6 +41,8 @@ class BackSide(NamedTuple):
     r_p: Tensor               # (T, d): radius of the residual's other input, plus the float32 margins
     r_z: Tensor               # (T, d_in): radius of the projection's input
     centre: Tensor            # (T, d): p_c + W z_c + b
+    w32: Optional[Tensor] = None      # the weight as float32 where float32-valued and float32 matmuls are IEEE
+    through: Optional[Tensor] = None  # (T, d): |W| r_z, z's box carried through the projection
 
 
 def source(graph, node):
@@ -71,7 +76,8 @@ def build(graph, node, bounds: dict, margins: dict) -> Optional[BackSide]:
         m = margins.get(name)
         if m is not None:
             r_p = r_p + m
-    return BackSide(w, r_p, bz.radius, centre)
+    w32 = w.float() if is_exact32(lin.params["weight"]) and fp.f32_matmul_is_ieee(w.device) else None
+    return BackSide(w, r_p, bz.radius, centre, w32, bz.radius @ w.abs().T)
 
 
 def saving(bs: BackSide, lam, w_norm: Tensor, cs: tuple, centered: bool) -> Tensor:
@@ -85,8 +91,18 @@ def saving(bs: BackSide, lam, w_norm: Tensor, cs: tuple, centered: bool) -> Tens
     lw = t * w_norm
     g = lw - lw.mean(-1, keepdim=True) if centered else lw
     r_box = (lw.abs() * lam.take(r_c)).sum(-1, keepdim=True)
-    r_back = ((g.abs() * lam.take(bs.r_p)).sum(-1, keepdim=True)
-              + ((g @ bs.weight).abs() * lam.take(bs.r_z)).sum(-1, keepdim=True))
+    if bs.w32 is None:
+        back = ((g @ bs.weight).abs() * lam.take(bs.r_z)).sum(-1, keepdim=True)
+    else:
+        # W^T g in float32: |error| <= (U + gamma_d (1 + U)) |g| |W| (g's rounding and the sum's, any
+        # order) plus d underflows; |g| |W| . r_z = |g| . (|W| r_z) (a cheap product)
+        d = g.shape[-1]
+        k = fp.U + fp.gamma(d) * (1 + fp.U)
+        rz = lam.take(bs.r_z)
+        back = (((g.float() @ bs.w32).abs().to(g.dtype) * rz).sum(-1, keepdim=True)
+                + k * (g.abs() * lam.take(bs.through)).sum(-1, keepdim=True)
+                + d * fp.SUBNORMAL * rz.sum(-1, keepdim=True))
+    r_back = (g.abs() * lam.take(bs.r_p)).sum(-1, keepdim=True) + back
     shift = ((g * lam.take(bs.centre)).sum(-1, keepdim=True) - (lw * lam.take(c_m)).sum(-1, keepdim=True)).abs()
     gain = (r_box * _IN - (r_back + shift) * _OUT).clamp(min=0)
     gain = torch.where(torch.isfinite(gain), gain, torch.zeros_like(gain))

@@ -37,6 +37,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..float32 import is_exact32
+from . import fp
+
 Tensor = torch.Tensor
 _OUT = 1.0 + 1e-12            # float64 rounding of the sums below, outward
 # V's own box against n's box carried through |W_h| (median ratio) below which n's elements move
@@ -50,6 +53,8 @@ class ValueSide(NamedTuple):
     r_n: Tensor               # (Tk, d): radius of the value layer's input box
     margin: Optional[Tensor]  # (H, Tk, dh): V's float32 margin per head, or None
     shift: Tensor             # (H, Tk, dh): centre of V's box - (W n_c + b)
+    w32: Optional[Tensor] = None   # w as float32 where it is float32-valued and float32 matmuls are IEEE
+    through: Optional[Tensor] = None   # (H, Tk, dh): |W_h| r_n, n's box carried to V
 
 
 def source(graph, node):
@@ -101,8 +106,9 @@ def build(graph, node, bounds: dict, margins: dict, y_box) -> Optional[ValueSide
     through = torch.einsum("hcd,jd->hjc", w3.abs(), n.radius)            # |W_h| r_n: n's box carried to V
     if float((r_v / through).nan_to_num(nan=1.0, posinf=1.0).median()) < CORRELATED:
         return None
+    w32 = w3.float() if is_exact32(lin.params["weight"]) and fp.f32_matmul_is_ieee(w3.device) else None
     return ValueSide(w3, n.radius, None if m is None else _heads(m, kv, idx),
-                     y_box.center.transpose(-1, -2) - _heads(back, kv, idx))
+                     y_box.center.transpose(-1, -2) - _heads(back, kv, idx), w32, through)
 
 
 def remainder(vs: ValueSide, lam: Tensor, r_p: Tensor, r_v: Tensor) -> Tensor:
@@ -112,8 +118,18 @@ def remainder(vs: ValueSide, lam: Tensor, r_p: Tensor, r_v: Tensor) -> Tensor:
     H, I, Tk): P's radius as each row sees it; r_v (H, dh, Tk): V^T's radius."""
     r_vt = r_v.transpose(-1, -2)                                         # (H, Tk, dh)
     r_box = torch.einsum("shic,hjc->shij", lam.abs(), r_vt)
-    a = torch.einsum("shic,hcd->shid", lam, vs.w)                        # W_h^T lam_i: (S, H, I, d)
-    r_back = a.abs() @ vs.r_n.transpose(0, 1)                            # (S, H, I, Tk)
+    if vs.w32 is None:
+        a = torch.einsum("shic,hcd->shid", lam, vs.w)                    # W_h^T lam_i: (S, H, I, d)
+        r_back = a.abs() @ vs.r_n.transpose(0, 1)                        # (S, H, I, Tk)
+    else:
+        # the product in float32: |a - a32| <= (U + gamma_dh (1 + U)) |lam| |W| (lam's rounding and the
+        # sum's, any order), plus dh underflows; |lam| |W| . r_n = |lam| . through (a cheap product)
+        a32 = torch.einsum("shic,hcd->shid", lam.float(), vs.w32)
+        dh = lam.shape[-1]
+        k = fp.U + fp.gamma(dh) * (1 + fp.U)
+        r_back = (a32.abs().to(lam.dtype) @ vs.r_n.transpose(0, 1)
+                  + k * torch.einsum("shic,hjc->shij", lam.abs(), vs.through)
+                  + dh * fp.SUBNORMAL * vs.r_n.sum(-1))
     if vs.margin is not None:
         r_back = r_back + torch.einsum("shic,hjc->shij", lam.abs(), vs.margin)
     r_back = (r_back + torch.einsum("shic,hjc->shij", lam, vs.shift).abs()) * _OUT

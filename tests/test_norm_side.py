@@ -36,11 +36,12 @@ def test_saving_by_hand():
 
 
 def block(d: int = 16, T: int = 3):
-    """x -> linear -> silu -> o = linear (+ bias); r = x + o; RMSNorm(r) -> linear."""
+    """x -> linear -> silu -> o = linear (+ bias, float32-valued weight: the float32 product
+    path); r = x + o; RMSNorm(r) -> linear."""
     g = Graph("rms", "x", (T, d))
     g.add("a", "linear", "x", weight=rnd(d, d, scale=0.5))
     g.add("z", "silu", "a")
-    g.add("o", "linear", "z", weight=rnd(d, d, scale=0.3), bias=rnd(d, scale=0.1))
+    g.add("o", "linear", "z", weight=rnd(d, d, scale=0.3).float().double(), bias=rnd(d, scale=0.1))
     g.add("r", "add", "x", "o")
     g.add("n", "rmsnorm", "r", weight=1 + rnd(d, scale=0.2), eps=1e-5)
     g.add("y", "linear", "n", weight=rnd(8, d, scale=0.5))
@@ -65,6 +66,7 @@ def test_sound_and_never_wider(arithmetic):
     x0, eps = rnd(*g.input_shape), 0.1
     on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
     off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(norm_side=False))
+    assert norm_side.build(g, g["n"], dict(on.nodes), {}).w32 is not None   # the float32 product path is tested
     for name in on.nodes:
         assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + 1e-9) + 1e-12).all()), name
     assert float(on.width().sum()) < 0.99 * float(off.width().sum())
@@ -110,7 +112,6 @@ def test_float32_product_never_saves_more():
     never above the float64 computation's, and within 1e-5 of it (relative to the remainder)."""
     from gamma.bounds.crown import Context
     g = block()
-    g["o"].params["weight"] = g["o"].params["weight"].float().double()
     x0 = rnd(*g.input_shape)
     res = compute_bounds(g, x0, 0.1, "crown", arithmetic="real")
     ctx = Context(g, dict(res.nodes), {n.name: None for n in g})

@@ -109,10 +109,13 @@ def test_skipped_above_its_budget(monkeypatch):
     remainder (RoPE makes the cost per token pair), and the bounds equal those without it."""
     g = attention(True, 1)
     x0 = rnd(*g.input_shape)
-    cost = score_side._cost(g, g["s"], compute_bounds(g, x0, 0.05, "crown").nodes["qr"],
-                            compute_bounds(g, x0, 0.05, "crown").nodes["kr"])
-    assert cost == 2 * 8 * 16 * 16 * 4 * 4 + 2 * 4 * 8 * 16 * 5      # H dh d d' T Tk + H T dh d (1 + Tk)
-    monkeypatch.setattr(score_side, "BUDGET", cost - 1)
-    on = compute_bounds(g, x0, 0.05, "crown")
+    full = compute_bounds(g, x0, 0.05, "crown")
     off = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_side=False))
+    qr, kr = full.nodes["qr"], full.nodes["kr"]
+    cost = score_side._cost(g, g["s"], qr, kr)
+    assert cost == 2 * 8 * 16 * 16 * 4 * 4 + 2 * 4 * 8 * 16 * 5      # H dh d d' T Tk + H T dh d (1 + Tk)
+    assert score_side.remainder(g, g["s"], full.nodes, {}, qr, kr) is not None   # within budget it applies
+    monkeypatch.setattr(score_side, "BUDGET", cost - 1)
+    assert score_side.remainder(g, g["s"], full.nodes, {}, qr, kr) is None
+    on = compute_bounds(g, x0, 0.05, "crown")
     assert torch.equal(on.lower, off.lower) and torch.equal(on.upper, off.upper)

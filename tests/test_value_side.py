@@ -38,13 +38,14 @@ def test_remainder_by_hand():
 def attention(rep: int = 1, d: int = 32, T: int = 4, heads: int = 2):
     """norm -> q, k, v (kv heads = heads / rep, repeated) -> softmax(q k^T) @ V -> o -> residual;
     small score weights, so that at eps 0.05 the softmax is not saturated and the product's
-    remainder matters."""
+    remainder matters; float32-valued weights, as checkpoints hold (the remainder's float32
+    product path)."""
     g = Graph("attention", "x", (T, d))
     src = g.add("n", "layernorm", "x", weight=1 + rnd(d, scale=0.2), bias=rnd(d, scale=0.1), eps=1e-5)
     kvd = d // rep
 
     def heads_of(name, rows, h, scale):
-        return g.add(name + "h", "split_heads", g.add(name, "linear", src, weight=rnd(rows, d, scale=scale),
+        return g.add(name + "h", "split_heads", g.add(name, "linear", src, weight=rnd(rows, d, scale=scale).float().double(),
                                                       bias=rnd(rows, scale=0.1)), heads=h)
     q, k = heads_of("q", d, heads, 0.15), heads_of("k", kvd, heads // rep, 0.15)
     v = heads_of("v", kvd, heads // rep, 0.6)
@@ -77,6 +78,8 @@ def test_sound_and_never_wider(rep, arithmetic):
     x0, eps = rnd(*g.input_shape), 0.05
     on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
     off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(value_side=False))
+    vs = value_side.build(g, g["av"], dict(on.nodes), {}, on.nodes["vt"])
+    assert vs is not None and vs.w32 is not None                 # the float32 product path is the one tested
     for name in on.nodes:
         assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + 1e-9) + 1e-12).all()), name
     if arithmetic == "real":
@@ -122,7 +125,6 @@ def test_float32_product_bounds_the_float64_one():
     charged: never below the float64 computation's remainder, and within 1e-5 of it."""
     from gamma.bounds.crown import Context
     g = attention()
-    g["v"].params["weight"] = g["v"].params["weight"].float().double()      # float32 values, as checkpoints hold
     x0 = rnd(*g.input_shape)
     res = compute_bounds(g, x0, 0.05, "crown", arithmetic="real")
     ctx = Context(g, dict(res.nodes), {n.name: None for n in g})

@@ -27,8 +27,10 @@ from .errors import GammaError
 METHODS = ("ibp", "crown", "alpha", "zonotope")
 INTERMEDIATE = ("crown", "cut", "ibp")
 # what the bounds contain: "float32" every output of a float32 engine (rounding margins at every
-# node, the default); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
-ARITHMETIC = ("float32", "real")
+# node, the default); "float32-probabilistic" the same with the dot products' rounding under a
+# probabilistic model (gamma.bounds.fpprob: independent mean-zero rounding errors, a failure probability
+# reported); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
+ARITHMETIC = ("float32", "float32-probabilistic", "real")
 # how CROWN relaxes an elementwise product of two bounded nodes (SwiGLU's gate * up): "polar" also by
 # (s^2 - d^2) / 4 with CROWN bounds of s and d (tighter, about 2x a Llama-family block's time);
 # "half-sum" by the half-sum of the McCormick planes only

@@ -109,7 +109,7 @@ def test_bad_blocks(capsys, llama_dir, blocks, msg):
     (["verify", "--seq-len", "two"], "argument --seq-len: invalid int value: 'two'"),
     (["verify", "--device", "tpu"], "unknown --device 'tpu' (choose cpu or cuda)"),
     (["verify", "--arithmetic", "float16"],
-     "argument --arithmetic: invalid choice: 'float16' (choose from 'float32', 'real')"),
+     "argument --arithmetic: invalid choice: 'float16' (choose from 'float32', 'float32-probabilistic', 'real')"),
     (["frobnicate"], None),
     ([], "choose a command: inspect, forward, verify, weights, analyze, compare, diff, regress or vnncomp (gamma --help)"),
     (["forward"], "the following arguments are required: --out"),
@@ -266,6 +266,28 @@ def test_verify_real_arithmetic_said(capsys, llama_dir):
     assert "--arithmetic" not in default
     assert default.splitlines()[2] == ("bounds   hold for every float32 engine: its rounding included, in any "
                                        "summation order, no assumption about the engine")
+
+
+@pytest.mark.parametrize("mode", [[], ["--block-wise"]])
+def test_verify_probabilistic_arithmetic_said(capsys, llama_dir, mode):
+    """--arithmetic float32-probabilistic: in the JSON with the failure probability (block-wise:
+    per block and their sum), and in the table's header with what it assumes."""
+    args = ["verify", llama_dir, "--method", "crown", "--seq-len", "2", "--arithmetic", "float32-probabilistic",
+            "--no-attack"] + mode
+    rc, out, err = main(capsys, *args, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    jsonschema.validate(d, schema())
+    assert d["arithmetic"] == "float32-probabilistic" and 0 < d["rounding_failure"] < 1e-12
+    if mode:
+        assert d["rounding_failure"] == pytest.approx(sum(b["rounding_failure"] for b in d["blocks"]))
+    rc, out, err = main(capsys, *args)
+    assert rc == 0, err
+    p = f"{d['rounding_failure']:.1e}"
+    assert out.splitlines()[2] == ("bounds   hold for float32 engines with the dot products' rounding under a "
+                                   "probabilistic model (--arithmetic float32-probabilistic: independent mean-zero "
+                                   f"rounding errors, any summation order); under it they fail with probability <= {p}; "
+                                   "the other ops' rounding as in the default mode")
 
 
 def test_verify_products_option(capsys, llama_dir):

@@ -117,6 +117,24 @@ def test_model_bounds_contain_transformers(models, case, eps, method):
         assert torch.isfinite(real.width()).all()
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-4])
+@pytest.mark.parametrize("case", CASES)
+def test_probabilistic_rounding_contains_transformers(models, case, eps):
+    """--arithmetic float32-probabilistic: transformers' float32 outputs inside (samples + PGD),
+    every node's bounds at most the default mode's."""
+    model, ref = models[case]
+    comp = "decoder" if case != "whisper-encoder" else "encoder"
+    ip = model.input_point(comp, seq_len=4)
+    g = model.graph(comp, seq_len=4)
+    r = compute_bounds(g, ip.x, eps, "crown", arithmetic="float32-probabilistic")
+    bad = violations(ref, ip.x, eps, r.lower, r.upper, n_samples=1000, steps=10, restarts=1)
+    assert bad == 0, f"{case} eps={eps}: {bad} violations"
+    default = compute_bounds(g, ip.x, eps, "crown")
+    for name in r.nodes:
+        assert bool((r.nodes[name].width() <= default.nodes[name].width() * (1 + 1e-9) + 1e-15).all()), name
+    assert torch.isfinite(r.width()).all() and r.stats["rounding_failure"] < 1e-12
+
+
 @pytest.mark.parametrize("method,intermediate", [("crown", "crown"), ("crown", "cut"), ("alpha", "crown")])
 @pytest.mark.parametrize("case", CASES)
 def test_compact_rows_equal_dense(models, case, method, intermediate):

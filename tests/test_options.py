@@ -36,7 +36,7 @@ BAD = [
     (dict(epsilon=math.nan), "--epsilon must be a finite number > 0, got nan"),
     (dict(method="magic"), "unknown method 'magic' (choose from ibp, crown, alpha, zonotope)"),
     (dict(intermediate="x"), "unknown --intermediate 'x' (choose from crown, cut, ibp)"),
-    (dict(arithmetic="float16"), "unknown --arithmetic 'float16' (choose from float32, real)"),
+    (dict(arithmetic="float16"), "unknown --arithmetic 'float16' (choose from float32, float32-probabilistic, real)"),
     (dict(device="tpu"), "unknown --device 'tpu' (choose cpu or cuda)"),
     (dict(device="cpu:0"), "unknown --device 'cpu:0' (choose cpu or cuda)"),
     (dict(alpha_iters=-1), "--alpha-iters must be an integer >= 0, got -1"),

@@ -379,7 +379,7 @@ def test_bad_options(llama):
         gamma.verify(llama, EPS, tokens="1,x")
     with pytest.raises(GammaError, match="no such file"):
         gamma.load("/nonexistent/model.safetensors")
-    with pytest.raises(GammaError, match=r"^unknown --arithmetic 'float16' \(choose from float32, real\)$"):
+    with pytest.raises(GammaError, match=r"^unknown --arithmetic 'float16' \(choose from float32, float32-probabilistic, real\)$"):
         gamma.verify(llama, EPS, arithmetic="float16")
 
 

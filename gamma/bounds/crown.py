@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, norm_side, relax, rows, score_side, value_side
+from . import crown_rules, fpprob, norm_side, relax, rows, score_side, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -50,6 +50,8 @@ class Context:
         self.refine = refine or {}
         self.bounds = bounds            # name -> Interval (sound, float64)
         self.margins = margins          # name -> Tensor | None
+        self.pooled: dict = {}          # name -> fpprob.Split: dot margins pooled per row (float32-probabilistic)
+        self.events = 0                 # bounds that rest on the probabilistic model (fpprob.failure)
         self.modes: dict = {}           # name -> fpmargin.CommonModes: a margin's row-shared errors (norms)
         self.means: dict = {}           # LayerNorm name -> bounds of its input's row mean (refine.norm_mean_square)
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
@@ -103,11 +105,12 @@ class Context:
                                        if self.tunings.float32_transpose else None)
         return self._lint[node.name]
 
-    def margin(self, node):
+    def margin(self, node, m=False):
         """What the walk charges per unit ``|Lambda|`` at ``node``: its float32
-        margin plus, for a linear node whose transpose runs in float32, that
-        product's error term (:class:`fp.CotangentProduct`)."""
-        m = self.margins.get(node.name)
+        margin (or ``m`` where given) plus, for a linear node whose transpose runs
+        in float32, that product's error term (:class:`fp.CotangentProduct`)."""
+        if m is False:
+            m = self.margins.get(node.name)
         if node.op != "linear":
             return m
         p = self.linear_product(node)
@@ -213,6 +216,25 @@ def _margin_charge(ctx: Context, node, cot) -> Optional[Tensor]:
     return c
 
 
+def _pool(ctx: Context, node, cot, sym: bool, pool):
+    """Add the node's pooled dot margins (:mod:`.fpprob`) to ``pool`` = [sum |lam| E, sum lam^2 v]
+    per row (2S rows: a shared cotangent's charge is the same for both halves)."""
+    sp = ctx.pooled[node.name]
+    d, v = cot.abs_dot(sp.dot), cot.sq_dot(sp.var)
+    if sym:
+        d, v = torch.cat([d, d]), torch.cat([v, v])
+    if pool is None:
+        return [d, v]
+    return [pool[0] + d, pool[1] + v]
+
+
+def _pooled_charge(ctx: Context, bias: Tensor, pool, trace) -> Tensor:
+    if pool is None:
+        return bias
+    ctx.events += bias.shape[0]
+    return _charge(bias, bias - fpprob.pooled(*pool), trace, "dot products", "pooled")
+
+
 def _acc(bias: Tensor, sym: bool, odd, even) -> Tensor:
     """``bias + odd - even`` per row; for a shared cotangent (:class:`rows.Sym`)
     the rows of -Lambda get ``-odd - even``."""
@@ -266,6 +288,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
     for k in lams:
         anc |= graph.ancestors(k, stop=None)
     order = [n for n in graph if n.name in anc]
+    pool = None                 # float32-probabilistic: the dot margins pooled over each row (fpprob)
     for node in reversed(order):
         lam = lams.pop(node.name, None)
         if lam is None:
@@ -287,18 +310,24 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         if isinstance(lam, Tensor) and not lam.is_contiguous():
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         cot = rows.layout(lam)
-        m = _margin_charge(ctx, node, cot)
+        sp = ctx.pooled.get(node.name)
+        if sp is not None:
+            pool = _pool(ctx, node, cot, sym, pool)
+            m = ctx.margin(node, sp.det)
+            m = None if m is None else _margin_dot(cot, m)
+        else:
+            m = _margin_charge(ctx, node, cot)
         if m is not None:
             bias = _charge(bias, _acc(bias, sym, None, m), trace, node.name, "margin")
             if not bool(torch.isfinite(m).all()) and bool(torch.isneginf(bias).all()):
-                return bias         # an unbounded margin reached every row: nothing further can change it
+                return _pooled_charge(ctx, bias, pool, trace)   # an unbounded margin reached every row
         ins, odd, even = crown_rules.apply(node, cot, ctx)
         bias = _charge(bias, _acc(bias, sym, odd, even), trace, node.name, "rule")
         for name, li in zip(node.inputs, ins):
             if sym:
                 li = rows.Sym(li)
             lams[name] = rows.add(lams[name], li) if name in lams else li
-    return bias
+    return _pooled_charge(ctx, bias, pool, trace)
 
 
 def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, dtype, device) -> Tensor:

@@ -29,6 +29,7 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions
 from .alpha import optimize
+from . import fpprob
 from .crown import Context, node_bounds
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
@@ -142,7 +143,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
-    computes (an outward margin for its rounding at every node).  ``"real"``:
+    computes (an outward margin for its rounding at every node).
+    ``"float32-probabilistic"``: the same, with the dot products' rounding under
+    a probabilistic model (:mod:`.fpprob`; ``stats["rounding_failure"]`` bounds
+    the probability that the bounds fail under it).  ``"real"``:
     they contain the real-valued function only (no margins; gamma's own
     float32 products still charge their rounding), which is what other
     verifiers bound, and not a guarantee for a float32 engine.  ``tunings``: how
@@ -215,7 +219,13 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         iv = refined_interval(ctx, node, ins) if refine else None
         if iv is None:
             iv = ibp_node(node, *ins)
-        m, modes = margin_split(node, ins, iv, margins) if arithmetic == "float32" else (None, None)
+        m, modes = margin_split(node, ins, iv, margins) if arithmetic != "real" else (None, None)
+        if arithmetic == "float32-probabilistic" and m is not None:
+            sp = fpprob.split(node, ins, iv, margins)
+            if sp is not None and sp.finite():
+                m = torch.minimum(m, sp.elementwise())      # each bound holds (the model's per element)
+                ctx.pooled[node.name] = sp
+                ctx.events += m.numel()
         margins[node.name] = m
         if modes is not None:
             ctx.modes[node.name] = modes
@@ -253,5 +263,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         out = optimize(ctx, graph.output, box, out, iters=options.alpha_iters, progress=progress)
         bounds[graph.output] = out
     seconds = time.perf_counter() - t0
+    if arithmetic == "float32-probabilistic":
+        stats["rounding_events"] = ctx.events
+        stats["rounding_failure"] = fpprob.failure(ctx.events)
     nodes = {k: v.to("cpu") for k, v in bounds.items()}
     return BoundResult(out.lower.cpu(), out.upper.cpu(), nodes, method, seconds, stats)

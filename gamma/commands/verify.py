@@ -46,8 +46,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
                    help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual and attention@V by the half-sum product relaxation: cheaper, looser) or ibp")
     s.add_argument("--arithmetic", choices=ARITHMETIC, default="float32",
-                   help="float32 (default): bounds hold for any float32 engine, rounding included; real: bounds of "
-                        "the real-valued function only, as auto_LiRPA computes them (not a float32 guarantee)")
+                   help="float32 (default): bounds hold for any float32 engine, rounding included; "
+                        "float32-probabilistic: the same with the dot products' rounding errors taken as independent "
+                        "and mean-zero (far tighter on deep models; the failure probability under that model is "
+                        "reported); real: bounds of the real-valued function only, as auto_LiRPA computes them (not a "
+                        "float32 guarantee)")
     s.add_argument("--products", choices=PRODUCTS, default="polar",
                    help="elementwise products (SwiGLU's gate * up) in CROWN: polar (default) also by (s^2 - d^2)/4 "
                         "with CROWN bounds of s = x + y and d = x - y, tighter, about 2x the time of a Llama-family "
@@ -95,16 +98,25 @@ def run(args) -> int:
 
 
 # ------------------------------------------------------------------ text
+ARITHMETIC_LINE = {
+    "float32": "bounds   hold for every float32 engine: its rounding included, in any summation order, no "
+               "assumption about the engine",
+    "float32-probabilistic": "bounds   hold for float32 engines with the dot products' rounding under a probabilistic "
+                             "model (--arithmetic float32-probabilistic: independent mean-zero rounding errors, any "
+                             "summation order); under it they fail with probability <= {p:.1e}; the other ops' "
+                             "rounding as in the default mode",
+    "real": "bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
+            "not a guarantee for a float32 engine",
+}
+
+
 def _header(r: dict) -> list[str]:
     m, ip = r["model"], r["input_point"]
     mode = {"full": "full network", "layer_by_layer": "layer by layer", "block_wise": "block-wise"}[r["mode"]]
     inter = f", intermediate {r['intermediate']}" if r["method"] in ("crown", "alpha") else ""
     if r.get("products", "polar") != "polar" and r["method"] in ("crown", "alpha"):
         inter += f", products {r['products']}"
-    real = (["bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
-             "not a guarantee for a float32 engine"] if r.get("arithmetic", "float32") == "real" else
-            ["bounds   hold for every float32 engine: its rounding included, in any summation order, no "
-             "assumption about the engine"])
+    real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(p=r.get("rounding_failure", 1.0))]
     return [
         f"model    {m['arch']} {r['component']} ({m['format']}) {m['path']}",
         f"run      {mode}, method {r['method']}{inter}, epsilon {r['epsilon']:g}, device {r['device']}",

@@ -79,6 +79,8 @@ def run_blocks(plan, x: torch.Tensor, options: BoundOptions, spec: RunSpec, pick
         "memory": memory(outcomes),
         "attack": None if attack is None else tightness.block_summary(rows, attack, spec.worst_k, points, t_attack),
     }
+    if options.arithmetic == "float32-probabilistic":       # the union bound over the blocks
+        body["rounding_failure"] = min(1.0, sum(r.get("rounding_failure", 0.0) for r in rows))
     if spec.tolerance is not None:
         for r in rows:
             r["within_tolerance"] = not (r["has_nan"] or r["has_infinite"]) and r["output_width"] <= spec.tolerance
@@ -97,6 +99,8 @@ def solve_block(task: parallel.BlockTask, progress: Progress = None):
     res = bounds.compute_bounds(graph, task.center, options=task.options, progress=progress)
     seconds = time.perf_counter() - t0
     row = block_row(graph, task.index, task.name, widths(graph, res), task.options.epsilon, seconds)
+    if "rounding_failure" in res.stats:                     # float32-probabilistic
+        row["rounding_failure"] = res.stats["rounding_failure"]
     return row, as_numpy(res.lower), as_numpy(res.upper)
 
 

@@ -47,6 +47,8 @@ def run_full(graph: Graph, x: torch.Tensor, options: BoundOptions, spec: RunSpec
         "seconds": t_bounds,
         "nodes": [{k: r[k] for k in FULL_NODE_KEYS + (GROWTH_KEYS if layers else ())} for r in records],
     }
+    if "rounding_failure" in res.stats:                     # float32-probabilistic
+        body["rounding_failure"] = res.stats["rounding_failure"]
     verdicts = []
     if spec.tolerance is not None:
         ok = not w.degraded and w.max <= spec.tolerance

@@ -9,6 +9,9 @@ For every case (a block on its nominal input +- eps, or the whole model):
   ``gamma.attack.attack_range``) and the certified / attacked ratio: of the max widths, and the
   median and worst per attacked output;
 * rounding floor: the certified max width at epsilon 0 (default mode);
+* the same two (certified and floor) with ``--arithmetic float32-probabilistic`` (the dot products'
+  rounding under a probabilistic model, :mod:`gamma.bounds.fpprob`), per output over the same
+  attacked outputs;
 * float32 difference: the largest |float32 forward - float64 forward| at the centre (gamma's own
   float32 forward of the same graph, the engine whose rounding the floor bounds);
 * seconds per bound.
@@ -46,6 +49,7 @@ from gamma import Model  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 
 T = 8
+PROB = "float32-probabilistic"
 SECTION = "10. Bounds through depth"
 WHOLE_SECTION = "13. Bounds through depth, whole model"
 
@@ -84,7 +88,10 @@ def bounds(path, scope, eps):
     """Certified bounds of one case: default mode, real arithmetic, the rounding floor."""
     g, x = graph_and_point(path, scope)
     out = {}
-    for key, e, arith in (("f32", eps, "float32"), ("real", eps, "real"), ("floor", 0.0, "float32")):
+    for key, e, arith in (("f32", eps, "float32"), ("real", eps, "real"), ("floor", 0.0, "float32"),
+                          ("prob", eps, PROB), ("prob_floor", 0.0, PROB)):
+        if arith == PROB and OLD:                 # another revision: it may not have the mode
+            continue
         t0 = time.perf_counter()
         r = compute_bounds(g, x, e, "crown", arithmetic=arith, allow_zero=True)
         out[key] = {"lower": r.lower.reshape(-1).tolist(), "upper": r.upper.reshape(-1).tolist(),
@@ -133,16 +140,19 @@ def measure(label, path, scope, eps, src):
     t = a.targets
     per = (w[t] / aw[t].clamp_min(1e-300)).tolist()
     per_real = (_w(new["real"])[t] / aw[t].clamp_min(1e-300)).tolist()
+    per_prob = (_w(new["prob"])[t] / aw[t].clamp_min(1e-300)).tolist()
     row = {"model": label, "scope": scope or "whole", "eps": eps, "attacked": float(aw.max()),
            "violations": a.violations, "f32_diff": f32_difference(path, scope)}
     for tag, res in (("new", new), ("old", old)):
         if res is None:
             continue
-        for key in ("f32", "real", "floor"):
-            row[f"{tag}_{key}"] = float(_w(res[key]).max())
-            row[f"{tag}_{key}_s"] = res[key]["seconds"]
+        for key in ("f32", "real", "floor", "prob", "prob_floor"):
+            if key in res:
+                row[f"{tag}_{key}"] = float(_w(res[key]).max())
+                row[f"{tag}_{key}_s"] = res[key]["seconds"]
     row["median_ratio"], row["worst_ratio"] = statistics.median(per), max(per)
     row["median_ratio_real"], row["worst_ratio_real"] = statistics.median(per_real), max(per_real)
+    row["median_ratio_prob"], row["worst_ratio_prob"] = statistics.median(per_prob), max(per_prob)
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -151,15 +161,17 @@ def _g(v):
     return "inf" if v == float("inf") else f"{v:.3g}"
 
 
-def _secs(r, tag) -> str:
-    return " / ".join(f"{r[f'{tag}_{k}_s']:.1f}" for k in ("f32", "real", "floor"))
+def _secs(r, tag, keys=("f32", "real", "floor")) -> str:
+    return " / ".join(f"{r[f'{tag}_{k}_s']:.1f}" for k in keys)
 
 
 def table(rows, rev) -> list[str]:
     have_old = any("old_f32" in r for r in rows)
     head = ["model", "scope", "eps", "attacked max width", "certified (float32)", "ratio", "median / worst per output",
             "certified (real)", "ratio (real)", "rounding floor", "float32 diff", "floor / diff",
-            "seconds (float32 / real / floor)"]
+            "seconds (float32 / real / floor)", "certified (probabilistic)", "ratio (probabilistic)",
+            "median / worst per output (probabilistic)", "rounding floor (probabilistic)",
+            "floor (probabilistic) / diff", "seconds (probabilistic / its floor)"]
     if have_old:
         head[4:4] = [f"certified (float32) at {rev}"]
         head += [f"rounding floor at {rev}", f"seconds at {rev}"]
@@ -171,7 +183,10 @@ def table(rows, rev) -> list[str]:
         cells += [_g(r["new_f32"]), _g(r["new_f32"] / r["attacked"]),
                   f"{r['median_ratio']:.3g} / {r['worst_ratio']:.3g}",
                   _g(r["new_real"]), _g(r["new_real"] / r["attacked"]), _g(r["new_floor"]), _g(r["f32_diff"]),
-                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new")]
+                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new"),
+                  _g(r["new_prob"]), _g(r["new_prob"] / r["attacked"]),
+                  f"{r['median_ratio_prob']:.3g} / {r['worst_ratio_prob']:.3g}", _g(r["new_prob_floor"]),
+                  _g(r["new_prob_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new", ("prob", "prob_floor"))]
         if have_old:
             cells += [_g(r["old_floor"]), _secs(r, "old")]
         lines.append("| " + " | ".join(cells) + " |")

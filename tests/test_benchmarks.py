@@ -138,11 +138,16 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
     depth = _module("depth")
     row = {"model": "M", "scope": "whole", "eps": 1e-3, "attacked": 0.5, "f32_diff": 1e-6,
            "new_f32": float("inf"), "new_real": 2.0, "new_floor": 0.01, "new_f32_s": 51.24, "new_real_s": 140.26,
-           "new_floor_s": 71.9, "median_ratio": float("inf"), "worst_ratio": float("inf")}
+           "new_floor_s": 71.9, "median_ratio": float("inf"), "worst_ratio": float("inf"),
+           "new_prob": 1.0, "new_prob_floor": 0.002, "new_prob_s": 60.04, "new_prob_floor_s": 70.0,
+           "median_ratio_prob": 1.5, "worst_ratio_prob": 2.25}
     alone = depth.table([row], None)
-    assert alone[0].endswith("| seconds (float32 / real / floor) |")
-    assert alone[2].split(" | ")[4:6] == ["inf", "inf"] and alone[2].endswith("| 51.2 / 140.3 / 71.9 |")
+    assert alone[0].endswith("| seconds (float32 / real / floor) | certified (probabilistic) | ratio (probabilistic) "
+                             "| median / worst per output (probabilistic) | rounding floor (probabilistic) "
+                             "| floor (probabilistic) / diff | seconds (probabilistic / its floor) |")
+    assert alone[2].split(" | ")[4:6] == ["inf", "inf"]
+    assert alone[2].endswith("| 51.2 / 140.3 / 71.9 | 1 | 2 | 1.5 / 2.25 | 0.002 | 2e+03 | 60.0 / 70.0 |")
     old = dict(row, old_f32=float("inf"), old_floor=0.02, old_f32_s=276.7, old_real_s=200.66, old_floor_s=251.6)
     both = depth.table([old], "abc123")
     assert both[0].endswith("| rounding floor at abc123 | seconds at abc123 |")
-    assert both[2].endswith("| 51.2 / 140.3 / 71.9 | 0.02 | 276.7 / 200.7 / 251.6 |")
+    assert both[2].endswith("| 60.0 / 70.0 | 0.02 | 276.7 / 200.7 / 251.6 |")

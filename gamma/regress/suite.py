@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GammaError
-from ..options import INTERMEDIATE, METHODS, check_epsilon
+from ..options import ARITHMETIC, INTERMEDIATE, METHODS, check_epsilon
 
 try:
     import tomllib
@@ -29,7 +29,7 @@ MIN_MEMORY_MB = 64.0     # a memory growth below this never regresses
 FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION", "UNSOUND")
 _KEYS = {"name", "model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks",
          "output", "track", "tolerance", "time_factor", "memory_factor", "min_seconds", "samples",
-         "attack_steps", "intermediate"}
+         "attack_steps", "intermediate", "arithmetic"}
 CONFIG_KEYS = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output",
            "intermediate")
 
@@ -49,6 +49,7 @@ class Case:
     blocks: Any = None
     output: str = "hidden"
     intermediate: str = "crown"         # crown / alpha: how intermediate bounds are computed (crown, cut, ibp)
+    arithmetic: str = "float32"         # what the bounds hold for (gamma.options.ARITHMETIC)
     tolerance: float = 0.01
     time_factor: float = 3.0
     memory_factor: float = 2.0
@@ -59,8 +60,10 @@ class Case:
 
     def config(self) -> dict:
         """What defines the question asked: two records answer the same one iff these agree."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((k, getattr(self, k)) for k in CONFIG_KEYS)}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in CONFIG_KEYS)}
+        if self.arithmetic != "float32":            # (records from before the key: the default)
+            out["arithmetic"] = self.arithmetic
+        return out
 
 
 def load_suite(path: str, names: Optional[list[str]] = None) -> list[Case]:
@@ -116,6 +119,10 @@ def _case(path: str, i: int, t: dict) -> Case:
             raise GammaError(f"{where}: unknown intermediate '{t['intermediate']}' "
                              f"(choose from {', '.join(INTERMEDIATE)})")
         kw["intermediate"] = t["intermediate"]
+    if "arithmetic" in t:
+        if t["arithmetic"] not in ARITHMETIC:
+            raise GammaError(f"{where}: unknown arithmetic '{t['arithmetic']}' (choose from {', '.join(ARITHMETIC)})")
+        kw["arithmetic"] = t["arithmetic"]
     for k in ("tolerance", "time_factor", "memory_factor", "min_seconds"):
         if k in t:
             v = t[k]

@@ -217,15 +217,17 @@ def _margin_charge(ctx: Context, node, cot) -> Optional[Tensor]:
 
 
 def _pool(ctx: Context, node, cot, sym: bool, pool):
-    """Add the node's pooled dot margins (:mod:`.fpprob`) to ``pool`` = [sum |lam| E, sum lam^2 v]
-    per row (2S rows: a shared cotangent's charge is the same for both halves)."""
+    """The node's pooled dot margins (:mod:`.fpprob`) added to ``pool`` = [sum |lam| E, sum lam^2 v]
+    per row (2S rows: a shared cotangent's charge is the same for both halves), and what its
+    deterministic part costs (as :func:`_margin_charge`), from one ``|lam|``."""
     sp = ctx.pooled[node.name]
-    d, v = cot.abs_dot(sp.dot), cot.sq_dot(sp.var)
+    a = cot.like(cot.t.abs())
+    d, v = a.dot(sp.dot), a.like(a.t * a.t).dot(sp.var)
+    det = ctx.margin(node, sp.det)
+    m = None if det is None else (a.dot(det) if bool(torch.isfinite(det).all()) else _margin_dot(cot, det))
     if sym:
         d, v = torch.cat([d, d]), torch.cat([v, v])
-    if pool is None:
-        return [d, v]
-    return [pool[0] + d, pool[1] + v]
+    return ([d, v] if pool is None else [pool[0] + d, pool[1] + v]), m
 
 
 def _pooled_charge(ctx: Context, bias: Tensor, pool, trace) -> Tensor:
@@ -310,11 +312,8 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         if isinstance(lam, Tensor) and not lam.is_contiguous():
             lam = lam.contiguous()          # one copy here, not one per row-wise dot (reshape) below
         cot = rows.layout(lam)
-        sp = ctx.pooled.get(node.name)
-        if sp is not None:
-            pool = _pool(ctx, node, cot, sym, pool)
-            m = ctx.margin(node, sp.det)
-            m = None if m is None else _margin_dot(cot, m)
+        if node.name in ctx.pooled:
+            pool, m = _pool(ctx, node, cot, sym, pool)
         else:
             m = _margin_charge(ctx, node, cot)
         if m is not None:

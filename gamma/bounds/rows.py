@@ -16,7 +16,7 @@ work follow S x n instead of S x T x n.
 
 Both layouts answer ``take`` (a node-shaped constant as each row sees it),
 ``like`` (another cotangent of the same layout), ``view`` (the node with its
-per-token parameters taken), ``dot`` / ``abs_dot`` / ``sq_dot`` (per-row sums against a
+per-token parameters taken), ``dot`` / ``abs_dot`` (per-row sums against a
 constant), ``vjp`` (a linearisation's transpose) and ``sparse`` (whether a
 linear transpose should skip all-zero rows), each with the tensor ops that
 layout has always used, so one rule body serves both
@@ -76,10 +76,6 @@ class Dense:
     def abs_dot(self, c) -> Tensor:
         return row_dot(self.t.abs(), torch.as_tensor(c, dtype=self.t.dtype, device=self.t.device))
 
-    def sq_dot(self, c) -> Tensor:
-        """(S,): sum over each row of ``t^2 * c``."""
-        return row_dot(self.t * self.t, torch.as_tensor(c, dtype=self.t.dtype, device=self.t.device))
-
     def shared_abs_dot(self, v: Tensor, s: Tensor) -> Tensor:
         """(S,): ``sum_rows s_row |sum_i t_i v_i|`` per cotangent row; rows are the node's
         last axis, ``s`` (.., 1) one factor per row of the node."""
@@ -136,9 +132,6 @@ class Rows:
 
     def abs_dot(self, c) -> Tensor:
         return self.like(self.t.abs()).dot(c)
-
-    def sq_dot(self, c) -> Tensor:
-        return self.like(self.t * self.t).dot(c)
 
     def shared_abs_dot(self, v: Tensor, s: Tensor) -> Tensor:
         """As :meth:`Dense.shared_abs_dot`, each row at its token."""

@@ -86,6 +86,9 @@ def test_shipped_suites_parse():
     assert {c.name for c in quick} <= set(base)
     for c in quick:
         assert base[c.name]["config"] == c.config() and base[c.name]["soundness"]["violations"] == 0
+    prob = next(c for c in quick if c.arithmetic == "float32-probabilistic")
+    assert prob.config()["arithmetic"] == "float32-probabilistic"
+    assert "arithmetic" not in next(c for c in quick if c.name == "tiny-qwen3-crown-full").config()
 
 
 @pytest.mark.parametrize("body, message", [
@@ -99,6 +102,8 @@ def test_shipped_suites_parse():
     ('name="a"\nmethod="ibp"\nepsilon=1e-3\nmode="full"', "'model' is required"),
     ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nintermediate="half"',
      "unknown intermediate 'half' (choose from crown, cut, ibp)"),
+    ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\narithmetic="float16"',
+     "unknown arithmetic 'float16' (choose from float32, float32-probabilistic, real)"),
 ])
 def test_suite_errors_name_the_case_and_key(tmp_path, body, message):
     p = tmp_path / "s.toml"

@@ -111,7 +111,8 @@ def _run_cases(args, cases: list[R.Case], cache: str, history: Optional[str]) ->
     out = {}
     for i, case in enumerate(cases, 1):
         tag = f"[{i}/{len(cases)}] {case.name}"
-        _say(args, f"{tag}: {case.method}, {case.mode.replace('_', '-')}, eps {case.epsilon:g}, {case.model}")
+        arith = "" if case.arithmetic == "float32" else f", arithmetic {case.arithmetic}"
+        _say(args, f"{tag}: {case.method}, {case.mode.replace('_', '-')}, eps {case.epsilon:g}{arith}, {case.model}")
         rec = R.run_case(case, models, prov, run_id)
         if history:
             R.append_record(history, rec)

@@ -27,7 +27,7 @@ from .errors import GammaError
 METHODS = ("ibp", "crown", "alpha", "zonotope")
 INTERMEDIATE = ("crown", "cut", "ibp")
 # what the bounds contain: "float32" every output of a float32 engine (rounding margins at every
-# node, the default); "float32-probabilistic" the same with the dot products' rounding under a
+# node, the default); "float32-probabilistic" the same with the rounding of dot products and norms' sums under a
 # probabilistic model (gamma.bounds.fpprob: independent mean-zero rounding errors, a failure probability
 # reported); "real" the real-valued function only, as auto_LiRPA / alpha-beta-CROWN bound it
 ARITHMETIC = ("float32", "float32-probabilistic", "real")

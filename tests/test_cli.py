@@ -284,8 +284,8 @@ def test_verify_probabilistic_arithmetic_said(capsys, llama_dir, mode):
     rc, out, err = main(capsys, *args)
     assert rc == 0, err
     p = f"{d['rounding_failure']:.1e}"
-    assert out.splitlines()[2] == ("bounds   hold for float32 engines with the dot products' rounding under a "
-                                   "probabilistic model (--arithmetic float32-probabilistic: independent mean-zero "
+    assert out.splitlines()[2] == ("bounds   hold for float32 engines with the rounding of dot products and of "
+                                   "norms' sums under a probabilistic model (--arithmetic float32-probabilistic: independent mean-zero "
                                    f"rounding errors, any summation order); under it they fail with probability <= {p}; "
                                    "the other ops' rounding as in the default mode")
 

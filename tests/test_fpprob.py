@@ -1,4 +1,4 @@
-"""--arithmetic float32-probabilistic (gamma.bounds.fpprob): the dot products' rounding
+"""--arithmetic float32-probabilistic (gamma.bounds.fpprob): the dot products' (and norms' sums') rounding
 under a probabilistic model, pooled per CROWN row.  Hand cases for a node's split and
 for the pooled charge, the model's scale against float32 sums in several orders, never
 wider than the default mode at any node, and sound (samples + PGD against float32 and
@@ -178,3 +178,21 @@ def test_floor_of_a_deep_stack_shrinks():
     y32 = evaluate(as_dtype(g, torch.float32), x0.float()).double()
     assert bool(((prob.lower <= y32) & (y32 <= prob.upper)).all())
     assert prob.stats["rounding_failure"] < 1e-15
+
+
+def test_norm_sums_by_hand_and_against_float32_sums():
+    """A norm's row sums: 10 U sqrt(n) (1 + gamma_n) where that is below gamma_n (n = 388:
+    about 197 U against 388 U), gamma_n where not (n = 16: 16 U against 40 U); float32 sums of
+    squares of 384 random terms in four orders stay within it, at most 3 U sqrt(n) of S."""
+    g388 = float(fp.gamma(388))
+    assert fpprob.norm_sums(388) == pytest.approx(10 * U * math.sqrt(388) * (1 + g388), rel=1e-9)
+    assert fpprob.norm_sums(388) / U == pytest.approx(197.0, abs=0.1) and g388 / U == pytest.approx(388.0, abs=0.1)
+    assert fpprob.norm_sums(16) == float(fp.gamma(16))
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((256, 384)) * 10 ** rng.uniform(-1, 1, (256, 1))).astype(np.float32)
+    sq = (x * x).astype(np.float32)                     # the squares, rounded as an engine rounds them
+    exact = (x.astype(np.float64) ** 2).sum(1)
+    for got in _orders(sq):
+        err = np.abs(got.astype(np.float64) - exact)
+        assert bool((err <= fpprob.norm_sums(384) * exact).all())
+        assert bool((err <= 3 * U * math.sqrt(384) * exact).all())

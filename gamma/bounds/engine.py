@@ -144,7 +144,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
     computes (an outward margin for its rounding at every node).
-    ``"float32-probabilistic"``: the same, with the dot products' rounding under
+    ``"float32-probabilistic"``: the same, with the rounding of dot products and norms' sums under
     a probabilistic model (:mod:`.fpprob`; ``stats["rounding_failure"]`` bounds
     the probability that the bounds fail under it).  ``"real"``:
     they contain the real-valued function only (no margins; gamma's own
@@ -219,8 +219,12 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         iv = refined_interval(ctx, node, ins) if refine else None
         if iv is None:
             iv = ibp_node(node, *ins)
-        m, modes = margin_split(node, ins, iv, margins) if arithmetic != "real" else (None, None)
-        if arithmetic == "float32-probabilistic" and m is not None:
+        prob = arithmetic == "float32-probabilistic"
+        m, modes = (margin_split(node, ins, iv, margins, fpprob.norm_sums if prob else None)
+                    if arithmetic != "real" else (None, None))
+        if prob and modes is not None:
+            ctx.events += 2 * iv.lower.numel()          # (at most) two sums per element's row, one event each
+        if prob and m is not None:
             sp = fpprob.split(node, ins, iv, margins)
             if sp is not None and sp.finite():
                 m = torch.minimum(m, sp.elementwise())      # each bound holds (the model's per element)

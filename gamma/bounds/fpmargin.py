@@ -195,7 +195,7 @@ class CommonModes(NamedTuple):
             for vc, vr, s in self.modes)
 
 
-def norm_modes(node, ins, out) -> CommonModes:
+def norm_modes(node, ins, out, sums=None) -> CommonModes:
     """The norm's float32 margin as :class:`CommonModes` (hedged like the other
     norm margins).  The row's inverse scale is computed once: ``r' = r (1 + t)``
     with ``|t| <= rel_s``, a shared error ``t n_i`` of every normalised value, so
@@ -203,7 +203,7 @@ def norm_modes(node, ins, out) -> CommonModes:
     with ``|e| <= e_mu``, a shared ``-e r w_i`` in the output (``|e r| <= e_mu
     s_hi``).  What is left per element: the centring's own rounding, the two
     products and the bias add, and the cross terms of the shared errors."""
-    parts = _norm(node, ins, out)
+    parts = _norm(node, ins, out, sums)
     return CommonModes(HEDGE * parts.elem, tuple((vc, vr, HEDGE * s) for vc, vr, s in parts.modes))
 
 
@@ -211,9 +211,12 @@ def _norm_margin(node, ins, out):
     return _norm(node, ins, out).total()
 
 
-def _norm(node, ins, out) -> CommonModes:
+def _norm(node, ins, out, sums=None) -> CommonModes:
     """LayerNorm / RMSNorm evaluated as mean, centre, mean of squares (or
-    E[x^2] - E[x]^2), rsqrt, two products and a bias add."""
+    E[x^2] - E[x]^2), rsqrt, two products and a bias add.  ``sums(n)``: the
+    relative error bound of a row's sum of n terms (relative to the sum of their
+    absolute values) and its division; ``fp.gamma`` (any order, no assumption)
+    when None."""
     x = ins[0]
     centered = node.op == "layernorm"
     d = x.lower.shape[-1]
@@ -222,7 +225,7 @@ def _norm(node, ins, out) -> CommonModes:
     stats = out.stats if out.stats is not None else norm_stats(x, eps, centered)
     (nl, nu), (sl, su), (vl, vh), (cl, cu) = stats
     xa = x.abs_max()
-    g = fp.gamma(d + 4)
+    g = fp.gamma(d + 4) if sums is None else sums(d + 4)
     c_abs = torch.maximum(cl.abs(), cu.abs())
     if centered:
         e_mu = g * xa.mean(-1, keepdim=True)
@@ -311,10 +314,10 @@ def margin(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None
     return HEDGE * m if node.op in HEDGED else m
 
 
-def margin_split(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None):
+def margin_split(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None, sums=None):
     """``(margin, CommonModes or None)``: the norms' margin also as its split
-    (:func:`norm_modes`), whose total the margin is."""
+    (:func:`norm_modes`, with ``sums`` as there), whose total the margin is."""
     if node.op in ("layernorm", "rmsnorm"):
-        parts = norm_modes(node, ins, out)
+        parts = norm_modes(node, ins, out, sums)
         return parts.total(), parts
     return margin(node, ins, out, prev), None

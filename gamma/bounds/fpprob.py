@@ -34,10 +34,16 @@ probability per element).  Every bound so obtained is one event; the union
 bound over all of them, ``2 N exp(-LAMBDA^2 / 2)``, is reported with the
 bounds (:func:`failure`).
 
+A norm's two row sums (its mean and its mean of squares, either variance
+formula) are sums of basic operations too: their relative error bound
+``gamma_n`` becomes ``LAMBDA U sqrt(n)`` (:func:`norm_sums`, one event per row and
+sum), about half for n = 384-576; the rest of the norm's margin (its rsqrt, the
+hedge for the engine's variance algorithm) stays as in the default mode.
+
 Left deterministic, as in the default mode: the library functions (GELU,
-SiLU, exp), softmax, the norms, adds, products of two activations'
-elements outside a dot product, underflow, weights a float32 engine rounds on
-load, and the error of gamma's own float32 products.
+SiLU, exp), softmax, the norms' rsqrt and products, adds, products of two
+activations' elements outside a dot product, underflow, weights a float32
+engine rounds on load, and the error of gamma's own float32 products.
 """
 
 from __future__ import annotations
@@ -138,6 +144,16 @@ def split(node, ins, out, prev: Optional[dict] = None) -> Optional[Split]:
     prev: the margins so far), or None for an op the model leaves deterministic."""
     rule = SPLIT.get(node.op)
     return None if rule is None else rule(node, ins, out, prev)
+
+
+def norm_sums(n: int) -> float:
+    """Relative error bound of a norm's row sum of n terms (its mean, its mean of squares) under
+    the model, relative to the sum of the terms' sizes: each of the sum's roundings (a square, an
+    addition, the division) has a coefficient of at most ``S (1 + gamma_n)``, so the error is within
+    ``LAMBDA U sqrt(n) S (1 + gamma_n)`` but with probability ``2 exp(-LAMBDA^2 / 2)`` per row and sum
+    (one event each); never above the deterministic ``gamma_n``."""
+    g = float(fp.gamma(n))
+    return min(g, LAMBDA * U * math.sqrt(n) * (1 + g) * _F64)
 
 
 def pooled(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
                    help="bounds of intermediate nodes for crown/alpha: crown (default), cut (CROWN back to the nearest normalised residual and attention@V by the half-sum product relaxation: cheaper, looser) or ibp")
     s.add_argument("--arithmetic", choices=ARITHMETIC, default="float32",
                    help="float32 (default): bounds hold for any float32 engine, rounding included; "
-                        "float32-probabilistic: the same with the dot products' rounding errors taken as independent "
+                        "float32-probabilistic: the same with the rounding errors of dot products and norms' sums taken as independent "
                         "and mean-zero (far tighter on deep models; the failure probability under that model is "
                         "reported); real: bounds of the real-valued function only, as auto_LiRPA computes them (not a "
                         "float32 guarantee)")
@@ -101,10 +101,10 @@ def run(args) -> int:
 ARITHMETIC_LINE = {
     "float32": "bounds   hold for every float32 engine: its rounding included, in any summation order, no "
                "assumption about the engine",
-    "float32-probabilistic": "bounds   hold for float32 engines with the dot products' rounding under a probabilistic "
-                             "model (--arithmetic float32-probabilistic: independent mean-zero rounding errors, any "
-                             "summation order); under it they fail with probability <= {p:.1e}; the other ops' "
-                             "rounding as in the default mode",
+    "float32-probabilistic": "bounds   hold for float32 engines with the rounding of dot products and of norms' sums "
+                             "under a probabilistic model (--arithmetic float32-probabilistic: independent "
+                             "mean-zero rounding errors, any summation order); under it they fail with probability "
+                             "<= {p:.1e}; the other ops' rounding as in the default mode",
     "real": "bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
             "not a guarantee for a float32 engine",
 }

@@ -115,14 +115,14 @@ def _linear(node, ins, out, prev):
 def _conv1d(node, ins, out, prev):
     x = ins[0].abs_max()
     w, b = node.params["weight"], node.params.get("bias")
+    if _rounded(w) is not None or (b is not None and _rounded(b) is not None):
+        return None                            # not float32-valued: left to the default margin
     k = w.shape[1] * w.shape[2] + 1
     up = 1.0 + (k + 2) * 2.0 ** -53          # float64 sums of k non-negative terms, rounded up
     conv = lambda a, c: ops._conv1d(a, c, None, node.params["stride"], node.params["padding"]) * up
     s, sq = conv(x, w.abs()), conv(_sq(x), _sq(w))
     if b is not None:
         s, sq = s + b.abs()[:, None], sq + _sq(b)[:, None]
-    if _rounded(w) is not None or (b is not None and _rounded(b) is not None):
-        return None                            # not float32-valued: the default margin (fpmargin._conv1d) has no term for it
     return _parts(s, sq, out.abs_max(), k, torch.zeros_like(s))
 
 

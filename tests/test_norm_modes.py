@@ -186,3 +186,65 @@ def test_token_compact_and_dense_walks_charge_the_shared_errors_alike():
     b = compute_bounds(g, x0, 1e-3, "crown", tunings=Tunings(compact_rows=False))
     assert torch.allclose(a.lower, b.lower, rtol=1e-12, atol=1e-15)
     assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-15)
+
+
+def _f32_sum(v: np.ndarray, how: str, rng) -> np.float32:
+    """A float32 sum of v in one of the orders an engine may use."""
+    if how == "pairwise":
+        while len(v) > 1:
+            if len(v) % 2:
+                v = np.append(v, np.float32(0))
+            v = (v[0::2] + v[1::2]).astype(np.float32)
+        return np.float32(v[0])
+    order = {"forward": np.arange(len(v)), "reverse": np.arange(len(v))[::-1],
+             "random": rng.permutation(len(v)), "largest first": np.argsort(-np.abs(v))}[how]
+    acc = np.float32(0)
+    for i in order:
+        acc = np.float32(acc + v[i])
+    return acc
+
+
+@pytest.mark.parametrize("d", [64, 384])
+def test_one_pass_variance_error_bound_holds_for_float32_engines(d):
+    """``fpmargin.one_pass_variance_error`` (unhedged) against float32 E[x^2] - E[x]^2
+    variances: rows of mean 0, 3, -30 and 300 with unit spread, points of a box around
+    them (centre, corners, random), the two sums in five orders (forward, reverse, random,
+    pairwise, largest first), the mean squared by a float32 product or an FMA, with and
+    without a clamp at zero.  Every float32 ``var + eps`` is within the bound of the real
+    one.  The bound is never above the former ``2 g (A + mean|x|^2) + U (vh + eps)``, and on
+    the zero-mean row it is about half of it (the mean's part scales with |mean|)."""
+    gen = torch.Generator().manual_seed(41)
+    rng = np.random.default_rng(41)
+    offsets = torch.tensor([0.0, 3.0, -30.0, 300.0], dtype=torch.float64)[:, None]
+    c = (torch.randn(4, d, generator=gen, dtype=torch.float64) + offsets).float().double()
+    c = c - (c.mean(-1, keepdim=True) - offsets) * (offsets == 0)            # the first row's mean ~ 0
+    c = c.float().double()
+    eps, U = 1e-5, fpmargin.U
+    g = fpmargin.fp.gamma(d + 4)
+    # float32 points (what an engine reads) around c, the box their elementwise hull
+    pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
+                 for _ in range(4)]
+    x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
+    pts += [x.lower, x.upper]
+    vh = torch.stack([((p - p.mean(-1, keepdim=True)) ** 2).mean(-1) for p in pts]).amax(0)[:, None] * (1 + 1e-6)
+    bound = fpmargin.one_pass_variance_error(x, vh, eps, g)
+    xa = x.abs_max()
+    old = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
+    assert (bound <= old).all() and bound[0] < 0.55 * old[0]
+    worst = torch.zeros(4, 1, dtype=torch.float64)
+    for p in pts:
+        assert (p >= x.lower).all() and (p <= x.upper).all()
+        v_real = ((p - p.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + eps
+        assert (v_real - eps <= vh).all()
+        for r, row in enumerate(p.float().numpy()):
+            for how in ("forward", "reverse", "random", "pairwise", "largest first"):
+                mu = np.float32(_f32_sum(row, how, rng) / np.float32(d))
+                msq = np.float32(_f32_sum((row * row).astype(np.float32), how, rng) / np.float32(d))
+                for fma in (False, True):
+                    var = np.float32(float(msq) - float(mu) * float(mu)) if fma else np.float32(msq - np.float32(mu * mu))
+                    for clamp in (False, True):
+                        v32 = np.float32(max(var, np.float32(0)) if clamp else var)
+                        err = abs(float(np.float32(v32 + np.float32(eps))) - float(v_real[r]))
+                        worst[r] = max(float(worst[r]), err)
+    assert (worst <= bound).all()
+    assert (worst[3] > 0.01 * bound[3]).all()          # the large-mean row: the bound is not vacuous there

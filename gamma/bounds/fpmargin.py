@@ -241,8 +241,7 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     a_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True)
     q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
     if centered:
-        e_raw = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
-        q = torch.maximum(q, e_raw / (vl + eps))
+        q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g) / (vl + eps))
     # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
     # q / 2 (which stays finite where the float32 variance may reach zero)
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
@@ -257,6 +256,30 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     if centered:
         modes.append((ws, torch.zeros_like(ws), e_mu * su))                  # e r w
     return CommonModes(elem, tuple(modes))
+
+
+def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g) -> torch.Tensor:
+    """(.., 1): a bound on ``|fl(fl(s2 - fl(s1 s1)) + eps) - (v + eps)|`` over the box ``x``
+    (rows on the last axis), the variance by ``E[x^2] - E[x]^2``: ``s1`` the row mean and ``s2``
+    the row mean of squares, each summed in any order within ``g`` of the sum of its terms'
+    sizes (``|s1' - s1| <= e1 = g mean|x|``, ``|s2' - s2| <= g A``, ``A = mean(x^2)``).
+
+    The product: ``|fl(s1' s1') - s1^2| <= E_m = e1 (2 S1 + e1) + U (S1 + e1)^2`` with
+    ``S1 >= |s1|`` over the box (the mean is monotone in x).  The subtraction and the eps add,
+    one rounding each (eps itself rounded to float32: one more ``U eps``):
+
+        (1 + U)^2 (g A + E_m) + U (2 + U) (vh + eps),
+
+    ``vh`` an upper bound of the variance.  An FMA or a clamp of a negative variance to 0 only
+    removes error.  (Against ``2 g (A + mean|x|^2)``: the same leading ``g A``, and the mean's
+    part scales with ``|s1|`` instead of ``mean|x|``, so rows whose mean is small next to their
+    spread lose most of it.)"""
+    xa = x.abs_max()
+    a = (xa * xa).mean(-1, keepdim=True)
+    s1 = torch.maximum(x.lower.mean(-1, keepdim=True).abs(), x.upper.mean(-1, keepdim=True).abs())
+    e1 = g * xa.mean(-1, keepdim=True)
+    e_m = e1 * (2 * s1 + e1) + U * (s1 + e1) ** 2
+    return ((1 + U) ** 2 * (g * a + e_m) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40)
 
 
 def output_cap(node):

@@ -290,6 +290,32 @@ def test_verify_probabilistic_arithmetic_said(capsys, llama_dir, mode):
                                    "the other ops' rounding as in the default mode")
 
 
+def test_verify_unbounded_output_says_where_and_what_narrows_it(capsys, whisper_dir):
+    """A whole-network bound that is unbounded names the first unbounded node and the options
+    that bound narrower for its arithmetic mode; the JSON carries first_degraded (schema-valid)."""
+    args = ("verify", whisper_dir, "--full", "--method", "ibp", "--seq-len", "2", "--epsilon", "1000")
+    rc, out, err = main(capsys, *args, "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    jsonschema.validate(d, schema())
+    assert d["max_width"] is None and d["has_infinite"]
+    assert d["first_degraded"]["name"] == "layer0.attn_norm" and d["first_degraded"]["reason"] == "infinite"
+    rc, out, err = main(capsys, *args)
+    assert rc == 0, err
+    assert ("unbounded from layer0.attn_norm (layernorm) on: the float32 rounding allowance and the relaxations "
+            "widen each other through depth here; --arithmetic float32-probabilistic (a rounding model; its "
+            "failure probability is reported) or --arithmetic real (no rounding) bound narrower, and so do a "
+            "smaller --epsilon and --block-wise") in out.splitlines()
+    rc, out, err = main(capsys, *args, "--arithmetic", "float32-probabilistic")
+    assert rc == 0, err
+    assert ("unbounded from layer0.attn_norm (layernorm) on: the relaxations widen through depth here; "
+            "--arithmetic real (no rounding), a smaller --epsilon or --block-wise bound narrower") in out.splitlines()
+    rc, out, err = main(capsys, *args, "--arithmetic", "real", "--json")
+    real = json.loads(out)
+    assert rc == 0 and real["max_width"] is not None and not real["has_infinite"] and not real["has_nan"]
+    assert "unbounded" not in main(capsys, *args, "--arithmetic", "real")[1]
+
+
 def test_verify_products_option(capsys, llama_dir):
     """--products half-sum turns the product's polarization off: said in the JSON and the header,
     never tighter than the default; a bad value is one line and exit code 2."""

@@ -157,6 +157,7 @@ def full_lines(r: dict, top: int = 5) -> list[str]:
     lines = _header(r)
     lines.append(f"bounds   max width {num(r['max_width'])}, mean width {num(r['mean_width'])}, "
                  f"range [{num(r['lower_min'])}, {num(r['upper_max'])}]  ({seconds(r['seconds'])}){_flags(r)}")
+    lines += _unbounded_lines(r)
     lines += _full_attack_lines(r.get("attack"))
     if r["mode"] == "layer_by_layer":
         lines += _layer_lines(r)
@@ -170,6 +171,26 @@ def full_lines(r: dict, top: int = 5) -> list[str]:
                 [[n["name"], n["layer_type"], num(n["output_width"]), num(n["mean_width"])] for n in widest],
                 "llrr")]
     return lines + _verdict(r)
+
+
+# what narrows an unbounded whole-network bound, per arithmetic mode (the first that applies)
+NARROWER = {
+    "float32": "the float32 rounding allowance and the relaxations widen each other through depth here; "
+               "--arithmetic float32-probabilistic (a rounding model; its failure probability is reported) "
+               "or --arithmetic real (no rounding) bound narrower, and so do a smaller --epsilon and --block-wise",
+    "float32-probabilistic": "the relaxations widen through depth here; --arithmetic real (no rounding), a smaller "
+                             "--epsilon or --block-wise bound narrower",
+    "real": "the relaxations widen through depth here; a smaller --epsilon or --block-wise bound narrower",
+}
+
+
+def _unbounded_lines(r: dict) -> list[str]:
+    """Where an unbounded (NaN or infinite) output starts and what narrows it."""
+    if not (r.get("has_nan") or r.get("has_infinite")):
+        return []
+    first = next((n for n in r["nodes"] if n["has_nan"] or n["has_infinite"]), None)
+    where = f"from {first['name']} ({first['layer_type']}) on" if first else "at the output"
+    return [f"unbounded {where}: {NARROWER[r.get('arithmetic', 'float32')]}"]
 
 
 def _key(v) -> float:

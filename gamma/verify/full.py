@@ -60,9 +60,9 @@ def run_full(graph: Graph, x: torch.Tensor, options: BoundOptions, spec: RunSpec
                             "total": len(checks)}
         verdicts.append(all(c["proved"] for c in checks))
     body["verdict"] = None if not verdicts else ("verified" if all(verdicts) else "unknown")
+    body["first_degraded"] = first_degraded(records)
     if layers:
         body["block_growth"] = block_growth(graph, ws, records, eps)
-        body["first_degraded"] = first_degraded(records)
     arrays = {"input": as_numpy(x), "lower": as_numpy(lower), "upper": as_numpy(upper),
               "nominal": as_numpy(nominal)}
     body["attack"] = None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gamma.bounds import Tunings, compute_bounds, fpmargin
+from gamma.bounds import Tunings, compute_bounds, fpmargin, fpprob
 from gamma.bounds.interval import Interval
 from gamma.bounds.rows import Dense, Rows
 from gamma.graph import Graph
@@ -205,14 +205,18 @@ def _f32_sum(v: np.ndarray, how: str, rng) -> np.float32:
 
 
 @pytest.mark.parametrize("d", [64, 384])
-def test_one_pass_variance_error_bound_holds_for_float32_engines(d):
+@pytest.mark.parametrize("model", [False, True])
+def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
     """``fpmargin.one_pass_variance_error`` (unhedged) against float32 E[x^2] - E[x]^2
     variances: rows of mean 0, 3, -30 and 300 with unit spread, points of a box around
     them (centre, corners, random), the two sums in five orders (forward, reverse, random,
     pairwise, largest first), the mean squared by a float32 product or an FMA, with and
     without a clamp at zero.  Every float32 ``var + eps`` is within the bound of the real
     one.  The bound is never above the former ``2 g (A + mean|x|^2) + U (vh + eps)``, and on
-    the zero-mean row it is about half of it (the mean's part scales with |mean|)."""
+    the zero-mean row it is about half of it (the mean's part scales with |mean|).  ``model``:
+    the probabilistic mode's form (the sums' relative bound under the model, their errors
+    joined in quadrature), which these float32 sums obey as well, never above the form that
+    adds the two with the same relative bound."""
     gen = torch.Generator().manual_seed(41)
     rng = np.random.default_rng(41)
     offsets = torch.tensor([0.0, 3.0, -30.0, 300.0], dtype=torch.float64)[:, None]
@@ -220,14 +224,16 @@ def test_one_pass_variance_error_bound_holds_for_float32_engines(d):
     c = c - (c.mean(-1, keepdim=True) - offsets) * (offsets == 0)            # the first row's mean ~ 0
     c = c.float().double()
     eps, U = 1e-5, fpmargin.U
-    g = fpmargin.fp.gamma(d + 4)
+    g = fpprob.norm_sums(d + 4) if model else fpmargin.fp.gamma(d + 4)
+    joint = fpprob.norm_sums_model(d + 4) if model else None
     # float32 points (what an engine reads) around c, the box their elementwise hull
     pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
                  for _ in range(4)]
     x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
     pts += [x.lower, x.upper]
     vh = torch.stack([((p - p.mean(-1, keepdim=True)) ** 2).mean(-1) for p in pts]).amax(0)[:, None] * (1 + 1e-6)
-    bound = fpmargin.one_pass_variance_error(x, vh, eps, g)
+    bound = fpmargin.one_pass_variance_error(x, vh, eps, g, joint)
+    assert (bound <= fpmargin.one_pass_variance_error(x, vh, eps, g)).all()
     xa = x.abs_max()
     old = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
     assert (bound <= old).all() and bound[0] < 0.55 * old[0]

@@ -213,10 +213,11 @@ def _norm_margin(node, ins, out):
 
 def _norm(node, ins, out, sums=None) -> CommonModes:
     """LayerNorm / RMSNorm evaluated as mean, centre, mean of squares (or
-    E[x^2] - E[x]^2), rsqrt, two products and a bias add.  ``sums(n)``: the
-    relative error bound of a row's sum of n terms (relative to the sum of their
-    absolute values) and its division; ``fp.gamma`` (any order, no assumption)
-    when None."""
+    E[x^2] - E[x]^2), rsqrt, two products and a bias add.  ``sums``: how a row's
+    sums are charged (:class:`.fpprob.NormSums`: ``relative(n)`` the error bound of a
+    sum of n terms and its division, relative to the sum of the terms' sizes, and
+    ``model(n)`` for two sums' errors taken together); ``fp.gamma`` (any order, no
+    assumption) when None."""
     x = ins[0]
     centered = node.op == "layernorm"
     d = x.lower.shape[-1]
@@ -225,7 +226,7 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     stats = out.stats if out.stats is not None else norm_stats(x, eps, centered)
     (nl, nu), (sl, su), (vl, vh), (cl, cu) = stats
     xa = x.abs_max()
-    g = fp.gamma(d + 4) if sums is None else sums(d + 4)
+    g = fp.gamma(d + 4) if sums is None else sums.relative(d + 4)
     c_abs = torch.maximum(cl.abs(), cu.abs())
     if centered:
         e_mu = g * xa.mean(-1, keepdim=True)
@@ -241,7 +242,8 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     a_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True)
     q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
     if centered:
-        q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g) / (vl + eps))
+        joint = None if sums is None else sums.model(d + 4)
+        q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint) / (vl + eps))
     # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
     # q / 2 (which stays finite where the float32 variance may reach zero)
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
@@ -258,7 +260,8 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     return CommonModes(elem, tuple(modes))
 
 
-def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g) -> torch.Tensor:
+def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g, joint: Optional[float] = None
+                            ) -> torch.Tensor:
     """(.., 1): a bound on ``|fl(fl(s2 - fl(s1 s1)) + eps) - (v + eps)|`` over the box ``x``
     (rows on the last axis), the variance by ``E[x^2] - E[x]^2``: ``s1`` the row mean and ``s2``
     the row mean of squares, each summed in any order within ``g`` of the sum of its terms'
@@ -273,13 +276,23 @@ def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g) -> tor
     ``vh`` an upper bound of the variance.  An FMA or a clamp of a negative variance to 0 only
     removes error.  (Against ``2 g (A + mean|x|^2)``: the same leading ``g A``, and the mean's
     part scales with ``|s1|`` instead of ``mean|x|``, so rows whose mean is small next to their
-    spread lose most of it.)"""
+    spread lose most of it.)
+
+    ``joint`` (the probabilistic mode, :func:`.fpprob.norm_sums_model`): the two sums' errors
+    enter to first order as ``(s2' - s2) - 2 s1 (s1' - s1)``, one martingale over both sums'
+    roundings whose coefficients are at most ``A`` and ``2 S1 mean|x|`` per unit of ``g``, so
+    that part is at most ``joint sqrt(A^2 + (2 S1 mean|x|)^2)`` under the model (one event),
+    and never more than the sum ``g (A + 2 S1 mean|x|)``."""
     xa = x.abs_max()
     a = (xa * xa).mean(-1, keepdim=True)
+    m = xa.mean(-1, keepdim=True)
     s1 = torch.maximum(x.lower.mean(-1, keepdim=True).abs(), x.upper.mean(-1, keepdim=True).abs())
-    e1 = g * xa.mean(-1, keepdim=True)
-    e_m = e1 * (2 * s1 + e1) + U * (s1 + e1) ** 2
-    return ((1 + U) ** 2 * (g * a + e_m) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40)
+    e1 = g * m
+    lin = g * a + 2 * s1 * e1                       # (s2' - s2) - 2 s1 (s1' - s1), any signs
+    if joint is not None:
+        lin = torch.minimum(lin, joint * (a * a + (2 * s1 * m) ** 2).sqrt() * (1 + 2.0 ** -40))
+    e_m = e1 * e1 + U * (s1 + e1) ** 2              # (s1' - s1)^2 and the square's rounding
+    return ((1 + U) ** 2 * (lin + e_m) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40)
 
 
 def output_cap(node):

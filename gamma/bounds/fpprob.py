@@ -37,8 +37,9 @@ bounds (:func:`failure`).
 A norm's two row sums (its mean and its mean of squares, either variance
 formula) are sums of basic operations too: their relative error bound
 ``gamma_n`` becomes ``LAMBDA U sqrt(n)`` (:func:`norm_sums`, one event per row and
-sum), about half for n = 384-576; the rest of the norm's margin (its rsqrt, the
-hedge for the engine's variance algorithm) stays as in the default mode.
+sum), about half for n = 384-576; in the ``E[x^2] - E[x]^2`` variance the two sums'
+errors are joined in quadrature (:class:`NormSums`, one event); the rest of the norm's
+margin (its rsqrt, the hedge for the engine's variance algorithm) stays as in the default mode.
 
 Left deterministic, as in the default mode: the library functions (GELU,
 SiLU, exp), softmax, the norms' rsqrt and products, adds, products of two
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -146,14 +147,31 @@ def split(node, ins, out, prev: Optional[dict] = None) -> Optional[Split]:
     return None if rule is None else rule(node, ins, out, prev)
 
 
+class NormSums(NamedTuple):
+    """How a norm's row sums are charged in this mode (:func:`.fpmargin._norm`): ``relative(n)``
+    the bound of one sum of n terms relative to the sum of their sizes (:func:`norm_sums`), and
+    ``model(n)`` the model's alone (no minimum with ``gamma_n``), for errors of two sums taken
+    together as one martingale (``sqrt`` of the sum of their squared coefficient bounds)."""
+    relative: Callable[[int], float]
+    model: Callable[[int], float]
+
+
+def norm_sums_model(n: int) -> float:
+    """``LAMBDA U sqrt(n) (1 + gamma_n)``: per unit of the terms' sizes, the bound under the model
+    on a sum whose n roundings have coefficients of at most that size each."""
+    return LAMBDA * U * math.sqrt(n) * (1 + float(fp.gamma(n))) * _F64
+
+
 def norm_sums(n: int) -> float:
     """Relative error bound of a norm's row sum of n terms (its mean, its mean of squares) under
     the model, relative to the sum of the terms' sizes: each of the sum's roundings (a square, an
     addition, the division) has a coefficient of at most ``S (1 + gamma_n)``, so the error is within
     ``LAMBDA U sqrt(n) S (1 + gamma_n)`` but with probability ``2 exp(-LAMBDA^2 / 2)`` per row and sum
     (one event each); never above the deterministic ``gamma_n``."""
-    g = float(fp.gamma(n))
-    return min(g, LAMBDA * U * math.sqrt(n) * (1 + g) * _F64)
+    return min(float(fp.gamma(n)), norm_sums_model(n))
+
+
+NORM_SUMS = NormSums(norm_sums, norm_sums_model)
 
 
 def pooled(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,10 @@ def test_norm_sums_by_hand_and_against_float32_sums():
     assert fpprob.norm_sums(388) == pytest.approx(10 * U * math.sqrt(388) * (1 + g388), rel=1e-9)
     assert fpprob.norm_sums(388) / U == pytest.approx(197.0, abs=0.1) and g388 / U == pytest.approx(388.0, abs=0.1)
     assert fpprob.norm_sums(16) == float(fp.gamma(16))
+    # the model's bound alone (for two sums joined in quadrature): no minimum with gamma_n
+    assert fpprob.norm_sums_model(388) == fpprob.norm_sums(388) == fpprob.NORM_SUMS.relative(388)
+    assert fpprob.NORM_SUMS.model(16) == pytest.approx(40 * U * (1 + float(fp.gamma(16))), rel=1e-9)
+    assert fpprob.NORM_SUMS.model(16) > fpprob.NORM_SUMS.relative(16)
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((256, 384)) * 10 ** rng.uniform(-1, 1, (256, 1))).astype(np.float32)
     sq = (x * x).astype(np.float32)                     # the squares, rounded as an engine rounds them

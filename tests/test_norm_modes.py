@@ -150,15 +150,25 @@ def _float32_engines(g, order_seed: int):
     return [engine(o, tp, dv) for o in orders for tp in (True, False) for dv in (True, False)]
 
 
+@pytest.mark.parametrize("arithmetic", ["float32", "float32-probabilistic"])
 @pytest.mark.parametrize("eps", [0.0, 1e-4])
-def test_norm_then_cancelling_linear_contains_float32_engines(eps):
+def test_norm_then_cancelling_linear_contains_float32_engines(eps, arithmetic):
     """A row mean of 200 with unit spread: the mean's rounding is large (gamma_d * 200) but
     shared by the row, and the linear after the norm cancels it.  The bounds charge it
     through the signed sums (below the elementwise charge; the variance's rounding, shared
     too, does not cancel here) and still contain every
-    float32 engine's outputs, in every order and formula (box samples + PGD)."""
-    g, x0 = _ln_then_cancel()
-    r = compute_bounds(g, x0, eps, "crown", allow_zero=True)
+    float32 engine's outputs, in every order and formula (box samples + PGD), in the default
+    mode and in the probabilistic one (whose one-pass variance joins its two sums' errors)."""
+    # d = 384 in the probabilistic mode: there the model's sums (197 U) are below gamma_d (388 U), so
+    # the one-pass variance's quadrature is what binds (checked here); a row mean of 20 keeps its q below 1
+    g, x0 = _ln_then_cancel(d=384, offset=20.0) if arithmetic == "float32-probabilistic" else _ln_then_cancel()
+    if arithmetic == "float32-probabilistic":
+        xi = Interval(x0 - eps, x0 + eps)
+        vh = ((x0 - x0.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) * 2
+        d = x0.shape[-1]
+        joint = fpmargin.one_pass_variance_error(xi, vh, 1e-5, fpprob.norm_sums(d + 4), fpprob.norm_sums_model(d + 4))
+        assert (joint < 0.8 * fpmargin.one_pass_variance_error(xi, vh, 1e-5, fpprob.norm_sums(d + 4))).all()
+    r = compute_bounds(g, x0, eps, "crown", allow_zero=True, arithmetic=arithmetic)
     assert torch.isfinite(r.width()).all()
     real = compute_bounds(g, x0, eps, "crown", arithmetic="real", allow_zero=True)
     ln = r.nodes["n"]

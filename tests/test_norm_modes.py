@@ -226,7 +226,8 @@ def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
     the zero-mean row it is about half of it (the mean's part scales with |mean|).  ``model``:
     the probabilistic mode's form (the sums' relative bound under the model, their errors
     joined in quadrature), which these float32 sums obey as well, never above the form that
-    adds the two with the same relative bound."""
+    adds the two with the same relative bound.  Both with each sum's error also bounded from its
+    terms' sorted sizes (any summation tree, gamma.bounds.fpsum), never above the form without."""
     gen = torch.Generator().manual_seed(41)
     rng = np.random.default_rng(41)
     offsets = torch.tensor([0.0, 3.0, -30.0, 300.0], dtype=torch.float64)[:, None]
@@ -242,8 +243,12 @@ def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
     x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
     pts += [x.lower, x.upper]
     vh = torch.stack([((p - p.mean(-1, keepdim=True)) ** 2).mean(-1) for p in pts]).amax(0)[:, None] * (1 + 1e-6)
-    bound = fpmargin.one_pass_variance_error(x, vh, eps, g, joint)
-    assert (bound <= fpmargin.one_pass_variance_error(x, vh, eps, g)).all()
+    plain = fpmargin.one_pass_variance_error(x, vh, eps, g, joint)
+    assert (plain <= fpmargin.one_pass_variance_error(x, vh, eps, g)).all()
+    # each sum's error also from its terms' sizes in any summation tree (gamma.bounds.fpsum)
+    tree, coef = (fpprob.norm_sum_tree, fpprob.norm_sum_coef) if model else (fpmargin.fpsum.tree_error, None)
+    bound = fpmargin.one_pass_variance_error(x, vh, eps, g, joint, tree, coef)
+    assert (bound <= plain).all() and (bound < 0.9 * plain).any()
     xa = x.abs_max()
     old = 2 * g * ((xa * xa).mean(-1, keepdim=True) + xa.mean(-1, keepdim=True) ** 2) + U * (vh + eps)
     assert (bound <= old).all() and bound[0] < 0.55 * old[0]

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .. import ops
 from ..float32 import is_exact32
-from . import fp
+from . import fp, fpsum
 from .interval import Interval
 from .norm import norm_stats
 
@@ -227,9 +227,10 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     (nl, nu), (sl, su), (vl, vh), (cl, cu) = stats
     xa = x.abs_max()
     g = fp.gamma(d + 4) if sums is None else sums.relative(d + 4)
+    tree = fpsum.tree_error if sums is None else sums.tree         # a sum's error from its terms' sizes
     c_abs = torch.maximum(cl.abs(), cu.abs())
     if centered:
-        e_mu = g * xa.mean(-1, keepdim=True)
+        e_mu = torch.minimum(g * xa.mean(-1, keepdim=True), tree(xa) / d)
         e_d = U * (c_abs + e_mu)                  # the centring's own rounding
         e_c = e_mu + e_d
     else:
@@ -241,9 +242,13 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     # on the box.  E[x^2] - E[x]^2 form: an absolute error, divided by the smallest v + eps.
     a_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True)
     q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
+    # the same as an absolute error: the sum of the rounded c^2 within its tree bound, then as below
+    e_sq = tree((c_abs + e_c) ** 2) / d
+    q = torch.minimum(q, ((1 + U) ** 2 * (a_two + e_sq) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40) / (vl + eps))
     if centered:
         joint = None if sums is None else sums.model(d + 4)
-        q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint) / (vl + eps))
+        q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint, tree, None if sums is None else sums.coef)
+                          / (vl + eps))
     # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
     # q / 2 (which stays finite where the float32 variance may reach zero)
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
@@ -260,8 +265,8 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     return CommonModes(elem, tuple(modes))
 
 
-def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g, joint: Optional[float] = None
-                            ) -> torch.Tensor:
+def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g, joint: Optional[float] = None,
+                            tree: Optional[Callable] = None, coef: Optional[Callable] = None) -> torch.Tensor:
     """(.., 1): a bound on ``|fl(fl(s2 - fl(s1 s1)) + eps) - (v + eps)|`` over the box ``x``
     (rows on the last axis), the variance by ``E[x^2] - E[x]^2``: ``s1`` the row mean and ``s2``
     the row mean of squares, each summed in any order within ``g`` of the sum of its terms'
@@ -282,15 +287,27 @@ def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g, joint:
     enter to first order as ``(s2' - s2) - 2 s1 (s1' - s1)``, one martingale over both sums'
     roundings whose coefficients are at most ``A`` and ``2 S1 mean|x|`` per unit of ``g``, so
     that part is at most ``joint sqrt(A^2 + (2 S1 mean|x|)^2)`` under the model (one event),
-    and never more than the sum ``g (A + 2 S1 mean|x|)``."""
+    and never more than the sum ``g (A + 2 S1 mean|x|)``.
+
+    ``tree`` (:func:`.fpsum.tree_error` or the model's counterpart): each sum's error also from
+    its terms' sizes in any summation tree; ``coef`` (the model's, :class:`.fpprob.NormSums`): the
+    joint part from the two sums' coefficient norms, ``sqrt(c(x^2)^2 + (2 S1 c(|x|))^2) / d``.  Each
+    bound holds, so the smaller is taken."""
     xa = x.abs_max()
+    d = xa.shape[-1]
     a = (xa * xa).mean(-1, keepdim=True)
     m = xa.mean(-1, keepdim=True)
     s1 = torch.maximum(x.lower.mean(-1, keepdim=True).abs(), x.upper.mean(-1, keepdim=True).abs())
     e1 = g * m
-    lin = g * a + 2 * s1 * e1                       # (s2' - s2) - 2 s1 (s1' - s1), any signs
+    e2 = g * a
+    if tree is not None:
+        e1 = torch.minimum(e1, tree(xa) / d)
+        e2 = torch.minimum(e2, tree(xa * xa) / d)
+    lin = e2 + 2 * s1 * e1                          # (s2' - s2) - 2 s1 (s1' - s1), any signs
     if joint is not None:
         lin = torch.minimum(lin, joint * (a * a + (2 * s1 * m) ** 2).sqrt() * (1 + 2.0 ** -40))
+    if coef is not None:
+        lin = torch.minimum(lin, (coef(xa * xa) ** 2 + (2 * s1 * coef(xa)) ** 2).sqrt() / d * (1 + 2.0 ** -40))
     e_m = e1 * e1 + U * (s1 + e1) ** 2              # (s1' - s1)^2 and the square's rounding
     return ((1 + U) ** 2 * (lin + e_m) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40)
 

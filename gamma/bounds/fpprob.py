@@ -56,7 +56,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .. import ops
-from . import fp
+from . import fp, fpsum
 from .fpmargin import _rounded, _row_sum_gap
 
 U = fp.U
@@ -151,9 +151,14 @@ class NormSums(NamedTuple):
     """How a norm's row sums are charged in this mode (:func:`.fpmargin._norm`): ``relative(n)``
     the bound of one sum of n terms relative to the sum of their sizes (:func:`norm_sums`), and
     ``model(n)`` the model's alone (no minimum with ``gamma_n``), for errors of two sums taken
-    together as one martingale (``sqrt`` of the sum of their squared coefficient bounds)."""
+    together as one martingale (``sqrt`` of the sum of their squared coefficient bounds).
+    ``tree(t)`` and ``coef(t)``: the same from the terms' sizes t (.., n) in any summation tree
+    (:mod:`.fpsum`): a sum's error bound (.., 1) (:func:`norm_sum_tree`), and its coefficients'
+    norm times ``LAMBDA U`` (:func:`norm_sum_coef`)."""
     relative: Callable[[int], float]
     model: Callable[[int], float]
+    tree: Callable[[torch.Tensor], torch.Tensor]
+    coef: Callable[[torch.Tensor], torch.Tensor]
 
 
 def norm_sums_model(n: int) -> float:
@@ -171,7 +176,20 @@ def norm_sums(n: int) -> float:
     return min(float(fp.gamma(n)), norm_sums_model(n))
 
 
-NORM_SUMS = NormSums(norm_sums, norm_sums_model)
+def norm_sum_coef(t: torch.Tensor) -> torch.Tensor:
+    """(.., 1): ``LAMBDA U`` times the norm of a sum's rounding coefficients, from its terms'
+    sizes t (.., n) in any summation tree (:func:`.fpsum.tree_coef`): the model's bound on its
+    error, one event per row and sum."""
+    return LAMBDA * U * fpsum.tree_coef(t) * _F64
+
+
+def norm_sum_tree(t: torch.Tensor) -> torch.Tensor:
+    """(.., 1): a sum's error bound from its terms' sizes: the model's (:func:`norm_sum_coef`),
+    never above the deterministic :func:`.fpsum.tree_error`."""
+    return torch.minimum(fpsum.tree_error(t), norm_sum_coef(t))
+
+
+NORM_SUMS = NormSums(norm_sums, norm_sums_model, norm_sum_tree, norm_sum_coef)
 
 
 def pooled(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

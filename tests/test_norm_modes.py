@@ -269,3 +269,48 @@ def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
                         worst[r] = max(float(worst[r]), err)
     assert (worst <= bound).all()
     assert (worst[3] > 0.01 * bound[3]).all()          # the large-mean row: the bound is not vacuous there
+
+
+@pytest.mark.parametrize("d", [64, 384])
+@pytest.mark.parametrize("model", [False, True])
+def test_two_pass_variance_error_bound_holds_for_float32_engines(d, model):
+    """``fpmargin.two_pass_variance_error`` (unhedged) against float32 two-pass variances
+    ``mean((x - mu')^2)``: rows of mean 0, 3, -30 and 300 with unit spread, points of a box
+    around them, the mean and the sum of squares each in five orders, divided by d or
+    multiplied by a rounded 1 / d.  Every float32 ``var + eps`` is within the bound, with the
+    mean's error e_mu from its tree bound.  The bound drops the shared error's first-order
+    term (``2 mean|c| e_mu``, since the centred row sums to zero): on the mean-300 row it is
+    below a third of the form that keeps it."""
+    gen = torch.Generator().manual_seed(43)
+    rng = np.random.default_rng(43)
+    offsets = torch.tensor([0.0, 3.0, -30.0, 300.0], dtype=torch.float64)[:, None]
+    c = (torch.randn(4, d, generator=gen, dtype=torch.float64) + offsets).float().double()
+    eps, U = 1e-5, fpmargin.U
+    tree = fpprob.norm_sum_tree if model else fpmargin.fpsum.tree_error
+    pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
+                 for _ in range(4)]
+    x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
+    pts += [x.lower, x.upper]
+    xa = x.abs_max()
+    mean_lo, mean_hi = x.lower.mean(-1, keepdim=True), x.upper.mean(-1, keepdim=True)
+    c_abs = torch.maximum((x.upper - mean_lo).abs(), (x.lower - mean_hi).abs())      # |x_i - mean(x)| over the box
+    e_mu = tree(xa) / d
+    e_d = U * (c_abs + e_mu)
+    vh = torch.stack([((p - p.mean(-1, keepdim=True)) ** 2).mean(-1) for p in pts]).amax(0)[:, None] * (1 + 1e-6)
+    bound = fpmargin.two_pass_variance_error(c_abs, e_mu, e_d, vh, eps, tree)
+    kept = bound + (2 * c_abs * e_mu).mean(-1, keepdim=True) * (1 + U) ** 2      # with the first-order term
+    assert bound[3] < kept[3] / 3
+    worst = torch.zeros(4, 1, dtype=torch.float64)
+    for p in pts:
+        v_real = ((p - p.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + eps
+        for r, row in enumerate(p.float().numpy()):
+            for how in ("forward", "reverse", "random", "pairwise", "largest first"):
+                s = _f32_sum(row, how, rng)
+                for mu in (np.float32(s / np.float32(d)), np.float32(s * np.float32(1.0 / d))):
+                    cc = (row - mu).astype(np.float32)
+                    sq = _f32_sum((cc * cc).astype(np.float32), how, rng)
+                    for var in (np.float32(sq / np.float32(d)), np.float32(sq * np.float32(1.0 / d))):
+                        err = abs(float(np.float32(var + np.float32(eps))) - float(v_real[r]))
+                        worst[r] = max(float(worst[r]), err)
+    assert (worst <= bound).all()
+    assert (worst > 0.005 * bound).all()                # not vacuous on any row

@@ -236,15 +236,15 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     else:
         e_mu, e_d = 0.0, 0.0
         e_c = torch.zeros_like(c_abs)
-    # float32 (v + eps) = (v + eps)(1 + t), |t| <= q.  Two-pass form: mean(c^2) of the rounded c is off
-    # by at most A = mean(2|c| e_c + e_c^2), then a sum of non-negative terms (relative g) and the eps
+    # float32 (v + eps) = (v + eps)(1 + t), |t| <= q.  Two-pass form: the rounded c'_i = c_i - e + d_i
+    # (e the mean's error, shared; |d_i| <= e_d), and sum_i c_i = 0 exactly, so
+    # sum c'^2 - sum c^2 = 2 sum c_i d_i + sum (d_i - e)^2: off by at most A = mean(2|c| e_d + e_c^2) (the
+    # shared e's first-order term cancels), then a sum of non-negative terms (relative g) and the eps
     # add (U): q = A (1 + g)(1 + U) / (v + eps) + g + U + g U; RMSNorm has A = 0, so q does not depend
     # on the box.  E[x^2] - E[x]^2 form: an absolute error, divided by the smallest v + eps.
-    a_two = (2 * c_abs * e_c + e_c * e_c).mean(-1, keepdim=True)
+    a_two = (2 * c_abs * e_d + e_c * e_c).mean(-1, keepdim=True)
     q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
-    # the same as an absolute error: the sum of the rounded c^2 within its tree bound, then as below
-    e_sq = tree((c_abs + e_c) ** 2) / d
-    q = torch.minimum(q, ((1 + U) ** 2 * (a_two + e_sq) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40) / (vl + eps))
+    q = torch.minimum(q, two_pass_variance_error(c_abs, e_mu, e_d, vh, eps, tree) / (vl + eps))
     if centered:
         joint = None if sums is None else sums.model(d + 4)
         q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint, tree, None if sums is None else sums.coef)
@@ -263,6 +263,23 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
     if centered:
         modes.append((ws, torch.zeros_like(ws), e_mu * su))                  # e r w
     return CommonModes(elem, tuple(modes))
+
+
+def two_pass_variance_error(c_abs: torch.Tensor, e_mu, e_d, vh: torch.Tensor, eps: float,
+                            tree: Callable = fpsum.tree_error) -> torch.Tensor:
+    """(.., 1): a bound on ``|fl(fl(mean(c'^2)) + eps) - (v + eps)|``, the variance by two passes:
+    ``c'_i = fl(x_i - mu')`` with the mean's error ``|mu' - mu| <= e_mu`` and ``|c'_i - (c_i - (mu' - mu))|
+    <= e_d`` (elementwise), ``|c_i| <= c_abs`` over the box (c the exact centred row).  Since
+    ``sum_i c_i = 0``, ``sum c'^2 - sum c^2 = 2 sum c_i d_i + sum (d_i - e)^2``: within
+    ``A = mean(2 |c| e_d + (e_mu + e_d)^2)`` (the shared error's first-order term cancels).  The
+    mean of the c'^2 then within ``tree`` (:func:`.fpsum.tree_error`, or the model's) of terms
+    ``(c_abs + e_mu + e_d)^2``, its own roundings included, and the eps add as in
+    :func:`one_pass_variance_error`: ``(1 + U)^2 (A + E_sq) + U (2 + U) (vh + eps)``."""
+    d = c_abs.shape[-1]
+    e_c = e_mu + e_d
+    a = (2 * c_abs * e_d + e_c * e_c).mean(-1, keepdim=True)
+    e_sq = tree((c_abs + e_c) ** 2) / d
+    return ((1 + U) ** 2 * (a + e_sq) + U * (2 + U) * (vh + eps)) * (1 + 2.0 ** -40)
 
 
 def one_pass_variance_error(x: Interval, vh: torch.Tensor, eps: float, g, joint: Optional[float] = None,

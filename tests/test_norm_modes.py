@@ -314,3 +314,94 @@ def test_two_pass_variance_error_bound_holds_for_float32_engines(d, model):
                         worst[r] = max(float(worst[r]), err)
     assert (worst <= bound).all()
     assert (worst > 0.005 * bound).all()                # not vacuous on any row
+
+
+def _rms_engines(w: torch.Tensor, eps: float, order_seed: int):
+    """float32 RMSNorms (rows on the last axis) as engines compute them: transformers' (torch:
+    ``x * rsqrt(mean(x^2) + eps)``, then the weight), llama.cpp's (the squares summed in double,
+    ``1.0f / sqrtf``, then the weight as its own op), and ctranslate2-style float32 loops: the sum
+    in three orders, then ``x * inv * w``, ``x * (w * inv)`` or ``x / sqrt(.) * w``."""
+    w32 = w.float().numpy()
+    d = w32.shape[0]
+    perm = np.random.default_rng(order_seed).permutation(d)
+
+    def transformers(x):
+        h = x.float()
+        var = h.pow(2).mean(-1, keepdim=True)
+        return (w.float() * (h * torch.rsqrt(var + eps))).double()
+
+    def llama_cpp(x):
+        out = []
+        for row in x.float().numpy():
+            s = float(np.sum((row * row).astype(np.float32).astype(np.float64)))
+            mean = np.float32(s / d)
+            scale = np.float32(np.float32(1.0) / np.sqrt(np.float32(mean + np.float32(eps))))
+            out.append(((row * scale).astype(np.float32) * w32).astype(np.float32))
+        return torch.from_numpy(np.stack(out)).double()
+
+    def loop(order, form):
+        def f(x):
+            out = []
+            for row in x.float().numpy():
+                acc = np.float32(0)
+                for i in order:
+                    acc = np.float32(acc + np.float32(row[i] * row[i]))
+                sd = np.sqrt(np.float32(np.float32(acc / np.float32(d)) + np.float32(eps)))
+                inv = np.float32(np.float32(1.0) / sd)
+                if form == "divide":
+                    y = ((row / sd).astype(np.float32) * w32).astype(np.float32)
+                elif form == "weight first":
+                    y = (row * (w32 * inv).astype(np.float32)).astype(np.float32)
+                else:
+                    y = ((row * inv).astype(np.float32) * w32).astype(np.float32)
+                out.append(y)
+            return torch.from_numpy(np.stack(out)).double()
+        return f
+
+    orders = [np.arange(d), np.arange(d)[::-1], perm]
+    return [transformers, llama_cpp] + [loop(o, f) for o in orders for f in ("inv", "weight first", "divide")]
+
+
+@pytest.mark.parametrize("arithmetic", ["float32", "float32-probabilistic"])
+def test_rmsnorm_margin_unhedged_but_its_rsqrt_holds_for_float32_engines(arithmetic):
+    """RMSNorm's margin is derived but for the library's rsqrt (whose allowance alone is doubled),
+    so it is not hedged as a whole: float32 RMSNorms as transformers, llama.cpp and ctranslate2-style
+    loops compute them (11 engines), at points of a box around rows of unit spread, of spread 1e3 and
+    with one massive activation, stay within it element by element, and CROWN's bounds of
+    RMSNorm -> linear contain their outputs (points + PGD) at eps 0 and 1e-4."""
+    d = 576
+    gen = torch.Generator().manual_seed(47)
+    w = (1 + 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)).float().double()
+    c = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    c[1] *= 1e3
+    c[2, 11] = 3e3                                                       # a massive activation
+    c = c.float().double()
+    g = Graph("rms", "x", (3, d))
+    g.add("n", "rmsnorm", "x", weight=w, eps=1e-6)
+    g.add("y", "linear", "n", weight=torch.randn(4, d, generator=gen, dtype=torch.float64).float().double() / d ** 0.5)
+    g.infer_shapes()
+    engines = _rms_engines(w, 1e-6, order_seed=3)
+    exact = lambda p: w * p * ((p * p).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    worst = 0.0
+    for eps in (0.0, 1e-4):
+        x = Interval(c - eps, c + eps)
+        out = compute_bounds(g, c, eps, "ibp", arithmetic="real", allow_zero=True).nodes["n"]
+        parts = fpmargin.norm_modes(g["n"], [x], out, fpprob.NORM_SUMS if arithmetic != "float32" else None)
+        m = parts.total()
+        pts = [c] + [(c + eps * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
+                     for _ in range(3)]
+        for p in pts:
+            for f in engines:
+                err = (f(p) - exact(p)).abs()
+                assert (err <= m).all()
+                worst = max(worst, float((err / m).max()))
+        r = compute_bounds(g, c, eps, "crown", arithmetic=arithmetic, allow_zero=True)
+        lin = g["y"].params["weight"].float()
+        for p in pts:
+            for f in engines:
+                y = (f(p).float() @ lin.T).double()                      # the linear in float32 as well
+                assert (y >= r.lower).all() and (y <= r.upper).all()
+        if eps > 0:
+            assert violations(graph_fn(g, torch.float32), c, eps, r.lower, r.upper, n_samples=300, steps=10,
+                              seed=4) == 0
+    assert worst > 0.02                                                  # the margin is not vacuous

@@ -35,10 +35,14 @@ U = 2.0 ** -24
 # Rules proven for IEEE float32 arithmetic in any evaluation order (dot products, sums,
 # products, RoPE's two products and sum) are charged as derived.  Rules that also model an
 # algorithm or a library an engine may implement its own way (elementwise functions: the
-# library's ulp accuracy; softmax: exp's accuracy and where the division sits; LayerNorm /
-# RMSNorm: two-pass, E[x^2]-E[x]^2 or Welford-style moments) keep a doubling as a hedge.
-HEDGED = {"gelu", "gelu_tanh", "silu", "softmax", "layernorm", "rmsnorm"}
+# library's ulp accuracy; softmax: exp's accuracy and where the division sits; LayerNorm:
+# two-pass, E[x^2]-E[x]^2 or Welford-style moments) keep a doubling as a hedge.  RMSNorm has no
+# variance formula to choose (a mean of squares: a sum in any tree, :mod:`.fpsum`, then a
+# division, the eps add, the rsqrt and two products): its rule is derived but for the library's
+# rsqrt, and only that allowance is doubled (RSQRT_U, HEDGE).
+HEDGED = {"gelu", "gelu_tanh", "silu", "softmax", "layernorm"}
 HEDGE = 2.0
+RSQRT_U = 6.0                   # the library's rsqrt (or 1 / sqrt, or the division by sqrt): 6 U relative
 
 
 def _rounded(c):
@@ -204,7 +208,8 @@ def norm_modes(node, ins, out, sums=None) -> CommonModes:
     s_hi``).  What is left per element: the centring's own rounding, the two
     products and the bias add, and the cross terms of the shared errors."""
     parts = _norm(node, ins, out, sums)
-    return CommonModes(HEDGE * parts.elem, tuple((vc, vr, HEDGE * s) for vc, vr, s in parts.modes))
+    h = HEDGE if node.op in HEDGED else 1.0
+    return CommonModes(h * parts.elem, tuple((vc, vr, h * s) for vc, vr, s in parts.modes))
 
 
 def _norm_margin(node, ins, out):
@@ -250,8 +255,10 @@ def _norm(node, ins, out, sums=None) -> CommonModes:
         q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint, tree, None if sums is None else sums.coef)
                           / (vl + eps))
     # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
-    # q / 2 (which stays finite where the float32 variance may reach zero)
-    rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + 6 * U) - 1,
+    # q / 2 (which stays finite where the float32 variance may reach zero); RMSNorm's margin is not
+    # hedged as a whole, so its rsqrt's allowance is doubled here
+    lib = RSQRT_U * U * (1.0 if node.op in HEDGED else HEDGE)
+    rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + lib) - 1,
                         torch.full_like(q, math.inf))
     n_abs = torch.maximum(nl.abs(), nu.abs())
     # fl(c' r') = (c - e + d_c)(r (1 + t))(1 + d): c r t (shared t) - e r (shared e) + the rest, per element

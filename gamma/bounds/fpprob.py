@@ -37,9 +37,11 @@ bounds (:func:`failure`).
 A norm's two row sums (its mean and its mean of squares, either variance
 formula) are sums of basic operations too: their relative error bound
 ``gamma_n`` becomes ``LAMBDA U sqrt(n)`` (:func:`norm_sums`, one event per row and
-sum), about half for n = 384-576; in the ``E[x^2] - E[x]^2`` variance the two sums'
+sum), about half for n = 384-576, or less from the terms' sorted sizes in any summation
+tree (:func:`norm_sum_tree`, :mod:`.fpsum`); in the ``E[x^2] - E[x]^2`` variance the two sums'
 errors are joined in quadrature (:class:`NormSums`, one event); the rest of the norm's
-margin (its rsqrt, the hedge for the engine's variance algorithm) stays as in the default mode.
+margin (its rsqrt, LayerNorm's hedge for the engine's variance algorithm) stays as in the default
+mode.
 
 Left deterministic, as in the default mode: the library functions (GELU,
 SiLU, exp), softmax, the norms' rsqrt and products, adds, products of two

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gamma.bounds import fp, fpprob, fpsum
+from soundness import f32_sum
 
 U = fp.U
 
@@ -104,28 +105,6 @@ def test_bounds_by_hand():
     assert (fpsum.tree_error(x) <= float(fp.gamma(388)) * x.sum(-1, keepdim=True) * (1 + 2.0 ** -40)).all()
 
 
-def _f32_sum(v: np.ndarray, how: str, rng) -> np.float32:
-    if how == "pairwise":
-        while len(v) > 1:
-            if len(v) % 2:
-                v = np.append(v, np.float32(0))
-            v = (v[0::2] + v[1::2]).astype(np.float32)
-        return np.float32(v[0])
-    if how == "lanes":
-        acc = np.zeros(8, dtype=np.float32)
-        for i in range(0, len(v), 8):
-            chunk = np.zeros(8, dtype=np.float32)
-            chunk[: len(v[i:i + 8])] = v[i:i + 8]
-            acc = (acc + chunk).astype(np.float32)
-        return _f32_sum(acc, "forward", rng)
-    order = {"forward": np.arange(len(v)), "reverse": np.arange(len(v))[::-1],
-             "random": rng.permutation(len(v)), "largest first": np.argsort(-np.abs(v))}[how]
-    acc = np.float32(0)
-    for i in order:
-        acc = np.float32(acc + v[i])
-    return acc
-
-
 @pytest.mark.parametrize("d", [64, 384])
 def test_float32_means_within_the_tree_bound(d):
     """Float32 row means (sum then divide, or times a rounded 1 / d), and means of float32
@@ -146,7 +125,7 @@ def test_float32_means_within_the_tree_bound(d):
             bound = float(fpsum.tree_error(torch.from_numpy(sizes)[None])) / d
             assert bound <= float(fp.gamma(d + 4)) * sizes.sum() / d * (1 + 1e-12)
             for how in ("forward", "reverse", "random", "pairwise", "largest first", "lanes"):
-                s = _f32_sum(terms, how, rng)
+                s = f32_sum(terms, how, rng)
                 for mean in (np.float32(s / np.float32(d)), np.float32(s * np.float32(1.0 / d))):
                     err = abs(float(mean) - exact)
                     assert err <= bound

@@ -14,7 +14,7 @@ from gamma.bounds import Tunings, compute_bounds, fpmargin, fpprob
 from gamma.bounds.interval import Interval
 from gamma.bounds.rows import Dense, Rows
 from gamma.graph import Graph
-from soundness import graph_fn, violations
+from soundness import f32_sum, graph_fn, violations
 
 
 def test_shared_error_is_charged_through_the_signed_row_sum_by_hand():
@@ -198,22 +198,6 @@ def test_token_compact_and_dense_walks_charge_the_shared_errors_alike():
     assert torch.allclose(a.upper, b.upper, rtol=1e-12, atol=1e-15)
 
 
-def _f32_sum(v: np.ndarray, how: str, rng) -> np.float32:
-    """A float32 sum of v in one of the orders an engine may use."""
-    if how == "pairwise":
-        while len(v) > 1:
-            if len(v) % 2:
-                v = np.append(v, np.float32(0))
-            v = (v[0::2] + v[1::2]).astype(np.float32)
-        return np.float32(v[0])
-    order = {"forward": np.arange(len(v)), "reverse": np.arange(len(v))[::-1],
-             "random": rng.permutation(len(v)), "largest first": np.argsort(-np.abs(v))}[how]
-    acc = np.float32(0)
-    for i in order:
-        acc = np.float32(acc + v[i])
-    return acc
-
-
 @pytest.mark.parametrize("d", [64, 384])
 @pytest.mark.parametrize("model", [False, True])
 def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
@@ -259,8 +243,8 @@ def test_one_pass_variance_error_bound_holds_for_float32_engines(d, model):
         assert (v_real - eps <= vh).all()
         for r, row in enumerate(p.float().numpy()):
             for how in ("forward", "reverse", "random", "pairwise", "largest first"):
-                mu = np.float32(_f32_sum(row, how, rng) / np.float32(d))
-                msq = np.float32(_f32_sum((row * row).astype(np.float32), how, rng) / np.float32(d))
+                mu = np.float32(f32_sum(row, how, rng) / np.float32(d))
+                msq = np.float32(f32_sum((row * row).astype(np.float32), how, rng) / np.float32(d))
                 for fma in (False, True):
                     var = np.float32(float(msq) - float(mu) * float(mu)) if fma else np.float32(msq - np.float32(mu * mu))
                     for clamp in (False, True):
@@ -305,10 +289,10 @@ def test_two_pass_variance_error_bound_holds_for_float32_engines(d, model):
         v_real = ((p - p.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + eps
         for r, row in enumerate(p.float().numpy()):
             for how in ("forward", "reverse", "random", "pairwise", "largest first"):
-                s = _f32_sum(row, how, rng)
+                s = f32_sum(row, how, rng)
                 for mu in (np.float32(s / np.float32(d)), np.float32(s * np.float32(1.0 / d))):
                     cc = (row - mu).astype(np.float32)
-                    sq = _f32_sum((cc * cc).astype(np.float32), how, rng)
+                    sq = f32_sum((cc * cc).astype(np.float32), how, rng)
                     for var in (np.float32(sq / np.float32(d)), np.float32(sq * np.float32(1.0 / d))):
                         err = abs(float(np.float32(var + np.float32(eps))) - float(v_real[r]))
                         worst[r] = max(float(worst[r]), err)

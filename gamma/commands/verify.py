@@ -99,8 +99,8 @@ def run(args) -> int:
 
 # ------------------------------------------------------------------ text
 ARITHMETIC_LINE = {
-    "float32": "bounds   hold for every float32 engine: its rounding included, in any summation order, no "
-               "assumption about the engine",
+    "float32": "bounds   hold for every float32 engine: its rounding included, in any summation order (assumed: "
+               "math functions within a few ulp, LayerNorm's running moments within twice the derived allowance)",
     "float32-probabilistic": "bounds   hold for float32 engines with the rounding of dot products and of norms' sums "
                              "under a probabilistic model (--arithmetic float32-probabilistic: independent "
                              "mean-zero rounding errors, any summation order); under it they fail with probability "
@@ -185,9 +185,16 @@ NARROWER = {
 
 
 def _unbounded_lines(r: dict) -> list[str]:
-    """Where an unbounded (NaN or infinite) output starts and what narrows it."""
+    """Where an unbounded (NaN or infinite) output starts and what narrows it; for a finite
+    output, where a node saturated (after it the bounds come from the ops' ranges and caps,
+    e.g. softmax's [0, 1] or RMSNorm's output cap, not from the input region)."""
     if not (r.get("has_nan") or r.get("has_infinite")):
-        return []
+        fd = r.get("first_degraded")
+        if not fd or fd["reason"] != "saturated" or r["mode"] == "block_wise":
+            return []
+        return [f"saturated from {fd['name']} ({fd['layer_type']}, width {num(fd['output_width'])}) on: the bounds "
+                f"after it come from the ops' ranges and caps, not from the input region; "
+                f"{NARROWER[r.get('arithmetic', 'float32')]}"]
     first = next((n for n in r["nodes"] if n["has_nan"] or n["has_infinite"]), None)
     where = f"from {first['name']} ({first['layer_type']}) on" if first else "at the output"
     return [f"unbounded {where}: {NARROWER[r.get('arithmetic', 'float32')]}"]

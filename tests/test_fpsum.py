@@ -77,7 +77,12 @@ def test_the_lemma_is_attained_left_to_right_largest_first():
     """Terms of one sign added largest first: the partial sums are T_2 .. T_n exactly."""
     t = np.array([5.0, 4.0, 2.0, 1.0, 0.5])
     p = _tree_partials(t, "forward", None)
-    assert p == list(np.cumsum(t)[1:])
+    T = torch.tensor(t)[None].sort(-1, descending=True).values.cumsum(-1)[0, 1:]        # T_2 .. T_n
+    assert p == T.tolist() == [9.0, 11.0, 12.0, 12.5]
+    # so the deterministic bound's addition term is reached: tree_error = U (1 + g) (sum T + 5 S) exactly
+    g = float(fp.gamma(len(t) + 4))
+    assert float(fpsum.tree_error(torch.tensor(t)[None])) == pytest.approx(
+        U * (1 + g) * (sum(p) + 5 * 12.5) * (1 + 2.0 ** -40), rel=1e-15)
 
 
 def test_bounds_by_hand():

@@ -151,3 +151,32 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
     both = depth.table([old], "abc123")
     assert both[0].endswith("| rounding floor at abc123 | seconds at abc123 |")
     assert both[2].endswith("| 60.0 / 70.0 | 0.02 | 276.7 / 200.7 / 251.6 |")
+
+
+def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():
+    """benchmarks/depth.py: where the default mode's bounds are unbounded (the whole Whisper
+    encoder), the attack takes its widest outputs from the probabilistic mode, else from real
+    arithmetic (an inf everywhere would leave the first outputs in index order as the
+    "widest"); the attacked range is checked against every mode's bounds, exactly."""
+    depth = _module("depth")
+    fin = {"lower": [0.0, -1.0, 0.0], "upper": [1.0, 2.0, 3.0]}
+    inf = {"lower": [0.0, -float("inf"), 0.0], "upper": [1.0, 2.0, 3.0]}
+    assert depth.target_mode({"f32": fin, "real": fin, "prob": fin}) == "f32"
+    assert depth.target_mode({"f32": inf, "real": fin, "prob": fin}) == "prob"
+    assert depth.target_mode({"f32": inf, "real": fin, "prob": inf}) == "real"
+    assert depth.target_mode({"f32": inf, "real": inf}) == "real"
+
+    class Seen:                                   # an attack's elementwise range
+        lower = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+        upper = torch.tensor([0.5, 1.5, 3.0], dtype=torch.float64)
+
+    tight = {"lower": [0.0, -1.0, 0.0], "upper": [1.0, 1.25, 3.0]}   # output 1 leaves it: 1.5 > 1.25
+    assert depth.outside(Seen, {"f32": fin, "real": tight, "prob": fin}, skip="f32") == 1
+    assert depth.outside(Seen, {"f32": fin, "real": tight, "prob": tight}, skip="f32") == 2
+    assert depth.outside(Seen, {"f32": fin, "real": tight, "prob": fin}, skip="real") == 0
+    rows = [{"targets_from": "f32", "scope": "layer0", "eps": 1e-3, "violations": 0},
+            {"targets_from": "prob", "scope": "whole", "eps": 1e-4, "violations": 2}]
+    assert depth._attack_note(rows) == (
+        "The attack pushes the widest outputs of the default mode's bounds; where those are unbounded, of the "
+        "probabilistic mode's (whole eps 0.0001: the probabilistic mode's). Outputs of the attack outside any "
+        "mode's bounds: 2.")

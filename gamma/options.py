@@ -35,6 +35,12 @@ ARITHMETIC = ("float32", "float32-probabilistic", "real")
 # (s^2 - d^2) / 4 with CROWN bounds of s and d (tighter, about 2x a Llama-family block's time);
 # "half-sum" by the half-sum of the McCormick planes only
 PRODUCTS = ("polar", "half-sum")
+# what bounds the nodes after the first saturated one (a bound wider than SATURATION_WIDTH, or unbounded,
+# somewhere in the node): "crown" CROWN passes as everywhere else (the default: as tight as gamma gets);
+# "ibp" interval bounds with the float32 margins and the ops' caps from there on (no more passes: far faster
+# in depth, and no tighter)
+AFTER_SATURATION = ("crown", "ibp")
+SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no information
 
 
 # ------------------------------------------------------------------ one check per option
@@ -71,6 +77,10 @@ def check_arithmetic(arithmetic) -> str:
 
 def check_products(products) -> str:
     return _choice("--products", products, PRODUCTS)
+
+
+def check_after_saturation(value) -> str:
+    return _choice("--after-saturation", value, AFTER_SATURATION)
 
 
 def check_device(device) -> str:
@@ -121,11 +131,13 @@ class BoundOptions:
     device: str = "cpu"
     alpha_iters: int = 20
     products: str = "polar"           # elementwise products: PRODUCTS
+    after_saturation: str = "crown"   # AFTER_SATURATION
 
     def __post_init__(self):
         checked = {"epsilon": check_epsilon(self.epsilon), "method": check_method(self.method),
                    "intermediate": check_intermediate(self.intermediate),
                    "arithmetic": check_arithmetic(self.arithmetic), "device": check_device(self.device),
-                   "alpha_iters": check_alpha_iters(self.alpha_iters), "products": check_products(self.products)}
+                   "alpha_iters": check_alpha_iters(self.alpha_iters), "products": check_products(self.products),
+                   "after_saturation": check_after_saturation(self.after_saturation)}
         for name, value in checked.items():
             object.__setattr__(self, name, value)

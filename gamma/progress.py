@@ -13,6 +13,13 @@ and largest, is where it is least reliable.  No estimate is shown before 5%
 of that modelled work is done.  :class:`CountEstimate` does the same for n
 equal tasks (blocks), from the mean time of those finished.
 
+The engine also reports ``"saturated NODE"`` (``"ibp-from NODE"`` where it switches to
+interval bounds there) once, at the first node wider than
+:data:`gamma.options.SATURATION_WIDTH` (or unbounded): every later message then
+says so (``..., saturated from NODE``), so that a user watching a long
+whole-model run learns early that its bounds will come from caps, and that
+``--after-saturation ibp`` would finish from there.
+
 Nothing here prints; the callback decides where the text goes.
 """
 
@@ -58,6 +65,7 @@ class BoundsEstimate:
         self.total = len(names)
         self.progress, self.label, self.clock = progress, label, clock
         self.t0 = clock()
+        self.saturated = ""             # ", saturated from NODE" once the engine reports it
 
     def fraction(self, position: int) -> float:
         """Modelled share of the work done before the node at ``position`` (1-based) starts."""
@@ -65,12 +73,18 @@ class BoundsEstimate:
 
     def __call__(self, message: str) -> None:
         kind, _, node = message.partition(" ")
+        if kind in ("saturated", "ibp-from"):
+            self.saturated = f", saturated from {node}"
+            self.progress(f"{self.label}: {node} saturated: " + (
+                "interval bounds from here (--after-saturation ibp)" if kind == "ibp-from" else
+                "the bounds after it will come from caps (--after-saturation ibp would finish from here)"))
+            return
         i = self.position.get(node) if kind == "crown" else None
         if i is None:                                   # alpha iterations, or anything else: as it is
             self.progress(f"{self.label}: {message}")
             return
         left = _left(self.clock() - self.t0, self.fraction(i))
-        self.progress(f"{self.label}: node {i}/{self.total} {node}{left}")
+        self.progress(f"{self.label}: node {i}/{self.total} {node}{left}{self.saturated}")
 
 
 class CountEstimate:

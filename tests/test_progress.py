@@ -81,3 +81,38 @@ def test_whole_network_progress_counts_nodes(whisper_hf_dir):
     assert nodes and all("/" in m.split()[2] for m in nodes)
     i, n = nodes[-1].split()[2].split("/")
     assert int(i) <= int(n)
+
+
+def test_bounds_estimate_says_where_the_bounds_saturated():
+    """Once the engine reports the first saturated node, the estimate says so at once and in
+    every later line (a user watching a long whole-model run can stop it, or rerun with
+    --after-saturation ibp); under that option it says that interval bounds take over."""
+    clock, seen = Clock(), []
+    est = BoundsEstimate(seen.append, _chain(4), "bounds", clock=clock)
+    est("crown n0")
+    est("saturated n1")
+    assert seen[-1] == ("bounds: n1 saturated: the bounds after it will come from caps (--after-saturation ibp "
+                        "would finish from here)")
+    est("crown n3")
+    assert seen[-1] == "bounds: node 4/4 n3, saturated from n1"
+    est = BoundsEstimate(seen.append, _chain(4), "bounds", clock=clock)
+    est("ibp-from n2")
+    assert seen[-1] == "bounds: n2 saturated: interval bounds from here (--after-saturation ibp)"
+
+
+def test_engine_reports_the_first_saturated_node_once(llama_hf_dir, monkeypatch):
+    """compute_bounds tells its progress callback about the first node wider than the threshold
+    (1e6; lowered here to reach it on the tiny model, whose norms cap every node below 1e6) or
+    unbounded, once, and nothing when no node saturates."""
+    from gamma.bounds import compute_bounds, engine
+    from gamma.bounds.engine import saturated
+    monkeypatch.setattr(engine, "SATURATION_WIDTH", 5e3)
+    m = gamma.load(llama_hf_dir[0])
+    g, x = m.graph(seq_len=2), m.input_point(seq_len=2).x
+    seen = []
+    r = compute_bounds(g, x, 30.0, "crown", progress=seen.append)
+    first = next(n.name for n in g if n.op != "input" and saturated(r.nodes[n.name]))
+    assert [s for s in seen if not s.startswith("crown ")] == [f"saturated {first}"]
+    seen.clear()
+    compute_bounds(g, x, 1e-3, "crown", progress=seen.append)
+    assert seen and all(s.startswith("crown ") for s in seen)

@@ -12,6 +12,10 @@ depending on the method, intersects it with a tighter one:
   relaxation slopes (:mod:`.alpha`), never looser than CROWN;
 * ``zonotope``: a forward zonotope per node.
 
+With ``options.after_saturation="ibp"`` the crown and alpha methods stop there: from the first
+node whose bound is wider than :data:`gamma.options.SATURATION_WIDTH` (or unbounded) on, every node
+gets its interval rule and margin only (``stats["ibp_from"]`` names the node).
+
 Every intersection of two sound enclosures is sound.  The result has sound
 bounds of every node, so per-node widths come for free.
 """
@@ -27,7 +31,7 @@ import torch
 
 from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
-from ..options import ARITHMETIC, INTERMEDIATE, METHODS, BoundOptions
+from ..options import ARITHMETIC, INTERMEDIATE, METHODS, SATURATION_WIDTH, BoundOptions
 from .alpha import optimize
 from . import fpprob
 from .crown import Context, node_bounds
@@ -73,6 +77,15 @@ def _sanitize(iv: Interval) -> Interval:
     """inf - inf gives NaN; a NaN bound means 'unbounded', which is what we report."""
     return Interval(torch.nan_to_num(iv.lower, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
                     torch.nan_to_num(iv.upper, nan=math.inf, posinf=math.inf, neginf=-math.inf))
+
+
+def saturated(iv: Interval) -> bool:
+    """Whether some element's bound is wider than :data:`SATURATION_WIDTH` or unbounded (NaN-free,
+    after :func:`_sanitize`): what ``after_saturation="ibp"`` switches on."""
+    if iv.lower.numel() == 0:
+        return False
+    w = iv.upper - iv.lower
+    return not bool(torch.isfinite(w).all()) or float(w.max()) > SATURATION_WIDTH
 
 
 def _unbounded_everywhere(iv: Interval) -> bool:
@@ -200,6 +213,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     consumers = graph.consumers()
     remaining = {n: len(c) for n, c in consumers.items()}
     unbounded: set = set()          # ibp: nodes whose bounds are (-inf, inf) everywhere
+    # after_saturation="ibp": from the first saturated node on, no CROWN pass and no refined interval
+    switch = options.after_saturation == "ibp" and refine
+    watch = switch or (progress is not None and method in ("crown", "alpha"))   # the first saturated node
     for idx, node in enumerate(graph):
         if node.op == "input":
             continue
@@ -211,7 +227,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
             margins[node.name] = None
             unbounded.add(node.name)
             continue
-        if node.op == "layernorm" and node.inputs[0] in from_norm:
+        if node.op == "layernorm" and node.inputs[0] in from_norm and refine:
             x = norm_input_box(ctx, node)
             if x is not None:
                 bounds[node.inputs[0]] = _sanitize(bounds[node.inputs[0]].intersect(x))
@@ -250,7 +266,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                 remaining[i] -= 1
                 if remaining[i] == 0 and i != graph.input:
                     zonos.pop(i, None)
-        elif node.name in need or (node.name == graph.output and method != "ibp"):
+        elif "ibp_from" not in stats and (node.name in need or (node.name == graph.output and method != "ibp")):
             if progress:
                 progress(f"crown {node.name}")
             # attention @ V by sign-chosen planes in the output's own pass only (intermediate passes
@@ -259,11 +275,20 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
             iv = iv.intersect(node_bounds(ctx, node.name, box, stop=stops.get(node.name, frozenset())))
             stats["crown_nodes"] += 1
         bounds[node.name] = iv = _sanitize(iv)
+        if watch and saturated(iv):
+            watch = False
+            if switch:
+                w = iv.upper - iv.lower
+                stats["ibp_from"] = {"node": node.name, "width": float(w.max()) if bool(torch.isfinite(w).all())
+                                     else math.inf}
+                refine = switch = False
+            if progress:
+                progress(f"{'ibp-from' if 'ibp_from' in stats else 'saturated'} {node.name}")
         if method == "ibp" and _unbounded_everywhere(iv):
             unbounded.add(node.name)
 
     out = bounds[graph.output]
-    if method == "alpha":
+    if method == "alpha" and "ibp_from" not in stats:
         out = optimize(ctx, graph.output, box, out, iters=options.alpha_iters, progress=progress)
         bounds[graph.output] = out
     seconds = time.perf_counter() - t0

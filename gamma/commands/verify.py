@@ -9,7 +9,7 @@ import argparse
 import math
 from typing import Optional
 
-from ..options import ARITHMETIC, INTERMEDIATE, METHODS, PRODUCTS, BoundOptions
+from ..options import AFTER_SATURATION, ARITHMETIC, INTERMEDIATE, METHODS, PRODUCTS, BoundOptions
 from ..verify import InputSpec, RunSpec, run as run_verification
 from .common import (Progress, add_input_options, check_writable, input_kwargs, num, print_json, seconds,
                      table)
@@ -55,6 +55,11 @@ def add_parser(subparsers) -> None:
                    help="elementwise products (SwiGLU's gate * up) in CROWN: polar (default) also by (s^2 - d^2)/4 "
                         "with CROWN bounds of s = x + y and d = x - y, tighter, about 2x the time of a Llama-family "
                         "block; half-sum: the McCormick half-sum only (faster, looser)")
+    s.add_argument("--after-saturation", choices=AFTER_SATURATION, default="crown",
+                   help="what bounds the nodes after the first node whose bound is wider than 1e6 or unbounded: "
+                        "crown (default) keeps running CROWN passes; ibp switches to interval bounds there (no "
+                        "tighter, far faster in depth: use it to learn quickly where and whether a deep model's "
+                        "bounds saturate); the report names the node")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -71,7 +76,8 @@ def run(args) -> int:
     if args.vnnlib:
         return run_vnnlib(args)
     options = BoundOptions("1e-3" if args.epsilon is None else args.epsilon, args.method, args.intermediate,
-                           args.arithmetic, args.device, args.alpha_iters, args.products)     # a bad --epsilon shown as typed
+                           args.arithmetic, args.device, args.alpha_iters, args.products,
+                           args.after_saturation)     # a bad --epsilon shown as typed
     check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
     spec = RunSpec("block_wise" if block_wise else "layer_by_layer" if args.layer_by_layer else "full",
@@ -116,6 +122,8 @@ def _header(r: dict) -> list[str]:
     inter = f", intermediate {r['intermediate']}" if r["method"] in ("crown", "alpha") else ""
     if r.get("products", "polar") != "polar" and r["method"] in ("crown", "alpha"):
         inter += f", products {r['products']}"
+    if r.get("after_saturation", "crown") != "crown" and r["method"] in ("crown", "alpha"):
+        inter += f", after saturation {r['after_saturation']}"
     real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(p=r.get("rounding_failure", 1.0))]
     return [
         f"model    {m['arch']} {r['component']} ({m['format']}) {m['path']}",
@@ -158,6 +166,7 @@ def full_lines(r: dict, top: int = 5) -> list[str]:
     lines.append(f"bounds   max width {num(r['max_width'])}, mean width {num(r['mean_width'])}, "
                  f"range [{num(r['lower_min'])}, {num(r['upper_max'])}]  ({seconds(r['seconds'])}){_flags(r)}")
     lines += _unbounded_lines(r)
+    lines += _ibp_from_lines(r)
     lines += _full_attack_lines(r.get("attack"))
     if r["mode"] == "layer_by_layer":
         lines += _layer_lines(r)
@@ -182,6 +191,15 @@ NARROWER = {
                              "--epsilon or --block-wise bound narrower",
     "real": "the relaxations widen through depth here; a smaller --epsilon or --block-wise bound narrower",
 }
+
+
+def _ibp_from_lines(r: dict) -> list[str]:
+    """Where --after-saturation ibp stopped the CROWN passes (full runs; block rows say it per block)."""
+    at = r.get("ibp_from")
+    if not at:
+        return []
+    return [f"ibp from {at['node']} (width {num(at['width'])}) on: --after-saturation ibp; the nodes after it are "
+            f"bounded by interval rules, float32 margins and caps, with no CROWN pass"]
 
 
 def _unbounded_lines(r: dict) -> list[str]:
@@ -287,6 +305,10 @@ def block_lines(r: dict) -> list[str]:
                                                      for w in worst_blocks))
     lines.append("degraded blocks: " + (", ".join(
         f"{b['block_name']} at {b['first_degraded_node']}" for b in rows if b["degraded"]) or "none"))
+    cut = [b for b in rows if b.get("ibp_from")]
+    if cut:
+        lines.append("ibp from (--after-saturation ibp): " + ", ".join(
+            f"{b['block_name']} at {b['ibp_from']['node']}" for b in cut))
     return lines + _memory_lines(r.get("memory")) + _block_attack_lines(att) + _verdict(r)
 
 

@@ -36,6 +36,8 @@ def run_key(report: dict, alpha_iters: int, x: torch.Tensor) -> dict:
     key["arithmetic"] = report.get("arithmetic", "float32")
     if report.get("products", "polar") != "polar":        # keys written before the option stay valid
         key["products"] = report["products"]
+    if report.get("after_saturation", "crown") != "crown":
+        key["after_saturation"] = report["after_saturation"]
     if report["method"] == "alpha":
         key["alpha_iters"] = int(alpha_iters)
     key["input_sha256"] = tensor_sha256(x)

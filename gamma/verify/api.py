@@ -74,7 +74,8 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None, arithmetic: str = "float32",
-           attack: Union[bool, AttackConfig, None] = None, products: str = "polar") -> VerifyResult:
+           attack: Union[bool, AttackConfig, None] = None, products: str = "polar",
+           after_saturation: str = "crown") -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -88,13 +89,15 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     "real" (the real-valued function only, as other verifiers bound it).
     ``attack``: also attack every bound computed (:mod:`gamma.tightness`):
     True (default :class:`AttackConfig`), a config, False, or None: on in
-    block-wise runs (cheap next to the bounds), off otherwise.
+    block-wise runs (cheap next to the bounds), off otherwise.  ``after_saturation``: "crown"
+    (default) or "ibp": interval bounds from the first node wider than 1e6 (or unbounded) on
+    (``ibp_from`` in the report says where).
 
     The arguments are checked here, before the model is read, grouped into
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,
     and run by :func:`run`.
     """
-    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products)
+    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products, after_saturation)
     spec = RunSpec(mode_of(block_wise, layer_by_layer), blocks, tolerance, property, worst_k, workers, ray,
                    checkpoint, attack)
     inputs = InputSpec(component, seq_len, tokens, input_path, center, output)
@@ -124,6 +127,7 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
         "component": comp, "output": inputs.output, "seq_len": seq,
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
         "device": options.device, "arithmetic": options.arithmetic, "products": options.products,
+        "after_saturation": options.after_saturation,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output_node if block_wise else graph.output,
         "output_shape": list(graph.output_shape),

@@ -101,6 +101,8 @@ def solve_block(task: parallel.BlockTask, progress: Progress = None):
     row = block_row(graph, task.index, task.name, widths(graph, res), task.options.epsilon, seconds)
     if "rounding_failure" in res.stats:                     # float32-probabilistic
         row["rounding_failure"] = res.stats["rounding_failure"]
+    if "ibp_from" in res.stats:                             # after_saturation="ibp"
+        row["ibp_from"] = res.stats["ibp_from"]
     return row, as_numpy(res.lower), as_numpy(res.upper)
 
 

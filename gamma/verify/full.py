@@ -49,6 +49,8 @@ def run_full(graph: Graph, x: torch.Tensor, options: BoundOptions, spec: RunSpec
     }
     if "rounding_failure" in res.stats:                     # float32-probabilistic
         body["rounding_failure"] = res.stats["rounding_failure"]
+    if "ibp_from" in res.stats:                             # after_saturation="ibp"
+        body["ibp_from"] = res.stats["ibp_from"]
     verdicts = []
     if spec.tolerance is not None:
         ok = not w.degraded and w.max <= spec.tolerance

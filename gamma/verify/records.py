@@ -28,8 +28,8 @@ from .. import __version__
 from ..errors import GammaError
 from ..graph import Graph
 from ..models import InputPoint
+from ..options import SATURATION_WIDTH
 
-SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no information
 SOFTMAX_SATURATION = 0.99    # a softmax output bound this wide is nearly [0, 1]
 MODERATE_SENSITIVITY = 1e3   # block status thresholds on max output width / input width
 HIGH_SENSITIVITY = 1e6

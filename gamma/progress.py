@@ -75,7 +75,7 @@ class BoundsEstimate:
         kind, _, node = message.partition(" ")
         if kind in ("saturated", "ibp-from"):
             self.saturated = f", saturated from {node}"
-            self.progress(f"{self.label}: {node} saturated: " + (
+            getattr(self.progress, "note", self.progress)(f"{self.label}: {node} saturated: " + (
                 "interval bounds from here (--after-saturation ibp)" if kind == "ibp-from" else
                 "the bounds after it will come from caps (--after-saturation ibp would finish from here)"))
             return

@@ -402,6 +402,31 @@ def test_progress_to_a_log(capsys, monkeypatch):
                                        "gamma: 2/28 blocks: layer1 done [62.0s]\n")
 
 
+def test_saturation_note_reaches_a_log_at_once(capsys, monkeypatch):
+    """The estimate's one-time 'NODE saturated: ...' goes through Progress.note: written to a log
+    at once, between heartbeats; the heartbeat then restarts from it."""
+    from gamma.graph import Graph
+    from gamma.progress import BoundsEstimate
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    p = common.Progress(enabled=True, live=False, every=30.0)
+    g = Graph("chain", "x", (2,))
+    g.add("a", "relu", "x")
+    g.add("b", "relu", "a")
+    est = BoundsEstimate(p, g, "bounds", clock=lambda: now[0])
+    est("crown a")
+    now[0] = 105.0
+    est("saturated a")
+    now[0] = 120.0
+    est("crown b")                                   # within 30 s of the note: silent
+    now[0] = 136.0
+    est("crown b")
+    assert capsys.readouterr().err == (
+        "gamma: bounds: a saturated: the bounds after it will come from caps (--after-saturation ibp would "
+        "finish from here) [5.0s]\n"
+        "gamma: bounds: node 2/2 b, about 1m12s left, saturated from a [36.0s]\n")
+
+
 def test_verify_saturated_but_finite_output_says_where(capsys, llama_dir):
     """A finite whole-network bound behind a saturated node (softmax at [0, 1]; the output then
     held by RMSNorm's cap) says so, naming the first saturated node and what bounds narrower."""

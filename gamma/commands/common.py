@@ -143,6 +143,13 @@ class Progress:
         sys.stderr.flush()
         self.width = len(line)
 
+    def note(self, message: str) -> None:
+        """A message that a log must not miss (a saturated bound): on a terminal as any other,
+        in a log written at once, whatever the heartbeat."""
+        if self.enabled and not self.live:
+            self.last = time.perf_counter() - self.every
+        self(message)
+
     def done(self) -> None:
         if self.enabled and self.live and self.width:
             sys.stderr.write("\r" + " " * self.width + "\r")

@@ -180,3 +180,78 @@ def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():
         "The attack pushes the widest outputs of the default mode's bounds; where those are unbounded, of the "
         "probabilistic mode's (whole eps 0.0001: the probabilistic mode's). Outputs of the attack outside any "
         "mode's bounds: 2.")
+
+
+def _mlp_graph(gen, product: bool = False):
+    """x (3, 5) -> linear -> gelu -> linear (-> times a second linear branch)."""
+    from gamma.graph import Graph
+    g = Graph("mlp", "x", (3, 5))
+    g.add("a", "linear", "x", weight=torch.randn(7, 5, generator=gen, dtype=torch.float64),
+          bias=torch.randn(7, generator=gen, dtype=torch.float64))
+    g.add("h", "gelu", "a")
+    g.add("y", "linear", "h", weight=torch.randn(4, 7, generator=gen, dtype=torch.float64), bias=None)
+    if product:
+        g.add("z", "linear", "x", weight=torch.randn(4, 5, generator=gen, dtype=torch.float64), bias=None)
+        g.add("p", "mul", "y", "z")
+    return g.infer_shapes()
+
+
+def _eval(g, x, name):
+    from gamma.ops import evaluate
+    return evaluate(g, x, keep_all=True)[name]
+
+
+def test_first_order_range_is_the_jacobian_s_row_sums():
+    """benchmarks/first_order.py: sum_j |dy_i/dx_j| at the point, for every node: by hand for
+    the linear layer (|W| row sums, the same at every token), by autograd for the rest."""
+    fo = _module("first_order")
+    gen = torch.Generator().manual_seed(11)
+    g = _mlp_graph(gen)
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    got = fo.first_order_range(g, x, chunk=4)                 # chunks that do not divide 15
+    w1 = g["a"].params["weight"]
+    assert torch.allclose(got["a"], w1.abs().sum(1).expand(3, 7), rtol=0, atol=1e-14)
+    for name in ("h", "y"):
+        jac = torch.autograd.functional.jacobian(lambda xx: _eval(g, xx, name), x)   # (3, k, 3, 5)
+        want = jac.abs().sum((-2, -1))
+        assert torch.allclose(got[name], want, rtol=1e-12, atol=1e-14)
+
+
+def test_first_order_ratio_is_one_on_an_affine_graph_and_the_diagnostic_restores_crown():
+    """CROWN is exact on an affine graph: certified width = first-order range (ratio 1 for every
+    output).  ``without_remainders`` narrows a product's bound inside the block (it is no bound:
+    it drops |dx dy|) and leaves CROWN as it was afterwards, also after an exception."""
+    from gamma.bounds import compute_bounds
+    fo = _module("first_order")
+    gen = torch.Generator().manual_seed(12)
+    g = _mlp_graph(gen)
+    lin = g.subgraph("x", "a")
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    eps = 0.01
+    r = compute_bounds(lin, x, eps, "crown", arithmetic="real")
+    first = fo.first_order_range(lin, x)["a"] * 2 * eps
+    got = fo.ratios(r.upper - r.lower, first)
+    assert abs(got["max"] - 1) < 1e-12 and abs(got["median"] - 1) < 1e-12 and abs(got["worst"] - 1) < 1e-12
+
+    gp = _mlp_graph(torch.Generator().manual_seed(13), product=True)
+    before = compute_bounds(gp, x, 0.3, "crown", arithmetic="real")
+    with fo.without_remainders(elementwise=True):
+        inside = compute_bounds(gp, x, 0.3, "crown", arithmetic="real")
+    with pytest.raises(RuntimeError):
+        with fo.without_remainders(elementwise=True):
+            raise RuntimeError("boom")
+    after = compute_bounds(gp, x, 0.3, "crown", arithmetic="real")
+    assert bool(((inside.upper - inside.lower) < (before.upper - before.lower) - 1e-9).all())
+    assert torch.equal(after.lower, before.lower) and torch.equal(after.upper, before.upper)
+
+
+def test_first_order_table_cells():
+    fo = _module("first_order")
+    row = {"label": "M", "scope": "layer0", "eps": 1e-3, "first": 4.02, "certified": 30.9, "max": 7.69,
+           "median": 7.45, "worst": 17.9, "node": ("layer0.attn.residual", 2.17), "seconds": 8.8,
+           "jacobian_s": 4.6, "ideal": 16.1, "ideal_all": 9.59}
+    lines = fo.table([row])
+    assert lines[2] == ("| M | layer0 | 0.001 | 4.02 | 30.9 | **7.69** | 7.45 / 17.9 | layer0.attn.residual (2.17) "
+                        "| 16.1 | 9.59 | 8.8 / 4.6 |")
+    plain = {k: v for k, v in row.items() if not k.startswith("ideal")}
+    assert "not a bound" not in fo.table([plain])[0]

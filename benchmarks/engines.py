@@ -11,8 +11,9 @@ where float64 is gamma's forward (parity-tested against the engines), for
   tokens, so T=8 runs the same function as gamma's T=8 graph);
 * gamma's own float32 forward.
 
-Beside each, the rounding floor: the certified width at eps 0 in the default mode (a
-block on its nominal input, or the whole model), and floor / largest difference.  An
+Beside each, the rounding floor: the certified width at eps 0 in the default mode and in
+``float32-probabilistic`` (a block on its nominal input, or the whole model), and floor /
+largest difference.  An
 engine's block row includes what the blocks before it rounded; the floor of a block
 does not, so the ratio there is if anything too small.
 
@@ -138,8 +139,8 @@ def smollm2_rows(path, blocks):
 
 
 def floor(model, g, x, scope, whole_floor: bool) -> dict:
-    """The certified width at eps 0 (default mode) of the block on its nominal input,
-    or of the whole model when ``whole_floor``."""
+    """The certified width at eps 0 of the block on its nominal input, or of the whole model
+    when ``whole_floor``, in the default mode and in the probabilistic one."""
     if scope == "whole":
         if not whole_floor:
             return {}
@@ -148,9 +149,12 @@ def floor(model, g, x, scope, whole_floor: bool) -> dict:
         vals = evaluate(g, x, keep_all=True)
         bg = g.block_graph(scope)
         bx = vals[bg.input].contiguous()
-    t0 = time.perf_counter()
-    r = compute_bounds(bg, bx, 0.0, "crown", allow_zero=True)
-    return {"floor": float((r.upper - r.lower).max()), "floor_s": time.perf_counter() - t0}
+    out = {}
+    for key, arith in (("floor", "float32"), ("prob_floor", "float32-probabilistic")):
+        t0 = time.perf_counter()
+        r = compute_bounds(bg, bx, 0.0, "crown", arithmetic=arith, allow_zero=True)
+        out[key], out[key + "_s"] = float((r.upper - r.lower).max()), time.perf_counter() - t0
+    return out
 
 
 def _g(v):
@@ -159,14 +163,15 @@ def _g(v):
 
 def table(rows) -> list[str]:
     head = ["model", "scope", "T", "ctranslate2 float32", "transformers float32", "gamma float32", "largest",
-            "rounding floor", "floor / largest"]
+            "rounding floor", "floor / largest", "rounding floor (probabilistic)", "floor (probabilistic) / largest"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         big = max(r.get(e, 0.0) for e in ("ctranslate2", "transformers", "gamma"))
-        fl = r.get("floor")
+        fl, pf = r.get("floor"), r.get("prob_floor")
         lines.append("| " + " | ".join([r["model"], r["scope"], str(r["T"]), _g(r.get("ctranslate2")),
                                         _g(r.get("transformers")), _g(r.get("gamma")), _g(big), _g(fl),
-                                        _g(None if fl is None else fl / big)]) + " |")
+                                        _g(None if fl is None else fl / big), _g(pf),
+                                        _g(None if pf is None else pf / big)]) + " |")
     return lines
 
 
@@ -184,7 +189,7 @@ def main(argv=None):
                       + f"` (load average {load[0]:.1f} at the end). Largest |engine float32 - gamma float64| on "
                       "the same weights and input; block rows: that block's output in a whole forward pass (the "
                       "rounding of the blocks before it included). Rounding floor: certified width at eps 0, "
-                      "default mode, CROWN (a block on its nominal input; the whole model). ctranslate2 runs "
+                      "default and probabilistic modes, CROWN (a block on its nominal input; the whole model). ctranslate2 runs "
                       "only the full 30 s window (T=1500).", ""] + table(rows) + [""])
     print(text)
     if args.out:

@@ -255,3 +255,16 @@ def test_first_order_table_cells():
                         "| 16.1 | 9.59 | 8.8 / 4.6 |")
     plain = {k: v for k, v in row.items() if not k.startswith("ideal")}
     assert "not a bound" not in fo.table([plain])[0]
+
+
+def test_engines_table_shows_both_floors_against_the_largest_difference():
+    """benchmarks/engines.py: the default and the probabilistic floor, each over the largest
+    engine difference of its row; rows without a floor say so."""
+    eng = _module("engines")
+    rows = [{"model": "M", "scope": "layer0", "T": 8, "transformers": 2e-6, "gamma": 1e-6,
+             "floor": 0.02, "prob_floor": 0.0002},
+            {"model": "M", "scope": "whole", "T": 1500, "ctranslate2": 4e-4, "transformers": 1e-3, "gamma": 5e-4}]
+    lines = eng.table(rows)
+    assert lines[0].endswith("| rounding floor (probabilistic) | floor (probabilistic) / largest |")
+    assert lines[2] == "| M | layer0 | 8 | - | 2e-06 | 1e-06 | 2e-06 | 0.02 | 1e+04 | 0.0002 | 100 |"
+    assert lines[3] == "| M | whole | 1500 | 0.0004 | 0.001 | 0.0005 | 0.001 | - | - | - | - |"

@@ -18,6 +18,8 @@ For every case (a block on its nominal input +- eps, or the whole model):
 
 ``--compare-with REV`` bounds every case also with the code of git revision REV (a temporary
 worktree, in a subprocess, one case after the other in the same run) and shows both.
+``--layernorm-variance formula`` bounds the float32 modes with that option and shows the default's
+beside them (its own section).
 
     python benchmarks/depth.py [--models whisper,smollm2] [--eps 1e-3] [--whole]
                                [--smollm2-blocks 0,15,29] [--compare-with REV] [--out BENCHMARKS.md]
@@ -52,6 +54,7 @@ T = 8
 PROB = "float32-probabilistic"
 SECTION = "10. Bounds through depth"
 WHOLE_SECTION = "13. Bounds through depth, whole model"
+FORMULA_SECTION = "15. LayerNorm's variance by a formula (--layernorm-variance formula)"
 
 
 def cases(models, whole: bool, smollm2_blocks):
@@ -84,16 +87,19 @@ def graph_and_point(path, scope):
     return bg, vals[bg.input].contiguous()
 
 
-def bounds(path, scope, eps):
-    """Certified bounds of one case: default mode, real arithmetic, the rounding floor."""
+def bounds(path, scope, eps, layernorm_variance=None, skip=()):
+    """Certified bounds of one case: default mode, real arithmetic, the rounding floor, and the
+    probabilistic mode's two; ``layernorm_variance``: the option, where given (another revision
+    may not have it); ``skip``: keys not to compute."""
     g, x = graph_and_point(path, scope)
+    extra = {} if layernorm_variance is None else {"layernorm_variance": layernorm_variance}
     out = {}
     for key, e, arith in (("f32", eps, "float32"), ("real", eps, "real"), ("floor", 0.0, "float32"),
                           ("prob", eps, PROB), ("prob_floor", 0.0, PROB)):
-        if arith == PROB and OLD:                 # another revision: it may not have the mode
+        if arith == PROB and OLD or key in skip:  # another revision: it may not have the mode
             continue
         t0 = time.perf_counter()
-        r = compute_bounds(g, x, e, "crown", arithmetic=arith, allow_zero=True)
+        r = compute_bounds(g, x, e, "crown", arithmetic=arith, allow_zero=True, **extra)
         out[key] = {"lower": r.lower.reshape(-1).tolist(), "upper": r.upper.reshape(-1).tolist(),
                     "seconds": time.perf_counter() - t0}
     return out
@@ -153,9 +159,14 @@ def _w(b):
     return torch.tensor(b["upper"], dtype=torch.float64) - torch.tensor(b["lower"], dtype=torch.float64)
 
 
-def measure(label, path, scope, eps, src):
-    new = bounds(path, scope, eps)
-    old = bounds_elsewhere(src, path, scope, eps) if src else None
+def measure(label, path, scope, eps, src, layernorm_variance=None):
+    """One row.  ``layernorm_variance="formula"``: every float32 mode with that option, and beside
+    it ("old") the same case with the default ("any"), in the same process."""
+    new = bounds(path, scope, eps, layernorm_variance)
+    if layernorm_variance not in (None, "any"):
+        old = bounds(path, scope, eps, "any", skip=("real",))      # real arithmetic has no margins: the same
+    else:
+        old = bounds_elsewhere(src, path, scope, eps) if src else None
     w = _w(new["f32"])
     key = target_mode(new)
     a = attacked(path, scope, eps, torch.tensor(new[key]["lower"]), torch.tensor(new[key]["upper"]))
@@ -185,8 +196,8 @@ def _g(v):
     return "inf" if v == float("inf") else f"{v:.3g}"
 
 
-def _secs(r, tag, keys=("f32", "real", "floor")) -> str:
-    return " / ".join(f"{r[f'{tag}_{k}_s']:.1f}" for k in keys)
+def _secs(r, tag, keys=("f32", "real", "floor", "prob", "prob_floor")) -> str:
+    return " / ".join(f"{r[f'{tag}_{k}_s']:.1f}" for k in keys if f"{tag}_{k}_s" in r)
 
 
 def _attack_note(rows) -> str:
@@ -207,9 +218,13 @@ def table(rows, rev) -> list[str]:
             "seconds (float32 / real / floor)", "certified (probabilistic)", "ratio (probabilistic)",
             "median / worst per output (probabilistic)", "rounding floor (probabilistic)",
             "floor (probabilistic) / diff", "seconds (probabilistic / its floor)"]
+    old_prob = any("old_prob" in r for r in rows)
     if have_old:
         head[4:4] = [f"certified (float32) at {rev}"]
-        head += [f"rounding floor at {rev}", f"seconds at {rev}"]
+        head += [f"rounding floor at {rev}"]
+        if old_prob:
+            head += [f"certified (probabilistic) at {rev}", f"rounding floor (probabilistic) at {rev}"]
+        head += [f"seconds at {rev}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["scope"], f"{r['eps']:g}", _g(r["attacked"])]
@@ -218,12 +233,16 @@ def table(rows, rev) -> list[str]:
         cells += [_g(r["new_f32"]), _g(r["new_f32"] / r["attacked"]),
                   f"{r['median_ratio']:.3g} / {r['worst_ratio']:.3g}",
                   _g(r["new_real"]), _g(r["new_real"] / r["attacked"]), _g(r["new_floor"]), _g(r["f32_diff"]),
-                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new"),
+                  _g(r["new_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new", ("f32", "real", "floor")),
                   _g(r["new_prob"]), _g(r["new_prob"] / r["attacked"]),
                   f"{r['median_ratio_prob']:.3g} / {r['worst_ratio_prob']:.3g}", _g(r["new_prob_floor"]),
                   _g(r["new_prob_floor"] / max(r["f32_diff"], 1e-300)), _secs(r, "new", ("prob", "prob_floor"))]
         if have_old:
-            cells += [_g(r["old_floor"]), _secs(r, "old")]
+            cells += [_g(r["old_floor"])]
+            if old_prob:
+                cells += [_g(r["old_prob"]) if "old_prob" in r else "-",
+                          _g(r["old_prob_floor"]) if "old_prob_floor" in r else "-"]
+            cells += [_secs(r, "old")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -236,6 +255,9 @@ def main(argv=None):
     ap.add_argument("--whole-only", action="store_true", help="only the whole Whisper encoder")
     ap.add_argument("--smollm2-blocks", default="0,15,29")
     ap.add_argument("--compare-with", default=None, metavar="REV")
+    ap.add_argument("--layernorm-variance", default="any", choices=("any", "formula"),
+                    help="formula: every float32 mode with --layernorm-variance formula, beside the default's "
+                         "(in place of --compare-with; its own section)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
@@ -245,13 +267,16 @@ def main(argv=None):
         with open(args.json_out, "w") as f:
             json.dump(bounds(path, scope, eps), f)
         return 0
+    formula = args.layernorm_variance == "formula"
+    if formula and args.compare_with:
+        ap.error("--layernorm-variance formula compares with the default in the same run: no --compare-with")
     src = None
     if args.compare_with:
         src = tempfile.mkdtemp(prefix="gamma-rev-")
         subprocess.run(["git", "worktree", "add", "--detach", src, args.compare_with], check=True,
                        capture_output=True)
     try:
-        rows = [measure(lbl, p, s, float(e), src)
+        rows = [measure(lbl, p, s, float(e), src, args.layernorm_variance if formula else None)
                 for e in args.eps.split(",")
                 for lbl, p, s in cases(args.models.split(","), "only" if args.whole_only else args.whole,
                                        [int(b) for b in args.smollm2_blocks.split(",")])]
@@ -259,15 +284,18 @@ def main(argv=None):
         if src:
             subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
     load = os.getloadavg()
-    section = WHOLE_SECTION if args.whole_only else SECTION
+    section = FORMULA_SECTION if formula else WHOLE_SECTION if args.whole_only else SECTION
     lines = [f"## {section}", "",
              f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
              + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "") + (f" --compare-with {args.compare_with}" if src else "")
+             + (" --layernorm-variance formula" if formula else "")
              + f"` (load average {load[0]:.1f} at the end). Block rows: the block on its nominal input +- eps. "
              "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
              "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre. "
              + _attack_note(rows),
-             ""] + table(rows, args.compare_with) + [""]
+             + (" Every float32 mode with `--layernorm-variance formula`; the columns marked 'at "
+                "--layernorm-variance any' are the same case with the default, in the same run." if formula else ""),
+             ""] + table(rows, "--layernorm-variance any" if formula else args.compare_with) + [""]
     text = "\n".join(lines)
     print(text)
     if args.out:

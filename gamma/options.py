@@ -1,7 +1,8 @@
 """What the user chooses about the bounds, checked once: :class:`BoundOptions`.
 
 One frozen object (method, epsilon, intermediate bounds, arithmetic, device,
-alpha-CROWN iterations, the product relaxation) is built where the user's input enters (the CLI from
+alpha-CROWN iterations, the product relaxation, what follows saturation, the engine's LayerNorm
+variance) is built where the user's input enters (the CLI from
 its arguments, :func:`gamma.verify` from its keyword arguments, a direct
 :func:`gamma.bounds.compute_bounds` call from its own) and travels unchanged to
 the engine and to worker processes (it pickles).  Each field has one check
@@ -41,6 +42,12 @@ PRODUCTS = ("polar", "half-sum")
 # in depth, and no tighter)
 AFTER_SATURATION = ("crown", "ibp")
 SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no information
+# how the float32 engine the bounds hold for computes LayerNorm's variance: "any" (the default: any
+# algorithm; running moments, as PyTorch's CPU kernel keeps them, covered by doubling the margin derived
+# for the two formulas); "formula": E[x^2] - E[x]^2 or mean((x - mean)^2) evaluated in float32, in any
+# summation order (CTranslate2's and llama.cpp's kernels), so the derived margin itself, with only its
+# rsqrt allowance doubled (as RMSNorm's)
+LAYERNORM_VARIANCE = ("any", "formula")
 
 
 # ------------------------------------------------------------------ one check per option
@@ -81,6 +88,10 @@ def check_products(products) -> str:
 
 def check_after_saturation(value) -> str:
     return _choice("--after-saturation", value, AFTER_SATURATION)
+
+
+def check_layernorm_variance(value) -> str:
+    return _choice("--layernorm-variance", value, LAYERNORM_VARIANCE)
 
 
 def check_device(device) -> str:
@@ -132,12 +143,14 @@ class BoundOptions:
     alpha_iters: int = 20
     products: str = "polar"           # elementwise products: PRODUCTS
     after_saturation: str = "crown"   # AFTER_SATURATION
+    layernorm_variance: str = "any"   # LAYERNORM_VARIANCE
 
     def __post_init__(self):
         checked = {"epsilon": check_epsilon(self.epsilon), "method": check_method(self.method),
                    "intermediate": check_intermediate(self.intermediate),
                    "arithmetic": check_arithmetic(self.arithmetic), "device": check_device(self.device),
                    "alpha_iters": check_alpha_iters(self.alpha_iters), "products": check_products(self.products),
-                   "after_saturation": check_after_saturation(self.after_saturation)}
+                   "after_saturation": check_after_saturation(self.after_saturation),
+                   "layernorm_variance": check_layernorm_variance(self.layernorm_variance)}
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -151,6 +151,14 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
     both = depth.table([old], "abc123")
     assert both[0].endswith("| rounding floor at abc123 | seconds at abc123 |")
     assert both[2].endswith("| 60.0 / 70.0 | 0.02 | 276.7 / 200.7 / 251.6 |")
+    # --layernorm-variance formula: the default's probabilistic bounds beside, no real arithmetic there
+    ln = dict(row, old_f32=float("inf"), old_floor=0.02, old_prob=1.5, old_prob_floor=0.003, old_f32_s=50.0,
+              old_floor_s=70.0, old_prob_s=61.0, old_prob_floor_s=72.0)
+    lines = depth.table([ln], "--layernorm-variance any")
+    assert lines[0].endswith("| rounding floor at --layernorm-variance any | certified (probabilistic) at "
+                             "--layernorm-variance any | rounding floor (probabilistic) at --layernorm-variance any "
+                             "| seconds at --layernorm-variance any |")
+    assert lines[2].endswith("| 60.0 / 70.0 | 0.02 | 1.5 | 0.003 | 50.0 / 70.0 / 61.0 / 72.0 |")
 
 
 def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():

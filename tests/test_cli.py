@@ -288,7 +288,8 @@ def test_verify_probabilistic_arithmetic_said(capsys, llama_dir, mode):
     assert out.splitlines()[2] == ("bounds   hold for float32 engines with the rounding of dot products and of "
                                    "norms' sums under a probabilistic model (--arithmetic float32-probabilistic: independent mean-zero "
                                    f"rounding errors, any summation order); under it they fail with probability <= {p}; "
-                                   "the other ops' rounding as in the default mode")
+                                   "the other ops' rounding as in the default mode (LayerNorm's running moments "
+                                   "within twice the derived allowance)")
 
 
 def test_verify_unbounded_output_says_where_and_what_narrows_it(capsys, whisper_dir):

@@ -152,7 +152,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
                    progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
                    arithmetic: str = "float32", tunings: Optional[Tunings] = None,
-                   options: Optional[BoundOptions] = None) -> BoundResult:
+                   options: Optional[BoundOptions] = None, layernorm_variance: str = "any") -> BoundResult:
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
@@ -162,17 +162,21 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     the probability that the bounds fail under it).  ``"real"``:
     they contain the real-valued function only (no margins; gamma's own
     float32 products still charge their rounding), which is what other
-    verifiers bound, and not a guarantee for a float32 engine.  ``tunings``: how
+    verifiers bound, and not a guarantee for a float32 engine.  ``layernorm_variance``
+    (:data:`gamma.options.LAYERNORM_VARIANCE`): "any" (default) or "formula", for engines that
+    compute LayerNorm's variance as E[x^2] - E[x]^2 or mean((x - mean)^2) (not by running
+    moments): its margin is then not doubled as a whole.  ``tunings``: how
     the engine computes them (:class:`Tunings`; the defaults when None).
 
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
-    of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters`` and
-    ``arithmetic``; without it those are checked here, by the same checks.  Its
+    of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters``, ``arithmetic`` and
+    ``layernorm_variance``; without it those are checked here, by the same checks.  Its
     ``products="half-sum"`` turns ``tunings.product_sums`` off.  ``graph`` stays where
     it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
     zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
     if options is None:
-        options = BoundOptions(1.0 if zero else epsilon, method, intermediate, arithmetic, device, alpha_iters)
+        options = BoundOptions(1.0 if zero else epsilon, method, intermediate, arithmetic, device, alpha_iters,
+                               layernorm_variance=layernorm_variance)
     elif not isinstance(options, BoundOptions):
         raise GammaError(f"options must be a gamma.options.BoundOptions, got {type(options).__name__}")
     elif epsilon is not None:
@@ -185,6 +189,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         tunings = replace(tunings, product_sums=False)
     method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
     eps = 0.0 if zero else options.epsilon
+    formula = options.layernorm_variance == "formula"
     dev = torch.device(options.device)
     if tuple(center.shape) != tuple(graph.input_shape):
         raise GammaError(f"input has shape {tuple(center.shape)}, the graph expects {tuple(graph.input_shape)}")
@@ -236,7 +241,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         if iv is None:
             iv = ibp_node(node, *ins)
         prob = arithmetic == "float32-probabilistic"
-        m, modes = (margin_split(node, ins, iv, margins, fpprob.NORM_SUMS if prob else None)
+        m, modes = (margin_split(node, ins, iv, margins, fpprob.NORM_SUMS if prob else None, formula)
                     if arithmetic != "real" else (None, None))
         if prob and modes is not None:
             ctx.events += 2 * iv.lower.numel()          # (at most) two sums per element's row, one event each

@@ -9,7 +9,7 @@ import argparse
 import math
 from typing import Optional
 
-from ..options import AFTER_SATURATION, ARITHMETIC, INTERMEDIATE, METHODS, PRODUCTS, BoundOptions
+from ..options import AFTER_SATURATION, ARITHMETIC, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, PRODUCTS, BoundOptions
 from ..verify import InputSpec, RunSpec, run as run_verification
 from .common import (Progress, add_input_options, check_writable, input_kwargs, num, print_json, seconds,
                      table)
@@ -60,6 +60,12 @@ def add_parser(subparsers) -> None:
                         "crown (default) keeps running CROWN passes; ibp switches to interval bounds there (no "
                         "tighter, far faster in depth: use it to learn quickly where and whether a deep model's "
                         "bounds saturate); the report names the node")
+    s.add_argument("--layernorm-variance", choices=LAYERNORM_VARIANCE, default="any",
+                   help="how the float32 engine computes LayerNorm's variance: any (default: any algorithm, "
+                        "running moments as in PyTorch's CPU kernel included, covered by doubling the derived "
+                        "margin) or formula (E[x^2] - E[x]^2 or mean((x - mean)^2) in any summation order, as "
+                        "CTranslate2 and llama.cpp compute it: the derived margin itself; the bounds then do not "
+                        "cover PyTorch's CPU LayerNorm)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -77,7 +83,7 @@ def run(args) -> int:
         return run_vnnlib(args)
     options = BoundOptions("1e-3" if args.epsilon is None else args.epsilon, args.method, args.intermediate,
                            args.arithmetic, args.device, args.alpha_iters, args.products,
-                           args.after_saturation)     # a bad --epsilon shown as typed
+                           args.after_saturation, args.layernorm_variance)     # a bad --epsilon shown as typed
     check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
     spec = RunSpec("block_wise" if block_wise else "layer_by_layer" if args.layer_by_layer else "full",
@@ -106,13 +112,19 @@ def run(args) -> int:
 # ------------------------------------------------------------------ text
 ARITHMETIC_LINE = {
     "float32": "bounds   hold for every float32 engine: its rounding included, in any summation order (assumed: "
-               "math functions within a few ulp, LayerNorm's running moments within twice the derived allowance)",
+               "math functions within a few ulp, {ln})",
     "float32-probabilistic": "bounds   hold for float32 engines with the rounding of dot products and of norms' sums "
                              "under a probabilistic model (--arithmetic float32-probabilistic: independent "
                              "mean-zero rounding errors, any summation order); under it they fail with probability "
-                             "<= {p:.1e}; the other ops' rounding as in the default mode",
+                             "<= {p:.1e}; the other ops' rounding as in the default mode ({ln})",
     "real": "bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
             "not a guarantee for a float32 engine",
+}
+
+LAYERNORM_LINE = {
+    "any": "LayerNorm's running moments within twice the derived allowance",
+    "formula": "LayerNorm's variance by E[x^2] - E[x]^2 or mean((x - mean)^2), --layernorm-variance formula: "
+               "CTranslate2, llama.cpp, not PyTorch's CPU kernel",
 }
 
 
@@ -124,7 +136,8 @@ def _header(r: dict) -> list[str]:
         inter += f", products {r['products']}"
     if r.get("after_saturation", "crown") != "crown" and r["method"] in ("crown", "alpha"):
         inter += f", after saturation {r['after_saturation']}"
-    real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(p=r.get("rounding_failure", 1.0))]
+    real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(
+        p=r.get("rounding_failure", 1.0), ln=LAYERNORM_LINE[r.get("layernorm_variance", "any")])]
     return [
         f"model    {m['arch']} {r['component']} ({m['format']}) {m['path']}",
         f"run      {mode}, method {r['method']}{inter}, epsilon {r['epsilon']:g}, device {r['device']}",

@@ -75,7 +75,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None, arithmetic: str = "float32",
            attack: Union[bool, AttackConfig, None] = None, products: str = "polar",
-           after_saturation: str = "crown") -> VerifyResult:
+           after_saturation: str = "crown", layernorm_variance: str = "any") -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -91,13 +91,17 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     True (default :class:`AttackConfig`), a config, False, or None: on in
     block-wise runs (cheap next to the bounds), off otherwise.  ``after_saturation``: "crown"
     (default) or "ibp": interval bounds from the first node wider than 1e6 (or unbounded) on
-    (``ibp_from`` in the report says where).
+    (``ibp_from`` in the report says where).  ``layernorm_variance``: "any" (default) or
+    "formula": the float32 bounds then hold for engines that compute LayerNorm's variance as
+    E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp), not by running moments
+    (PyTorch's CPU kernel), and its margin is not doubled as a whole.
 
     The arguments are checked here, before the model is read, grouped into
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,
     and run by :func:`run`.
     """
-    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products, after_saturation)
+    options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products, after_saturation,
+                           layernorm_variance)
     spec = RunSpec(mode_of(block_wise, layer_by_layer), blocks, tolerance, property, worst_k, workers, ray,
                    checkpoint, attack)
     inputs = InputSpec(component, seq_len, tokens, input_path, center, output)
@@ -127,7 +131,7 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
         "component": comp, "output": inputs.output, "seq_len": seq,
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
         "device": options.device, "arithmetic": options.arithmetic, "products": options.products,
-        "after_saturation": options.after_saturation,
+        "after_saturation": options.after_saturation, "layernorm_variance": options.layernorm_variance,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output_node if block_wise else graph.output,
         "output_shape": list(graph.output_shape),

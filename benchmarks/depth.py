@@ -283,24 +283,30 @@ def main(argv=None):
     finally:
         if src:
             subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
-    load = os.getloadavg()
-    section = FORMULA_SECTION if formula else WHOLE_SECTION if args.whole_only else SECTION
-    lines = [f"## {section}", "",
-             f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
-             + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "") + (f" --compare-with {args.compare_with}" if src else "")
-             + (" --layernorm-variance formula" if formula else "")
-             + f"` (load average {load[0]:.1f} at the end). Block rows: the block on its nominal input +- eps. "
-             "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
-             "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre. "
-             + _attack_note(rows),
-             + (" Every float32 mode with `--layernorm-variance formula`; the columns marked 'at "
-                "--layernorm-variance any' are the same case with the default, in the same run." if formula else ""),
-             ""] + table(rows, "--layernorm-variance any" if formula else args.compare_with) + [""]
-    text = "\n".join(lines)
+    section, text = section_text(args, rows, os.getloadavg()[0], src is not None)
     print(text)
     if args.out:
         _write_section(args.out, text, section)
     return 0
+
+
+def section_text(args, rows, load: float, compared: bool) -> tuple:
+    """(section title, markdown) of the measured ``rows`` for the command line ``args``."""
+    formula = args.layernorm_variance == "formula"
+    section = FORMULA_SECTION if formula else WHOLE_SECTION if args.whole_only else SECTION
+    lines = [f"## {section}", "",
+             f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
+             + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "")
+             + (f" --compare-with {args.compare_with}" if compared else "")
+             + (" --layernorm-variance formula" if formula else "")
+             + f"` (load average {load:.1f} at the end). Block rows: the block on its nominal input +- eps. "
+             "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
+             "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre. "
+             + _attack_note(rows)
+             + (" Every float32 mode with `--layernorm-variance formula`; the columns marked 'at "
+                "--layernorm-variance any' are the same case with the default, in the same run." if formula else ""),
+             ""] + table(rows, "--layernorm-variance any" if formula else args.compare_with) + [""]
+    return section, "\n".join(lines)
 
 
 def _write_section(path, text, section):

@@ -159,6 +159,16 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
                              "--layernorm-variance any | rounding floor (probabilistic) at --layernorm-variance any "
                              "| seconds at --layernorm-variance any |")
     assert lines[2].endswith("| 60.0 / 70.0 | 0.02 | 1.5 | 0.003 | 50.0 / 70.0 / 61.0 / 72.0 |")
+    import argparse
+    args = argparse.Namespace(models="whisper", eps="1e-4", whole=True, whole_only=False, compare_with=None,
+                              layernorm_variance="formula")
+    title, text = depth.section_text(args, [dict(ln, targets_from="prob", violations=0)], 2.04, False)
+    assert title == "15. LayerNorm's variance by a formula (--layernorm-variance formula)"
+    assert text.splitlines()[2].startswith("CROWN, T=8, `python benchmarks/depth.py --models whisper --eps 1e-4 "
+                                           "--whole --layernorm-variance formula` (load average 2.0 at the end).")
+    assert text.splitlines()[2].endswith("the columns marked 'at --layernorm-variance any' are the same case with "
+                                         "the default, in the same run.")
+    assert text.splitlines()[6] == lines[2]
 
 
 def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():

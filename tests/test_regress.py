@@ -89,6 +89,16 @@ def test_shipped_suites_parse():
     prob = next(c for c in quick if c.arithmetic == "float32-probabilistic")
     assert prob.config()["arithmetic"] == "float32-probabilistic"
     assert "arithmetic" not in next(c for c in quick if c.name == "tiny-qwen3-crown-full").config()
+    assert all("layernorm_variance" not in c.config() for c in quick)          # the default: not in the key
+
+
+def test_suite_case_with_the_layernorm_variance_option(tmp_path):
+    """A case may pin --layernorm-variance formula: it is part of the question asked (the config)."""
+    p = tmp_path / "s.toml"
+    p.write_text('[[case]]\nname="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\n'
+                 'layernorm_variance="formula"\n')
+    (case,) = R.load_suite(str(p))
+    assert case.layernorm_variance == "formula" and case.config()["layernorm_variance"] == "formula"
 
 
 @pytest.mark.parametrize("body, message", [
@@ -104,6 +114,8 @@ def test_shipped_suites_parse():
      "unknown intermediate 'half' (choose from crown, cut, ibp)"),
     ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\narithmetic="float16"',
      "unknown arithmetic 'float16' (choose from float32, float32-probabilistic, real)"),
+    ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nlayernorm_variance="welford"',
+     "unknown layernorm_variance 'welford' (choose from any, formula)"),
 ])
 def test_suite_errors_name_the_case_and_key(tmp_path, body, message):
     p = tmp_path / "s.toml"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GammaError
-from ..options import ARITHMETIC, INTERMEDIATE, METHODS, check_epsilon
+from ..options import ARITHMETIC, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, check_epsilon
 
 try:
     import tomllib
@@ -29,7 +29,7 @@ MIN_MEMORY_MB = 64.0     # a memory growth below this never regresses
 FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION", "UNSOUND")
 _KEYS = {"name", "model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks",
          "output", "track", "tolerance", "time_factor", "memory_factor", "min_seconds", "samples",
-         "attack_steps", "intermediate", "arithmetic"}
+         "attack_steps", "intermediate", "arithmetic", "layernorm_variance"}
 CONFIG_KEYS = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output",
            "intermediate")
 
@@ -50,6 +50,7 @@ class Case:
     output: str = "hidden"
     intermediate: str = "crown"         # crown / alpha: how intermediate bounds are computed (crown, cut, ibp)
     arithmetic: str = "float32"         # what the bounds hold for (gamma.options.ARITHMETIC)
+    layernorm_variance: str = "any"     # the engine's LayerNorm variance (gamma.options.LAYERNORM_VARIANCE)
     tolerance: float = 0.01
     time_factor: float = 3.0
     memory_factor: float = 2.0
@@ -63,6 +64,8 @@ class Case:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in CONFIG_KEYS)}
         if self.arithmetic != "float32":            # (records from before the key: the default)
             out["arithmetic"] = self.arithmetic
+        if self.layernorm_variance != "any":
+            out["layernorm_variance"] = self.layernorm_variance
         return out
 
 
@@ -123,6 +126,11 @@ def _case(path: str, i: int, t: dict) -> Case:
         if t["arithmetic"] not in ARITHMETIC:
             raise GammaError(f"{where}: unknown arithmetic '{t['arithmetic']}' (choose from {', '.join(ARITHMETIC)})")
         kw["arithmetic"] = t["arithmetic"]
+    if "layernorm_variance" in t:
+        if t["layernorm_variance"] not in LAYERNORM_VARIANCE:
+            raise GammaError(f"{where}: unknown layernorm_variance '{t['layernorm_variance']}' "
+                             f"(choose from {', '.join(LAYERNORM_VARIANCE)})")
+        kw["layernorm_variance"] = t["layernorm_variance"]
     for k in ("tolerance", "time_factor", "memory_factor", "min_seconds"):
         if k in t:
             v = t[k]

@@ -284,9 +284,7 @@ def main(argv=None):
         if src:
             subprocess.run(["git", "worktree", "remove", "--force", src], check=False)
     section, text = section_text(args, rows, os.getloadavg()[0], src is not None)
-    print(text)
-    if args.out:
-        _write_section(args.out, text, section)
+    emit(text, args.out, section)
     return 0
 
 
@@ -307,6 +305,13 @@ def section_text(args, rows, load: float, compared: bool) -> tuple:
                 "--layernorm-variance any' are the same case with the default, in the same run." if formula else ""),
              ""] + table(rows, "--layernorm-variance any" if formula else args.compare_with) + [""]
     return section, "\n".join(lines)
+
+
+def emit(text: str, out, section: str) -> None:
+    """Print a benchmark's section and, with ``out``, write it into that markdown file."""
+    print(text)
+    if out:
+        _write_section(out, text, section)
 
 
 def _write_section(path, text, section):

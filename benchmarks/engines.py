@@ -191,10 +191,8 @@ def main(argv=None):
                       "rounding of the blocks before it included). Rounding floor: certified width at eps 0, "
                       "default and probabilistic modes, CROWN (a block on its nominal input; the whole model). ctranslate2 runs "
                       "only the full 30 s window (T=1500).", ""] + table(rows) + [""])
-    print(text)
-    if args.out:
-        from depth import _write_section
-        _write_section(args.out, text, SECTION)
+    from depth import emit
+    emit(text, args.out, SECTION)
     return 0
 
 

@@ -26,15 +26,15 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from gamma import Model  # noqa: E402
+from depth import T, emit, graph_and_point  # noqa: E402  (the same models, T and block inputs)
 from gamma.bounds import compute_bounds  # noqa: E402
-from gamma.io import load_checkpoint, zoo  # noqa: E402
+from gamma.io import zoo  # noqa: E402
 from gamma.ops import evaluate  # noqa: E402
 
-T = 8
 SECTION = "14. First-order and second-order slack (real arithmetic)"
 ATTENTION_PRODUCTS = ("attn.av", "attn.qk")
 
@@ -106,23 +106,9 @@ def worst_node(graph, res, first, need, eps) -> tuple:
     return best
 
 
-_MODELS: dict = {}
-
-
-def case(path, scope):
-    if path not in _MODELS:
-        _MODELS[path] = Model(load_checkpoint(path))
-    model = _MODELS[path]
-    g = model.graph(seq_len=T)
-    x = model.input_point(seq_len=T).x
-    vals = evaluate(g, x, keep_all=True)
-    bg = g.block_graph(scope)
-    return bg, vals[bg.input].contiguous()
-
-
 def measure(label, path, scope, eps_list, ideal: bool) -> list[dict]:
     from gamma.bounds.engine import needs_bounds, norm_fed
-    g, x = case(path, scope)
+    g, x = graph_and_point(path, scope)
     t0 = time.perf_counter()
     first = first_order_range(g, x)
     jac_s = time.perf_counter() - t0
@@ -197,14 +183,9 @@ def main(argv=None):
              "first-order max width; per output over the outputs whose first-order range is at least 1e-3 of "
              "the largest. Needed node: of the nodes whose bounds a relaxation reads, the one whose median "
              "ratio is largest.", ""] + table(rows) + [""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        from depth import _write_section
-        _write_section(args.out, text, SECTION)
+    emit("\n".join(lines), args.out, SECTION)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
     sys.exit(main())

@@ -14,6 +14,7 @@ from typing import Optional
 from .. import compare as lib
 from ..bounds import METHODS
 from ..bounds.engine import INTERMEDIATE
+from ..options import ARITHMETIC, LAYERNORM_VARIANCE
 from .common import Progress, add_input_options, input_kwargs, num, print_json, seconds, table
 
 
@@ -51,6 +52,12 @@ def add_parser(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
     s.add_argument("--intermediate", choices=INTERMEDIATE, default="crown",
                    help="bounds of intermediate nodes for crown/alpha (default crown)")
+    s.add_argument("--arithmetic", choices=ARITHMETIC, default="float32",
+                   help="what the bounds hold for, as in gamma verify: float32 (default: float32 engines, "
+                        "rounding included), float32-probabilistic or real")
+    s.add_argument("--layernorm-variance", choices=LAYERNORM_VARIANCE, default="any",
+                   help="as in gamma verify: formula for engines that compute LayerNorm's variance by "
+                        "E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -85,7 +92,8 @@ def run_compare(args) -> int:
                           block_wise=args.block_wise, blocks=args.blocks, merge=args.merge, naive=args.naive,
                           samples=args.samples, attack_steps=args.attack_steps, restarts=args.restarts,
                           seed=args.seed, intermediate=args.intermediate, device=args.device,
-                          alpha_iters=args.alpha_iters, progress=progress, **input_kwargs(args))
+                          alpha_iters=args.alpha_iters, progress=progress, arithmetic=args.arithmetic,
+                          layernorm_variance=args.layernorm_variance, **input_kwargs(args))
     finally:
         done()
     saved = bool(args.save_counterexample) and res.save_counterexample(args.save_counterexample)
@@ -125,7 +133,10 @@ def _ratio(v: Optional[float]) -> str:
 def compare_lines(r: dict, top: int = 5) -> list[str]:
     mode = "block-wise" if r["mode"] == "block_wise" else "full network"
     lines = _models(r) + [f"run        {mode}, method {r['method']}, epsilon {r['epsilon']:g}, "
-                          f"tolerance {num(r['tolerance'])}" + ("" if r["merged"] else ", no merging")]
+                          f"tolerance {num(r['tolerance'])}" + ("" if r["merged"] else ", no merging")
+                          + (f", arithmetic {r['arithmetic']}" if r.get("arithmetic", "float32") != "float32" else "")
+                          + (f", layernorm variance {r['layernorm_variance']}"
+                             if r.get("layernorm_variance", "any") != "any" else "")]
     if r["mode"] == "full":
         g = r["difference_graph"]
         lines.append(f"network    {g['nodes']} nodes, {g['shared_nodes']} shared of {g['reference_nodes']} + "

@@ -121,7 +121,8 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
             center: Optional[str] = None, output: str = "hidden", block_wise: bool = False, blocks=None,
             merge: bool = True, naive: bool = False, samples: int = 256, attack_steps: int = 20,
             restarts: int = 2, seed: int = 0, intermediate: str = "crown", device: str = "cpu",
-            alpha_iters: int = 20, progress: Progress = None) -> CompareResult:
+            alpha_iters: int = 20, progress: Progress = None, arithmetic: str = "float32",
+            layernorm_variance: str = "any") -> CompareResult:
     """Certified max |reference - target| over the box of radius ``epsilon`` at
     the reference's input point (block-wise: every selected block over the
     reference's nominal block input +- epsilon).
@@ -130,9 +131,13 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     ``[l_ref - u_tgt, u_ref - l_tgt]`` (intersected with the joint one).  Off
     by default: it costs two more whole-model bounds, each as long as
     ``gamma verify --full`` on one model (over 14 minutes for SmolLM2-135M
-    compared with itself, where the joint bound is free)."""
+    compared with itself, where the joint bound is free).  ``arithmetic`` and
+    ``layernorm_variance``: what the bounds hold for, as in :func:`gamma.verify` (the float32
+    margins apply to both models' nodes)."""
     t_start = time.perf_counter()
-    eps = BoundOptions(epsilon, method, intermediate, device=device, alpha_iters=alpha_iters).epsilon
+    checked = BoundOptions(epsilon, method, intermediate, arithmetic, device=device, alpha_iters=alpha_iters,
+                           layernorm_variance=layernorm_variance)
+    eps = checked.epsilon
     tol = check_tolerance(tolerance)
     for name, v, low in (("--samples", samples, 0), ("--attack-steps", attack_steps, 0), ("--restarts", restarts, 0)):
         if int(v) < low:
@@ -142,10 +147,12 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     head, x, (g_ref, g_tgt), timings = _setup(reference, target, component, seq_len, tokens, input_path,
                                               center, output, progress)
     opts = dict(method=method, merge=merge, naive=naive, progress=progress, intermediate=intermediate,
-                device=device, alpha_iters=alpha_iters,
+                device=device, alpha_iters=alpha_iters, arithmetic=checked.arithmetic,
+                layernorm_variance=checked.layernorm_variance,
                 attack=dict(samples=int(samples), steps=int(attack_steps), restarts=int(restarts), seed=seed))
     report: dict[str, Any] = {"command": "compare", "mode": "block_wise" if block_wise else "full", **head,
-                              "method": method, "epsilon": eps, "tolerance": tol, "merged": merge}
+                              "method": method, "epsilon": eps, "tolerance": tol, "merged": merge,
+                              "arithmetic": checked.arithmetic, "layernorm_variance": checked.layernorm_variance}
     result = CompareResult(report)
     if not block_wise:
         body, worst = compare_graphs(g_ref, g_tgt, x, eps, tol, **opts)

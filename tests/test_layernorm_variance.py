@@ -246,3 +246,31 @@ def test_report_says_what_the_bounds_hold_for(capsys, whisper_hf_dir):
     x = torch.zeros(2, 2, dtype=torch.float64)
     assert "layernorm_variance" not in run_key({**base, "layernorm_variance": "any"}, 20, x)
     assert run_key({**base, "layernorm_variance": "formula"}, 20, x)["layernorm_variance"] == "formula"
+
+
+def test_ctranslate2_itself_inside_the_bounds(whisper_ct2_dir):
+    """The engine the option names, run for real: CTranslate2's float32 Whisper encoder (one-pass
+    LayerNorm, its vectorised erf, its GEMMs) on a tiny encoder over its whole window (T = 32), at
+    float32 points of the box (centre, corners, random), lies inside gamma's float32 bounds with the
+    option, in every output element, at eps 1e-5 (the option's own case; the default's margins cover
+    both formulas as well).  About 70 s: one whole-model CROWN bound at T = 32."""
+    layernorm_variance = "formula"
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    path, _ = whisper_ct2_dir
+    m = gamma.load(path)
+    t = m.ckpt.config.max_source_positions
+    g, x0 = m.graph(seq_len=t), m.input_point(seq_len=t).x.float().double()
+    eps = 1e-5
+    r = compute_bounds(g, x0, eps, "crown", layernorm_variance=layernorm_variance)
+    assert bool(torch.isfinite(r.width()).all())
+    engine = ctranslate2.models.Whisper(path, device="cpu", compute_type="float32")
+    gen = torch.Generator().manual_seed(17)
+    pts = [x0, x0 + eps, x0 - eps] + [x0 + eps * (2 * torch.rand(x0.shape, generator=gen, dtype=torch.float64) - 1)
+                                      for _ in range(12)]
+    for p in pts:
+        p32 = p.float()
+        p32 = torch.where(p32.double() > x0 + eps, torch.nextafter(p32, torch.tensor(-float("inf"))), p32)
+        p32 = torch.where(p32.double() < x0 - eps, torch.nextafter(p32, torch.tensor(float("inf"))), p32)
+        y = torch.from_numpy(np.array(engine.encode(ctranslate2.StorageView.from_array(p32[None].numpy()))))[0]
+        y = y.double().reshape(r.lower.shape)
+        assert bool((y >= r.lower).all()) and bool((y <= r.upper).all())

@@ -12,6 +12,7 @@ import torch
 
 from gamma.bounds import Tunings, compute_bounds
 from gamma.bounds.interval import Interval
+from gamma.bounds.softmax import shifted_radius
 from gamma.bounds.softmax_pairs import pairwise_interval
 from gamma.graph import Graph
 from gamma.models.common import causal_mask
@@ -112,3 +113,93 @@ def test_dense_and_token_compact_passes_agree_and_alpha_stays_sound():
     for r in (compute_bounds(g, x0, 0.05, "alpha", alpha_iters=5),
               compute_bounds(g, x0, 0.05, "crown", intermediate="cut")):
         assert violations(graph_fn(g, torch.float32), x0, 0.05, r.lower, r.upper, n_samples=500, seed=1) == 0
+
+
+# ---- the mean-value remainder on score differences (softmax's shift invariance) ----
+
+NO_SHIFT = Tunings(softmax_shift=False)
+
+
+def test_shifted_radius_by_hand():
+    """Scores box [0, 2] x [1, 3] (centres 1, 2); z_2 - z_1 in [0.5, 1.5] (centre difference 1):
+    with key 1 as reference |d_2 - d_1| <= 0.5, key 2's row likewise; the last row is the box's."""
+    x = Interval(torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.tensor([[2.0, 3.0]], dtype=torch.float64))
+    d_lo = torch.tensor([[[0.0, 0.5], [-1.5, 0.0]]], dtype=torch.float64)
+    d_hi = torch.tensor([[[0.0, 1.5], [-0.5, 0.0]]], dtype=torch.float64)
+    rho = shifted_radius(x, d_lo, d_hi)
+    want = torch.tensor([[[0.0, 0.5], [0.5, 0.0], [1.0, 1.0]]], dtype=torch.float64)
+    assert torch.allclose(rho, want, rtol=0, atol=1e-14) and (rho >= want).all()
+    # differences no tighter than the boxes' (r_j + r_k = 2): the box's reach is kept
+    wide = shifted_radius(x, d_lo - 10, d_hi + 10)
+    assert torch.allclose(wide[:, :2], torch.tensor([[[2.0, 2.0], [2.0, 2.0]]], dtype=torch.float64))
+
+
+def test_scores_moving_together_leave_no_mean_value_remainder():
+    """z = (x, x + 1, x + 2) with x in [-0.5, 0.5]: by the box the mean-value remainder is
+    D r > 0; on the differences (all constant) it is 0 up to rounding."""
+    from gamma.bounds.softmax import softmax_lin
+    g = _shifted_scores()
+    z = Interval(torch.tensor([[-0.5, 0.5, 1.5]], dtype=torch.float64), torch.tensor([[0.5, 1.5, 2.5]], dtype=torch.float64))
+    zero = torch.zeros(1, 3, 3, dtype=torch.float64)
+    c0 = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    d = (c0.unsqueeze(-2) - c0.unsqueeze(-1)) + zero                     # z_j - z_k exactly
+    off = softmax_lin(g["y"], z)                                         # the Jacobian's range from the box
+    on = softmax_lin(g["y"], z, d=(d, d))
+    assert float(on.err.max()) < 1e-13 < 1e-3 < float(off.err.min())
+
+
+def _centre_hull_points(g: Graph, x0: torch.Tensor, eps: float, n: int, seed: int):
+    """Scores at points of segments from the score box's centre to scores of the region."""
+    from gamma.ops import evaluate
+    res = compute_bounds(g, x0, eps, "crown", arithmetic="real")
+    s_box = res.nodes["s"]
+    gen = torch.Generator().manual_seed(seed)
+    xs = x0 + eps * (2 * torch.rand(n, *x0.shape, generator=gen, dtype=torch.float64) - 1)
+    s = torch.stack([evaluate(g, xi, keep_all=True)["s"] for xi in xs])
+    t = torch.rand(n, 1, 1, generator=gen, dtype=torch.float64)
+    return res, s_box.center + t * (s - s_box.center)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_hull_interval_holds_on_segments_from_the_centre(masked):
+    """The mean-value form takes its Jacobian on points of segments from the box centre
+    to the region: ``y_hull`` contains softmax there (``y`` need not)."""
+    from gamma.bounds.crown import Context
+    from gamma.bounds.refine import REFINE
+    g = _attention(masked, seed=3)
+    x0 = torch.randn(*g.input_shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    res, pts = _centre_hull_points(g, x0, 0.05, 400, seed=5)
+    ctx = Context(g, dict(res.nodes), {n.name: None for n in g}, refine=REFINE)
+    hull = ctx.refinement(g["p"])["y_hull"]
+    mask = g["p"].params.get("mask")
+    y = torch.softmax(pts if mask is None else pts.masked_fill(~mask, float("-inf")), -1)
+    assert (y >= hull.lower).all() and (y <= hull.upper).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("arithmetic", ["float32", "real"])
+def test_shifted_remainder_is_sound_and_never_looser(masked, arithmetic):
+    """Attention scores -> softmax -> a linear read-out: with the remainder on score
+    differences, never looser than without, tighter somewhere, and sound (samples + PGD,
+    float32 and float64 engines)."""
+    gen = torch.Generator().manual_seed(11)
+    T, d = 5, 6
+    g = Graph("att", "x", (T, d))
+    w = lambda: (torch.randn(d, d, generator=gen) / math.sqrt(d)).float().double()
+    g.add("q", "linear", "x", weight=w())
+    # keys sharing a common part: a row's scores move together with its query
+    g.add("k", "linear", "x", weight=w(), bias=(3 * torch.randn(d, generator=gen)).float().double())
+    g.add("s", "matmul", "q", "k")
+    g.add("p", "softmax", "s", mask=causal_mask(T) if masked else None)
+    g.add("o", "linear", "p", weight=torch.randn(4, T, generator=gen).float().double())
+    g = g.infer_shapes()
+    x0 = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    eps = 0.01
+    r = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    plain = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=NO_SHIFT)
+    slack = 1e-12 * (1 + plain.upper.abs())
+    assert (r.lower >= plain.lower - slack).all() and (r.upper <= plain.upper + slack).all()
+    assert float(r.width().sum()) < 0.95 * float(plain.width().sum())
+    dtypes = (torch.float32, torch.float64) if arithmetic == "float32" else (torch.float64,)
+    for dtype in dtypes:
+        assert violations(graph_fn(g, dtype), x0, eps, r.lower, r.upper, n_samples=1000, seed=13) == 0

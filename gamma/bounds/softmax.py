@@ -188,20 +188,39 @@ def _softmax_decomposed(node, x: Interval):
     return a, u, alpha, k, e, rem
 
 
-def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None) -> Linearization:
+def shifted_radius(x: Interval, d_lo: Tensor, d_hi: Tensor) -> Tensor:
+    """(*lead, T, S+1, S): for each reference key k (and, last, none), a bound of
+    ``|(z_j - z_k) - (x0_j - x0_k)|`` over the region, from CROWN's bounds
+    ``[d_lo, d_hi]`` of ``z_j - z_k`` at ``[.., k, j]`` (the box's where tighter); the
+    last row is the box radius itself (no shift)."""
+    x0, r = x.center, x.radius
+    c0 = x0.unsqueeze(-2) - x0.unsqueeze(-1)                             # x0_j - x0_k at [.., k, j]
+    rk = r.unsqueeze(-2) + r.unsqueeze(-1)                               # the box's reach of the difference
+    slack = 4 * ULP64 * (d_hi.abs() + d_lo.abs() + c0.abs())              # float64 rounding of c0 and the differences
+    rho = torch.minimum(torch.maximum(d_hi - c0, c0 - d_lo) + slack, rk)
+    return torch.cat([rho.nan_to_num(nan=math.inf), r.unsqueeze(-2)], -2)
+
+
+def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None,
+                y_hull: Optional[Interval] = None, d: Optional[tuple] = None) -> Linearization:
     """Per row, whichever of the mean-value form (exact Jacobian at the centre,
     dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
     the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``.
-    ``y``: sound bounds of the output tighter than the box's corners (CROWN's,
-    :mod:`.softmax_pairs`): the Jacobian's range, and so the mean-value
-    remainder, is taken over them."""
+
+    CROWN's refinement (:mod:`.softmax_pairs`) may add: ``y``, bounds of the
+    output over the region tighter than the box's corners (the form's direct
+    enclosure); ``y_hull``, the same over every segment from the box centre to
+    the region, where the mean-value theorem finds its points (the Jacobian's
+    range, and so the mean-value remainder, is taken over them); ``d``,
+    bounds ``(lo, hi)`` of the score differences ``z_j - z_k`` at ``[.., k, j]``
+    (the remainder then reads them: :func:`shifted_radius`)."""
     mask = node.params.get("mask")
     x0, r = x.center, x.radius
     y0 = FORWARD["softmax"](node, x0)
-    naive = softmax_interval(x.lower, x.upper, mask)
-    if y is not None:
-        naive = naive.intersect(y)
-    yl, yu = naive.lower, naive.upper
+    box = softmax_interval(x.lower, x.upper, mask)
+    naive = box if y is None else box.intersect(y)
+    seg = box if y_hull is None else box.intersect(y_hull)
+    yl, yu = seg.lower, seg.upper
     if mask is not None:
         r = r.masked_fill(~mask, 0.0)
     # interval Jacobian: J_ii = y_i - y_i^2, J_ij = -y_i y_j
@@ -218,7 +237,18 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
     D = torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
     S = x0.shape[-1]
     # plus float64 rounding of y0 (a softmax) and of the linear form's evaluation
-    err_mv = (D @ r.unsqueeze(-1)).squeeze(-1) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
+    if d is not None:
+        # shift invariance: y(x0 + dx) = y(x0 + dx - c 1) and J 1 = 0 for every Jacobian of the region, so the
+        # remainder [J(xi) - J0] dx equals [J(xi) - J0] (dx - dx_k 1), whose entries are bounded by the score
+        # differences' radii; per output the best reference k (or none)
+        rho = shifted_radius(x, *d)
+        if mask is not None:
+            rho = rho.masked_fill(~mask.unsqueeze(-2), 0.0)
+        mv = (D @ rho.transpose(-1, -2)).amin(-1) * (1 + 2 * S * ULP64)  # (.., T, S): min over k
+        mv = torch.where(torch.isnan(mv), (D @ r.unsqueeze(-1)).squeeze(-1), mv)
+    else:
+        mv = (D @ r.unsqueeze(-1)).squeeze(-1)
+    err_mv = mv + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
     shape = x0.shape
 
     if tunings.softmax_decomposed:

@@ -108,11 +108,20 @@ def pairwise_interval(x: Interval, d_lo: Tensor, d_hi: Tensor, mask: Optional[Te
 
 
 def softmax_pairs(ctx: Context, node) -> dict:
-    """The refinement of a softmax node: ``{"y": Interval}``, its output
-    interval from the pairwise differences intersected with the box rule's,
-    or {} where :func:`pair_differences` does not run (or ``tunings.softmax_pairs`` is off)."""
+    """The refinement of a softmax node, or {} where :func:`pair_differences` does not
+    run (or ``tunings.softmax_pairs`` is off): ``"y"``, its output interval over the
+    region from the pairwise differences, intersected with the box rule's; ``"d"``,
+    those differences; ``"y_hull"``, the interval from the differences widened to the
+    box centre's (``x0_j - x0_k``), which holds on every segment from the centre to the
+    region (where the mean-value form's Jacobian is taken: :func:`.softmax.softmax_lin`)."""
     d = pair_differences(ctx, node) if ctx.tunings.softmax_pairs else None
     if d is None:
         return {}
     x = ctx.inb(node)
-    return {"y": softmax_ibp(node, x).intersect(pairwise_interval(x, *d, node.params.get("mask")))}
+    mask = node.params.get("mask")
+    c0 = x.center.unsqueeze(-2) - x.center.unsqueeze(-1)                 # x0_j - x0_k at [.., k, j]
+    hull = pairwise_interval(x, torch.minimum(d[0], c0), torch.maximum(d[1], c0), mask)
+    out = {"y": softmax_ibp(node, x).intersect(pairwise_interval(x, *d, mask)), "y_hull": hull}
+    if ctx.tunings.softmax_shift:
+        out["d"] = d
+    return out

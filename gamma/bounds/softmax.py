@@ -188,6 +188,35 @@ def _softmax_decomposed(node, x: Interval):
     return a, u, alpha, k, e, rem
 
 
+def pairwise_interval(x: Interval, d_lo: Tensor, d_hi: Tensor, mask: Optional[Tensor] = None) -> Interval:
+    """Softmax interval from bounds of the differences ``z_j - z_i`` at ``[.., i, j]``
+    (intersected with the box's ``[l_j - u_i, u_j - l_i]``), in float64 with its
+    rounding covered.  Masked keys (mask False) have y = 0 and leave the sums."""
+    xl, xu = x.lower, x.upper
+    d_lo = torch.maximum(d_lo, xl.unsqueeze(-2) - xu.unsqueeze(-1))
+    d_hi = torch.minimum(d_hi, xu.unsqueeze(-2) - xl.unsqueeze(-1))
+    S = xl.shape[-1]
+    eye = torch.eye(S, dtype=torch.bool, device=xl.device)
+    d_lo, d_hi = d_lo.masked_fill(eye, 0.0), d_hi.masked_fill(eye, 0.0)
+    if mask is not None:
+        drop = ~mask.unsqueeze(-2).expand(d_lo.shape)                   # [.., t, i, j]: key j masked
+        d_lo, d_hi = d_lo.masked_fill(drop, -math.inf), d_hi.masked_fill(drop, -math.inf)
+    # y_i = exp(-M) / sum_j exp(d_ij - M) with M the row's largest d (>= 0, as d_ii = 0): no overflow
+    m_hi, m_lo = d_hi.amax(-1), d_lo.amax(-1)
+    lo = torch.exp(-m_hi) / torch.exp(d_hi - m_hi.unsqueeze(-1)).sum(-1)
+    hi = torch.exp(-m_lo) / torch.exp(d_lo - m_lo.unsqueeze(-1)).sum(-1)
+    # float64: each exponent is off by an ulp of its operands' magnitude, exp by one ulp, the sum by S
+    mag = torch.maximum(d_hi.abs().nan_to_num(posinf=0.0).amax(-1), d_lo.abs().nan_to_num(posinf=0.0).amax(-1))
+    slack = (4 * S + 16 + 4 * (m_hi.abs() + m_lo.abs() + mag)) * ULP64
+    lo, hi = lo * (1 - slack), hi * (1 + slack)
+    if mask is not None:
+        lo, hi = lo.masked_fill(~mask, 0.0), hi.masked_fill(~mask, 0.0)
+    ok = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(slack)
+    lo = torch.where(ok, lo, torch.zeros_like(lo))
+    hi = torch.where(ok, hi, torch.ones_like(hi))
+    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
+
+
 def shifted_radius(x: Interval, d_lo: Tensor, d_hi: Tensor) -> Tensor:
     """(*lead, T, S+1, S): for each reference key k (and, last, none), a bound of
     ``|(z_j - z_k) - (x0_j - x0_k)|`` over the region, from CROWN's bounds
@@ -201,46 +230,74 @@ def shifted_radius(x: Interval, d_lo: Tensor, d_hi: Tensor) -> Tensor:
     return torch.cat([rho.nan_to_num(nan=math.inf), r.unsqueeze(-2)], -2)
 
 
-def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None,
-                y_hull: Optional[Interval] = None, d: Optional[tuple] = None) -> Linearization:
-    """Per row, whichever of the mean-value form (exact Jacobian at the centre,
-    dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
-    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``.
-
-    CROWN's refinement (:mod:`.softmax_pairs`) may add: ``y``, bounds of the
-    output over the region tighter than the box's corners (the form's direct
-    enclosure); ``y_hull``, the same over every segment from the box centre to
-    the region, where the mean-value theorem finds its points (the Jacobian's
-    range, and so the mean-value remainder, is taken over them); ``d``,
-    bounds ``(lo, hi)`` of the score differences ``z_j - z_k`` at ``[.., k, j]``
-    (the remainder then reads them: :func:`shifted_radius`)."""
-    mask = node.params.get("mask")
-    x0, r = x.center, x.radius
-    y0 = FORWARD["softmax"](node, x0)
-    box = softmax_interval(x.lower, x.upper, mask)
-    naive = box if y is None else box.intersect(y)
-    seg = box if y_hull is None else box.intersect(y_hull)
+def _jacobian_range(y0: Tensor, seg: Interval) -> Tensor:
+    """(.., T, S, S): ``max |J(y) - J(y0)|`` entrywise over ``y`` in ``seg`` (J = diag(y) - y y^T)."""
     yl, yu = seg.lower, seg.upper
-    if mask is not None:
-        r = r.masked_fill(~mask, 0.0)
-    # interval Jacobian: J_ii = y_i - y_i^2, J_ij = -y_i y_j
     jlo = -(yu.unsqueeze(-1) * yu.unsqueeze(-2))
     jhi = -(yl.unsqueeze(-1) * yl.unsqueeze(-2))
     h = lambda t: t - t * t
     dlo = torch.minimum(h(yl), h(yu))
     dhi = h(torch.minimum(torch.maximum(torch.full_like(yl, 0.5), yl), yu))
     j0 = -(y0.unsqueeze(-1) * y0.unsqueeze(-2))
-    d0 = h(y0)
     jlo = torch.diagonal_scatter(jlo, dlo, 0, -2, -1)
     jhi = torch.diagonal_scatter(jhi, dhi, 0, -2, -1)
-    j0 = torch.diagonal_scatter(j0, d0, 0, -2, -1)
-    D = torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
-    S = x0.shape[-1]
-    # plus float64 rounding of y0 (a softmax) and of the linear form's evaluation
+    j0 = torch.diagonal_scatter(j0, h(y0), 0, -2, -1)
+    return torch.maximum(jhi - j0, j0 - jlo).clamp_min(0)
+
+
+def _segment_interval(x: Interval, t: float, mask, d: Optional[tuple]) -> Interval:
+    """Softmax's interval over the points ``x0 + s (z - x0)``, ``s <= t``, z in the region
+    (x0 the box centre): the box scaled by t about its centre and, with the score
+    differences ``d``, their bounds widened to the centre's and scaled likewise."""
+    x0, r = x.center, x.radius
+    if t >= 1.0:
+        lo, hi = x.lower, x.upper
+    else:
+        pad = 2 * ULP64 * (x0.abs() + r)                                  # float64 rounding of x0 -+ t r
+        lo, hi = x0 - t * r - pad, x0 + t * r + pad
+    iv = softmax_interval(lo, hi, mask)
     if d is not None:
-        # shift invariance: y(x0 + dx) = y(x0 + dx - c 1) and J 1 = 0 for every Jacobian of the region, so the
-        # remainder [J(xi) - J0] dx equals [J(xi) - J0] (dx - dx_k 1), whose entries are bounded by the score
-        # differences' radii; per output the best reference k (or none)
+        c0 = x0.unsqueeze(-2) - x0.unsqueeze(-1)                          # x0_j - x0_k at [.., k, j]
+        dl, dh = torch.minimum(d[0], c0), torch.maximum(d[1], c0)
+        if t < 1.0:
+            pad = 4 * ULP64 * (c0.abs() + dl.abs() + dh.abs())
+            dl, dh = c0 + t * (dl - c0) - pad, c0 + t * (dh - c0) + pad
+        iv = iv.intersect(pairwise_interval(Interval(lo, hi), dl, dh, mask))
+    return iv
+
+
+def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None,
+                d: Optional[tuple] = None) -> Linearization:
+    """Per row, whichever of the mean-value form (exact Jacobian at the centre,
+    dense remainder) and the decomposed form (:func:`_softmax_decomposed`) has
+    the smaller total remainder; both are ``y in a*x + u (v . x) + k +- e``.
+
+    CROWN's refinement (:mod:`.softmax_pairs`) may add ``y``, bounds of the output
+    over the region tighter than the box's corners (the form's direct enclosure),
+    and ``d``, bounds ``(lo, hi)`` of the score differences ``z_j - z_k`` at
+    ``[.., k, j]``.
+
+    The mean-value remainder: with ``dz = z - x0``, ``y(z) - y0 - J0 dz`` is
+    ``int_0^1 (J(x0 + s dz) - J0) dz ds``.  Its Jacobians are bounded stage by
+    stage (``tunings.softmax_stages`` equal steps of s; on the step ending at t, over
+    :func:`_segment_interval` at t), which halves the single-stage bound as the
+    stages grow when J moves in proportion to s.  With ``d`` (and
+    ``tunings.softmax_shift``), ``dz`` may be replaced by ``dz - dz_k 1`` for any
+    key k, as softmax is shift invariant and every J annihilates 1: the remainder
+    then reads the differences' radii (:func:`shifted_radius`), per output the best
+    reference k (or none)."""
+    mask = node.params.get("mask")
+    x0, r = x.center, x.radius
+    y0 = FORWARD["softmax"](node, x0)
+    box = softmax_interval(x.lower, x.upper, mask)
+    naive = box if y is None else box.intersect(y)
+    yu = _segment_interval(x, 1.0, mask, d).upper if d is not None else box.upper
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    K = tunings.softmax_stages
+    D = sum(_jacobian_range(y0, _segment_interval(x, k / K, mask, d)) for k in range(1, K + 1)) / K
+    S = x0.shape[-1]
+    if d is not None and tunings.softmax_shift:
         rho = shifted_radius(x, *d)
         if mask is not None:
             rho = rho.masked_fill(~mask.unsqueeze(-2), 0.0)
@@ -248,7 +305,8 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
         mv = torch.where(torch.isnan(mv), (D @ r.unsqueeze(-1)).squeeze(-1), mv)
     else:
         mv = (D @ r.unsqueeze(-1)).squeeze(-1)
-    err_mv = mv + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
+    # plus float64 rounding of y0 (a softmax), of the stages' mean and of the linear form's evaluation
+    err_mv = mv * (1 + 2 * K * ULP64) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
     shape = x0.shape
 
     if tunings.softmax_decomposed:

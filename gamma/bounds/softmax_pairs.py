@@ -30,7 +30,7 @@ from .crown import Context, backward, numel
 from .interval import Interval
 from .linearization import ULP64
 from .rows import Rows, Sym
-from .softmax import softmax_ibp
+from .softmax import pairwise_interval, softmax_ibp  # noqa: F401  (pairwise_interval: also public here)
 
 Tensor = torch.Tensor
 MAX_KEYS = 32            # rows of the pass grow as S^2 per softmax row: beyond this many keys, no refinement
@@ -78,50 +78,13 @@ def pair_differences(ctx: Context, node) -> Optional[tuple]:
     return d_lo.reshape(*lead, T, S, S), d_hi.reshape(*lead, T, S, S)
 
 
-def pairwise_interval(x: Interval, d_lo: Tensor, d_hi: Tensor, mask: Optional[Tensor] = None) -> Interval:
-    """Softmax interval from bounds of the differences ``z_j - z_i`` at ``[.., i, j]``
-    (intersected with the box's ``[l_j - u_i, u_j - l_i]``), in float64 with its
-    rounding covered.  Masked keys (mask False) have y = 0 and leave the sums."""
-    xl, xu = x.lower, x.upper
-    d_lo = torch.maximum(d_lo, xl.unsqueeze(-2) - xu.unsqueeze(-1))
-    d_hi = torch.minimum(d_hi, xu.unsqueeze(-2) - xl.unsqueeze(-1))
-    S = xl.shape[-1]
-    eye = torch.eye(S, dtype=torch.bool, device=xl.device)
-    d_lo, d_hi = d_lo.masked_fill(eye, 0.0), d_hi.masked_fill(eye, 0.0)
-    if mask is not None:
-        drop = ~mask.unsqueeze(-2).expand(d_lo.shape)                   # [.., t, i, j]: key j masked
-        d_lo, d_hi = d_lo.masked_fill(drop, -math.inf), d_hi.masked_fill(drop, -math.inf)
-    # y_i = exp(-M) / sum_j exp(d_ij - M) with M the row's largest d (>= 0, as d_ii = 0): no overflow
-    m_hi, m_lo = d_hi.amax(-1), d_lo.amax(-1)
-    lo = torch.exp(-m_hi) / torch.exp(d_hi - m_hi.unsqueeze(-1)).sum(-1)
-    hi = torch.exp(-m_lo) / torch.exp(d_lo - m_lo.unsqueeze(-1)).sum(-1)
-    # float64: each exponent is off by an ulp of its operands' magnitude, exp by one ulp, the sum by S
-    mag = torch.maximum(d_hi.abs().nan_to_num(posinf=0.0).amax(-1), d_lo.abs().nan_to_num(posinf=0.0).amax(-1))
-    slack = (4 * S + 16 + 4 * (m_hi.abs() + m_lo.abs() + mag)) * ULP64
-    lo, hi = lo * (1 - slack), hi * (1 + slack)
-    if mask is not None:
-        lo, hi = lo.masked_fill(~mask, 0.0), hi.masked_fill(~mask, 0.0)
-    ok = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(slack)
-    lo = torch.where(ok, lo, torch.zeros_like(lo))
-    hi = torch.where(ok, hi, torch.ones_like(hi))
-    return Interval(lo.clamp(0, 1), hi.clamp(0, 1))
-
-
 def softmax_pairs(ctx: Context, node) -> dict:
     """The refinement of a softmax node, or {} where :func:`pair_differences` does not
     run (or ``tunings.softmax_pairs`` is off): ``"y"``, its output interval over the
-    region from the pairwise differences, intersected with the box rule's; ``"d"``,
-    those differences; ``"y_hull"``, the interval from the differences widened to the
-    box centre's (``x0_j - x0_k``), which holds on every segment from the centre to the
-    region (where the mean-value form's Jacobian is taken: :func:`.softmax.softmax_lin`)."""
+    region from the pairwise differences, intersected with the box rule's, and ``"d"``,
+    those differences (the mean-value form reads them: :func:`.softmax.softmax_lin`)."""
     d = pair_differences(ctx, node) if ctx.tunings.softmax_pairs else None
     if d is None:
         return {}
     x = ctx.inb(node)
-    mask = node.params.get("mask")
-    c0 = x.center.unsqueeze(-2) - x.center.unsqueeze(-1)                 # x0_j - x0_k at [.., k, j]
-    hull = pairwise_interval(x, torch.minimum(d[0], c0), torch.maximum(d[1], c0), mask)
-    out = {"y": softmax_ibp(node, x).intersect(pairwise_interval(x, *d, mask)), "y_hull": hull}
-    if ctx.tunings.softmax_shift:
-        out["d"] = d
-    return out
+    return {"y": softmax_ibp(node, x).intersect(pairwise_interval(x, *d, node.params.get("mask"))), "d": d}

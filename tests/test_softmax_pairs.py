@@ -182,21 +182,57 @@ def test_stage_intervals_hold_on_segments_from_the_centre(masked, t):
     assert (y >= iv.lower).all() and (y <= iv.upper).all()
 
 
-def test_stages_narrow_the_mean_value_remainder():
-    """More stages: a remainder never wider (t = k / K nests) and, on a wide box, about
-    0.6 of the single-stage one at 4 stages (J moves about in proportion to s)."""
+def test_stages_and_the_taylor_form_narrow_the_remainder():
+    """More stages: a remainder never wider (t = k / K nests), and half the plain mean-value one
+    at 16 stages on a wide box (J moves about in proportion to s); the Taylor form's interval
+    (one-signed Hessian terms) narrower again."""
     from gamma.bounds.softmax import softmax_lin
     g = _shifted_scores()
     gen = torch.Generator().manual_seed(21)
     c = torch.randn(1, 3, generator=gen, dtype=torch.float64)
     z = Interval(c - 0.3, c + 0.3)
-    plain = Tunings(softmax_stages=1, softmax_decomposed=False)
-    errs = [softmax_lin(g["y"], z, Tunings(softmax_stages=k, softmax_decomposed=False)).err for k in (1, 2, 4, 8)]
-    for a, b in zip(errs, errs[1:]):
-        assert (b <= a * (1 + 1e-12)).all()
-    ratio = float((errs[2] / errs[0]).max())
-    assert 0.5 < ratio < 0.7
-    assert softmax_lin(g["y"], z, plain).err.equal(errs[0])
+    for taylor in (False, True):
+        errs = [softmax_lin(g["y"], z, Tunings(softmax_stages=k, softmax_decomposed=False, softmax_taylor=taylor)).err
+                for k in (1, 2, 4, 8, 16)]
+        for a, b in zip(errs, errs[1:]):
+            assert (b <= a * (1 + 1e-12)).all()
+        if not taylor:
+            plain, staged = errs[0], errs[-1]
+            assert 0.45 < float((staged / plain).max()) < 0.55                # J moves about in proportion to s
+    assert float((errs[-1] / staged).max()) < 0.9 and float((errs[-1] / plain).max()) < 0.45
+
+
+@pytest.mark.parametrize("stages", [1, 16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mean_value_form_contains_softmax_on_the_box(masked, stages):
+    """The form ``y0c + J0 (z - x0) +- err`` (centred on the Taylor interval) holds at every
+    sampled point and corner of a wide score box, with the box alone and with exact score
+    differences (every score moving with the first)."""
+    from gamma.bounds.softmax import softmax_lin
+    gen = torch.Generator().manual_seed(31 + stages)
+    S = 6
+    mask = causal_mask(S) if masked else None
+    g = Graph("one", "z", (S, S))
+    g.add("y", "softmax", "z", mask=mask)
+    node = g.infer_shapes()["y"]
+    c = 2 * torch.randn(S, S, generator=gen, dtype=torch.float64)
+    rad = 0.4 * torch.rand(S, S, generator=gen, dtype=torch.float64)
+    box = Interval(c - rad, c + rad)
+    tun = Tunings(softmax_stages=stages, softmax_decomposed=False)
+    pts = c + rad * (2 * torch.rand(2000, S, S, generator=gen, dtype=torch.float64) - 1)
+    pts[:500] = c + rad * torch.sign(torch.randn(500, S, S, generator=gen, dtype=torch.float64))
+    # the same box, and points where every score moves by one amount t (exact differences)
+    t = 0.4 * (2 * torch.rand(2000, S, 1, generator=gen, dtype=torch.float64) - 1)
+    moved = c + t
+    diff = (c.unsqueeze(-2) - c.unsqueeze(-1))
+    sm = lambda v: torch.softmax(v if mask is None else v.masked_fill(~mask, float("-inf")), -1)
+    lin = softmax_lin(node, box, tun)
+    gap = (sm(pts) - (lin.y0 + lin.jvp(pts - lin.x0))).abs()
+    assert (gap <= lin.err).all()
+    assert float((gap / lin.err).max()) > 0.05                           # not vacuous
+    lin = softmax_lin(node, Interval(c - 0.4, c + 0.4), tun, d=(diff, diff))
+    gap = (sm(moved) - (lin.y0 + lin.jvp(moved - lin.x0))).abs()
+    assert (gap <= lin.err).all() and float(lin.err.max()) < 1e-12      # the differences do not move
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -266,6 +266,35 @@ def _segment_interval(x: Interval, t: float, mask, d: Optional[tuple]) -> Interv
     return iv
 
 
+def _taylor_remainder(stages: list, rho: Tensor) -> tuple:
+    """``(lo, hi)``, each (.., T, S): bounds of ``y_i(z) - y0_i - J0_i dz`` by Taylor's
+    integral remainder ``int_0^1 (1 - s) q_i(s) ds``, ``q_i(s) = dz^T H_i dz`` at
+    ``x0 + s dz``.  Softmax's Hessian gives ``q_i = y_i (dz_i - y . dz)^2 - y_i Var_y(dz)``
+    (``Var_y(dz) = sum_j y_j dz_j^2 - (y . dz)^2``), two terms of fixed sign, so on the
+    step ending at t (y within ``stages[k]``'s interval, upper ``yu``)
+
+        -yu_i V  <=  q_i  <=  yu_i (rho_i + M)^2,
+        M = min(sum_j yu_j rho_j, max_j rho_j) >= |y . dz|,  V = min(sum_j yu_j rho_j^2, max_j rho_j^2),
+
+    with ``|dz_j| <= rho_j``.  ``rho`` (.., T, R, S): R choices of dz (the shifts of
+    :func:`shifted_radius`, or the box radius alone), per output the narrowest."""
+    K = len(stages)
+    lo = hi = None
+    for k, iv in enumerate(stages, 1):
+        w = ((1 - (k - 1) / K) ** 2 - (1 - k / K) ** 2) / 2                # int (1 - s) ds over the step
+        yu = iv.upper.unsqueeze(-2)                                      # (.., T, 1, S)
+        big = rho.amax(-1, keepdim=True)                                 # (.., T, R, 1)
+        M = torch.minimum((yu * rho).sum(-1, keepdim=True), big)
+        V = torch.minimum((yu * rho * rho).sum(-1, keepdim=True), big * big)
+        up, down = w * yu * (rho + M) ** 2, w * yu * V                   # (.., T, R, S)
+        hi = up if hi is None else hi + up
+        lo = down if lo is None else lo + down
+    hi = hi.nan_to_num(nan=math.inf) * (1 + 1e-12)                          # float64 rounding, outward
+    lo = -lo.nan_to_num(nan=math.inf) * (1 + 1e-12)
+    best = (hi - lo).nan_to_num(nan=math.inf).argmin(-2, keepdim=True)
+    return lo.gather(-2, best).squeeze(-2), hi.gather(-2, best).squeeze(-2)
+
+
 def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None,
                 d: Optional[tuple] = None) -> Linearization:
     """Per row, whichever of the mean-value form (exact Jacobian at the centre,
@@ -295,7 +324,8 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
     if mask is not None:
         r = r.masked_fill(~mask, 0.0)
     K = tunings.softmax_stages
-    D = sum(_jacobian_range(y0, _segment_interval(x, k / K, mask, d)) for k in range(1, K + 1)) / K
+    stages = [_segment_interval(x, k / K, mask, d) for k in range(1, K + 1)]
+    D = sum(_jacobian_range(y0, iv) for iv in stages) / K
     S = x0.shape[-1]
     if d is not None and tunings.softmax_shift:
         rho = shifted_radius(x, *d)
@@ -304,9 +334,19 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
         mv = (D @ rho.transpose(-1, -2)).amin(-1) * (1 + 2 * S * ULP64)  # (.., T, S): min over k
         mv = torch.where(torch.isnan(mv), (D @ r.unsqueeze(-1)).squeeze(-1), mv)
     else:
+        rho = r.unsqueeze(-2)
         mv = (D @ r.unsqueeze(-1)).squeeze(-1)
-    # plus float64 rounding of y0 (a softmax), of the stages' mean and of the linear form's evaluation
-    err_mv = mv * (1 + 2 * K * ULP64) + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True))
+    mv = mv * (1 + 2 * K * ULP64)
+    # the Taylor form's interval, intersected with the mean value's +-mv; the linear form is centred on it
+    lo, hi = -mv, mv
+    if tunings.softmax_taylor:
+        t_lo, t_hi = _taylor_remainder(stages, rho)
+        lo, hi = torch.maximum(t_lo, lo), torch.minimum(t_hi, hi)
+    mid = torch.where(lo <= hi, 0.5 * (lo + hi), torch.zeros_like(mv))
+    half = torch.where(lo <= hi, 0.5 * (hi - lo), mv)
+    # plus float64 rounding of y0 (a softmax), of the centring and of the linear form's evaluation
+    err_mv = half + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True)) + 4 * ULP64 * mid.abs()
+    y0c = y0 + mid                                                       # the form's value at x0
     shape = x0.shape
 
     if tunings.softmax_decomposed:
@@ -326,7 +366,7 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
             y = take(y0)
             return lambda lam: y * (lam - row_sums(lam, y))
 
-        return Linearization(x0, y0, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
+        return Linearization(x0, y0c, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
 
     # mean value as the same form: a = y0, u = -y0, v = y0
     pick = lambda p, q: torch.where(dec, p, q).expand(shape)
@@ -343,7 +383,7 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
 
     jvp, vjp = lin_at(a, u, v)
     x0z = x0 if mask is None else x0.masked_fill(~mask, 0.0)
-    y_lin = torch.where(dec, k_dc + jvp(x0z), y0)
+    y_lin = torch.where(dec, k_dc + jvp(x0z), y0c)
 
     def abs_jvp(rr):
         s = (y0 * rr).sum(-1, keepdim=True)

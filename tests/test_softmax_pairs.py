@@ -117,7 +117,8 @@ def test_dense_and_token_compact_passes_agree_and_alpha_stays_sound():
 
 # ---- the mean-value remainder on score differences (softmax's shift invariance) ----
 
-NO_SHIFT = Tunings(softmax_shift=False)
+NO_SHIFT = Tunings(softmax_shift=False, softmax_simplex=False)
+SHIFT = Tunings(softmax_simplex=False)
 
 
 def test_shifted_radius_by_hand():
@@ -254,11 +255,36 @@ def test_shifted_remainder_is_sound_and_never_looser(masked, arithmetic):
     g = g.infer_shapes()
     x0 = torch.randn(T, d, generator=gen, dtype=torch.float64)
     eps = 0.01
-    r = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    r = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=SHIFT)
     plain = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=NO_SHIFT)
     slack = 1e-12 * (1 + plain.upper.abs())
     assert (r.lower >= plain.lower - slack).all() and (r.upper <= plain.upper + slack).all()
     assert float(r.width().sum()) < 0.95 * float(plain.width().sum())
+    simplex = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)          # the default: and the row sums
+    assert float(simplex.width().sum()) < float(r.width().sum())
     dtypes = (torch.float32, torch.float64) if arithmetic == "float32" else (torch.float64,)
     for dtype in dtypes:
-        assert violations(graph_fn(g, dtype), x0, eps, r.lower, r.upper, n_samples=1000, seed=13) == 0
+        for b in (r, simplex):
+            assert violations(graph_fn(g, dtype), x0, eps, b.lower, b.upper, n_samples=1000, seed=13) == 0
+
+
+def test_simplex_remainder_by_hand():
+    """H = (1, 2, 1), E = 0.1 each, M = 0.5: a cotangent constant over the row pays only
+    |mu M| + sum |lam| E; (1, 0, -1) pays with mu = 0 (the weighted median) 1 + 1 + 0.2."""
+    from gamma.bounds.softmax import SimplexRemainder
+    rem = SimplexRemainder(torch.tensor([[1.0, 2.0, 1.0]], dtype=torch.float64),
+                           torch.full((1, 3), 0.1, dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64))
+    lam = torch.tensor([[[3.0, 3.0, 3.0]], [[1.0, 0.0, -1.0]], [[-3.0, -3.0, -3.0]]], dtype=torch.float64)
+    got = rem.at()(lam)
+    want = torch.tensor([1.5 + 0.9, 2.0 + 0.2, 1.5 + 0.9], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-14)
+    # never above the elementwise charge plus |mu M|, and sound for every rho with |rho| <= H, sum = -M
+    gen = torch.Generator().manual_seed(41)
+    for _ in range(200):
+        lam = torch.randn(1, 1, 3, generator=gen, dtype=torch.float64)
+        rho = (2 * torch.rand(1, 3, generator=gen, dtype=torch.float64) - 1) * rem.H
+        rho[0, 2] = -0.5 - rho[0, :2].sum()                        # the row sums to -M
+        if rho[0, 2].abs() > rem.H[0, 2]:
+            continue
+        s = (2 * torch.rand(1, 3, generator=gen, dtype=torch.float64) - 1) * rem.E
+        assert float((lam[0] * (rho + s)).sum().abs()) <= float(rem.at()(lam)) + 1e-14

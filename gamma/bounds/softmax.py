@@ -8,13 +8,14 @@ shared machinery (:class:`Linearization`, convex intercepts) lives in
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from ..ops import FORWARD
 from .interval import Interval
-from .linearization import ULP64, Linearization, RowRemainder, bounded_rows, convex_intercepts, row_sums
+from .linearization import ULP64, Linearization, RowRemainder, bounded_rows, convex_intercepts, row_dot, row_sums
 from .tuning import DEFAULT, Tunings
 
 Tensor = torch.Tensor
@@ -266,6 +267,44 @@ def _segment_interval(x: Interval, t: float, mask, d: Optional[tuple]) -> Interv
     return iv
 
 
+@dataclass
+class SimplexRemainder:
+    """The mean-value form's remainder with what its row's sum fixes.
+
+    Per row, ``y - (y0c + J0 dz) = rho + s`` with ``|rho_i| <= H_i`` and ``sum_i rho_i = -M``
+    (the exact remainders ``y_i - y0_i - J0_i dz`` sum to 0, as y and y0 sum to 1 and J0's
+    columns to 0; ``y0c = y0 + mid``, ``M = sum_i mid_i``), and ``|s_i| <= E_i`` the float64
+    rounding of the computed form.  So for a cotangent lam and any mu,
+
+        |lam . (rho + s)| <= sum_i |lam_i - mu| H_i + |mu M| + sum_i |lam_i| E_i,
+
+    taken at mu the H-weighted median of the row's lam (the minimiser of the first sum;
+    any mu is sound).  Even in lam, never above ``|lam| . (H + E)`` by much (mu = 0 gives
+    it but for ``|mu M|``, and the median is chosen for the sum).  Shapes: H, E (.., S); M (.., 1)."""
+    H: Tensor
+    E: Tensor
+    M: Tensor
+
+    def at(self, take=lambda c: c) -> Callable[[Tensor], Tensor]:
+        H, E, M = take(self.H), take(self.E), take(self.M)
+
+        def even(lam: Tensor) -> Tensor:
+            mu = _weighted_median(lam, H)                                 # (N, .., 1)
+            n = lam.shape[0]
+            out = row_dot((lam - mu).abs(), H) + row_dot(lam.abs(), E)
+            return out + (mu.abs() * M.abs()).reshape(n, -1).sum(1)
+        return even
+
+
+def _weighted_median(lam: Tensor, w: Tensor) -> Tensor:
+    """(N, .., 1): per row (last dim) of lam (N, .., S) the median of lam weighted by
+    w (broadcast to lam): the first sorted entry whose cumulative weight reaches half."""
+    srt, idx = lam.sort(-1)
+    cw = w.expand_as(lam).gather(-1, idx).cumsum(-1)
+    pos = (cw < 0.5 * cw[..., -1:]).sum(-1, keepdim=True).clamp_max(lam.shape[-1] - 1)
+    return srt.gather(-1, pos)
+
+
 def _taylor_remainder(stages: list, rho: Tensor) -> tuple:
     """``(lo, hi)``, each (.., T, S): bounds of ``y_i(z) - y0_i - J0_i dz`` by Taylor's
     integral remainder ``int_0^1 (1 - s) q_i(s) ds``, ``q_i(s) = dz^T H_i dz`` at
@@ -345,7 +384,8 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
     mid = torch.where(lo <= hi, 0.5 * (lo + hi), torch.zeros_like(mv))
     half = torch.where(lo <= hi, 0.5 * (hi - lo), mv)
     # plus float64 rounding of y0 (a softmax), of the centring and of the linear form's evaluation
-    err_mv = half + 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True)) + 4 * ULP64 * mid.abs()
+    rounding = 16 * S * ULP64 * (yu + (yu * r).sum(-1, keepdim=True)) + 4 * ULP64 * mid.abs()
+    err_mv = half + rounding
     y0c = y0 + mid                                                       # the form's value at x0
     shape = x0.shape
 
@@ -366,7 +406,8 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
             y = take(y0)
             return lambda lam: y * (lam - row_sums(lam, y))
 
-        return Linearization(x0, y0c, err_mv, jvp, jvp, abs_jvp, naive, vjp_at)
+        rem = SimplexRemainder(half, rounding, mid.sum(-1, keepdim=True)) if tunings.softmax_simplex else None
+        return Linearization(x0, y0c, err_mv, jvp, jvp, abs_jvp, naive, vjp_at, rem)
 
     # mean value as the same form: a = y0, u = -y0, v = y0
     pick = lambda p, q: torch.where(dec, p, q).expand(shape)

@@ -40,6 +40,7 @@ class Tunings:
     norm_decomposed: bool = True      # LayerNorm / RMSNorm may take the decomposed form (False: mean value only)
     softmax_decomposed: bool = True   # softmax likewise
     softmax_taylor: bool = True       # softmax's mean-value remainder also by Taylor's, its Hessian's signed terms
+    softmax_simplex: bool = True      # softmax's remainders charged knowing that they sum to a known value per row
     softmax_stages: int = 16          # softmax's mean-value remainder integrated in this many steps (1: plain)
     row_chunk_elems: int = 1 << 22    # dense per-row Jacobian entries processed at once
 

@@ -237,6 +237,34 @@ def test_mean_value_form_contains_softmax_on_the_box(masked, stages):
 
 
 @pytest.mark.parametrize("masked", [False, True])
+def test_form_with_score_differences_contains_softmax(masked):
+    """Scores z = c + A u (u in a cube: rows that move partly together), the box and the
+    differences' bounds exact over the samples: the form (shift, stages, Taylor with the
+    pairwise terms) contains softmax at every sample, and is narrower than from the box alone."""
+    from gamma.bounds.softmax import softmax_lin
+    gen = torch.Generator().manual_seed(51)
+    S = 6
+    mask = causal_mask(S) if masked else None
+    g = Graph("one", "z", (S, S))
+    g.add("y", "softmax", "z", mask=mask)
+    node = g.infer_shapes()["y"]
+    c = 2 * torch.randn(S, S, generator=gen, dtype=torch.float64)
+    common = torch.randn(S, 1, 2, generator=gen, dtype=torch.float64)      # shared by a row's scores
+    own = 0.2 * torch.randn(S, S, 2, generator=gen, dtype=torch.float64)
+    u = 2 * torch.rand(4000, 1, 1, 2, generator=gen, dtype=torch.float64) - 1
+    u[:1000] = torch.sign(u[:1000])
+    z = c + 0.3 * ((common + own) * u).sum(-1)                               # (N, S, S)
+    box = Interval(z.amin(0), z.amax(0))
+    diff = z.unsqueeze(-2) - z.unsqueeze(-1)                                 # z_j - z_k at [.., k, j]
+    lin = softmax_lin(node, box, d=(diff.amin(0), diff.amax(0)))
+    plain = softmax_lin(node, box)
+    sm = torch.softmax(z if mask is None else z.masked_fill(~mask, float("-inf")), -1)
+    gap = (sm - (lin.y0 + lin.jvp(z - lin.x0))).abs()
+    assert (gap <= lin.err).all()
+    assert float(lin.err.sum()) < 0.7 * float(plain.err.sum())
+
+
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("arithmetic", ["float32", "real"])
 def test_shifted_remainder_is_sound_and_never_looser(masked, arithmetic):
     """Attention scores -> softmax -> a linear read-out: with the remainder on score

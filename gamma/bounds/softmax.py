@@ -305,7 +305,7 @@ def _weighted_median(lam: Tensor, w: Tensor) -> Tensor:
     return srt.gather(-1, pos)
 
 
-def _taylor_remainder(stages: list, rho: Tensor) -> tuple:
+def _taylor_remainder(stages: list, rho: Tensor, pairs: Optional[Tensor] = None) -> tuple:
     """``(lo, hi)``, each (.., T, S): bounds of ``y_i(z) - y0_i - J0_i dz`` by Taylor's
     integral remainder ``int_0^1 (1 - s) q_i(s) ds``, ``q_i(s) = dz^T H_i dz`` at
     ``x0 + s dz``.  Softmax's Hessian gives ``q_i = y_i (dz_i - y . dz)^2 - y_i Var_y(dz)``
@@ -316,22 +316,33 @@ def _taylor_remainder(stages: list, rho: Tensor) -> tuple:
         M = min(sum_j yu_j rho_j, max_j rho_j) >= |y . dz|,  V = min(sum_j yu_j rho_j^2, max_j rho_j^2),
 
     with ``|dz_j| <= rho_j``.  ``rho`` (.., T, R, S): R choices of dz (the shifts of
-    :func:`shifted_radius`, or the box radius alone), per output the narrowest."""
+    :func:`shifted_radius`, or the box radius alone); q_i does not depend on the choice, so each
+    stage and side takes the narrowest.  ``pairs`` (.., T, S, S): bounds of ``|dz_j - dz_k|`` at
+    ``[.., k, j]`` (0 where j or k is masked), which bound ``|dz_i - y.dz| <= sum_j yu_j p_ij`` and
+    ``Var_y(dz) <= sum_jk yu_j yu_k p_jk^2 / 2`` directly."""
     K = len(stages)
     lo = hi = None
     for k, iv in enumerate(stages, 1):
         w = ((1 - (k - 1) / K) ** 2 - (1 - k / K) ** 2) / 2                # int (1 - s) ds over the step
-        yu = iv.upper.unsqueeze(-2)                                      # (.., T, 1, S)
+        yu1 = iv.upper                                                   # (.., T, S)
+        yu = yu1.unsqueeze(-2)                                           # (.., T, 1, S)
         big = rho.amax(-1, keepdim=True)                                 # (.., T, R, 1)
         M = torch.minimum((yu * rho).sum(-1, keepdim=True), big)
         V = torch.minimum((yu * rho * rho).sum(-1, keepdim=True), big * big)
-        up, down = w * yu * (rho + M) ** 2, w * yu * V                   # (.., T, R, S)
+        # q_i is the same for every shift of dz (H annihilates 1): per stage the best choice per side
+        A, B = ((rho + M) ** 2).amin(-2), V.amin(-2)                     # (.., T, S), (.., T, 1)
+        if pairs is not None:
+            # dz_i - y.dz = sum_j y_j (dz_i - dz_j) and Var_y(dz) = sum_jk y_j y_k (dz_j - dz_k)^2 / 2,
+            # also at most the largest difference (a mean) and a quarter of its square (Popoviciu)
+            A = torch.minimum(A, torch.minimum((pairs * yu).sum(-1), pairs.amax(-1)) ** 2)
+            Bv = 0.5 * (yu1.unsqueeze(-1) * yu1.unsqueeze(-2) * pairs * pairs).sum((-1, -2)).unsqueeze(-1)
+            B = torch.minimum(B, torch.minimum(Bv, 0.25 * pairs.amax((-1, -2)).unsqueeze(-1) ** 2))
+        up, down = w * yu1 * A, w * yu1 * B                              # (.., T, S)
         hi = up if hi is None else hi + up
         lo = down if lo is None else lo + down
     hi = hi.nan_to_num(nan=math.inf) * (1 + 1e-12)                          # float64 rounding, outward
     lo = -lo.nan_to_num(nan=math.inf) * (1 + 1e-12)
-    best = (hi - lo).nan_to_num(nan=math.inf).argmin(-2, keepdim=True)
-    return lo.gather(-2, best).squeeze(-2), hi.gather(-2, best).squeeze(-2)
+    return lo, hi
 
 
 def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Interval] = None,
@@ -379,7 +390,12 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
     # the Taylor form's interval, intersected with the mean value's +-mv; the linear form is centred on it
     lo, hi = -mv, mv
     if tunings.softmax_taylor:
-        t_lo, t_hi = _taylor_remainder(stages, rho)
+        pairs = None
+        if d is not None and tunings.softmax_shift:
+            pairs = rho[..., :S, :]
+            if mask is not None:
+                pairs = pairs.masked_fill(~mask.unsqueeze(-1), 0.0)
+        t_lo, t_hi = _taylor_remainder(stages, rho, pairs)
         lo, hi = torch.maximum(t_lo, lo), torch.minimum(t_hi, hi)
     mid = torch.where(lo <= hi, 0.5 * (lo + hi), torch.zeros_like(mv))
     half = torch.where(lo <= hi, 0.5 * (hi - lo), mv)

@@ -79,9 +79,13 @@ def test_sound_and_never_wider(rope, rep, arithmetic):
     x0, eps = rnd(*g.input_shape), 0.05
     on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
     off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(score_side=False))
+    # up to the scores, never wider; after the softmax within 1e-3: its relaxation is not monotone in
+    # its input box (the Taylor interval's centring and the row-sum charge move with it)
+    after = {"p"} | {n.name for n in g if "p" in g.ancestors(n.name)}
     for name in on.nodes:
-        assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + 1e-9) + 1e-12).all()), name
-    assert float(on.width().sum()) <= float(off.width().sum())
+        tol = 1e-3 if name in after else 1e-9
+        assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + tol) + 1e-12).all()), name
+    assert float(on.width().sum()) <= float(off.width().sum()) * (1 + 1e-3)
     for dtype in (torch.float64, torch.float32):
         assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, steps=30) == 0
 

@@ -279,8 +279,8 @@ class SimplexRemainder:
         |lam . (rho + s)| <= sum_i |lam_i - mu| H_i + |mu M| + sum_i |lam_i| E_i,
 
     taken at mu the H-weighted median of the row's lam (the minimiser of the first sum;
-    any mu is sound).  Even in lam, never above ``|lam| . (H + E)`` by much (mu = 0 gives
-    it but for ``|mu M|``, and the median is chosen for the sum).  Shapes: H, E (.., S); M (.., 1)."""
+    any mu is sound), or the plain ``|lam| . (H + E)`` where that is smaller.  Even in lam.
+    Shapes: H, E (.., S); M (.., 1)."""
     H: Tensor
     E: Tensor
     M: Tensor
@@ -291,8 +291,9 @@ class SimplexRemainder:
         def even(lam: Tensor) -> Tensor:
             mu = _weighted_median(lam, H)                                 # (N, .., 1)
             n = lam.shape[0]
-            out = row_dot((lam - mu).abs(), H) + row_dot(lam.abs(), E)
-            return out + (mu.abs() * M.abs()).reshape(n, -1).sum(1)
+            plain = row_dot(lam.abs(), E)
+            out = row_dot((lam - mu).abs(), H) + (mu.abs() * M.abs()).reshape(n, -1).sum(1)
+            return plain + torch.minimum(out, row_dot(lam.abs(), H))      # mu = 0 without M: the plain charge
         return even
 
 

@@ -203,6 +203,14 @@ def test_stages_and_the_taylor_form_narrow_the_remainder():
     assert float((errs[-1] / staged).max()) < 0.9 and float((errs[-1] / plain).max()) < 0.45
 
 
+def _softmax_node(S: int, masked: bool):
+    """A softmax node over (S, S) scores, causal where ``masked``, and its mask."""
+    mask = causal_mask(S) if masked else None
+    g = Graph("one", "z", (S, S))
+    g.add("y", "softmax", "z", mask=mask)
+    return g.infer_shapes()["y"], mask
+
+
 @pytest.mark.parametrize("stages", [1, 16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_mean_value_form_contains_softmax_on_the_box(masked, stages):
@@ -212,10 +220,7 @@ def test_mean_value_form_contains_softmax_on_the_box(masked, stages):
     from gamma.bounds.softmax import softmax_lin
     gen = torch.Generator().manual_seed(31 + stages)
     S = 6
-    mask = causal_mask(S) if masked else None
-    g = Graph("one", "z", (S, S))
-    g.add("y", "softmax", "z", mask=mask)
-    node = g.infer_shapes()["y"]
+    node, mask = _softmax_node(S, masked)
     c = 2 * torch.randn(S, S, generator=gen, dtype=torch.float64)
     rad = 0.4 * torch.rand(S, S, generator=gen, dtype=torch.float64)
     box = Interval(c - rad, c + rad)
@@ -244,10 +249,7 @@ def test_form_with_score_differences_contains_softmax(masked):
     from gamma.bounds.softmax import softmax_lin
     gen = torch.Generator().manual_seed(51)
     S = 6
-    mask = causal_mask(S) if masked else None
-    g = Graph("one", "z", (S, S))
-    g.add("y", "softmax", "z", mask=mask)
-    node = g.infer_shapes()["y"]
+    node, mask = _softmax_node(S, masked)
     c = 2 * torch.randn(S, S, generator=gen, dtype=torch.float64)
     common = torch.randn(S, 1, 2, generator=gen, dtype=torch.float64)      # shared by a row's scores
     own = 0.2 * torch.randn(S, S, 2, generator=gen, dtype=torch.float64)

@@ -11,9 +11,11 @@ bounds (``lo_ii = hi_ii = 0``),
 
 each side reached where every difference is at its own bound, so this is
 the tight interval of y_i over the pairwise bounds.  It serves the softmax's
-box and float32 margin and the Jacobian range of its mean-value form
-(:func:`.softmax.softmax_lin`, ``y=``): on the real SmolLM2-135M block 0 at
-eps 1e-3 the block's certified width halves (310 -> 151, real arithmetic).
+box and float32 margin; the differences themselves serve its mean-value form
+(:func:`.softmax.softmax_lin`, ``d=``: the Jacobian's range on the segments
+from the box centre, and the remainder read on the differences).  On the real
+SmolLM2-135M block 0 at eps 1e-3 the box alone halved the block's certified width
+(310 -> 151, real arithmetic; docs/depth.md's eleventh round has what the form adds).
 
 The pass has ``S (S - 1) / 2`` rows per softmax row (S keys; the pair (j, i)
 is the other half of (i, j)), so it runs only up to :data:`MAX_KEYS` keys.
@@ -27,8 +29,6 @@ from typing import Optional
 import torch
 
 from .crown import Context, backward, numel
-from .interval import Interval
-from .linearization import ULP64
 from .rows import Rows, Sym
 from .softmax import pairwise_interval, softmax_ibp  # noqa: F401  (pairwise_interval: also public here)
 

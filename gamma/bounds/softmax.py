@@ -260,9 +260,10 @@ def _segment_interval(x: Interval, t: float, mask, d: Optional[tuple]) -> Interv
     if d is not None:
         c0 = x0.unsqueeze(-2) - x0.unsqueeze(-1)                          # x0_j - x0_k at [.., k, j]
         dl, dh = torch.minimum(d[0], c0), torch.maximum(d[1], c0)
+        pad = 4 * ULP64 * (c0.abs() + dl.abs() + dh.abs())             # float64 rounding of c0 (and of the scaling)
         if t < 1.0:
-            pad = 4 * ULP64 * (c0.abs() + dl.abs() + dh.abs())
-            dl, dh = c0 + t * (dl - c0) - pad, c0 + t * (dh - c0) + pad
+            dl, dh = c0 + t * (dl - c0), c0 + t * (dh - c0)
+        dl, dh = dl - pad, dh + pad
         iv = iv.intersect(pairwise_interval(Interval(lo, hi), dl, dh, mask))
     return iv
 
@@ -271,9 +272,9 @@ def _segment_interval(x: Interval, t: float, mask, d: Optional[tuple]) -> Interv
 class SimplexRemainder:
     """The mean-value form's remainder with what its row's sum fixes.
 
-    Per row, ``y - (y0c + J0 dz) = rho + s`` with ``|rho_i| <= H_i`` and ``sum_i rho_i = -M``
+    Per row, ``y - (y0c + J0 dz) = rho + s`` with ``|rho_i| <= H_i`` and ``sum_i rho_i = -sum_i mid_i``
     (the exact remainders ``y_i - y0_i - J0_i dz`` sum to 0, as y and y0 sum to 1 and J0's
-    columns to 0; ``y0c = y0 + mid``, ``M = sum_i mid_i``), and ``|s_i| <= E_i`` the float64
+    columns to 0; ``y0c = y0 + mid``; ``M >= |sum_i mid_i|``), and ``|s_i| <= E_i`` the float64
     rounding of the computed form.  So for a cotangent lam and any mu,
 
         |lam . (rho + s)| <= sum_i |lam_i - mu| H_i + |mu M| + sum_i |lam_i| E_i,
@@ -423,7 +424,9 @@ def softmax_lin(node, x: Interval, tunings: Tunings = DEFAULT, y: Optional[Inter
             y = take(y0)
             return lambda lam: y * (lam - row_sums(lam, y))
 
-        rem = SimplexRemainder(half, rounding, mid.sum(-1, keepdim=True)) if tunings.softmax_simplex else None
+        # |sum mid| with the float64 rounding of that sum, outward
+        msum = mid.sum(-1, keepdim=True).abs() + 2 * S * ULP64 * mid.abs().sum(-1, keepdim=True)
+        rem = SimplexRemainder(half, rounding, msum) if tunings.softmax_simplex else None
         return Linearization(x0, y0c, err_mv, jvp, jvp, abs_jvp, naive, vjp_at, rem)
 
     # mean value as the same form: a = y0, u = -y0, v = y0

@@ -46,8 +46,10 @@ SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no 
 # algorithm; running moments, as PyTorch's CPU kernel keeps them, covered by doubling the margin derived
 # for the two formulas); "formula": E[x^2] - E[x]^2 or mean((x - mean)^2) evaluated in float32, in any
 # summation order (CTranslate2's and llama.cpp's kernels), so the derived margin itself, with only its
-# rsqrt allowance doubled (as RMSNorm's)
-LAYERNORM_VARIANCE = ("any", "formula")
+# rsqrt allowance doubled (as RMSNorm's); "two-pass": mean((x - mean)^2) only, the mean computed first
+# (ggml's norm: llama.cpp, whisper.cpp; its sums in double are covered), so the one-pass form's error
+# (E[x^2] - E[x]^2, which cancels where the mean is large next to the spread) drops out too
+LAYERNORM_VARIANCE = ("any", "formula", "two-pass")
 
 
 # ------------------------------------------------------------------ one check per option

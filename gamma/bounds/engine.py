@@ -163,9 +163,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     they contain the real-valued function only (no margins; gamma's own
     float32 products still charge their rounding), which is what other
     verifiers bound, and not a guarantee for a float32 engine.  ``layernorm_variance``
-    (:data:`gamma.options.LAYERNORM_VARIANCE`): "any" (default) or "formula", for engines that
+    (:data:`gamma.options.LAYERNORM_VARIANCE`): "any" (default), "formula", for engines that
     compute LayerNorm's variance as E[x^2] - E[x]^2 or mean((x - mean)^2) (not by running
-    moments): its margin is then not doubled as a whole.  ``tunings``: how
+    moments): its margin is then not doubled as a whole, or "two-pass", mean((x - mean)^2) only
+    (llama.cpp, whisper.cpp), which also drops the one-pass form's error.  ``tunings``: how
     the engine computes them (:class:`Tunings`; the defaults when None).
 
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
@@ -189,7 +190,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         tunings = replace(tunings, product_sums=False)
     method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
     eps = 0.0 if zero else options.epsilon
-    formula = options.layernorm_variance == "formula"
+    variance = options.layernorm_variance
     dev = torch.device(options.device)
     if tuple(center.shape) != tuple(graph.input_shape):
         raise GammaError(f"input has shape {tuple(center.shape)}, the graph expects {tuple(graph.input_shape)}")
@@ -241,7 +242,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         if iv is None:
             iv = ibp_node(node, *ins)
         prob = arithmetic == "float32-probabilistic"
-        m, modes = (margin_split(node, ins, iv, margins, fpprob.NORM_SUMS if prob else None, formula)
+        m, modes = (margin_split(node, ins, iv, margins, fpprob.NORM_SUMS if prob else None, variance)
                     if arithmetic != "real" else (None, None))
         if prob and modes is not None:
             ctx.events += 2 * iv.lower.numel()          # (at most) two sums per element's row, one event each

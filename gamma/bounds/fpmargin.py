@@ -40,17 +40,19 @@ U = 2.0 ** -24
 # variance formula to choose (a mean of squares: a sum in any tree, :mod:`.fpsum`, then a
 # division, the eps add, the rsqrt and two products): its rule is derived but for the library's
 # rsqrt, and only that allowance is doubled (RSQRT_U, HEDGE).  LayerNorm likewise where the engine
-# is known to compute its variance by one of the two formulas (``--layernorm-variance formula``).
+# is known to compute its variance by one of the two formulas (``--layernorm-variance formula``) or by
+# the two-pass one (``two-pass``), which also drops the one-pass form's error.
 HEDGED = {"gelu", "gelu_tanh", "silu", "softmax", "layernorm"}
 HEDGE = 2.0
 RSQRT_U = 6.0                   # the library's rsqrt (or 1 / sqrt, or the division by sqrt): 6 U relative
 
 
-def hedged(op: str, formula: bool = False) -> bool:
+def hedged(op: str, variance: str = "any") -> bool:
     """Whether the op's margin is doubled as a whole (:data:`HEDGED`): LayerNorm's not where the
-    engine computes its variance by a formula (``formula``, ``--layernorm-variance formula``:
-    E[x^2] - E[x]^2 or mean((x - mean)^2), both derived in :func:`_norm`), only its rsqrt's."""
-    return op in HEDGED and not (formula and op == "layernorm")
+    engine computes its variance by a formula (``variance``, :data:`gamma.options.LAYERNORM_VARIANCE`:
+    "formula", E[x^2] - E[x]^2 or mean((x - mean)^2), or "two-pass", the latter only; both derived
+    in :func:`_norm`), only its rsqrt's."""
+    return op in HEDGED and not (variance != "any" and op == "layernorm")
 
 
 def _rounded(c):
@@ -207,31 +209,32 @@ class CommonModes(NamedTuple):
             for vc, vr, s in self.modes)
 
 
-def norm_modes(node, ins, out, sums=None, formula: bool = False) -> CommonModes:
+def norm_modes(node, ins, out, sums=None, variance: str = "any") -> CommonModes:
     """The norm's float32 margin as :class:`CommonModes` (hedged like the other
     norm margins).  The row's inverse scale is computed once: ``r' = r (1 + t)``
     with ``|t| <= rel_s``, a shared error ``t n_i`` of every normalised value, so
     ``t w_i n_i`` in the output; LayerNorm's mean is computed once: ``mu' = mu + e``
     with ``|e| <= e_mu``, a shared ``-e r w_i`` in the output (``|e r| <= e_mu
     s_hi``).  What is left per element: the centring's own rounding, the two
-    products and the bias add, and the cross terms of the shared errors.  ``formula``: the
-    engine's LayerNorm variance is one of the two formulas (:func:`hedged`)."""
-    parts = _norm(node, ins, out, sums, formula)
-    h = HEDGE if hedged(node.op, formula) else 1.0
+    products and the bias add, and the cross terms of the shared errors.  ``variance``: how the
+    engine computes LayerNorm's variance (:func:`hedged`)."""
+    parts = _norm(node, ins, out, sums, variance)
+    h = HEDGE if hedged(node.op, variance) else 1.0
     return CommonModes(h * parts.elem, tuple((vc, vr, h * s) for vc, vr, s in parts.modes))
 
 
-def _norm_margin(node, ins, out, formula: bool = False):
-    return _norm(node, ins, out, formula=formula).total()
+def _norm_margin(node, ins, out, variance: str = "any"):
+    return _norm(node, ins, out, variance=variance).total()
 
 
-def _norm(node, ins, out, sums=None, formula: bool = False) -> CommonModes:
+def _norm(node, ins, out, sums=None, variance: str = "any") -> CommonModes:
     """LayerNorm / RMSNorm evaluated as mean, centre, mean of squares (or
     E[x^2] - E[x]^2), rsqrt, two products and a bias add.  ``sums``: how a row's
     sums are charged (:class:`.fpprob.NormSums`: ``relative(n)`` the error bound of a
     sum of n terms and its division, relative to the sum of the terms' sizes, and
     ``model(n)`` for two sums' errors taken together); ``fp.gamma`` (any order, no
-    assumption) when None.  ``formula``: see :func:`hedged`."""
+    assumption) when None.  ``variance``: see :func:`hedged`; "two-pass" drops the
+    one-pass form's error (:func:`one_pass_variance_error`)."""
     x = ins[0]
     centered = node.op == "layernorm"
     d = x.lower.shape[-1]
@@ -259,14 +262,14 @@ def _norm(node, ins, out, sums=None, formula: bool = False) -> CommonModes:
     a_two = (2 * c_abs * e_d + e_c * e_c).mean(-1, keepdim=True)
     q = a_two * (1 + g) * (1 + U) / (vl + eps) + (g + U + g * U)
     q = torch.minimum(q, two_pass_variance_error(c_abs, e_mu, e_d, vh, eps, tree) / (vl + eps))
-    if centered:
+    if centered and variance != "two-pass":
         joint = None if sums is None else sums.model(d + 4)
         q = torch.maximum(q, one_pass_variance_error(x, vh, eps, g, joint, tree, None if sums is None else sums.coef)
                           / (vl + eps))
     # rsqrt of (v + eps)(1 + t): relative error (1 - q)^-1/2 (1 + 6U) - 1, not its first-order part
     # q / 2 (which stays finite where the float32 variance may reach zero); where the margin is not
     # hedged as a whole (RMSNorm; LayerNorm by a variance formula) its rsqrt's allowance is doubled here
-    lib = RSQRT_U * U * (1.0 if hedged(node.op, formula) else HEDGE)
+    lib = RSQRT_U * U * (1.0 if hedged(node.op, variance) else HEDGE)
     rel_s = torch.where(q < 1, torch.rsqrt((1 - q).clamp_min(1e-300)) * (1 + lib) - 1,
                         torch.full_like(q, math.inf))
     n_abs = torch.maximum(nl.abs(), nu.abs())
@@ -390,27 +393,27 @@ MARGIN = {
 }
 
 
-def margin(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None, formula: bool = False):
+def margin(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None, variance: str = "any"):
     """Float32 rounding margin of ``node`` (tensor of its shape) or None if exact.
-    ``prev``: the margins of the nodes before it (name -> tensor or None); ``formula``: the
-    engine's LayerNorm variance is one of the two formulas (:func:`hedged`)."""
+    ``prev``: the margins of the nodes before it (name -> tensor or None); ``variance``: how the
+    engine computes LayerNorm's variance (:func:`hedged`)."""
     rule = MARGIN[node.op]
     if rule is None:
         return None
     if rule is _matmul:
         m = rule(node, ins, out, prev)
     elif rule is _norm_margin:
-        m = rule(node, ins, out, formula)
+        m = rule(node, ins, out, variance)
     else:
         m = rule(node, ins, out)
-    return HEDGE * m if hedged(node.op, formula) else m
+    return HEDGE * m if hedged(node.op, variance) else m
 
 
 def margin_split(node, ins: list[Interval], out: Interval, prev: Optional[dict] = None, sums=None,
-                 formula: bool = False):
+                 variance: str = "any"):
     """``(margin, CommonModes or None)``: the norms' margin also as its split
-    (:func:`norm_modes`, with ``sums`` and ``formula`` as there), whose total the margin is."""
+    (:func:`norm_modes`, with ``sums`` and ``variance`` as there), whose total the margin is."""
     if node.op in ("layernorm", "rmsnorm"):
-        parts = norm_modes(node, ins, out, sums, formula)
+        parts = norm_modes(node, ins, out, sums, variance)
         return parts.total(), parts
-    return margin(node, ins, out, prev, formula), None
+    return margin(node, ins, out, prev, variance), None

@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
                         "rounding included), float32-probabilistic or real")
     s.add_argument("--layernorm-variance", choices=LAYERNORM_VARIANCE, default="any",
                    help="as in gamma verify: formula for engines that compute LayerNorm's variance by "
-                        "E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp)")
+                        "E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp), two-pass for "
+                        "mean((x - mean)^2) only (llama.cpp, whisper.cpp)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")

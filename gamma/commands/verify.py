@@ -63,9 +63,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--layernorm-variance", choices=LAYERNORM_VARIANCE, default="any",
                    help="how the float32 engine computes LayerNorm's variance: any (default: any algorithm, "
                         "running moments as in PyTorch's CPU kernel included, covered by doubling the derived "
-                        "margin) or formula (E[x^2] - E[x]^2 or mean((x - mean)^2) in any summation order, as "
+                        "margin), formula (E[x^2] - E[x]^2 or mean((x - mean)^2) in any summation order, as "
                         "CTranslate2 and llama.cpp compute it: the derived margin itself; the bounds then do not "
-                        "cover PyTorch's CPU LayerNorm)")
+                        "cover PyTorch's CPU LayerNorm) or two-pass (mean((x - mean)^2) only, as llama.cpp and "
+                        "whisper.cpp compute it: tighter where a row's mean is large next to its spread; the "
+                        "bounds then do not cover CTranslate2 either)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -125,6 +127,8 @@ LAYERNORM_LINE = {
     "any": "LayerNorm's running moments within twice the derived allowance",
     "formula": "LayerNorm's variance by E[x^2] - E[x]^2 or mean((x - mean)^2), --layernorm-variance formula: "
                "CTranslate2, llama.cpp, not PyTorch's CPU kernel",
+    "two-pass": "LayerNorm's variance by mean((x - mean)^2), --layernorm-variance two-pass: llama.cpp, "
+                "whisper.cpp, not CTranslate2 or PyTorch's CPU kernel",
 }
 
 

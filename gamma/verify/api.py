@@ -91,10 +91,11 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     True (default :class:`AttackConfig`), a config, False, or None: on in
     block-wise runs (cheap next to the bounds), off otherwise.  ``after_saturation``: "crown"
     (default) or "ibp": interval bounds from the first node wider than 1e6 (or unbounded) on
-    (``ibp_from`` in the report says where).  ``layernorm_variance``: "any" (default) or
+    (``ibp_from`` in the report says where).  ``layernorm_variance``: "any" (default),
     "formula": the float32 bounds then hold for engines that compute LayerNorm's variance as
     E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp), not by running moments
-    (PyTorch's CPU kernel), and its margin is not doubled as a whole.
+    (PyTorch's CPU kernel), and its margin is not doubled as a whole, or "two-pass":
+    mean((x - mean)^2) only (llama.cpp, whisper.cpp), not CTranslate2's E[x^2] - E[x]^2.
 
     The arguments are checked here, before the model is read, grouped into
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,

@@ -19,7 +19,7 @@ For every case (a block on its nominal input +- eps, or the whole model):
 ``--compare-with REV`` bounds every case also with the code of git revision REV (a temporary
 worktree, in a subprocess, one case after the other in the same run) and shows both.
 ``--layernorm-variance formula`` bounds the float32 modes with that option and shows the default's
-beside them (its own section).
+beside them (its own section); ``two-pass`` likewise, beside ``formula`` (its own section).
 
     python benchmarks/depth.py [--models whisper,smollm2] [--eps 1e-3] [--whole]
                                [--smollm2-blocks 0,15,29] [--compare-with REV] [--out BENCHMARKS.md]
@@ -55,6 +55,9 @@ PROB = "float32-probabilistic"
 SECTION = "10. Bounds through depth"
 WHOLE_SECTION = "13. Bounds through depth, whole model"
 FORMULA_SECTION = "15. LayerNorm's variance by a formula (--layernorm-variance formula)"
+TWO_PASS_SECTION = "16. LayerNorm's variance by two passes (--layernorm-variance two-pass)"
+# an option's run shows this setting beside it, in the same run, and writes this section
+AGAINST = {"formula": ("any", FORMULA_SECTION), "two-pass": ("formula", TWO_PASS_SECTION)}
 
 
 def cases(models, whole: bool, smollm2_blocks):
@@ -160,11 +163,11 @@ def _w(b):
 
 
 def measure(label, path, scope, eps, src, layernorm_variance=None):
-    """One row.  ``layernorm_variance="formula"``: every float32 mode with that option, and beside
-    it ("old") the same case with the default ("any"), in the same process."""
+    """One row.  ``layernorm_variance`` "formula" or "two-pass": every float32 mode with that option,
+    and beside it ("old") the same case with :data:`AGAINST`'s setting, in the same process."""
     new = bounds(path, scope, eps, layernorm_variance)
     if layernorm_variance not in (None, "any"):
-        old = bounds(path, scope, eps, "any", skip=("real",))      # real arithmetic has no margins: the same
+        old = bounds(path, scope, eps, AGAINST[layernorm_variance][0], skip=("real",))  # real: no margins, the same
     else:
         old = bounds_elsewhere(src, path, scope, eps) if src else None
     w = _w(new["f32"])
@@ -255,9 +258,9 @@ def main(argv=None):
     ap.add_argument("--whole-only", action="store_true", help="only the whole Whisper encoder")
     ap.add_argument("--smollm2-blocks", default="0,15,29")
     ap.add_argument("--compare-with", default=None, metavar="REV")
-    ap.add_argument("--layernorm-variance", default="any", choices=("any", "formula"),
+    ap.add_argument("--layernorm-variance", default="any", choices=("any", "formula", "two-pass"),
                     help="formula: every float32 mode with --layernorm-variance formula, beside the default's "
-                         "(in place of --compare-with; its own section)")
+                         "(in place of --compare-with; its own section); two-pass likewise, beside formula")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
@@ -267,9 +270,10 @@ def main(argv=None):
         with open(args.json_out, "w") as f:
             json.dump(bounds(path, scope, eps), f)
         return 0
-    formula = args.layernorm_variance == "formula"
+    formula = args.layernorm_variance in AGAINST
     if formula and args.compare_with:
-        ap.error("--layernorm-variance formula compares with the default in the same run: no --compare-with")
+        ap.error(f"--layernorm-variance {args.layernorm_variance} compares with "
+                 f"{AGAINST[args.layernorm_variance][0]} in the same run: no --compare-with")
     src = None
     if args.compare_with:
         src = tempfile.mkdtemp(prefix="gamma-rev-")
@@ -290,20 +294,22 @@ def main(argv=None):
 
 def section_text(args, rows, load: float, compared: bool) -> tuple:
     """(section title, markdown) of the measured ``rows`` for the command line ``args``."""
-    formula = args.layernorm_variance == "formula"
-    section = FORMULA_SECTION if formula else WHOLE_SECTION if args.whole_only else SECTION
+    lv = args.layernorm_variance
+    formula = lv in AGAINST
+    section = AGAINST[lv][1] if formula else WHOLE_SECTION if args.whole_only else SECTION
     lines = [f"## {section}", "",
              f"CROWN, T={T}, `python benchmarks/depth.py --models {args.models} --eps {args.eps}"
              + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "")
              + (f" --compare-with {args.compare_with}" if compared else "")
-             + (" --layernorm-variance formula" if formula else "")
+             + (f" --layernorm-variance {lv}" if formula else "")
              + f"` (load average {load:.1f} at the end). Block rows: the block on its nominal input +- eps. "
              "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
              "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre. "
              + _attack_note(rows)
-             + (" Every float32 mode with `--layernorm-variance formula`; the columns marked 'at "
-                "--layernorm-variance any' are the same case with the default, in the same run." if formula else ""),
-             ""] + table(rows, "--layernorm-variance any" if formula else args.compare_with) + [""]
+             + (f" Every float32 mode with `--layernorm-variance {lv}`; the columns marked 'at "
+                f"--layernorm-variance {AGAINST[lv][0]}' are the same case with that setting, in the same run."
+                if formula else ""),
+             ""] + table(rows, f"--layernorm-variance {AGAINST[lv][0]}" if formula else args.compare_with) + [""]
     return section, "\n".join(lines)
 
 

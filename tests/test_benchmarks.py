@@ -167,8 +167,16 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
     assert text.splitlines()[2].startswith("CROWN, T=8, `python benchmarks/depth.py --models whisper --eps 1e-4 "
                                            "--whole --layernorm-variance formula` (load average 2.0 at the end).")
     assert text.splitlines()[2].endswith("the columns marked 'at --layernorm-variance any' are the same case with "
-                                         "the default, in the same run.")
+                                         "that setting, in the same run.")
     assert text.splitlines()[6] == lines[2]
+    # --layernorm-variance two-pass: beside formula, its own section
+    args.layernorm_variance = "two-pass"
+    title, text = depth.section_text(args, [dict(ln, targets_from="prob", violations=0)], 2.04, False)
+    assert title == "16. LayerNorm's variance by two passes (--layernorm-variance two-pass)"
+    assert "--whole --layernorm-variance two-pass` (load" in text.splitlines()[2]
+    assert text.splitlines()[2].endswith("the columns marked 'at --layernorm-variance formula' are the same case "
+                                         "with that setting, in the same run.")
+    assert text.splitlines()[4].endswith("| seconds at --layernorm-variance formula |")
 
 
 def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():

@@ -57,7 +57,7 @@ def test_bad_values_one_message(whisper_pair):
     assert str(e.value) == "unknown --arithmetic 'float16' (choose from float32, float32-probabilistic, real)"
     with pytest.raises(GammaError) as e:
         C.compare(ref, ref, EPS, 1.0, layernorm_variance="welford")
-    assert str(e.value) == "unknown --layernorm-variance 'welford' (choose from any, formula)"
+    assert str(e.value) == "unknown --layernorm-variance 'welford' (choose from any, formula, two-pass)"
 
 
 def test_cli_json_and_text_say_what_the_bounds_hold_for(capsys, whisper_hf_dir, whisper_ct2_f16_dir):

@@ -287,6 +287,10 @@ def test_report_says_what_the_bounds_hold_for(capsys, whisper_hf_dir):
                     "(assumed: math functions within a few ulp, LayerNorm's variance by E[x^2] - E[x]^2 or "
                     "mean((x - mean)^2), --layernorm-variance formula: CTranslate2, llama.cpp, not PyTorch's "
                     "CPU kernel)")
+    assert cli.main(args[:-1] + ["two-pass", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    jsonschema.validate(d, schema())
+    assert d["layernorm_variance"] == "two-pass"
     assert cli.main(args[:-1] + ["two-pass"]) == 0
     line = capsys.readouterr().out.splitlines()[2]
     assert line.endswith("(assumed: math functions within a few ulp, LayerNorm's variance by mean((x - mean)^2), "

@@ -115,7 +115,7 @@ def test_suite_case_with_the_layernorm_variance_option(tmp_path):
     ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\narithmetic="float16"',
      "unknown arithmetic 'float16' (choose from float32, float32-probabilistic, real)"),
     ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nlayernorm_variance="welford"',
-     "unknown layernorm_variance 'welford' (choose from any, formula)"),
+     "unknown layernorm_variance 'welford' (choose from any, formula, two-pass)"),
 ])
 def test_suite_errors_name_the_case_and_key(tmp_path, body, message):
     p = tmp_path / "s.toml"

@@ -52,6 +52,19 @@ def _rows(seed: int, d: int) -> torch.Tensor:
     return (torch.randn(4, d, generator=gen, dtype=torch.float64) + offsets).float().double()
 
 
+def _margin_case(d: int):
+    """A LayerNorm over rows of mean 0, 3, -30 and 300, float32 points of a 1e-3 box around them
+    (the centre first), the box they span and the output's real-arithmetic bounds over it."""
+    g = _ln_graph(2, d)
+    c = _rows(2, d)
+    gen = torch.Generator().manual_seed(3)
+    pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
+                 for _ in range(3)]
+    x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
+    real = compute_bounds(g, x.center, float(x.radius.max()), "crown", arithmetic="real").nodes["n"]
+    return g, c, pts, x, real
+
+
 def _engines(g, rng, two_pass_only: bool = False):
     """float32 LayerNorms that compute the variance by a formula, as engines do:
     CTranslate2's CPU kernel (sum and sum of squares in one float32 loop, ``max(sumsq / d - mean^2, 0)``,
@@ -146,13 +159,7 @@ def test_formula_engines_within_the_derived_margin_element_by_element(d):
     """Every error of CTranslate2-, llama.cpp- and loop-style float32 LayerNorms (both formulas, four
     summation orders) at points of a box around rows of mean 0, 3, -30 and 300 is within the
     option's margin, element by element; on the mean -30 row the margin is finite and not vacuous."""
-    g = _ln_graph(2, d)
-    c = _rows(2, d)
-    gen = torch.Generator().manual_seed(3)
-    pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
-                 for _ in range(3)]
-    x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
-    real = compute_bounds(g, x.center, float(x.radius.max()), "crown", arithmetic="real").nodes["n"]
+    g, c, pts, x, real = _margin_case(d)
     m = fpmargin.margin(g["n"], [x], real, variance="formula")
     worst = torch.zeros_like(m)
     for f in _engines(g, np.random.default_rng(4)):
@@ -174,13 +181,7 @@ def test_two_pass_engines_within_its_margin_and_the_one_pass_engine_not(d):
     mean is large next to their spread: on the mean 300 row within 50 times the engines' largest error,
     where the formula option's must cover E[x^2] - E[x]^2 (unbounded at d = 384, over 10 times wider
     at d = 64).  CTranslate2's one-pass kernel leaves it there: the option covers what it names only."""
-    g = _ln_graph(2, d)
-    c = _rows(2, d)
-    gen = torch.Generator().manual_seed(3)
-    pts = [c] + [(c + 1e-3 * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float().double()
-                 for _ in range(3)]
-    x = Interval(torch.stack(pts).amin(0), torch.stack(pts).amax(0))
-    real = compute_bounds(g, x.center, float(x.radius.max()), "crown", arithmetic="real").nodes["n"]
+    g, c, pts, x, real = _margin_case(d)
     two = fpmargin.margin(g["n"], [x], real, variance="two-pass")
     formula = fpmargin.margin(g["n"], [x], real, variance="formula")
     assert bool(torch.isfinite(two).all()) and bool((two <= formula).all())

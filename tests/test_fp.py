@@ -453,7 +453,9 @@ def test_linear_image_chunked_abs_matches_and_the_cache_is_bounded():
     ws[-1].mul_(-2.0)                                        # in place: the cached |W| must not be reused
     after = fp.linear_image(c, r, ws[-1], cache=cache)
     assert torch.allclose(after[1] - r @ ws[-1].abs().T, before[1] * 2 - r @ ws[-1].abs().T, rtol=1e-4, atol=1e-9)
-    assert torch.allclose(after[0], c @ ws[-1].T, rtol=1e-5, atol=1e-9)
+    # the centre is a float32 product: within the radius, which also covers that rounding
+    assert bool(((after[0] - c @ ws[-1].T).abs() <= after[1] - r @ ws[-1].abs().T).all())
+    assert torch.allclose(after[0], c @ ws[-1].T, rtol=1e-5, atol=1e-5)
     keys = set(cache._store)
     assert keys
     del ws, v

@@ -230,6 +230,9 @@ def _pool(ctx: Context, node, cot, sym: bool, pool):
     return ([d, v] if pool is None else [pool[0] + d, pool[1] + v]), m
 
 
+F64_PAD = 2.0 ** -40        # float64 rounding of a concretised term, relative to |lam| (|c| + r): n ULP64 for n <= 8192
+
+
 def _pooled_charge(ctx: Context, bias: Tensor, pool, trace) -> Tensor:
     if pool is None:
         return bias
@@ -304,7 +307,10 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         if concretise:
             iv = box if node.op == "input" else ctx.bounds[node.name]
             cot = rows.layout(lam)
-            bias = _charge(bias, _acc(bias, sym, cot.dot(iv.center), cot.abs_dot(iv.radius)), trace,
+            # the concretisation's own float64 rounding (and its cotangent's, relative to its size), outward:
+            # F64_PAD of |lam| (|c| + r); without it a bound attained at a corner may sit an ulp inside
+            reach = iv.radius + F64_PAD * (iv.center.abs() + iv.radius)
+            bias = _charge(bias, _acc(bias, sym, cot.dot(iv.center), cot.abs_dot(reach)), trace,
                            node.name, "box")
             continue
         if isinstance(lam, Rows) and (not rows.applies(graph, node, lam) or node.name in ctx.alpha and node.op == "mul"):

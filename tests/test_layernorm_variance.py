@@ -330,3 +330,34 @@ def test_ctranslate2_itself_inside_the_bounds(whisper_ct2_dir):
         y = torch.from_numpy(np.array(engine.encode(ctranslate2.StorageView.from_array(p32[None].numpy()))))[0]
         y = y.double().reshape(r.lower.shape)
         assert bool((y >= r.lower).all()) and bool((y <= r.upper).all())
+
+
+def test_engine_note_where_the_assumption_leaves_the_checkpoints_engine_out():
+    """One warning line where the option excludes the engine the checkpoint's format is run by
+    (CTranslate2 with two-pass; transformers' PyTorch LayerNorm with formula or two-pass), none
+    where it covers it, in real arithmetic, or for models without LayerNorms."""
+    from gamma.commands.verify import engine_note
+    r = lambda fmt, lv, arch="whisper", arith="float32": {"model": {"format": fmt, "arch": arch},
+                                                          "layernorm_variance": lv, "arithmetic": arith}
+    assert engine_note(r("ct2", "two-pass")) == (
+        "CTranslate2, which runs this checkpoint, computes LayerNorm's variance as E[x^2] - E[x]^2: "
+        "--layernorm-variance formula covers it, two-pass does not")
+    assert engine_note(r("safetensors", "formula")) == (
+        "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not covered by "
+        "--layernorm-variance formula: --layernorm-variance any is")
+    assert engine_note(r("pytorch", "two-pass")) == engine_note(r("safetensors", "two-pass")) is not None
+    for fmt, lv in (("ct2", "formula"), ("ct2", "any"), ("safetensors", "any"), ("gguf", "two-pass")):
+        assert engine_note(r(fmt, lv)) is None
+    assert engine_note(r("ct2", "two-pass", arith="real")) is None
+    assert engine_note(r("safetensors", "two-pass", arch="llama")) is None
+
+
+def test_cli_warns_on_stderr_and_still_answers(capsys, whisper_ct2_dir):
+    args = ["verify", whisper_ct2_dir[0], "--full", "--seq-len", "2", "--no-attack", "--quiet", "--json",
+            "--layernorm-variance", "two-pass"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert out.err.strip() == ("gamma: warning: CTranslate2, which runs this checkpoint, computes LayerNorm's "
+                               "variance as E[x^2] - E[x]^2: --layernorm-variance formula covers it, two-pass "
+                               "does not")
+    assert json.loads(out.out)["layernorm_variance"] == "two-pass"

@@ -336,20 +336,21 @@ def test_engine_note_where_the_assumption_leaves_the_checkpoints_engine_out():
     """One warning line where the option excludes the engine the checkpoint's format is run by
     (CTranslate2 with two-pass; transformers' PyTorch LayerNorm with formula or two-pass), none
     where it covers it, in real arithmetic, or for models without LayerNorms."""
-    from gamma.commands.verify import engine_note
-    r = lambda fmt, lv, arch="whisper", arith="float32": {"model": {"format": fmt, "arch": arch},
-                                                          "layernorm_variance": lv, "arithmetic": arith}
-    assert engine_note(r("ct2", "two-pass")) == (
+    from gamma.commands.common import engine_note
+
+    def note(fmt, lv, arch="whisper", arith="float32"):
+        return engine_note({"format": fmt, "arch": arch}, {"layernorm_variance": lv, "arithmetic": arith})
+    assert note("ct2", "two-pass") == (
         "CTranslate2, which runs this checkpoint, computes LayerNorm's variance as E[x^2] - E[x]^2: "
         "--layernorm-variance formula covers it, two-pass does not")
-    assert engine_note(r("safetensors", "formula")) == (
+    assert note("safetensors", "formula") == (
         "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not covered by "
         "--layernorm-variance formula: --layernorm-variance any is")
-    assert engine_note(r("pytorch", "two-pass")) == engine_note(r("safetensors", "two-pass")) is not None
+    assert note("pytorch", "two-pass") == note("safetensors", "two-pass") is not None
     for fmt, lv in (("ct2", "formula"), ("ct2", "any"), ("safetensors", "any"), ("gguf", "two-pass")):
-        assert engine_note(r(fmt, lv)) is None
-    assert engine_note(r("ct2", "two-pass", arith="real")) is None
-    assert engine_note(r("safetensors", "two-pass", arch="llama")) is None
+        assert note(fmt, lv) is None
+    assert note("ct2", "two-pass", arith="real") is None
+    assert note("safetensors", "two-pass", arch="llama") is None
 
 
 def test_cli_warns_on_stderr_and_still_answers(capsys, whisper_ct2_dir):
@@ -360,4 +361,17 @@ def test_cli_warns_on_stderr_and_still_answers(capsys, whisper_ct2_dir):
     assert out.err.strip() == ("gamma: warning: CTranslate2, which runs this checkpoint, computes LayerNorm's "
                                "variance as E[x^2] - E[x]^2: --layernorm-variance formula covers it, two-pass "
                                "does not")
+    assert json.loads(out.out)["layernorm_variance"] == "two-pass"
+
+
+def test_compare_warns_for_each_model(capsys, whisper_ct2_dir):
+    """gamma compare: the same warning, once per model it applies to, named."""
+    path = whisper_ct2_dir[0]
+    args = ["compare", path, path, "--epsilon", "1e-4", "--tolerance", "1", "--seq-len", "2", "--quiet", "--json",
+            "--layernorm-variance", "two-pass"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    note = ("CTranslate2, which runs this checkpoint, computes LayerNorm's variance as E[x^2] - E[x]^2: "
+            "--layernorm-variance formula covers it, two-pass does not")
+    assert out.err.strip().splitlines() == [f"gamma: warning: reference: {note}", f"gamma: warning: target: {note}"]
     assert json.loads(out.out)["layernorm_variance"] == "two-pass"

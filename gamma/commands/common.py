@@ -163,3 +163,34 @@ def _columns() -> int:
     except OSError:
         cols = 0
     return cols if cols > 20 else 80
+
+
+# the engine a checkpoint format is run by, where a --layernorm-variance assumption leaves it out
+# (only for architectures with LayerNorms: the option changes nothing for RMSNorm models)
+LAYERNORM_ARCHS = {"whisper"}
+ENGINE_NOT_COVERED = {
+    ("ct2", "two-pass"): "CTranslate2, which runs this checkpoint, computes LayerNorm's variance as "
+                         "E[x^2] - E[x]^2: --layernorm-variance formula covers it, two-pass does not",
+    ("safetensors", "formula"): "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not "
+                                "covered by --layernorm-variance formula: --layernorm-variance any is",
+    ("safetensors", "two-pass"): "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not "
+                                 "covered by --layernorm-variance two-pass: --layernorm-variance any is",
+}
+ENGINE_NOT_COVERED[("pytorch", "formula")] = ENGINE_NOT_COVERED[("safetensors", "formula")]
+ENGINE_NOT_COVERED[("pytorch", "two-pass")] = ENGINE_NOT_COVERED[("safetensors", "two-pass")]
+
+
+def engine_note(model: dict, r: dict) -> Optional[str]:
+    """One line where the float32 bounds' LayerNorm assumption (``r``'s arithmetic and
+    layernorm_variance) leaves out the engine that ``model``'s format (a report's model entry)
+    is run by, else None (real arithmetic assumes no engine)."""
+    if r.get("arithmetic") == "real" or model.get("arch") not in LAYERNORM_ARCHS:
+        return None
+    return ENGINE_NOT_COVERED.get((model.get("format"), r.get("layernorm_variance", "any")))
+
+
+def warn_engine(model: dict, r: dict, who: str = "") -> None:
+    """:func:`engine_note` as one warning line on stderr, where there is one."""
+    note = engine_note(model, r)
+    if note:
+        print(f"gamma: warning: {who}{note}", file=sys.stderr)

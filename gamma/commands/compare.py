@@ -15,7 +15,7 @@ from .. import compare as lib
 from ..bounds import METHODS
 from ..bounds.engine import INTERMEDIATE
 from ..options import ARITHMETIC, LAYERNORM_VARIANCE
-from .common import Progress, add_input_options, input_kwargs, num, print_json, seconds, table
+from .common import Progress, add_input_options, input_kwargs, num, print_json, seconds, table, warn_engine
 
 
 def _input_options(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,8 @@ def run_compare(args) -> int:
                           layernorm_variance=args.layernorm_variance, **input_kwargs(args))
     finally:
         done()
+    for who in ("reference", "target"):
+        warn_engine(res.report[who], res.report, f"{who}: ")
     saved = bool(args.save_counterexample) and res.save_counterexample(args.save_counterexample)
     res.report["counterexample_file"] = args.save_counterexample if saved else None
     if args.json:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Optional
 
 from ..options import AFTER_SATURATION, ARITHMETIC, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, PRODUCTS, BoundOptions
 from ..verify import InputSpec, RunSpec, run as run_verification
 from .common import (Progress, add_input_options, check_writable, input_kwargs, num, print_json, seconds,
-                     table)
+                     table, warn_engine)
 from .vnncomp import add_verify_options
 from .vnncomp import run_verify as run_vnnlib
 
@@ -98,9 +97,7 @@ def run(args) -> int:
         result = run_verification(args.model, options, inputs, spec, progress)
     finally:
         progress.done()
-    note = engine_note(result.report)
-    if note:
-        print(f"gamma: warning: {note}", file=sys.stderr)
+    warn_engine(result.report["model"], result.report)
     if args.save_bounds:
         result.save_bounds(args.save_bounds)
     if args.json:
@@ -126,29 +123,6 @@ ARITHMETIC_LINE = {
     "real": "bounds   of the real-valued function only (--arithmetic real): no float32 margins, "
             "not a guarantee for a float32 engine",
 }
-
-# the engine a checkpoint format is run by, where a --layernorm-variance assumption leaves it out
-# (only for architectures with LayerNorms: the option changes nothing for RMSNorm models)
-LAYERNORM_ARCHS = {"whisper"}
-ENGINE_NOT_COVERED = {
-    ("ct2", "two-pass"): "CTranslate2, which runs this checkpoint, computes LayerNorm's variance as "
-                         "E[x^2] - E[x]^2: --layernorm-variance formula covers it, two-pass does not",
-    ("safetensors", "formula"): "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not "
-                                "covered by --layernorm-variance formula: --layernorm-variance any is",
-    ("safetensors", "two-pass"): "transformers on CPU (PyTorch's LayerNorm keeps running moments) is not "
-                                 "covered by --layernorm-variance two-pass: --layernorm-variance any is",
-}
-ENGINE_NOT_COVERED[("pytorch", "formula")] = ENGINE_NOT_COVERED[("safetensors", "formula")]
-ENGINE_NOT_COVERED[("pytorch", "two-pass")] = ENGINE_NOT_COVERED[("safetensors", "two-pass")]
-
-
-def engine_note(r: dict) -> Optional[str]:
-    """One line where the float32 bounds' LayerNorm assumption leaves out the engine that the
-    checkpoint's format is run by, else None (real arithmetic assumes no engine)."""
-    if r.get("arithmetic") == "real" or r.get("model", {}).get("arch") not in LAYERNORM_ARCHS:
-        return None
-    return ENGINE_NOT_COVERED.get((r["model"].get("format"), r.get("layernorm_variance", "any")))
-
 
 LAYERNORM_LINE = {
     "any": "LayerNorm's running moments within twice the derived allowance",

@@ -112,6 +112,8 @@ def _run_cases(args, cases: list[R.Case], cache: str, history: Optional[str]) ->
     for i, case in enumerate(cases, 1):
         tag = f"[{i}/{len(cases)}] {case.name}"
         arith = "" if case.arithmetic == "float32" else f", arithmetic {case.arithmetic}"
+        if case.layernorm_variance != "any":
+            arith += f", layernorm variance {case.layernorm_variance}"
         _say(args, f"{tag}: {case.method}, {case.mode.replace('_', '-')}, eps {case.epsilon:g}{arith}, {case.model}")
         rec = R.run_case(case, models, prov, run_id)
         if history:

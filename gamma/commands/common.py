@@ -180,6 +180,26 @@ ENGINE_NOT_COVERED[("pytorch", "formula")] = ENGINE_NOT_COVERED[("safetensors", 
 ENGINE_NOT_COVERED[("pytorch", "two-pass")] = ENGINE_NOT_COVERED[("safetensors", "two-pass")]
 
 
+# ggml's CPU matmuls take their activations in the weight's "vec_dot_type": a quantized weight's
+# activations are quantized (Q8_0, Q8_1, Q8_K), an F16 / BF16 weight's rounded to that type
+def _ggml_rounds_activations(dtype: str) -> bool:
+    return dtype in ("F16", "BF16") or dtype.startswith(("Q", "IQ", "TQ", "MXFP"))
+
+
+def activation_note(model: dict, r: dict) -> Optional[str]:
+    """One line where ``model`` (a report's model entry with its ``dtypes``) is a GGUF file whose
+    weights llama.cpp multiplies by activations it first quantizes or rounds below float32, which
+    the float32 margins do not cover, else None (real arithmetic assumes no engine)."""
+    if r.get("arithmetic") == "real" or model.get("format") != "gguf":
+        return None
+    types = sorted(t for t in (model.get("dtypes") or {}) if _ggml_rounds_activations(t))
+    if not types:
+        return None
+    return (f"llama.cpp's CPU matmuls with {'/'.join(types)} weights quantize or round their activations "
+            "(to Q8_0/Q8_1/Q8_K or F16), which the float32 margins do not cover: the bounds hold for the "
+            "dequantized weights in float32 engines (transformers)")
+
+
 def engine_note(model: dict, r: dict) -> Optional[str]:
     """One line where the float32 bounds' LayerNorm assumption (``r``'s arithmetic and
     layernorm_variance) leaves out the engine that ``model``'s format (a report's model entry)
@@ -190,7 +210,7 @@ def engine_note(model: dict, r: dict) -> Optional[str]:
 
 
 def warn_engine(model: dict, r: dict, who: str = "") -> None:
-    """:func:`engine_note` as one warning line on stderr, where there is one."""
-    note = engine_note(model, r)
-    if note:
-        print(f"gamma: warning: {who}{note}", file=sys.stderr)
+    """:func:`engine_note` and :func:`activation_note` as warning lines on stderr, where there are any."""
+    for note in (engine_note(model, r), activation_note(model, r)):
+        if note:
+            print(f"gamma: warning: {who}{note}", file=sys.stderr)

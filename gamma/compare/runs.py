@@ -77,10 +77,7 @@ def check_compatible(ref: Model, tgt: Model, output: str = "hidden") -> None:
 
 
 def _describe(m: Model) -> dict:
-    dtypes: dict[str, int] = {}
-    for t in m.ckpt.dtypes.values():
-        dtypes[t] = dtypes.get(t, 0) + 1
-    return {"path": m.path, "format": m.ckpt.format, "arch": m.arch, "dtypes": dtypes}
+    return {"path": m.path, "format": m.ckpt.format, "arch": m.arch, "dtypes": m.ckpt.dtype_counts()}
 
 
 def _same_file(a, b) -> bool:

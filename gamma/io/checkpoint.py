@@ -87,6 +87,13 @@ class LoadedCheckpoint:
         """True when ``tensors`` reads each tensor from the file on access (:mod:`gamma.io.lazy`)."""
         return getattr(self.tensors, "lazy", False)
 
+    def dtype_counts(self) -> dict[str, int]:
+        """How many tensors of each source type the file holds (``{"Q4_1": 210, "F32": 61}``)."""
+        counts: dict[str, int] = {}
+        for t in self.dtypes.values():
+            counts[t] = counts.get(t, 0) + 1
+        return counts
+
     @property
     def n_params(self) -> int:
         if self.lazy:

@@ -128,7 +128,8 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
 
     report: dict[str, Any] = {
         "mode": spec.mode,
-        "model": {"path": model.path, "format": model.ckpt.format, "arch": model.arch},
+        "model": {"path": model.path, "format": model.ckpt.format, "arch": model.arch,
+                  "dtypes": model.ckpt.dtype_counts()},
         "component": comp, "output": inputs.output, "seq_len": seq,
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
         "device": options.device, "arithmetic": options.arithmetic, "products": options.products,

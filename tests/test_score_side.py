@@ -40,6 +40,43 @@ def test_remainder_by_hand():
     assert r.flatten().tolist() == pytest.approx([4.4], rel=1e-11)
 
 
+def test_spectral_by_hand():
+    """W_q = I, W_k = [[1, 1], [1, -1]]: M = W_q^T W_k has entries of mixed sign and ||M||_2 = sqrt(2),
+    so with r_n = (1, 1) the operator-norm bound is sqrt(2) * ||r||^2 = 2 sqrt(2) against the
+    entrywise r^T |M| r = 4 (the largest dn^T M dn' over the box is 2: sound and narrower)."""
+    g = Graph("h", "n", (1, 2))
+    g.add("q", "linear", "n", weight=_t([1.0, 0.0], [0.0, 1.0]))
+    g.add("k", "linear", "n", weight=_t([1.0, 1.0], [1.0, -1.0]))
+    g.add("qh", "split_heads", "q", heads=1)
+    g.add("kh", "split_heads", "k", heads=1)
+    g.add("s", "matmul", "qh", "kh")
+    g.infer_shapes()
+    n = Interval(_t([-1.0, -1.0]).reshape(1, 2), _t([1.0, 1.0]).reshape(1, 2))
+    box = Interval(_t([-2.0, -2.0]).reshape(1, 1, 2), _t([2.0, 2.0]).reshape(1, 1, 2))
+    on = score_side.remainder(g, g["s"], {"n": n}, {}, box, box)
+    assert on.flatten().tolist() == pytest.approx([2 * 2 ** 0.5], rel=1e-8)
+    assert float(on) >= 2 * 2 ** 0.5
+    off = score_side.remainder(g, g["s"], {"n": n}, {}, box, box, spectral_norms=False)
+    assert off.flatten().tolist() == pytest.approx([4.0], rel=1e-11)
+    corners = torch.tensor([[a, b] for a in (-1.0, 1.0) for b in (-1.0, 1.0)], dtype=torch.float64)
+    m = _t([1.0, 1.0], [1.0, -1.0])
+    assert float((corners @ m @ corners.T).abs().max()) == 2.0                     # the bilinear form's reach
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_spectral_bounds_the_operator_norms(shared):
+    """spectral() is at least ||A_hi^T B_hj||_2 (by a float64 SVD of the d x d' product) and within
+    1e-6 of it, per head and token pair; shared chains give one value per head."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 1 if shared else 4, 8, 24, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, 1 if shared else 5, 8, 20, generator=gen, dtype=torch.float64)
+    A, B = (a.expand(3, 4, 8, 24), b.expand(3, 5, 8, 20)) if shared else (a, b)
+    sig = score_side.spectral(A, B, shared)
+    assert sig.shape == (3, 4, 5)
+    exact = torch.linalg.matrix_norm(A.transpose(-1, -2)[:, :, None] @ B[:, None], ord=2)
+    assert bool((sig >= exact).all()) and bool((sig <= exact * (1 + 1e-6)).all())
+
+
 def attention(rope: bool, rep: int = 1, d: int = 16, T: int = 4, heads: int = 2):
     """norm -> q [*scale] [rope], k [rope] [repeat_kv], v -> softmax -> @ V -> residual."""
     g = Graph("att", "x", (T, d))
@@ -106,6 +143,48 @@ def test_remainder_contains_sampled_products():
     prod = ((vals["qr"] - xb.center) @ (vals["krep"] - kb.center).transpose(-1, -2)).abs()
     assert bool((prod <= r + 1e-12).all())
     assert float(r.sum()) < float((xb.radius @ kb.radius.transpose(-1, -2)).sum())
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_spectral_term_sound_where_it_is_narrower(rope):
+    """Where the operator-norm bound is the narrower one, the scores' remainder still contains
+    |(q_i - cq_i) . (k_j - ck_j)| at sampled inputs and at inputs that PGD pushes to maximise it
+    (wide heads, eps large enough that the quadratic term decides); the graph's bounds contain
+    samples + PGD of float64 and float32 engines, and are no wider than without the term."""
+    from gamma.ops import evaluate
+    gen = torch.Generator().manual_seed(11)
+    g = attention(rope, 1, d=64, heads=2)
+    x0, eps = rnd(*g.input_shape), 0.2
+    res = compute_bounds(g, x0, eps, "crown", arithmetic="real")
+    qn, kn = ("qr", "kr") if rope else ("qs", "kh")
+    xb, kb = res.nodes[qn], res.nodes[kn]
+    on = score_side.remainder(g, g["s"], res.nodes, {}, xb, kb)
+    off = score_side.remainder(g, g["s"], res.nodes, {}, xb, kb, spectral_norms=False)
+    assert bool((on <= off).all()) and bool((on < off * 0.999).any())
+    xs = x0 + eps * (2 * torch.rand((256,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+    for _ in range(2):
+        vals = evaluate(g, xs, keep_all=True)
+        prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2))
+        assert bool((prod.abs() <= on + 1e-12).all())
+        # PGD: each sample pushes one (head, i, j) score remainder up or down by sign steps
+        xs = xs.clone().requires_grad_(True)
+        vals = evaluate(g, xs, keep_all=True)
+        prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2)).flatten(1)
+        pick = torch.randint(prod.shape[1], (xs.shape[0],), generator=gen)
+        sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
+        for _ in range(20):
+            vals = evaluate(g, xs, keep_all=True)
+            prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2)).flatten(1)
+            obj = (sign * prod.gather(1, pick[:, None]).squeeze(1)).sum()
+            grad, = torch.autograd.grad(obj, xs)
+            with torch.no_grad():
+                xs = (xs + 0.05 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
+        xs = xs.detach()
+    tight = compute_bounds(g, x0, eps, "crown", arithmetic="float32")
+    loose = compute_bounds(g, x0, eps, "crown", arithmetic="float32", tunings=Tunings(score_spectral=False))
+    assert float(tight.width().sum()) <= float(loose.width().sum()) * (1 + 1e-3)
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), x0, eps, tight.lower, tight.upper, steps=30) == 0
 
 
 def test_skipped_above_its_budget(monkeypatch):

@@ -136,7 +136,8 @@ class Context:
         key = ("score_side", node.name)
         if key not in self._const:
             self._const[key] = score_side.remainder(self.graph, node, self.bounds, self.margins,
-                                                    self.inb(node, 0), self.inb(node, 1))
+                                                    self.inb(node, 0), self.inb(node, 1),
+                                                    spectral_norms=self.tunings.score_spectral)
         return self._const[key]
 
     def norm_side(self, node):

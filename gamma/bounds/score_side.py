@@ -12,7 +12,10 @@ linear maps (``split_heads``, ``mul_const``, ``rope``, ``repeat_kv``), ``x_i = A
 (dn = n - n_c over n's box, ``s_i = A_i n_c,i + a_i - cx_i``, t likewise).  Its bound
 ``r_n,i^T |A_i^T B_j| r_n',j + |B_j^T s_i| . r_n',j + |A_i^T t_j| . r_n,i + |s_i . t_j|``
 reads ``|A^T B|``, where the sum over the head's columns cancels, instead of
-``|A|^T |B|``.  In the float32 mode the sides' margins e, f (each side's linear
+``|A|^T |B|``.  Its quadratic term also has the operator-norm bound
+``||A_i^T B_j||_2 ||r_n,i||_2 ||r_n',j||_2`` (:func:`spectral`), narrower where the
+head's bilinear form mixes signs over many input pairs (Whisper's layers 1-3: 2-3x on a
+uniform radius); each entry takes the narrower of the two.  In the float32 mode the sides' margins e, f (each side's linear
 margin carried through the chain, plus the chain's own) add
 ``sum_c E_x,c r_y,c + (r_x,c + E_x,c) E_y,c``.  Each entry takes the narrower of the
 two bounds; the result is a constant per node (no cotangent enters it).
@@ -94,7 +97,24 @@ def _cost(graph, node, x_box, y_box) -> float:
     return float(H * dh * d * d2 * (T * Tk if per_token else 1) + H * T * dh * d * (1 + Tk))
 
 
-def remainder(graph, node, bounds: dict, margins: dict, x_box, y_box) -> Optional[Tensor]:
+def spectral(A: Tensor, B: Tensor, shared: bool) -> Tensor:
+    """(H, T, Tk): an upper bound of ``||A_hi^T B_hj||_2`` for A (H, T, dh, d), B (H, Tk, dh, d')
+    (``shared``: one A and one B per head, every entry the same).  With ``A_hi^T = Q R`` and
+    ``B_hj^T = Q' R'`` (thin QR, orthonormal columns) ``A^T B = Q (R R'^T) Q'^T``, whose norm
+    is that of the dh x dh ``R R'^T``; float64 QR's and SVD's errors (about ``d u ||R|| ||R'||``)
+    are covered by ``2^-30`` of ``||R||_F ||R'||_F`` added."""
+    a, b = (A[:, :1], B[:, :1]) if shared else (A, B)
+    ra = torch.linalg.qr(a.transpose(-1, -2), mode="r").R                  # (H, T, dh, dh)
+    rb = torch.linalg.qr(b.transpose(-1, -2), mode="r").R                  # (H, Tk, dh, dh)
+    core = ra[:, :, None] @ rb[:, None].transpose(-1, -2)                  # (H, T, Tk, dh, dh)
+    sig = torch.linalg.matrix_norm(core, ord=2)
+    pad = 2.0 ** -30 * (torch.linalg.matrix_norm(ra, "fro")[:, :, None] * torch.linalg.matrix_norm(rb, "fro")[:, None])
+    sig = (sig + pad) * _OUT
+    return sig.expand(A.shape[0], A.shape[1], B.shape[1])
+
+
+def remainder(graph, node, bounds: dict, margins: dict, x_box, y_box,
+              spectral_norms: bool = True) -> Optional[Tensor]:
     """(H, T, Tk): a bound of ``|(x_i - cx_i) . (y_j - cy_j)|`` per score, never above the
     elementwise ``r_x r_y^T``; None where a side is not a linear layer's heads, or where
     it would cost more than :data:`BUDGET` multiply-adds (RoPE makes it per token pair:
@@ -121,6 +141,9 @@ def remainder(graph, node, bounds: dict, margins: dict, x_box, y_box) -> Optiona
         for i in range(T):
             m = torch.einsum("cd,jce->jde", A[h, i], B[h]).abs()             # (Tk, d, d')
             quad[h, i] = torch.einsum("jde,je->jd", m, rn2) @ rn[i]
+    if spectral_norms:                  # dn_i^T M dn_j <= ||M||_2 ||dn_i||_2 ||dn_j||_2, |dn| <= r elementwise
+        sig = spectral(A, B, shared)
+        quad = torch.minimum(quad, sig * rn.norm(dim=-1)[:, None] * rn2.norm(dim=-1)[None] * _OUT)
     e1 = torch.einsum("hic,hjce->hije", s, B).abs()                          # |B_j^T s_i|: (H, T, Tk, d')
     e1 = (e1 * rn2).sum(-1)
     e2 = torch.einsum("hjc,hicd->hijd", t, A).abs()                          # |A_i^T t_j|: (H, T, Tk, d)

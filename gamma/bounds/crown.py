@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, fpprob, norm_side, relax, rows, score_side, value_side
+from . import crown_rules, fpprob, norm_side, relax, rows, score_input, score_side, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -57,6 +57,8 @@ class Context:
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
         self.planes = True              # attention @ V by sign-chosen planes (the engine: in the output's pass only)
+        self.keep_linear: set = set()   # nodes whose linear bounds over the input box are kept (score_input.py)
+        self.linear: dict = {}          # name -> Linear, for those nodes
         self._lin: dict = {}
         self._const: dict = {}
         self._relax: dict = {}
@@ -129,15 +131,23 @@ class Context:
         return self._const[key]
 
     def score_side(self, node):
-        """The per-score remainder bound of :func:`.score_side.remainder` for the product
-        ``node`` (None where a side is not a linear layer's heads, or the tuning is off)."""
-        if not self.tunings.score_side or node.params.get("rows_sum_to_one"):
+        """The per-score remainder bound of :func:`.score_side.remainder` and
+        :func:`.score_input.remainder` for the product ``node``, the narrower per score (None
+        where neither applies or their tunings are off)."""
+        if node.params.get("rows_sum_to_one"):
             return None
         key = ("score_side", node.name)
         if key not in self._const:
-            self._const[key] = score_side.remainder(self.graph, node, self.bounds, self.margins,
-                                                    self.inb(node, 0), self.inb(node, 1),
-                                                    spectral_norms=self.tunings.score_spectral)
+            x, y = self.inb(node, 0), self.inb(node, 1)
+            r = (score_side.remainder(self.graph, node, self.bounds, self.margins, x, y,
+                                      spectral_norms=self.tunings.score_spectral)
+                 if self.tunings.score_side else None)
+            u = score_input.remainder(self.graph, node, self.linear, x, y) if self.linear else None
+            self._const[key] = u if r is None else r if u is None else torch.minimum(r, u)
+            for name in node.inputs:       # the sides' slopes served their one product: free them
+                src = score_input.kept_source(self.graph, name, self.linear)
+                if src is not None:
+                    self.linear.pop(src[0], None)
         return self._const[key]
 
     def norm_side(self, node):
@@ -271,8 +281,19 @@ def sign_dependent(node, ctx: Context) -> bool:
     return node.op == "matmul" and ctx.use_planes(node)
 
 
+class Linear(NamedTuple):
+    """A node's CROWN bounds as linear functions of the input over ``box``:
+    ``a_lo x + b_lo <= y <= a_hi x + b_hi`` per element (rows: the node's elements, flat;
+    columns: the input's elements, flat)."""
+    a_lo: Tensor
+    b_lo: Tensor
+    a_hi: Tensor
+    b_hi: Tensor
+    box: Interval
+
+
 def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozenset = frozenset(),
-             trace: Optional[Callable[[str, Tensor], None]] = None) -> Tensor:
+             trace: Optional[Callable[[str, Tensor], None]] = None, keep: Optional[list] = None) -> Tensor:
     """Lower bounds (S,) of ``sum_k lams[k] . value(k) + bias`` over the input box.
 
     Walks the ancestors of the nodes in ``lams`` in reverse topological order.
@@ -286,7 +307,8 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
     ``NODE:rule`` (the rule's constant: biases, relaxation offsets and
     remainders) or ``NODE:box`` (concretised over the box or a stop node's
     interval).  The width of spec s is ``-(delta[s] + delta[S + s])`` summed
-    over the terms, plus what the specs' own constant gives.
+    over the terms, plus what the specs' own constant gives.  ``keep``: a list that receives the
+    cotangent at the input, dense (2S, input numel), where the walk reaches it.
     """
     graph = ctx.graph
     lams = dict(lams)
@@ -307,6 +329,10 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             lam = lam.lam
         if concretise:
             iv = box if node.op == "input" else ctx.bounds[node.name]
+            if keep is not None and node.op == "input":
+                d = (lam.dense() if isinstance(lam, Rows) else lam).reshape(lam.shape[0] if isinstance(lam, Tensor)
+                                                                            else lam.t.shape[0], -1)
+                keep.append(torch.cat([d, -d]) if sym else d)
             cot = rows.layout(lam)
             # the concretisation's own float64 rounding (and its cotangent's, relative to its size), outward:
             # F64_PAD of |lam| (|c| + r); without it a bound attained at a corner may sit an ulp inside
@@ -405,15 +431,42 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[
     dtype, device = box.lower.dtype, box.lower.device
     lo = torch.empty(n, dtype=dtype, device=device)
     hi = torch.empty(n, dtype=dtype, device=device)
+    parts: list = []
     for s in range(0, n, n_rows):
         e = min(n, s + n_rows)
         k = e - s
         lams, bias = _first_step(ctx, target, torch.arange(s, e, device=device), dtype, device)
         lams = halves(lams, ctx.tunings)
-        lb = backward(ctx, lams, bias, box, stop)
+        keep = [] if (target in ctx.keep_linear and not stop) else None
+        lb = backward(ctx, lams, bias, box, stop, keep=keep)
         lo[s:e] = lb[:k]
         hi[s:e] = -lb[k:]
+        if keep is not None:
+            parts.append(_linear_rows(keep, lb, k, box, dtype, device))
+    if target in ctx.keep_linear and not stop:
+        a_lo, b_lo, a_hi, b_hi = (torch.cat(p) for p in zip(*parts))
+        ctx.linear[target] = Linear(a_lo, b_lo, a_hi, b_hi, box)
     return Interval(lo.reshape(shape), hi.reshape(shape))
+
+
+def _linear_rows(keep: list, lb: Tensor, k: int, box: Interval, dtype, device) -> tuple:
+    """(a_lo, b_lo, a_hi, b_hi) of k elements from a pass's input cotangent A (2k, n) and its lower
+    bounds lb (2k,): ``lb = b + A . c - |A| . reach - pooled`` (as concretised), so ``y_s >= A_s x +
+    (lb_s - A_s . c + |A_s| . reach)`` over the box, less a pad for this float64 arithmetic; the
+    upper rows are the negated specs.  A pass that did not reach the input (every spec cut short:
+    an unbounded row) gives zero slopes and its concretised bound."""
+    n = box.center.numel()
+    if not keep:
+        a = torch.zeros(2 * k, n, dtype=dtype, device=device)
+    else:
+        a = keep[0]
+    c, r = box.center.reshape(-1), box.radius.reshape(-1)
+    reach = r + F64_PAD * (c.abs() + r)
+    lin = a @ c
+    mag = a.abs() @ reach
+    beta = lb - lin + mag
+    beta = beta - F64_PAD * (lb.abs() + lin.abs() + mag)
+    return a[:k], beta[:k], -a[k:], -beta[k:]
 
 
 def numel(shape) -> int:

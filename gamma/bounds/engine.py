@@ -33,8 +33,8 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, SATURATION_WIDTH, BoundOptions
 from .alpha import optimize
-from . import fpprob
-from .crown import Context, node_bounds
+from . import fpprob, score_input
+from .crown import Context, node_bounds, numel as _numel
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
 from .refine import REFINE, norm_input_box, refined_interval
@@ -213,6 +213,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                  and tunings.norm_input_from_centre else set())
     need -= from_norm
     stops = cut_points(graph, need) if intermediate == "cut" else {}
+    if tunings.score_input and intermediate == "crown" and method in ("crown", "alpha"):
+        # the score products' sides keep their linear bounds over the input (score_input.py), where small
+        ctx.keep_linear = {n for n in score_input.wanted(graph, need)
+                           if _numel(graph[n].shape) * box.center.numel() <= score_input.BUDGET}
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
     refine = method in ("crown", "alpha") and intermediate != "ibp"
     ctx.stops = stops

@@ -30,6 +30,7 @@ class Tunings:
     value_side: bool = True           # attention @ V's remainder also through the value layer (value_side.py)
     score_side: bool = True           # q k^T's remainder also through both projections (score_side.py)
     score_spectral: bool = True       # with score_side, its quadratic term also by the heads' spectral norms
+    score_input: bool = True          # q k^T's remainder also from both sides' linear bounds over the input (score_input.py)
     norm_side: bool = True            # an RMSNorm's product remainder also through the projection before it (norm_side.py)
     row_remainder: bool = True        # decomposed forms' remainders keep what a row shares (RowRemainder)
     norm_internals: bool = True       # norms' centred input and mean square by their own backward passes

@@ -1,0 +1,147 @@
+"""Attention scores' product remainder from both sides' linear bounds over the input
+(gamma.bounds.score_input) and the linear bounds CROWN keeps for it (crown.Linear): exact by
+hand, the kept bounds contain float64 and float32 engines' values, the remainder contains the
+products at sampled and PGD-pushed inputs, and whole graphs stay sound (samples + PGD) and no
+wider than without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gamma.bounds import Tunings, compute_bounds, score_input
+from gamma.graph import Graph
+from gamma.ops import evaluate
+from draw import tensor as _t
+from soundness import graph_fn, violations
+from test_score_side import attention
+
+OFF = Tunings(score_side=False)                 # only the boxes and this module's bound
+
+
+def _capture(monkeypatch) -> dict:
+    """The kept linear bounds, copied as the score product reads them (the Context frees them after)."""
+    seen: dict = {}
+    real = score_input.remainder
+
+    def spy(graph, node, linear, x_box, y_box):
+        seen.update(linear)
+        return real(graph, node, linear, x_box, y_box)
+    monkeypatch.setattr(score_input, "remainder", spy)
+    return seen
+
+
+def test_by_hand():
+    """q = u, k = W u with W = [[1, 1], [1, -1]] on u in [-1, 1]^2: the score u^T W u ranges over
+    [-2, 2]; CROWN's linear part around the centre 0 is 0, so its bound is the remainder: the
+    operator-norm form ||W||_2 ||r||^2 = 2 sqrt(2) here, the boxes' r_q . r_k = 4 without it."""
+    g = Graph("h", "u", (1, 2))
+    g.add("q", "linear", "u", weight=_t([1.0, 0.0], [0.0, 1.0]))
+    g.add("k", "linear", "u", weight=_t([1.0, 1.0], [1.0, -1.0]))
+    g.add("qh", "split_heads", "q", heads=1)
+    g.add("kh", "split_heads", "k", heads=1)
+    g.add("s", "matmul", "qh", "kh")
+    g.infer_shapes()
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    on = compute_bounds(g, x0, 1.0, "crown", arithmetic="real", tunings=OFF)
+    assert on.upper.flatten().tolist() == pytest.approx([2 * 2 ** 0.5], rel=1e-8)
+    assert on.lower.flatten().tolist() == pytest.approx([-2 * 2 ** 0.5], rel=1e-8)
+    off = compute_bounds(g, x0, 1.0, "crown", arithmetic="real", tunings=Tunings(score_side=False, score_input=False))
+    assert off.upper.flatten().tolist() == pytest.approx([4.0], rel=1e-10)
+    assert score_input.wanted(g, {"q", "k"}) == {"q", "k"}
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("arithmetic", ["real", "float32"])
+def test_kept_linear_bounds_contain_the_engines(monkeypatch, rope, arithmetic):
+    """a_lo u + b_lo <= y <= a_hi u + b_hi at 512 sampled inputs, for the float64 forward and (in
+    the float32 mode) a float32 one, for every kept node."""
+    seen = _capture(monkeypatch)
+    g = attention(rope, 1, d=16, heads=2)
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.1
+    compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    assert seen, "no linear bounds were kept"
+    us = x0 + eps * (2 * torch.rand((512,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+    dtypes = (torch.float64, torch.float32) if arithmetic == "float32" else (torch.float64,)
+    for dtype in dtypes:
+        vals = evaluate(g.to(dtype=dtype) if dtype != torch.float64 else g, us.to(dtype), keep_all=True)
+        for name, lin in seen.items():
+            y = vals[name].double().reshape(512, -1)
+            u = us.reshape(512, -1)
+            assert bool((u @ lin.a_lo.T + lin.b_lo <= y + 1e-12).all()), (name, dtype)
+            assert bool((y <= u @ lin.a_hi.T + lin.b_hi + 1e-12).all()), (name, dtype)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_remainder_contains_products_at_sampled_and_pushed_inputs(monkeypatch, rope):
+    """Where this bound is narrower than the boxes', it still contains |(q_i - cq_i) . (k_j - ck_j)|
+    at sampled inputs and at inputs PGD pushes to maximise one remainder each."""
+    seen: dict = {}
+    real = score_input.remainder
+
+    def spy(graph, node, linear, x_box, y_box):
+        r = real(graph, node, linear, x_box, y_box)
+        seen[node.name] = (r, x_box, y_box, dict(linear))
+        return r
+    monkeypatch.setattr(score_input, "remainder", spy)
+    gen = torch.Generator().manual_seed(7)
+    g = attention(rope, 1, d=32, heads=2)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.15
+    compute_bounds(g, x0, eps, "crown", arithmetic="real", tunings=OFF)
+    r, xb, kb, _ = seen["s"]
+    box = xb.radius @ kb.radius.transpose(-1, -2)
+    assert bool((r <= box).all()) and bool((r < box * 0.99).any())
+    qn, kn = g["s"].inputs
+    xs = x0 + eps * (2 * torch.rand((128,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+    pick = torch.randint(r.numel(), (xs.shape[0],), generator=gen)
+    sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
+
+    def products(z):
+        v = evaluate(g, z, keep_all=True)
+        return ((v[qn] - xb.center) @ (v[kn] - kb.center).transpose(-1, -2)).flatten(1)
+    assert bool((products(xs).abs() <= r.flatten() + 1e-12).all())
+    xs = xs.clone().requires_grad_(True)
+    for _ in range(25):
+        obj = (sign * products(xs).gather(1, pick[:, None]).squeeze(1)).sum()
+        grad, = torch.autograd.grad(obj, xs)
+        with torch.no_grad():
+            xs = (xs + 0.05 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
+    assert bool((products(xs.detach()).abs() <= r.flatten() + 1e-12).all())
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("arithmetic", ["real", "float32", "float32-probabilistic"])
+def test_sound_and_never_wider(rope, arithmetic):
+    """Every node up to the scores no wider with the input-side bound, the output within 1e-3
+    (the softmax's relaxation is not monotone in its box), and zero violations under samples +
+    PGD of float64 and float32 engines."""
+    g = attention(rope, 1, d=32, heads=2)
+    gen = torch.Generator().manual_seed(13)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.05
+    on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(score_input=False))
+    after = {"p"} | {n.name for n in g if "p" in g.ancestors(n.name)}
+    for name in on.nodes:
+        tol = 1e-3 if name in after else 1e-9
+        assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + tol) + 1e-12).all()), name
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, steps=30) == 0
+
+
+def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
+    """--intermediate cut keeps no linear bounds (its passes stop early), nor does a side whose
+    slopes would exceed BUDGET entries; the bounds are then those without the module."""
+    seen = _capture(monkeypatch)
+    g = attention(False, 1, d=16, heads=2)
+    x0 = torch.zeros(g.input_shape, dtype=torch.float64)
+    compute_bounds(g, x0, 0.05, "crown", intermediate="cut")
+    assert not seen
+    monkeypatch.setattr(score_input, "BUDGET", 16)
+    a = compute_bounds(g, x0, 0.05, "crown")
+    b = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_input=False))
+    assert not seen
+    assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

@@ -112,6 +112,49 @@ def test_remainder_contains_products_at_sampled_and_pushed_inputs(monkeypatch, r
     assert bool((products(xs.detach()).abs() <= r.flatten() + 1e-12).all())
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_attention_value_product_read_the_same_way(monkeypatch, whisper_hf_dir, layer):
+    """Attention @ V (x the probabilities, y = V^T through split_heads and transpose) on the tiny
+    Whisper encoder: the per-entry bound contains |sum_j (P_ij - cP_ij)(V_jc - cV_jc)| at sampled
+    and PGD-pushed inputs, is never above the boxes' and narrower somewhere; the same for q k^T."""
+    from gamma import Model
+    from gamma.io import load_checkpoint
+    seen: dict = {}
+    real = score_input.remainder
+
+    def spy(graph, node, linear, x_box, y_box):
+        r = real(graph, node, linear, x_box, y_box)
+        seen[node.name] = (r, x_box, y_box)
+        return r
+    monkeypatch.setattr(score_input, "remainder", spy)
+    model = Model(load_checkpoint(whisper_hf_dir[0]))
+    ip = model.input_point("encoder", seq_len=4)
+    g = model.graph("encoder", seq_len=4)
+    x0, eps = ip.x, 1e-3
+    compute_bounds(g, x0, eps, "crown", arithmetic="real", tunings=Tunings(value_side=False))
+    gen = torch.Generator().manual_seed(17)
+    for name in (f"layer{layer}.attn.av", f"layer{layer}.attn.qk"):
+        r, xb, yb = seen[name]
+        box = xb.radius @ yb.radius.transpose(-1, -2)
+        assert bool((r <= box).all()) and bool((r < box * 0.99).any()), name
+        xn, yn = g[name].inputs
+
+        def products(z):
+            v = evaluate(g, z, keep_all=True)
+            return ((v[xn] - xb.center) @ (v[yn] - yb.center).transpose(-1, -2)).flatten(1)
+        xs = x0 + eps * (2 * torch.rand((64,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+        assert bool((products(xs).abs() <= r.flatten() + 1e-12).all()), name
+        pick = torch.randint(r.numel(), (xs.shape[0],), generator=gen)
+        sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
+        xs = xs.clone().requires_grad_(True)
+        for _ in range(15):
+            obj = (sign * products(xs).gather(1, pick[:, None]).squeeze(1)).sum()
+            grad, = torch.autograd.grad(obj, xs)
+            with torch.no_grad():
+                xs = (xs + 0.1 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
+        assert bool((products(xs.detach()).abs() <= r.flatten() + 1e-12).all()), name
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("arithmetic", ["real", "float32", "float32-probabilistic"])
 def test_sound_and_never_wider(rope, arithmetic):

@@ -131,17 +131,15 @@ class Context:
         return self._const[key]
 
     def score_side(self, node):
-        """The per-score remainder bound of :func:`.score_side.remainder` and
-        :func:`.score_input.remainder` for the product ``node``, the narrower per score (None
+        """The per-entry remainder bound of :func:`.score_side.remainder` (not for attention @ V)
+        and :func:`.score_input.remainder` for the product ``node``, the narrower per entry (None
         where neither applies or their tunings are off)."""
-        if node.params.get("rows_sum_to_one"):
-            return None
         key = ("score_side", node.name)
         if key not in self._const:
             x, y = self.inb(node, 0), self.inb(node, 1)
             r = (score_side.remainder(self.graph, node, self.bounds, self.margins, x, y,
                                       spectral_norms=self.tunings.score_spectral)
-                 if self.tunings.score_side else None)
+                 if self.tunings.score_side and not node.params.get("rows_sum_to_one") else None)
             u = score_input.remainder(self.graph, node, self.linear, x, y) if self.linear else None
             self._const[key] = u if r is None else r if u is None else torch.minimum(r, u)
             for name in node.inputs:       # the sides' slopes served their one product: free them

@@ -155,11 +155,13 @@ def _remainder(node, lam, ctx, x, y) -> Tensor:
     """(S,): the half-sum remainder ``sum |lam| (rx ry^T)``, or, where y is a linear
     layer's heads (attention @ V), the narrower one read through that layer
     (:mod:`.value_side`), or, where both sides are (q k^T), through both layers
-    (:mod:`.score_side`)."""
+    (:mod:`.score_side`); either also through both sides' linear bounds over the input
+    (:mod:`.score_input`), the narrower per row (per entry for q k^T)."""
     vs = ctx.value_side(node)
+    r = ctx.score_side(node)                        # per-entry bounds (score_side.py, score_input.py)
     if vs is not None:
-        return value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
-    r = ctx.score_side(node)                        # q k^T read through both projections (score_side.py)
+        v = value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
+        return v if r is None else torch.minimum(v, lam.abs_dot(r))
     return lam.abs_dot(x.radius @ _t(y.radius) if r is None else r)
 
 

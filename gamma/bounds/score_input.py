@@ -1,4 +1,4 @@
-"""Attention scores' product remainder from the two sides' linear bounds over the input box.
+"""Attention products' remainder from the two sides' linear bounds over the input box.
 
 CROWN relaxes ``z = x y^T`` (per head, ``z_ij = x_i . y_j``) around its boxes' centres; the
 remainder of score (i, j) is ``(x_i - cx_i) . (y_j - cy_j)``.  :mod:`.score_side` reads it
@@ -18,7 +18,9 @@ with ``rho = |A| r_u`` the linear part's reach.  Its quadratic term is at most
 ``||A_i^T B_j||_2 ||r_u||_2^2`` (:func:`.score_side.spectral`), or ``rho_i . rho_j``: the
 narrower.  The operator norm sees that the two sides' input directions mostly do not align,
 which no box can.  Every score takes the narrowest of this, the boxes' ``r_x r_y`` and
-whatever :mod:`.score_side` gave.  Cost: two QRs per head and token of an (input, dh) matrix
+whatever :mod:`.score_side` gave.  Attention @ V (x the probabilities, y = V^T: the sum runs over
+the keys) is read the same way, each row of the cotangent taking the narrower of this and
+:mod:`.value_side`'s remainder.  Cost: two QRs per head and token of an (input, dh) matrix
 and one dh x dh SVD per head and token pair; memory: the two sides' slopes, which the engine
 keeps only below :data:`BUDGET` entries each.
 """
@@ -33,7 +35,7 @@ from ..ops import forward_op
 from .score_side import spectral
 
 Tensor = torch.Tensor
-COPIES = {"split_heads", "repeat_kv"}         # ops that only move or copy elements
+COPIES = {"split_heads", "repeat_kv", "transpose"}     # ops that only move or copy elements
 BUDGET = 1 << 24                              # slope entries (node elements x input elements) per side
 _OUT = 1.0 + 1e-12                            # float64 rounding of the sums below, outward
 
@@ -50,11 +52,11 @@ def kept_source(graph, name: str, kept) -> Optional[tuple]:
 
 
 def wanted(graph, need: set) -> set:
-    """The nodes whose linear bounds a score product can read: for every product of two
-    activations that is not attention @ V, each side's source among the needed nodes."""
+    """The nodes whose linear bounds a product of two activations can read (q k^T, attention @ V):
+    each side's source among the needed nodes."""
     out = set()
     for node in graph:
-        if node.op != "matmul" or node.params.get("rows_sum_to_one"):
+        if node.op != "matmul":
             continue
         srcs = [kept_source(graph, i, need) for i in node.inputs]
         if all(s is not None for s in srcs):

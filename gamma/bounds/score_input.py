@@ -36,7 +36,7 @@ from .score_side import spectral
 
 Tensor = torch.Tensor
 COPIES = {"split_heads", "repeat_kv", "transpose"}     # ops that only move or copy elements
-BUDGET = 1 << 24                              # slope entries (node elements x input elements) per side
+BUDGET = 1 << 22                              # slope entries per side (node elements x input elements): 32 MiB
 _OUT = 1.0 + 1e-12                            # float64 rounding of the sums below, outward
 
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from gamma.bounds import Tunings, compute_bounds, score_input
-from gamma.graph import Graph
 from gamma.ops import evaluate
 from draw import tensor as _t
 from soundness import graph_fn, violations
-from test_score_side import attention
+from test_score_side import attention, one_score, push
 
 OFF = Tunings(score_side=False)                 # only the boxes and this module's bound
 
@@ -35,13 +34,7 @@ def test_by_hand():
     """q = u, k = W u with W = [[1, 1], [1, -1]] on u in [-1, 1]^2: the score u^T W u ranges over
     [-2, 2]; CROWN's linear part around the centre 0 is 0, so its bound is the remainder: the
     operator-norm form ||W||_2 ||r||^2 = 2 sqrt(2) here, the boxes' r_q . r_k = 4 without it."""
-    g = Graph("h", "u", (1, 2))
-    g.add("q", "linear", "u", weight=_t([1.0, 0.0], [0.0, 1.0]))
-    g.add("k", "linear", "u", weight=_t([1.0, 1.0], [1.0, -1.0]))
-    g.add("qh", "split_heads", "q", heads=1)
-    g.add("kh", "split_heads", "k", heads=1)
-    g.add("s", "matmul", "qh", "kh")
-    g.infer_shapes()
+    g = one_score(_t([1.0, 0.0], [0.0, 1.0]), _t([1.0, 1.0], [1.0, -1.0]), "u")
     x0 = torch.zeros(1, 2, dtype=torch.float64)
     on = compute_bounds(g, x0, 1.0, "crown", arithmetic="real", tunings=OFF)
     assert on.upper.flatten().tolist() == pytest.approx([2 * 2 ** 0.5], rel=1e-8)
@@ -96,20 +89,12 @@ def test_remainder_contains_products_at_sampled_and_pushed_inputs(monkeypatch, r
     assert bool((r <= box).all()) and bool((r < box * 0.99).any())
     qn, kn = g["s"].inputs
     xs = x0 + eps * (2 * torch.rand((128,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
-    pick = torch.randint(r.numel(), (xs.shape[0],), generator=gen)
-    sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
 
     def products(z):
         v = evaluate(g, z, keep_all=True)
         return ((v[qn] - xb.center) @ (v[kn] - kb.center).transpose(-1, -2)).flatten(1)
     assert bool((products(xs).abs() <= r.flatten() + 1e-12).all())
-    xs = xs.clone().requires_grad_(True)
-    for _ in range(25):
-        obj = (sign * products(xs).gather(1, pick[:, None]).squeeze(1)).sum()
-        grad, = torch.autograd.grad(obj, xs)
-        with torch.no_grad():
-            xs = (xs + 0.05 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
-    assert bool((products(xs.detach()).abs() <= r.flatten() + 1e-12).all())
+    assert bool((products(push(products, x0, xs, eps, gen, steps=25)).abs() <= r.flatten() + 1e-12).all())
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -144,15 +129,8 @@ def test_attention_value_product_read_the_same_way(monkeypatch, whisper_hf_dir, 
             return ((v[xn] - xb.center) @ (v[yn] - yb.center).transpose(-1, -2)).flatten(1)
         xs = x0 + eps * (2 * torch.rand((64,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
         assert bool((products(xs).abs() <= r.flatten() + 1e-12).all()), name
-        pick = torch.randint(r.numel(), (xs.shape[0],), generator=gen)
-        sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
-        xs = xs.clone().requires_grad_(True)
-        for _ in range(15):
-            obj = (sign * products(xs).gather(1, pick[:, None]).squeeze(1)).sum()
-            grad, = torch.autograd.grad(obj, xs)
-            with torch.no_grad():
-                xs = (xs + 0.1 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
-        assert bool((products(xs.detach()).abs() <= r.flatten() + 1e-12).all()), name
+        pushed = push(products, x0, xs, eps, gen, steps=15, step=0.1)
+        assert bool((products(pushed).abs() <= r.flatten() + 1e-12).all()), name
 
 
 @pytest.mark.parametrize("rope", [False, True])

@@ -17,17 +17,38 @@ from draw import G, rnd
 from draw import tensor as _t
 from soundness import graph_fn, violations
 
+def one_score(wq: torch.Tensor, wk: torch.Tensor, name: str = "n") -> Graph:
+    """One head, one token each side: s = (W_q n) . (W_k n) for n of shape (1, 2)."""
+    g = Graph("h", name, (1, 2))
+    g.add("q", "linear", name, weight=wq)
+    g.add("k", "linear", name, weight=wk)
+    g.add("qh", "split_heads", "q", heads=1)
+    g.add("kh", "split_heads", "k", heads=1)
+    g.add("s", "matmul", "qh", "kh")
+    return g.infer_shapes()
+
+
+def push(products, x0: torch.Tensor, xs: torch.Tensor, eps: float, gen: torch.Generator, steps: int = 20,
+         step: float = 0.05) -> torch.Tensor:
+    """PGD inside the box: each sample pushes one entry of ``products(xs)`` (flattened per sample),
+    chosen at random, up or down by sign steps of ``step * eps``; the pushed samples."""
+    n = products(xs).shape[1]
+    pick = torch.randint(n, (xs.shape[0],), generator=gen)
+    sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
+    xs = xs.clone().requires_grad_(True)
+    for _ in range(steps):
+        obj = (sign * products(xs).gather(1, pick[:, None]).squeeze(1)).sum()
+        grad, = torch.autograd.grad(obj, xs)
+        with torch.no_grad():
+            xs = (xs + step * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
+    return xs.detach()
+
+
 def test_remainder_by_hand():
     """One head, d = dh = 2, one token each side, q = W_q n, k = W_k n with W_q = [[1, 1], [1, -1]],
     W_k = [[1, -1], [1, 1]]: W_q^T W_k = [[2, 0], [0, -2]], so with r_n = (1, 1) around n_c = 0 the
     bound is 1 * 2 * 1 + 1 * 2 * 1 = 4 (s = t = 0), against the boxes' r_q . r_k = (2, 2) . (2, 2) = 8."""
-    g = Graph("h", "n", (1, 2))
-    g.add("q", "linear", "n", weight=_t([1.0, 1.0], [1.0, -1.0]))
-    g.add("k", "linear", "n", weight=_t([1.0, -1.0], [1.0, 1.0]))
-    g.add("qh", "split_heads", "q", heads=1)
-    g.add("kh", "split_heads", "k", heads=1)
-    g.add("s", "matmul", "qh", "kh")
-    g.infer_shapes()
+    g = one_score(_t([1.0, 1.0], [1.0, -1.0]), _t([1.0, -1.0], [1.0, 1.0]))
     n = Interval(_t([-1.0, -1.0]).reshape(1, 2), _t([1.0, 1.0]).reshape(1, 2))
     box = Interval(_t([-2.0, -2.0]).reshape(1, 1, 2), _t([2.0, 2.0]).reshape(1, 1, 2))
     r = score_side.remainder(g, g["s"], {"n": n}, {}, box, box)
@@ -44,13 +65,7 @@ def test_spectral_by_hand():
     """W_q = I, W_k = [[1, 1], [1, -1]]: M = W_q^T W_k has entries of mixed sign and ||M||_2 = sqrt(2),
     so with r_n = (1, 1) the operator-norm bound is sqrt(2) * ||r||^2 = 2 sqrt(2) against the
     entrywise r^T |M| r = 4 (the largest dn^T M dn' over the box is 2: sound and narrower)."""
-    g = Graph("h", "n", (1, 2))
-    g.add("q", "linear", "n", weight=_t([1.0, 0.0], [0.0, 1.0]))
-    g.add("k", "linear", "n", weight=_t([1.0, 1.0], [1.0, -1.0]))
-    g.add("qh", "split_heads", "q", heads=1)
-    g.add("kh", "split_heads", "k", heads=1)
-    g.add("s", "matmul", "qh", "kh")
-    g.infer_shapes()
+    g = one_score(_t([1.0, 0.0], [0.0, 1.0]), _t([1.0, 1.0], [1.0, -1.0]))
     n = Interval(_t([-1.0, -1.0]).reshape(1, 2), _t([1.0, 1.0]).reshape(1, 2))
     box = Interval(_t([-2.0, -2.0]).reshape(1, 1, 2), _t([2.0, 2.0]).reshape(1, 1, 2))
     on = score_side.remainder(g, g["s"], {"n": n}, {}, box, box)
@@ -161,25 +176,12 @@ def test_spectral_term_sound_where_it_is_narrower(rope):
     on = score_side.remainder(g, g["s"], res.nodes, {}, xb, kb)
     off = score_side.remainder(g, g["s"], res.nodes, {}, xb, kb, spectral_norms=False)
     assert bool((on <= off).all()) and bool((on < off * 0.999).any())
+    def products(z):
+        v = evaluate(g, z, keep_all=True)
+        return ((v[qn] - xb.center) @ (v[kn] - kb.center).transpose(-1, -2)).flatten(1)
     xs = x0 + eps * (2 * torch.rand((256,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
-    for _ in range(2):
-        vals = evaluate(g, xs, keep_all=True)
-        prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2))
-        assert bool((prod.abs() <= on + 1e-12).all())
-        # PGD: each sample pushes one (head, i, j) score remainder up or down by sign steps
-        xs = xs.clone().requires_grad_(True)
-        vals = evaluate(g, xs, keep_all=True)
-        prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2)).flatten(1)
-        pick = torch.randint(prod.shape[1], (xs.shape[0],), generator=gen)
-        sign = torch.where(torch.rand(xs.shape[0], generator=gen) < 0.5, -1.0, 1.0).double()
-        for _ in range(20):
-            vals = evaluate(g, xs, keep_all=True)
-            prod = ((vals[qn] - xb.center) @ (vals[kn] - kb.center).transpose(-1, -2)).flatten(1)
-            obj = (sign * prod.gather(1, pick[:, None]).squeeze(1)).sum()
-            grad, = torch.autograd.grad(obj, xs)
-            with torch.no_grad():
-                xs = (xs + 0.05 * eps * grad.sign()).clamp(x0 - eps, x0 + eps).requires_grad_(True)
-        xs = xs.detach()
+    assert bool((products(xs).abs() <= on.flatten() + 1e-12).all())
+    assert bool((products(push(products, x0, xs, eps, gen)).abs() <= on.flatten() + 1e-12).all())
     tight = compute_bounds(g, x0, eps, "crown", arithmetic="float32")
     loose = compute_bounds(g, x0, eps, "crown", arithmetic="float32", tunings=Tunings(score_spectral=False))
     assert float(tight.width().sum()) <= float(loose.width().sum()) * (1 + 1e-3)

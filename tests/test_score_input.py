@@ -45,17 +45,26 @@ def test_by_hand():
 
 
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("arithmetic", ["real", "float32"])
-def test_kept_linear_bounds_contain_the_engines(monkeypatch, rope, arithmetic):
-    """a_lo u + b_lo <= y <= a_hi u + b_hi at 512 sampled inputs, for the float64 forward and (in
-    the float32 mode) a float32 one, for every kept node."""
+@pytest.mark.parametrize("arithmetic,chunk", [("real", None), ("float32", None), ("float32-probabilistic", 512)])
+def test_kept_linear_bounds_contain_the_engines(monkeypatch, rope, arithmetic, chunk):
+    """a_lo u + b_lo <= y <= a_hi u + b_hi at 512 sampled inputs and at inputs PGD pushes against
+    either line, for the float64 forward and (in the float32 modes) a float32 one, for every kept
+    node; ``chunk``: spec rows in several passes, whose pieces the engine joins."""
     seen = _capture(monkeypatch)
     g = attention(rope, 1, d=16, heads=2)
     gen = torch.Generator().manual_seed(5)
     x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
     eps = 0.1
-    compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic,
+                   tunings=Tunings() if chunk is None else Tunings(chunk_elems=chunk))
     assert seen, "no linear bounds were kept"
+    for name, lin in seen.items():
+        def gaps(z, lin=lin, name=name):          # both lines' violations (positive = outside)
+            y = evaluate(g, z, keep_all=True)[name].reshape(z.shape[0], -1)
+            u = z.reshape(z.shape[0], -1)
+            return torch.cat([u @ lin.a_lo.T + lin.b_lo - y, y - u @ lin.a_hi.T - lin.b_hi], 1)
+        start = x0 + eps * (2 * torch.rand((64,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+        assert float(gaps(push(gaps, x0, start, eps, gen, steps=20)).max()) <= 1e-12, name
     us = x0 + eps * (2 * torch.rand((512,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
     dtypes = (torch.float64, torch.float32) if arithmetic == "float32" else (torch.float64,)
     for dtype in dtypes:

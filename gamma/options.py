@@ -50,6 +50,11 @@ SATURATION_WIDTH = 1e6       # a node whose bound is wider than this carries no 
 # (ggml's norm: llama.cpp, whisper.cpp; its sums in double are covered), so the one-pass form's error
 # (E[x^2] - E[x]^2, which cancels where the mean is large next to the spread) drops out too
 LAYERNORM_VARIANCE = ("any", "formula", "two-pass")
+# which engine's arithmetic the float32 bounds hold for: "float32" any engine computing every op in float32
+# (transformers, CTranslate2 in float32); "llama.cpp" ggml's CPU backend on a GGUF file: matmul activations
+# converted to the weight type's vec_dot type (Q8_0 / Q8_1 blocks, F16, BF16), an F16 KV cache without flash
+# attention, ggml's own RoPE angles (gamma.bounds.fpggml)
+ENGINES = ("float32", "llama.cpp")
 
 
 # ------------------------------------------------------------------ one check per option
@@ -94,6 +99,10 @@ def check_after_saturation(value) -> str:
 
 def check_layernorm_variance(value) -> str:
     return _choice("--layernorm-variance", value, LAYERNORM_VARIANCE)
+
+
+def check_engine(value) -> str:
+    return _choice("--engine", value, ENGINES)
 
 
 def check_device(device) -> str:
@@ -146,6 +155,7 @@ class BoundOptions:
     products: str = "polar"           # elementwise products: PRODUCTS
     after_saturation: str = "crown"   # AFTER_SATURATION
     layernorm_variance: str = "any"   # LAYERNORM_VARIANCE
+    engine: str = "float32"           # ENGINES
 
     def __post_init__(self):
         checked = {"epsilon": check_epsilon(self.epsilon), "method": check_method(self.method),
@@ -153,6 +163,10 @@ class BoundOptions:
                    "arithmetic": check_arithmetic(self.arithmetic), "device": check_device(self.device),
                    "alpha_iters": check_alpha_iters(self.alpha_iters), "products": check_products(self.products),
                    "after_saturation": check_after_saturation(self.after_saturation),
-                   "layernorm_variance": check_layernorm_variance(self.layernorm_variance)}
+                   "layernorm_variance": check_layernorm_variance(self.layernorm_variance),
+                   "engine": check_engine(self.engine)}
+        if checked["engine"] != "float32" and checked["arithmetic"] == "real":
+            raise GammaError("--engine llama.cpp bounds a float32 engine: it needs --arithmetic float32 or "
+                             "float32-probabilistic, not real")
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -33,7 +33,7 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, SATURATION_WIDTH, BoundOptions
 from .alpha import optimize
-from . import fpprob, score_input
+from . import fpggml, fpprob, score_input
 from .crown import Context, node_bounds, numel as _numel
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
@@ -152,7 +152,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
                    progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
                    arithmetic: str = "float32", tunings: Optional[Tunings] = None,
-                   options: Optional[BoundOptions] = None, layernorm_variance: str = "any") -> BoundResult:
+                   options: Optional[BoundOptions] = None, layernorm_variance: str = "any",
+                   engine: str = "float32") -> BoundResult:
     """Sound bounds of every node of ``graph`` over ``[center - eps, center + eps]``.
 
     ``arithmetic="float32"`` (default): they contain what any float32 engine
@@ -167,7 +168,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     compute LayerNorm's variance as E[x^2] - E[x]^2 or mean((x - mean)^2) (not by running
     moments): its margin is then not doubled as a whole, or "two-pass", mean((x - mean)^2) only
     (llama.cpp, whisper.cpp), which also drops the one-pass form's error.  ``tunings``: how
-    the engine computes them (:class:`Tunings`; the defaults when None).
+    the engine computes them (:class:`Tunings`; the defaults when None).  ``engine``
+    (:data:`gamma.options.ENGINES`): "float32" (default), or "llama.cpp": the float32 bounds also
+    cover what ggml's CPU backend does beyond float32 on a graph built from a GGUF file
+    (:mod:`.fpggml`).
 
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
     of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters``, ``arithmetic`` and
@@ -177,7 +181,7 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
     if options is None:
         options = BoundOptions(1.0 if zero else epsilon, method, intermediate, arithmetic, device, alpha_iters,
-                               layernorm_variance=layernorm_variance)
+                               layernorm_variance=layernorm_variance, engine=engine)
     elif not isinstance(options, BoundOptions):
         raise GammaError(f"options must be a gamma.options.BoundOptions, got {type(options).__name__}")
     elif epsilon is not None:
@@ -191,6 +195,9 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
     eps = 0.0 if zero else options.epsilon
     variance = options.layernorm_variance
+    ggml = options.engine == "llama.cpp"
+    if ggml:
+        fpggml.check(graph)
     dev = torch.device(options.device)
     if tuple(center.shape) != tuple(graph.input_shape):
         raise GammaError(f"input has shape {tuple(center.shape)}, the graph expects {tuple(graph.input_shape)}")
@@ -256,6 +263,13 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                 m = torch.minimum(m, sp.elementwise())      # each bound holds (the model's per element)
                 ctx.pooled[node.name] = sp
                 ctx.events += m.numel()
+        if ggml and m is not None:
+            add = fpggml.extra(node, ins)                   # what ggml computes beyond float32 (llama.cpp)
+            if add is not None:
+                m = m + add
+                if node.name in ctx.pooled:                 # charged with the pooled margin's own part
+                    sp = ctx.pooled[node.name]
+                    ctx.pooled[node.name] = fpprob.Split(sp.det + add, sp.dot, sp.var)
         margins[node.name] = m
         if modes is not None:
             ctx.modes[node.name] = modes

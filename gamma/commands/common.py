@@ -189,15 +189,16 @@ def _ggml_rounds_activations(dtype: str) -> bool:
 def activation_note(model: dict, r: dict) -> Optional[str]:
     """One line where ``model`` (a report's model entry with its ``dtypes``) is a GGUF file whose
     weights llama.cpp multiplies by activations it first quantizes or rounds below float32, which
-    the float32 margins do not cover, else None (real arithmetic assumes no engine)."""
-    if r.get("arithmetic") == "real" or model.get("format") != "gguf":
+    the float32 margins do not cover, else None (real arithmetic assumes no engine; ``--engine
+    llama.cpp`` covers it)."""
+    if r.get("arithmetic") == "real" or model.get("format") != "gguf" or r.get("engine") == "llama.cpp":
         return None
     types = sorted(t for t in (model.get("dtypes") or {}) if _ggml_rounds_activations(t))
     if not types:
         return None
     return (f"llama.cpp's CPU matmuls with {'/'.join(types)} weights quantize or round their activations "
             "(to Q8_0/Q8_1/Q8_K or F16), which the float32 margins do not cover: the bounds hold for the "
-            "dequantized weights in float32 engines (transformers)")
+            "dequantized weights in float32 engines (transformers); --engine llama.cpp covers llama.cpp")
 
 
 def engine_note(model: dict, r: dict) -> Optional[str]:

@@ -9,7 +9,8 @@ import argparse
 import math
 from typing import Optional
 
-from ..options import AFTER_SATURATION, ARITHMETIC, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, PRODUCTS, BoundOptions
+from ..options import (AFTER_SATURATION, ARITHMETIC, ENGINES, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, PRODUCTS,
+                       BoundOptions)
 from ..verify import InputSpec, RunSpec, run as run_verification
 from .common import (Progress, add_input_options, check_writable, input_kwargs, num, print_json, seconds,
                      table, warn_engine)
@@ -68,6 +69,11 @@ def add_parser(subparsers) -> None:
                         "cover PyTorch's CPU LayerNorm) or two-pass (mean((x - mean)^2) only, as llama.cpp and "
                         "whisper.cpp compute it: tighter where a row's mean is large next to its spread; the "
                         "bounds then do not cover CTranslate2 either)")
+    s.add_argument("--engine", choices=ENGINES, default="float32",
+                   help="which engine's arithmetic the float32 bounds hold for: float32 (default: any engine computing "
+                        "every op in float32, as transformers does) or llama.cpp (a GGUF file as ggml's CPU backend "
+                        "computes it: matmul activations quantized to Q8_0/Q8_1 blocks or rounded to F16/BF16 as the "
+                        "weight's type asks, an F16 KV cache without flash attention, ggml's own RoPE angles)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -85,7 +91,7 @@ def run(args) -> int:
         return run_vnnlib(args)
     options = BoundOptions("1e-3" if args.epsilon is None else args.epsilon, args.method, args.intermediate,
                            args.arithmetic, args.device, args.alpha_iters, args.products,
-                           args.after_saturation, args.layernorm_variance)     # a bad --epsilon shown as typed
+                           args.after_saturation, args.layernorm_variance, args.engine)   # a bad --epsilon shown as typed
     check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
     spec = RunSpec("block_wise" if block_wise else "layer_by_layer" if args.layer_by_layer else "full",
@@ -124,6 +130,12 @@ ARITHMETIC_LINE = {
             "not a guarantee for a float32 engine",
 }
 
+ENGINE_LINE = {
+    "float32": None,
+    "llama.cpp": "engine   llama.cpp's CPU backend (--engine llama.cpp): matmul activations quantized or rounded to "
+                 "the weights' vec_dot types, an F16 KV cache without flash attention, ggml's RoPE angles",
+}
+
 LAYERNORM_LINE = {
     "any": "LayerNorm's running moments within twice the derived allowance",
     "formula": "LayerNorm's variance by E[x^2] - E[x]^2 or mean((x - mean)^2), --layernorm-variance formula: "
@@ -143,6 +155,8 @@ def _header(r: dict) -> list[str]:
         inter += f", after saturation {r['after_saturation']}"
     real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(
         p=r.get("rounding_failure", 1.0), ln=LAYERNORM_LINE[r.get("layernorm_variance", "any")])]
+    if ENGINE_LINE[r.get("engine", "float32")]:
+        real.append(ENGINE_LINE[r["engine"]])
     return [
         f"model    {m['arch']} {r['component']} ({m['format']}) {m['path']}",
         f"run      {mode}, method {r['method']}{inter}, epsilon {r['epsilon']:g}, device {r['device']}",

@@ -29,6 +29,7 @@ class Collected:
         self.tensors: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, str] = {}
         self.source_names: dict[str, str] = {}
+        self.block_minima: dict[str, torch.Tensor] = {}   # GGUF Q4_1 / Q5_1: each block's |m| (gamma.io.ggml)
         self.notes: list[str] = []
 
     def add(self, name: str, t: torch.Tensor, dtype: str, source: str) -> None:
@@ -52,6 +53,8 @@ def _tie(c: Collected, cfg: ModelConfig) -> None:
             c.tensors[out] = c.tensors[emb]      # the same object, as in HF's tied state_dict
             c.dtypes[out] = c.dtypes[emb]
             c.source_names[out] = c.source_names[emb]
+            if emb in c.block_minima:
+                c.block_minima[out] = c.block_minima[emb]
         return
     if cfg.tie_word_embeddings and c.tensors[out] is not c.tensors[emb]:
         a, b = (_values(c, n) for n in (out, emb))
@@ -74,4 +77,4 @@ def finish(c: Collected, fmt: str, cfg: ModelConfig, lazy: bool = False) -> Load
     validate(c.path, cfg, c.tensors, c.source_names, values=not lazy)
     tensors = LazyTensors(c.path, c.tensors) if lazy else c.tensors
     return LoadedCheckpoint(path=c.path, format=fmt, config=cfg, tensors=tensors, dtypes=c.dtypes,
-                      notes=c.notes, source_names=c.source_names)
+                      notes=c.notes, source_names=c.source_names, block_minima=c.block_minima)

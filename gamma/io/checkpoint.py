@@ -81,11 +81,19 @@ class LoadedCheckpoint:
     dtypes: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # what was inferred, warnings
     source_names: dict[str, str] = field(default_factory=dict)  # canonical -> name in file
+    block_minima: dict[str, torch.Tensor] = field(default_factory=dict)  # GGUF Q4_1 / Q5_1 weights (eager)
 
     @property
     def lazy(self) -> bool:
         """True when ``tensors`` reads each tensor from the file on access (:mod:`gamma.io.lazy`)."""
         return getattr(self.tensors, "lazy", False)
+
+    def minima(self, name: str) -> Optional[torch.Tensor]:
+        """(rows, cols / 32): each block's |m| of a GGUF Q4_1 / Q5_1 weight (:mod:`gamma.io.ggml`),
+        else None."""
+        if self.lazy:
+            return self.tensors.minima(name)
+        return self.block_minima.get(name)
 
     def dtype_counts(self) -> dict[str, int]:
         """How many tensors of each source type the file holds (``{"Q4_1": 210, "F32": 61}``)."""

@@ -14,11 +14,13 @@ from collections import Counter
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from .checkpoint import LoadedCheckpoint, ModelConfig
 from ..errors import GammaError
 from .assemble import Collected, finish, np_to_f32
 from .detect import Source
+from .ggml import block_minima
 from .gguf_check import check_gguf
 from .lazy import FileTensor
 from .names import GGUF_ARCHS, GGUF_CONFIG_KEYS, GGUF_LM, GGUF_SUFFIX, GGUF_UNSUPPORTED_TENSORS, NameTable
@@ -206,12 +208,16 @@ def load_gguf(src: Source, lazy: bool = False) -> LoadedCheckpoint:
             continue
         arr, qname = _dequantize(src.path, t)
         counts[qname] += 1
+        mins = block_minima(t.data, qname, shape)
         if n:
             if arr.shape[0] % (2 * n):
                 raise GammaError(f"{src.path}: tensor '{t.name}' has {arr.shape[0]} rows, not a multiple "
                                  f"of 2 x {n} heads")
             arr = reverse_permute(arr, n)
+            mins = None if mins is None else reverse_permute(mins, n)
         c.add(canonical, np_to_f32(arr), qname, t.name)
+        if mins is not None:
+            c.block_minima[canonical] = torch.from_numpy(np.ascontiguousarray(mins))
     if vocab_from_tensor and "model.embed_tokens.weight" in c.tensors:
         cfg.vocab_size = int(c.tensors["model.embed_tokens.weight"].shape[0])
     name = _value(src.path, reader, "general.name")

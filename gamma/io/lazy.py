@@ -88,6 +88,17 @@ class FileTensor:
             return _f32(arr)
         return self._rows(range(self.shape[0]), shown, contiguous=True)
 
+    def minima(self, shown: str) -> Optional[np.ndarray]:
+        """Each block's |m| of a GGUF Q4_1 / Q5_1 weight (:func:`gamma.io.ggml.block_minima`), else None."""
+        from .ggml import MINIMUM_AT, block_minima
+        if self.kind != "gguf" or self.dtype not in MINIMUM_AT:
+            return None
+        m = block_minima(read_bytes(self.path, self.offset, self.nbytes, shown), self.dtype, self.shape)
+        if self.permute_heads:
+            from .gguf_fmt import reverse_permute
+            m = reverse_permute(m, self.permute_heads)
+        return m
+
     def rows(self, index: Sequence[int], shown: str) -> np.ndarray:
         """Rows ``index`` (first axis) as float32, reading only those rows' bytes."""
         if self.permute_heads or len(self.shape) < 2:
@@ -167,6 +178,10 @@ class LazyTensors(Mapping):
     # -- without reading values ----------------------------------------------
     def shape(self, name: str) -> tuple:
         return tuple(self.entries[name].shape)
+
+    def minima(self, name: str) -> Optional[torch.Tensor]:
+        m = self.entries[name].minima(self.path)
+        return None if m is None else torch.from_numpy(np.ascontiguousarray(m))
 
     def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
         """Rows ``index`` of tensor ``name`` (an embedding lookup), reading only those rows."""

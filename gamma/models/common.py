@@ -32,6 +32,18 @@ class Weights:
     def optional(self, name: str, *shape: int) -> Optional[torch.Tensor]:
         return self(name, *shape) if name in self.ckpt.tensors else None
 
+    def ggml(self, name: str) -> dict:
+        """A linear node's params saying how llama.cpp feeds it activations (:mod:`gamma.io.ggml`)
+        where its weight ``name`` comes from a GGUF file: the weight's type, and each block's |m|
+        for Q4_1 / Q5_1; empty for other formats."""
+        if self.ckpt.format != "gguf":
+            return {}
+        out = {"ggml_type": self.ckpt.dtypes[name]}
+        m = self.ckpt.minima(name)
+        if m is not None:
+            out["ggml_minima"] = m.to(torch.float64)
+        return out
+
 
 def causal_mask(t: int, s: Optional[int] = None) -> torch.Tensor:
     """(T, S) bool, True where query t may attend key s (s <= t)."""

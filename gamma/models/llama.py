@@ -50,7 +50,8 @@ class _Block:
         for part, nh in (("q", H), ("k", Hkv), ("v", Hkv)):
             t = g.add(f"{b}.attn.{part}", "linear", n, block=b,
                       weight=W(p + f"self_attn.{part}_proj.weight", nh * dh, d),
-                      bias=W.optional(p + f"self_attn.{part}_proj.bias", nh * dh))
+                      bias=W.optional(p + f"self_attn.{part}_proj.bias", nh * dh),
+                      **W.ggml(p + f"self_attn.{part}_proj.weight"))
             t = g.add(f"{b}.attn.{part}_heads", "split_heads", t, block=b, heads=nh)      # (nh, T, dh)
             if self.qwen3 and part != "v":
                 t = g.add(f"{b}.attn.{part}_norm", "rmsnorm", t, block=b,
@@ -62,14 +63,17 @@ class _Block:
             heads[part] = t
         a = attention_core(g, b, f"{b}.attn", heads["q"], heads["k"], heads["v"], scale=self.scale, mask=self.mask)
         a = g.add(f"{b}.attn.o", "linear", a, block=b, weight=W(p + "self_attn.o_proj.weight", d, H * dh),
-                  bias=W.optional(p + "self_attn.o_proj.bias", d))
+                  bias=W.optional(p + "self_attn.o_proj.bias", d), **W.ggml(p + "self_attn.o_proj.weight"))
         h = g.add(f"{b}.attn.residual", "add", x, a, block=b)
         n = g.add(f"{b}.mlp_norm", "rmsnorm", h, block=b, weight=W(p + "post_attention_layernorm.weight", d), eps=eps)
-        gate = g.add(f"{b}.mlp.gate", "linear", n, block=b, weight=W(p + "mlp.gate_proj.weight", ff, d))
-        up = g.add(f"{b}.mlp.up", "linear", n, block=b, weight=W(p + "mlp.up_proj.weight", ff, d))
+        gate = g.add(f"{b}.mlp.gate", "linear", n, block=b, weight=W(p + "mlp.gate_proj.weight", ff, d),
+                     **W.ggml(p + "mlp.gate_proj.weight"))
+        up = g.add(f"{b}.mlp.up", "linear", n, block=b, weight=W(p + "mlp.up_proj.weight", ff, d),
+                   **W.ggml(p + "mlp.up_proj.weight"))
         act = g.add(f"{b}.mlp.act", "silu", gate, block=b)
         sw = g.add(f"{b}.mlp.swiglu", "mul", act, up, block=b)
-        down = g.add(f"{b}.mlp.down", "linear", sw, block=b, weight=W(p + "mlp.down_proj.weight", d, ff))
+        down = g.add(f"{b}.mlp.down", "linear", sw, block=b, weight=W(p + "mlp.down_proj.weight", d, ff),
+                     **W.ggml(p + "mlp.down_proj.weight"))
         return g.add(f"{b}.mlp.residual", "add", h, down, block=b)
 
     def head(self, g: Graph, x: str, output: str) -> str:
@@ -77,7 +81,7 @@ class _Block:
         x = g.add("final_norm", "rmsnorm", x, weight=self.W("model.norm.weight", self.d), eps=self.eps)
         if output == "logits":
             head = "lm_head.weight" if "lm_head.weight" in self.W.ckpt.tensors else "model.embed_tokens.weight"
-            x = g.add("lm_head", "linear", x, weight=self.W(head, self.cfg.vocab_size, self.d))
+            x = g.add("lm_head", "linear", x, weight=self.W(head, self.cfg.vocab_size, self.d), **self.W.ggml(head))
         return x
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from .. import parallel
 from ..attack import AttackConfig
 from ..errors import GammaError
-from ..io import load_checkpoint, zoo
+from ..io import ggml, load_checkpoint, zoo
 from ..models import Model
 from ..ops import evaluate
 from ..options import BoundOptions
@@ -75,7 +75,7 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None, arithmetic: str = "float32",
            attack: Union[bool, AttackConfig, None] = None, products: str = "polar",
-           after_saturation: str = "crown", layernorm_variance: str = "any") -> VerifyResult:
+           after_saturation: str = "crown", layernorm_variance: str = "any", engine: str = "float32") -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -96,13 +96,16 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp), not by running moments
     (PyTorch's CPU kernel), and its margin is not doubled as a whole, or "two-pass":
     mean((x - mean)^2) only (llama.cpp, whisper.cpp), not CTranslate2's E[x^2] - E[x]^2.
+    ``engine``: "float32" (default: any engine computing in float32, such as transformers) or
+    "llama.cpp" (a GGUF file as ggml's CPU backend computes it: quantized or F16 activations in the
+    matmuls, an F16 KV cache, ggml's RoPE angles; :mod:`gamma.bounds.fpggml`).
 
     The arguments are checked here, before the model is read, grouped into
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,
     and run by :func:`run`.
     """
     options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products, after_saturation,
-                           layernorm_variance)
+                           layernorm_variance, engine)
     spec = RunSpec(mode_of(block_wise, layer_by_layer), blocks, tolerance, property, worst_k, workers, ray,
                    checkpoint, attack)
     inputs = InputSpec(component, seq_len, tokens, input_path, center, output)
@@ -121,6 +124,8 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
     if progress and not isinstance(model, Model):
         progress("loading model")
     model, t_load = as_model(model, lazy=block_wise)     # block-wise: one block in memory at a time
+    if options.engine == "llama.cpp":
+        ggml.check_checkpoint(model.ckpt, inputs.output)
     t0 = time.perf_counter()
     comp, seq, point = _point(model, inputs)
     graph = model.block_plan(comp, seq, inputs.output) if block_wise else model.graph(comp, seq, inputs.output)
@@ -134,6 +139,7 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
         "device": options.device, "arithmetic": options.arithmetic, "products": options.products,
         "after_saturation": options.after_saturation, "layernorm_variance": options.layernorm_variance,
+        "engine": options.engine,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output_node if block_wise else graph.output,
         "output_shape": list(graph.output_shape),

@@ -1,0 +1,167 @@
+"""What llama.cpp's CPU backend (ggml) computes beyond a float32 engine: ``--engine llama.cpp``.
+
+The float32 margins (:mod:`.fpmargin`) bound any float32 evaluation of each op.  ggml departs
+from that in three places, each bounded here as an extra margin over the node's input box
+(:func:`extra`, added to the node's float32 margin by the engine):
+
+* **Linear layers** take their activations in the weight type's ``vec_dot_type``
+  (:mod:`gamma.io.ggml`).  Per block b of 32 along the row, Q8_0 / Q8_1 keep
+  ``x~ = fp16(d) q`` with ``d = amax / 127`` and ``q = round(x / d)``; with ``A_b`` the block's
+  largest ``|x|`` over the box and ``D = A_b / 127 (1 + 2U)``,
+
+      |x~ - x| <= 127 e16(D) + D (1/2 + 300 U),    e16(d) = max(2^-11 d, 2^-25)
+
+  (fp16's rounding of d, normal or subnormal; the 300 U covers ``x * (1/d)`` in float32).
+  F16 / BF16 round each element: ``e16(|x|)``, ``2^-8 |x| + 2^-133``.  A Q8_1 block also keeps
+  ``s = fp16(fl(d sum q))``, which the dot multiplies by the weight block's minimum m (Q4_1,
+  Q5_1: ``w = d_w q_w + m``), and ``|s - fp16(d) sum q| <= e16(4064 D') + 4064 (U D + e16(D))``,
+  ``D' = D (1 + U)``.  The products then run as integer block sums (exact), scaled and added
+  in float32 in any order (SIMD lanes, FMA), and the dequantized weights we hold differ from
+  ``d q + m`` by a rounding: all of it within ``gamma_{n+8} S`` with
+  ``S = sum (|w| + |m|) (|x| + |x~ - x|) + sum_b |m_b| |s_b| + |b|``.  So the extra margin is
+  ``sum_j |w_j| |x~_j - x_j| + sum_b |m_b| |s err_b| + gamma_{n+8} S``.  An fp16 overflow
+  (``d`` or ``s`` past 65504) makes it infinite.
+* **Attention's products** read an F16 KV cache (the default; without flash attention): q and k
+  in q k^T, the probabilities and v in attention @ V are rounded to F16, so each product moves
+  by ``e16(|x|) (|y| + e16(|y|)) + |x| e16(|y|)``, summed along the inner axis (the float32
+  sums stay in the float32 margin, which a product of F16 values does not exceed).
+* **RoPE's tables**: ggml computes ``theta_i = p theta_scale^i`` by i float32 products with
+  ``theta_scale = powf(base, -2 / d)`` and takes cosf / sinf of it; transformers' float32 table
+  holds cos / sin of ``p inv_freq_i``.  Both are within ``(3i + 26) U`` of the exact angle,
+  relative, so each table entry differs by at most ``theta (3i + 26) U (1 + 2^-6) + 2^-22``
+  (two library roundings of at most one ulp of a value <= 1); the rotation's output by that
+  times ``|x| + |rotate_half(x)|``.
+
+Not covered and said so in the README: flash attention (its V accumulation in F16), a
+quantized KV cache, ggml's SIMD exp in SiLU beyond the ulp accuracy the SiLU margin allows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..errors import GammaError
+from ..io.ggml import BLOCK, activation_type
+from .fp import gamma
+
+U = 2.0 ** -24
+F16_MAX = 65504.0
+F16_REL, F16_SUB = 2.0 ** -11, 2.0 ** -25        # half an ulp of fp16: relative (normal), absolute (subnormal)
+BF16_REL, BF16_SUB = 2.0 ** -8, 2.0 ** -133
+Q8_MAX = 127.0
+Q8_1_SUM = 32 * 127.0                            # |sum q| of a Q8_1 block
+
+
+def _e16(a: torch.Tensor) -> torch.Tensor:
+    """|fp16(v) - v| for every |v| <= a (inf where fp16 may overflow)."""
+    e = torch.maximum(F16_REL * a, torch.full_like(a, F16_SUB))
+    return torch.where(a < F16_MAX, e, torch.full_like(a, math.inf))
+
+
+def _blocks(a: torch.Tensor, size: int) -> torch.Tensor:
+    """(.., n) -> (.., n / size): the largest entry of each block of ``size`` along the last axis."""
+    return a.reshape(*a.shape[:-1], a.shape[-1] // size, size).amax(-1)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of nonnegative factors, inf where an inf entry meets a zero (never NaN), with a
+    float64 pad outward."""
+    return torch.nan_to_num(a @ b, nan=math.inf) * (1 + 2.0 ** -40)
+
+
+def _spread(b: torch.Tensor, size: int) -> torch.Tensor:
+    """(.., n / size) -> (.., n): each block's value on each of its elements."""
+    return b.repeat_interleave(size, dim=-1)
+
+
+def activation_error(a: torch.Tensor, act: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(|x~ - x| per element (.., n), |s - fp16(d) sum q| per block (.., n / 32) or None)`` for
+    every float32 x with ``|x| <= a`` converted to ``act`` as ggml converts it."""
+    if act == "F16":
+        return _e16(a), None
+    if act == "BF16":
+        return BF16_REL * a + BF16_SUB, None
+    size = BLOCK[act]
+    if a.shape[-1] % size:
+        raise GammaError(f"--engine llama.cpp: a row of {a.shape[-1]} activations is not a whole number of "
+                         f"{act} blocks of {size}")
+    d = _blocks(a, size) / Q8_MAX * (1 + 2 * U)                    # each block's scale, at most
+    per = Q8_MAX * _e16(d) + d * (0.5 + 300 * U)
+    s = None
+    if act == "Q8_1":
+        s = _e16(Q8_1_SUM * d * (1 + U)) + Q8_1_SUM * (U * d + _e16(d))
+    return _spread(per, size), s
+
+
+def _linear(node, ins) -> Optional[torch.Tensor]:
+    wtype = node.params.get("ggml_type")
+    act = activation_type(wtype, node.name) if wtype is not None else None
+    if act is None:
+        return None                               # float32 weights: float32 activations, the float32 margin
+    a = ins[0].abs_max()                                           # (.., n)
+    w = node.params["weight"]
+    dx, ds = activation_error(a, act)
+    m = node.params.get("ggml_minima")                             # (out, n / 32) or None
+    out = _mm(dx, w.abs().T)                                       # the activations' conversion
+    xs = a + dx
+    size = w.abs()
+    if m is not None:
+        size = size + _spread(m, 32)
+    s = _mm(xs, size.T)
+    if m is not None:
+        out = out + _mm(ds, m.T)                                   # Q8_1's s, times each block's minimum
+        s = s + _mm(_blocks(xs, 32) * 32 + ds, m.T)
+    b = node.params.get("bias")
+    if b is not None:
+        s = s + b.abs()
+    n = w.shape[1]
+    return out + gamma(n + 8) * s + n * 2.0 ** -126                # (a BF16 dot instruction flushes subnormals)
+
+
+def _matmul(node, ins) -> torch.Tensor:
+    """Both sides rounded to F16 (the KV cache's type, and the vec_dot type of an F16 cache)."""
+    x, y = ins[0].abs_max(), ins[1].abs_max()                      # (.., T, a), (.., S, a)
+    ex, ey = _e16(x), _e16(y)
+    yt = lambda v: v.transpose(-1, -2)
+    moved = _mm(ex, yt(y + ey)) + _mm(x, yt(ey))
+    # and the float32 margin's growth from |x| |y| to |x~| |y~| (at most moved's size times gamma)
+    return moved * (1 + gamma(x.shape[-1] + 2))
+
+
+def _rope(node, ins) -> torch.Tensor:
+    """ggml's RoPE angles against the graph's float32 tables."""
+    cos, sin = node.params["cos"], node.params["sin"]              # (T, dh)
+    T, dh = cos.shape
+    half = dh // 2
+    if T < 2:
+        return torch.zeros_like(ins[0].lower)                      # position 0: cos 1, sin 0 exactly
+    freq = torch.atan2(sin[1].abs(), cos[1]) * (1 + 2.0 ** -20) + 2.0 ** -40   # p = 1: the angle itself (< pi)
+    i = torch.arange(dh, dtype=cos.dtype, device=cos.device) % half
+    pos = torch.arange(T, dtype=cos.dtype, device=cos.device)[:, None]
+    d = pos * freq * (3 * i + 26) * U * (1 + 2.0 ** -6) + 2.0 ** -22          # (T, dh)
+    a = ins[0].abs_max()
+    return (a + ops.rotate_half_abs(a)) * d
+
+
+RULES = {"linear": _linear, "matmul": _matmul, "rope": _rope}
+
+
+def extra(node, ins) -> Optional[torch.Tensor]:
+    """The margin ggml's computation of ``node`` adds to its float32 margin (its shape), or None."""
+    rule = RULES.get(node.op)
+    return None if rule is None else rule(node, ins)
+
+
+def check(graph) -> None:
+    """GammaError unless every linear node of ``graph`` was read from a GGUF file whose type's
+    activation path is modelled (the weight's type is on each node: :meth:`Weights.ggml`)."""
+    for node in graph:
+        if node.op != "linear":
+            continue
+        if "ggml_type" not in node.params:
+            raise GammaError("--engine llama.cpp needs a GGUF checkpoint (llama.cpp runs GGUF files only)")
+        activation_type(node.params["ggml_type"], node.name)

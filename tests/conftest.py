@@ -173,6 +173,16 @@ def llama_gguf_q8_0(tmp_path_factory, llama_model):
 
 
 @pytest.fixture(scope="session")
+def llama_gguf_q4_1(tmp_path_factory, llama_model):
+    return _gguf(tmp_path_factory, llama_model, "llama", "Q4_1")
+
+
+@pytest.fixture(scope="session")
+def llama_gguf_q5_1(tmp_path_factory, llama_model):
+    return _gguf(tmp_path_factory, llama_model, "llama", "Q5_1")
+
+
+@pytest.fixture(scope="session")
 def llama_gguf_q6_k(tmp_path_factory, llama256_model):
     """Random valid Q6_K blocks (gguf-py cannot quantize Q6_K): hf_model holds their dequantization."""
     return _gguf(tmp_path_factory, llama256_model, "llama", "Q6_K")

@@ -97,6 +97,52 @@ def activation_error(a: torch.Tensor, act: str) -> tuple[torch.Tensor, Optional[
     return _spread(per, size), s
 
 
+def _to_f16(d: torch.Tensor) -> torch.Tensor:
+    """fp16(fl32(d)) in float64 (round to nearest even, as ggml's conversion; inf past fp16's range).
+    Rounding is monotone, so for bounds ``d_lo <= d <= d_hi`` of a float32 d this bounds fp16(d)."""
+    lo32 = d.to(torch.float32)
+    return lo32.to(torch.float16).to(torch.float64)
+
+
+def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -> tuple:
+    """``(lo, hi, s)``: lo, hi (.., n) the range of ``x~ - x`` over the box ``x`` (an Interval) for
+    Q8_0 / Q8_1, within ``[-dx, dx]`` (:func:`activation_error`'s bound); s (.., n / 32) for Q8_1
+    (else None) a bound of ``|s - fp16(d) sum q|`` within ``ds``: ``e16(d |sum q|) + U d |sum q|
+    + |d - fp16(d)| |sum q|`` with the integers' sum and the scales as the box allows them.  Where the box is narrow next to the
+    block's step d, few elements can cross a rounding boundary: x~ = fp16(d) q then stays within
+    the hull of ``fp16(d) q`` over the scales and integers the box allows, and ``x~ - x`` within
+    that hull less x's range.  The known signed shift of each element then cancels in ``W (x~ - x)``
+    as the worst-case ``|W| dx`` cannot."""
+    lo, hi = x.lower, x.upper
+    a = torch.maximum(lo.abs(), hi.abs())
+    near = torch.where((lo > 0) | (hi < 0), torch.minimum(lo.abs(), hi.abs()), torch.zeros_like(lo))
+    d_lo = _spread(_blocks(near, 32), 32) / Q8_MAX * (1 - 2 * U)     # amax over the box, at least
+    d_hi = _spread(_blocks(a, 32), 32) / Q8_MAX * (1 + 2 * U)
+    ok = d_lo > 0
+    dl = torch.where(ok, d_lo, torch.ones_like(d_lo))
+    v_lo = torch.where(lo < 0, lo / dl, lo / d_hi.clamp_min(1e-300)) - 4 * U * Q8_MAX
+    v_hi = torch.where(hi > 0, hi / dl, hi / d_hi.clamp_min(1e-300)) + 4 * U * Q8_MAX
+    q_lo = torch.ceil(v_lo - 0.5).clamp(-Q8_MAX, Q8_MAX)
+    q_hi = torch.floor(v_hi + 0.5).clamp(-Q8_MAX, Q8_MAX)
+    s_lo, s_hi = _to_f16(d_lo), _to_f16(d_hi)                       # fp16(d) over the box: it rounds monotonically
+    t_lo = torch.minimum(s_lo * q_lo, s_hi * q_lo)
+    t_hi = torch.maximum(s_lo * q_hi, s_hi * q_hi)
+    e_lo = torch.where(ok, torch.maximum(-dx, t_lo - hi), -dx)
+    e_hi = torch.where(ok, torch.minimum(dx, t_hi - lo), dx)
+    s = None
+    if ds is not None:
+        qs = torch.maximum(_sum32(q_lo).abs(), _sum32(q_hi).abs())          # |sum q| per block, at most
+        dl, dh = _blocks(d_lo, 32), _blocks(d_hi, 32)
+        gap = torch.maximum((_blocks(s_hi, 32) - dl).abs(), (dh - _blocks(s_lo, 32)).abs())
+        s = _e16(dh * qs * (1 + U)) + U * dh * qs + gap * qs
+        s = torch.where(_blocks(ok.to(dh.dtype), 32) > 0, torch.minimum(s, ds), ds)
+    return e_lo, torch.maximum(e_hi, e_lo), s
+
+
+def _sum32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape[:-1], t.shape[-1] // 32, 32).sum(-1)
+
+
 def _linear(node, ins) -> Optional[torch.Tensor]:
     wtype = node.params.get("ggml_type")
     act = activation_type(wtype, node.name) if wtype is not None else None
@@ -106,7 +152,13 @@ def _linear(node, ins) -> Optional[torch.Tensor]:
     w = node.params["weight"]
     dx, ds = activation_error(a, act)
     m = node.params.get("ggml_minima")                             # (out, n / 32) or None
-    out = _mm(dx, w.abs().T)                                       # the activations' conversion
+    if act in ("Q8_0", "Q8_1"):                                    # the conversion: its signed shift, and a spread
+        e_lo, e_hi, s_err = q8_error(ins[0], act, dx, ds)
+        ds = s_err
+        shift = ((e_lo + e_hi) / 2) @ w.T
+        out = shift.abs() * (1 + 2.0 ** -40) + _mm((e_hi - e_lo) / 2, w.abs().T)
+    else:
+        out = _mm(dx, w.abs().T)
     xs = a + dx
     size = w.abs()
     if m is not None:
@@ -157,11 +209,10 @@ def extra(node, ins) -> Optional[torch.Tensor]:
 
 
 def check(graph) -> None:
-    """GammaError unless every linear node of ``graph`` was read from a GGUF file whose type's
-    activation path is modelled (the weight's type is on each node: :meth:`Weights.ggml`)."""
+    """GammaError unless every linear node of ``graph`` whose weight came from a GGUF file in a type
+    other than F32 (the type is on the node: :meth:`Weights.ggml`) has a modelled activation path.
+    (A graph from another format has no such nodes: :func:`gamma.io.ggml.check_checkpoint` refuses it
+    where the user's model is known.)"""
     for node in graph:
-        if node.op != "linear":
-            continue
-        if "ggml_type" not in node.params:
-            raise GammaError("--engine llama.cpp needs a GGUF checkpoint (llama.cpp runs GGUF files only)")
-        activation_type(node.params["ggml_type"], node.name)
+        if node.op == "linear" and "ggml_type" in node.params:
+            activation_type(node.params["ggml_type"], node.name)

@@ -36,8 +36,8 @@ class Weights:
         """A linear node's params saying how llama.cpp feeds it activations (:mod:`gamma.io.ggml`)
         where its weight ``name`` comes from a GGUF file: the weight's type, and each block's |m|
         for Q4_1 / Q5_1; empty for other formats."""
-        if self.ckpt.format != "gguf":
-            return {}
+        if self.ckpt.format != "gguf" or self.ckpt.dtypes[name] == "F32":
+            return {}                   # float32 weights: float32 activations, as any float32 engine
         out = {"ggml_type": self.ckpt.dtypes[name]}
         m = self.ckpt.minima(name)
         if m is not None:

@@ -1,0 +1,214 @@
+"""``--engine llama.cpp``: bounds that hold for what ggml's CPU backend computes on a GGUF file.
+
+Checked against an emulation of ggml's kernels written from its reference code (tests/ggml_emu.py):
+the activation conversions by hand and by sampling, the block minima read from Q4_1 / Q5_1 blocks,
+ggml's RoPE angles against the graph's tables, and whole graphs (samples and PGD-pushed inputs, the
+emulated engine inside the bounds, zero violations) where the float32-engine bounds are left by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from gamma import cli
+from gamma.bounds import compute_bounds, fpggml
+from gamma.bounds.interval import Interval
+from gamma.io import load_checkpoint
+from gamma.io.gguf_fmt import reverse_permute
+from gamma.models import Model
+from gamma.models.llama import rope_tables
+from gamma.ops import evaluate
+from gamma.verify import schema
+from ggml_emu import Engine, ggml_rope_tables, quantize_q8, raw_blocks, round_bf16, weight_blocks
+
+U = 2.0 ** -24
+
+
+# ---------------------------------------------------------------- the conversions, by hand and by sampling
+def test_activation_error_by_hand():
+    e, s = fpggml.activation_error(torch.tensor([1.0, 1e-6, 7e4], dtype=torch.float64), "F16")
+    assert s is None
+    assert e[0].item() == 2.0 ** -11 and e[1].item() == 2.0 ** -25 and math.isinf(e[2].item())
+    e, _ = fpggml.activation_error(torch.tensor([1.0], dtype=torch.float64), "BF16")
+    assert e.item() == 2.0 ** -8 + 2.0 ** -133
+    a = torch.zeros(32, dtype=torch.float64)
+    a[3] = 127.0                                   # one block, amax 127: d = 1 (times 1 + 2U)
+    e, s = fpggml.activation_error(a, "Q8_1")
+    d = 1 + 2 * U
+    assert torch.equal(e, torch.full((32,), 127 * 2.0 ** -11 * d + d * (0.5 + 300 * U), dtype=torch.float64))
+    assert s.shape == (1,) and s.item() == pytest.approx(4064 * d * (1 + U) * 2.0 ** -11 + 4064 * (U * d + 2.0 ** -11 * d))
+
+
+@pytest.mark.parametrize("act", ["Q8_0", "Q8_1"])
+def test_q8_error_contains_ggml_quantizer(act):
+    """Boxes of several widths and scales (fp16-subnormal steps included): every sampled point's
+    ``x~ - x`` lies in q8_error's range and within activation_error's bound; Q8_1's s too."""
+    gen = torch.Generator().manual_seed(1)
+    for scale in (1e-7, 1e-3, 1.0, 300.0):
+        c = torch.randn(16, 128, generator=gen, dtype=torch.float64) * scale
+        c[:, 5] *= 40                                                  # an outlier per block
+        c = c.float().double()                                         # the engine's activations are float32
+        for r in (0.0, 1e-4 * scale, 0.05 * scale):
+            inf = torch.tensor(math.inf, dtype=torch.float32)
+            lo32, hi32 = torch.nextafter((c - r).float(), -inf), torch.nextafter((c + r).float(), inf)
+            box = Interval(lo32.double(), hi32.double())                  # float32 ends
+            dx, ds = fpggml.activation_error(box.abs_max(), act)
+            lo, hi, se = fpggml.q8_error(box, act, dx, ds)
+            assert bool((lo <= hi).all())
+            for k in range(24):
+                x = (c + r * (2 * torch.rand(c.shape, generator=gen, dtype=torch.float64) - 1)).float()
+                x = torch.minimum(torch.maximum(x, lo32), hi32)               # a float32 point in the box
+                d16, q, s16 = quantize_q8(x.numpy(), act == "Q8_1")
+                xq = torch.from_numpy((d16.astype(np.float32)[..., None] * q).reshape(x.shape).astype(np.float64))
+                err = xq - x.double()
+                assert bool((err >= lo).all()) and bool((err <= hi).all()), (scale, r)
+                assert bool((err.abs() <= dx).all())
+                if act == "Q8_1":
+                    gap = np.abs(s16.astype(np.float64) - d16.astype(np.float64) * q.sum(-1))
+                    assert bool((torch.from_numpy(gap) <= se).all()) and bool((se <= ds).all())
+
+
+def test_bf16_rounding_within_bound():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4096, generator=gen, dtype=torch.float64).float() * 100
+    err = (torch.from_numpy(round_bf16(x.numpy())).double() - x.double()).abs()
+    bound, _ = fpggml.activation_error(x.double().abs(), "BF16")
+    assert bool((err <= bound).all()) and float(err.max()) > 0.5 * float(bound.max()) * 2.0 ** -3
+
+
+# ---------------------------------------------------------------- the weights' block minima
+@pytest.mark.parametrize("fixture", ["llama_gguf_q4_1", "llama_gguf_q5_1"])
+def test_block_minima_from_the_file(request, fixture):
+    """Eager and lazy loads give each block's |m| as the file holds it (q / k rows unpermuted)."""
+    path = request.getfixturevalue(fixture)[0]
+    raw = raw_blocks(path)
+    eager, lazy = load_checkpoint(path), load_checkpoint(path, lazy=True)
+    heads = eager.config.n_heads
+    for canonical, src in (("model.layers.0.mlp.up_proj.weight", "blk.0.ffn_up.weight"),
+                           ("model.layers.1.self_attn.q_proj.weight", "blk.1.attn_q.weight")):
+        qtype, data = raw[src]
+        shape = tuple(eager.tensors[canonical].shape)
+        _, m = weight_blocks(data, qtype, shape)
+        if "attn_q" in src:
+            m = reverse_permute(m, heads)
+        want = torch.from_numpy(np.abs(m))
+        assert torch.equal(eager.minima(canonical), want)
+        assert torch.equal(lazy.minima(canonical), want)
+    assert eager.minima("model.layers.0.input_layernorm.weight") is None
+
+
+# ---------------------------------------------------------------- RoPE's angles
+@pytest.mark.parametrize("dh,base", [(16, 10000.0), (64, 10000.0), (128, 1e6)])
+def test_rope_table_difference_within_margin(dh, base):
+    """ggml's cos / sin (iterated angle, float32) against the graph's tables, 512 positions:
+    within the margin fpggml charges per unit input."""
+    T = 512
+    cos, sin = rope_tables(T, dh, base)
+    node = SimpleNamespace(op="rope", params={"cos": cos, "sin": sin})
+    one = torch.ones(1, T, dh, dtype=torch.float64)
+    m = fpggml.extra(node, [Interval(-one, one)])[0]                     # (|x| + |rot x|) d = 2 d
+    cg, sg = (torch.from_numpy(a).double() for a in ggml_rope_tables(T, dh, base))
+    diff = (cg - cos).abs() + (sg - sin).abs()
+    assert bool((diff <= m).all())
+    assert float(diff.max()) > 0                                        # the tables do differ
+
+
+# ---------------------------------------------------------------- whole graphs
+def _pushed(g, x, eps, n=3, steps=8, seed=0):
+    """Inputs pushed by signed-gradient steps on the float64 forward along random output directions."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = torch.randn(g.output_shape, generator=gen, dtype=torch.float64)
+        u = (x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1)).detach()
+        for _ in range(steps):
+            u.requires_grad_(True)
+            (evaluate(g, u) * w).sum().backward()
+            u = (x + (u + eps / 3 * u.grad.sign() - x).clamp(-eps, eps)).detach()
+        out.append(u)
+    return out
+
+
+def _inside(r, y) -> int:
+    return int(((y < r.lower) | (y > r.upper)).sum())
+
+
+CASES = [("llama_gguf_q4_1", True, "layer1"), ("llama_gguf_q8_0", True, None), ("llama_gguf_f16", True, "layer0"),
+         ("qwen3_gguf_q8_0", False, "layer1"), ("llama_gguf_q5_1", True, "layer0")]
+
+
+@pytest.mark.parametrize("fixture,permuted,scope", CASES)
+def test_llamacpp_bounds_contain_the_emulated_engine(request, fixture, permuted, scope):
+    path = request.getfixturevalue(fixture)[0]
+    ck = load_checkpoint(path)
+    model = Model(ck)
+    g, x = model.graph(seq_len=4), model.input_point(seq_len=4).x
+    if scope is not None:
+        vals = evaluate(g, x, keep_all=True)
+        g = g.block_graph(scope)
+        x = vals[g.input].contiguous()
+    engine = Engine(g, path, ck.config.rope_theta, permuted=permuted)
+    gen = torch.Generator().manual_seed(3)
+    left = 0
+    for eps in (1e-4, 0.0):
+        pts = [x] + [x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) for _ in range(12)]
+        if eps:
+            pts += _pushed(g, x, eps, n=2, steps=6)
+        ys = [engine(u) for u in pts]
+        plain = compute_bounds(g, x, eps, "crown", allow_zero=True)
+        left += sum(_inside(plain, y) for y in ys)
+        for arith in ("float32", "float32-probabilistic"):
+            r = compute_bounds(g, x, eps, "crown", arithmetic=arith, engine="llama.cpp", allow_zero=True)
+            assert sum(_inside(r, y) for y in ys) == 0, (arith, eps)
+            assert bool((r.lower <= plain.lower).all() if arith == "float32" else True)
+        for method in ("ibp", "zonotope") if scope is not None else ():
+            r = compute_bounds(g, x, eps, method, engine="llama.cpp", allow_zero=True)
+            assert sum(_inside(r, y) for y in ys) == 0, (method, eps)
+    if "f16" not in fixture:
+        assert left > 0           # the engine leaves the float32 bounds: the option is needed
+
+
+# ---------------------------------------------------------------- the command line
+def _run(capsys, *args):
+    code = cli.main(["verify", *args, "--seq-len", "2", "--epsilon", "1e-4", "--no-attack", "--quiet"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_engine_llamacpp(capsys, llama_gguf_q4_1):
+    code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama.cpp", "--json")
+    assert code == 0 and err == ""                     # no note: the engine is covered
+    rep = json.loads(out)
+    jsonschema.validate(rep, schema())
+    assert rep["engine"] == "llama.cpp"
+    code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama.cpp")
+    assert code == 0
+    assert ("engine   llama.cpp's CPU backend (--engine llama.cpp): matmul activations quantized or rounded to "
+            "the weights' vec_dot types, an F16 KV cache without flash attention, ggml's RoPE angles") in out
+    code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama.cpp", "--block-wise", "--blocks", "1",
+                          "--json")
+    assert code == 0 and json.loads(out)["engine"] == "llama.cpp"
+
+
+def test_cli_engine_llamacpp_bad_input(capsys, llama_hf_dir, llama_gguf_q6_k, llama_gguf_q4_1):
+    code, out, err = _run(capsys, llama_hf_dir[0], "--engine", "llama.cpp")
+    assert code == 2 and out == ""
+    assert err == (f"gamma: error: --engine llama.cpp needs a GGUF checkpoint (llama.cpp runs GGUF files only); "
+                   f"{llama_hf_dir[0]} is safetensors\n")
+    code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama.cpp", "--arithmetic", "real")
+    assert code == 2 and err == ("gamma: error: --engine llama.cpp bounds a float32 engine: it needs --arithmetic "
+                                 "float32 or float32-probabilistic, not real\n")
+    code, out, err = _run(capsys, llama_gguf_q6_k[0], "--engine", "llama.cpp")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("gamma: error: --engine llama.cpp: tensor 'blk.") and err.endswith(
+        " is Q6_K, whose activation path in ggml is not modelled (modelled: F32, F16, BF16, Q4_0, Q5_0, Q8_0, "
+        "Q4_1, Q5_1)\n")
+    code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama")
+    assert code == 2 and "invalid choice: 'llama'" in err

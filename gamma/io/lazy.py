@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import GammaError
+from .ggml import MINIMUM_AT, block_minima
 
 CHUNK_ELEMENTS = 1 << 22          # rows dequantized per step: at most ~4M elements (16 MiB float32)
 
@@ -90,7 +91,6 @@ class FileTensor:
 
     def minima(self, shown: str) -> Optional[np.ndarray]:
         """Each block's |m| of a GGUF Q4_1 / Q5_1 weight (:func:`gamma.io.ggml.block_minima`), else None."""
-        from .ggml import MINIMUM_AT, block_minima
         if self.kind != "gguf" or self.dtype not in MINIMUM_AT:
             return None
         m = block_minima(read_bytes(self.path, self.offset, self.nbytes, shown), self.dtype, self.shape)

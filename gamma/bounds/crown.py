@@ -53,6 +53,11 @@ class Context:
         self.pooled: dict = {}          # name -> fpprob.Split: dot margins pooled per row (float32-probabilistic)
         self.events = 0                 # bounds that rest on the probabilistic model (fpprob.failure)
         self.modes: dict = {}           # name -> fpmargin.CommonModes: a margin's row-shared errors (norms)
+        # --engine llama.cpp (fpggml): a node whose engine value sits a known signed offset from the real
+        # function's: the offset (name -> Tensor) and the symmetric margin about it that the walk charges
+        # (``margins`` keeps |offset| + that margin for every other reader)
+        self.offsets: dict = {}
+        self.about: dict = {}
         self.means: dict = {}           # LayerNorm name -> bounds of its input's row mean (refine.norm_mean_square)
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
@@ -112,7 +117,7 @@ class Context:
         margin (or ``m`` where given) plus, for a linear node whose transpose runs
         in float32, that product's error term (:class:`fp.CotangentProduct`)."""
         if m is False:
-            m = self.margins.get(node.name)
+            m = self.about[node.name] if node.name in self.about else self.margins.get(node.name)
         if node.op != "linear":
             return m
         p = self.linear_product(node)
@@ -347,8 +352,9 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
             pool, m = _pool(ctx, node, cot, sym, pool)
         else:
             m = _margin_charge(ctx, node, cot)
-        if m is not None:
-            bias = _charge(bias, _acc(bias, sym, None, m), trace, node.name, "margin")
+        off = ctx.offsets.get(node.name)
+        if m is not None or off is not None:
+            bias = _charge(bias, _acc(bias, sym, None if off is None else cot.dot(off), m), trace, node.name, "margin")
             if not bool(torch.isfinite(m).all()) and bool(torch.isneginf(bias).all()):
                 return _pooled_charge(ctx, bias, pool, trace)   # an unbounded margin reached every row
         ins, odd, even = crown_rules.apply(node, cot, ctx)

@@ -263,17 +263,22 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                 m = torch.minimum(m, sp.elementwise())      # each bound holds (the model's per element)
                 ctx.pooled[node.name] = sp
                 ctx.events += m.numel()
+        off = None
         if ggml and m is not None:
-            add = fpggml.extra(node, ins)                   # what ggml computes beyond float32 (llama.cpp)
+            off, add = fpggml.extra(node, ins)              # what ggml computes beyond float32 (llama.cpp)
             if add is not None:
-                m = m + add
                 if node.name in ctx.pooled:                 # charged with the pooled margin's own part
                     sp = ctx.pooled[node.name]
                     ctx.pooled[node.name] = fpprob.Split(sp.det + add, sp.dot, sp.var)
+                m = m + add
+            if off is not None:                             # the engine's value: off from the real one, +- m
+                ctx.offsets[node.name], ctx.about[node.name] = off, m
+                iv = Interval(iv.lower + off, iv.upper + off)
+                m_about, m = m, m + off.abs() * (1 + 2.0 ** -40)
         margins[node.name] = m
         if modes is not None:
             ctx.modes[node.name] = modes
-        iv = iv.widen(m)
+        iv = iv.widen(m if off is None else m_about)
         cap = output_cap(node) if m is not None else None
         if cap is not None and bool(torch.isfinite(ins[0].lower).all()) and bool(torch.isfinite(ins[0].upper).all()):
             # (a float32 input that may be inf makes the output NaN: no cap there)

@@ -17,9 +17,10 @@ from that in three places, each bounded here as an extra margin over the node's 
   Q5_1: ``w = d_w q_w + m``), and ``|s - fp16(d) sum q| <= e16(4064 D') + 4064 (U D + e16(D))``,
   ``D' = D (1 + U)``.  The products then run as integer block sums (exact), scaled and added
   in float32 in any order (SIMD lanes, FMA), and the dequantized weights we hold differ from
-  ``d q + m`` by a rounding: all of it within ``gamma_{n+8} S`` with
+  ``d q + m`` by a rounding: all of it within ``gamma_{n+n/32+4} S`` with
   ``S = sum (|w| + |m|) (|x| + |x~ - x|) + sum_b |m_b| |s_b| + |b|``.  So the extra margin is
-  ``sum_j |w_j| |x~_j - x_j| + sum_b |m_b| |s err_b| + gamma_{n+8} S``.  An fp16 overflow
+  ``sum_j |w_j| |x~_j - x_j| + sum_b |m_b| |s err_b| + gamma_{n+n/32+4} S``, its known signed part
+  (each element's shift where the box pins it) returned apart as an offset.  An fp16 overflow
   (``d`` or ``s`` past 65504) makes it infinite.
 * **Attention's products** read an F16 KV cache (the default; without flash attention): q and k
   in q k^T, the probabilities and v in attention @ V are rounded to F16, so each product moves
@@ -107,8 +108,8 @@ def _to_f16(d: torch.Tensor) -> torch.Tensor:
 def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -> tuple:
     """``(lo, hi, s)``: lo, hi (.., n) the range of ``x~ - x`` over the box ``x`` (an Interval) for
     Q8_0 / Q8_1, within ``[-dx, dx]`` (:func:`activation_error`'s bound); s (.., n / 32) for Q8_1
-    (else None) a bound of ``|s - fp16(d) sum q|`` within ``ds``: ``e16(d |sum q|) + U d |sum q|
-    + |d - fp16(d)| |sum q|`` with the integers' sum and the scales as the box allows them.  Where the box is narrow next to the
+    (else None) ``(centre, radius)`` (.., n / 32) of ``s - fp16(d) sum q`` over the box (the radius
+    within ``ds``), by interval arithmetic on the scales and integer sums the box allows.  Where the box is narrow next to the
     block's step d, few elements can cross a rounding boundary: x~ = fp16(d) q then stays within
     the hull of ``fp16(d) q`` over the scales and integers the box allows, and ``x~ - x`` within
     that hull less x's range.  The known signed shift of each element then cancels in ``W (x~ - x)``
@@ -130,12 +131,21 @@ def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -
     e_lo = torch.where(ok, torch.maximum(-dx, t_lo - hi), -dx)
     e_hi = torch.where(ok, torch.minimum(dx, t_hi - lo), dx)
     s = None
-    if ds is not None:
-        qs = torch.maximum(_sum32(q_lo).abs(), _sum32(q_hi).abs())          # |sum q| per block, at most
+    if ds is not None:                 # s - fp16(d) sum q over the box's scales and integer sums, by intervals
+        Q_lo, Q_hi = _sum32(q_lo), _sum32(q_hi)
         dl, dh = _blocks(d_lo, 32), _blocks(d_hi, 32)
+        p = torch.stack([dl * Q_lo, dl * Q_hi, dh * Q_lo, dh * Q_hi])
+        pad = 2.0 ** -50 * p.abs().amax(0)                           # float64 products, outward
+        s16_lo, s16_hi = _to_f16(p.amin(0) - pad), _to_f16(p.amax(0) + pad)   # fp16(fl32(d sum q)): monotone
+        t = torch.stack([_blocks(s_lo, 32) * Q_lo, _blocks(s_lo, 32) * Q_hi, _blocks(s_hi, 32) * Q_lo,
+                         _blocks(s_hi, 32) * Q_hi])
+        g_lo, g_hi = s16_lo - t.amax(0), s16_hi - t.amin(0)
+        qs = torch.maximum(Q_lo.abs(), Q_hi.abs())                   # or by sizes: |sum q| at most qs
         gap = torch.maximum((_blocks(s_hi, 32) - dl).abs(), (dh - _blocks(s_lo, 32)).abs())
-        s = _e16(dh * qs * (1 + U)) + U * dh * qs + gap * qs
-        s = torch.where(_blocks(ok.to(dh.dtype), 32) > 0, torch.minimum(s, ds), ds)
+        by_size = _e16(dh * qs * (1 + U)) + U * dh * qs + gap * qs
+        narrow = (_blocks(ok.to(dl.dtype), 32) > 0) & ((g_hi - g_lo) / 2 <= by_size)
+        s = (torch.where(narrow, (g_lo + g_hi) / 2, torch.zeros_like(ds)),
+             torch.minimum(torch.where(narrow, (g_hi - g_lo) / 2, by_size), ds))
     return e_lo, torch.maximum(e_hi, e_lo), s
 
 
@@ -143,35 +153,43 @@ def _sum32(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], t.shape[-1] // 32, 32).sum(-1)
 
 
-def _linear(node, ins) -> Optional[torch.Tensor]:
+def _linear(node, ins):
     wtype = node.params.get("ggml_type")
     act = activation_type(wtype, node.name) if wtype is not None else None
     if act is None:
-        return None                               # float32 weights: float32 activations, the float32 margin
+        return None, None                         # float32 weights: float32 activations, the float32 margin
     a = ins[0].abs_max()                                           # (.., n)
     w = node.params["weight"]
     dx, ds = activation_error(a, act)
     m = node.params.get("ggml_minima")                             # (out, n / 32) or None
+    shift = None
     if act in ("Q8_0", "Q8_1"):                                    # the conversion: its signed shift, and a spread
-        e_lo, e_hi, s_err = q8_error(ins[0], act, dx, ds)
-        ds = s_err
+        e_lo, e_hi, s_err = q8_error(ins[0], act, dx, ds if m is not None else None)
         shift = ((e_lo + e_hi) / 2) @ w.T
-        out = shift.abs() * (1 + 2.0 ** -40) + _mm((e_hi - e_lo) / 2, w.abs().T)
+        if m is not None:                                          # Q8_1's s, times each block's minimum
+            shift = shift + s_err[0] @ m.T
+            ds = s_err[1]
+        out = shift.abs() * 2.0 ** -40 + _mm((e_hi - e_lo) / 2, w.abs().T)   # (the shift's float64 rounding)
     else:
         out = _mm(dx, w.abs().T)
     xs = a + dx
     size = w.abs()
     if m is not None:
+        m = m.abs()
         size = size + _spread(m, 32)
+        out = out + _mm(ds, m.T)
     s = _mm(xs, size.T)
     if m is not None:
-        out = out + _mm(ds, m.T)                                   # Q8_1's s, times each block's minimum
-        s = s + _mm(_blocks(xs, 32) * 32 + ds, m.T)
+        s = s + _mm(_sum32(xs) + ds, m.T)                          # |s| <= sum |x~| (+ its own rounding)
     b = node.params.get("bias")
     if b is not None:
         s = s + b.abs()
     n = w.shape[1]
-    return out + gamma(n + 8) * s + n * 2.0 ** -126                # (a BF16 dot instruction flushes subnormals)
+    # at most n integer pieces and n / 32 pieces m s, each rounded at most 3 times, summed in any order
+    spread = out + gamma(n + n // 32 + 4) * s + n * 2.0 ** -126    # (a BF16 dot instruction flushes subnormals)
+    if shift is not None and not bool(torch.isfinite(shift).all()):
+        return None, spread + shift.abs()
+    return shift, spread
 
 
 def _matmul(node, ins) -> torch.Tensor:
@@ -202,10 +220,15 @@ def _rope(node, ins) -> torch.Tensor:
 RULES = {"linear": _linear, "matmul": _matmul, "rope": _rope}
 
 
-def extra(node, ins) -> Optional[torch.Tensor]:
-    """The margin ggml's computation of ``node`` adds to its float32 margin (its shape), or None."""
+def extra(node, ins) -> tuple:
+    """``(offset, margin)``: where ggml's value of ``node`` lies beyond float32's, each of the node's
+    shape or None: within ``offset +- margin`` of the float32 margin's reach (``offset``: a known
+    signed shift, the Q8 conversions' at their boxes; the engine centres the node's box there)."""
     rule = RULES.get(node.op)
-    return None if rule is None else rule(node, ins)
+    if rule is None:
+        return None, None
+    out = rule(node, ins)
+    return out if isinstance(out, tuple) else (None, out)
 
 
 def check(graph) -> None:

@@ -29,7 +29,7 @@ class Collected:
         self.tensors: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, str] = {}
         self.source_names: dict[str, str] = {}
-        self.block_minima: dict[str, torch.Tensor] = {}   # GGUF Q4_1 / Q5_1: each block's |m| (gamma.io.ggml)
+        self.block_minima: dict[str, torch.Tensor] = {}   # GGUF Q4_1 / Q5_1: each block's m (gamma.io.ggml)
         self.notes: list[str] = []
 
     def add(self, name: str, t: torch.Tensor, dtype: str, source: str) -> None:

@@ -89,7 +89,7 @@ class LoadedCheckpoint:
         return getattr(self.tensors, "lazy", False)
 
     def minima(self, name: str) -> Optional[torch.Tensor]:
-        """(rows, cols / 32): each block's |m| of a GGUF Q4_1 / Q5_1 weight (:mod:`gamma.io.ggml`),
+        """(rows, cols / 32): each block's m of a GGUF Q4_1 / Q5_1 weight (:mod:`gamma.io.ggml`),
         else None."""
         if self.lazy:
             return self.tensors.minima(name)

@@ -39,7 +39,7 @@ def activation_type(dtype: str, tensor: str) -> Optional[str]:
 
 
 def block_minima(raw: np.ndarray, dtype: str, shape: tuple) -> Optional[np.ndarray]:
-    """(rows, cols / 32) float32: each weight block's |m| from the raw bytes ``raw`` (one row of
+    """(rows, cols / 32) float32: each weight block's m (signed) from the raw bytes ``raw`` (one row of
     blocks per weight row) of a ``dtype`` tensor of numpy ``shape`` (rows, cols); None for a type
     without block minima."""
     if dtype not in MINIMUM_AT:
@@ -48,7 +48,7 @@ def block_minima(raw: np.ndarray, dtype: str, shape: tuple) -> Optional[np.ndarr
     rows, cols = int(np.prod(shape[:-1])), int(shape[-1])
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // 32, size)
     m = np.ascontiguousarray(blocks[:, :, at:at + 2]).view(np.float16)[..., 0]
-    return np.abs(m.astype(np.float32))
+    return m.astype(np.float32)
 
 
 def check_checkpoint(ckpt, output: str = "hidden") -> None:

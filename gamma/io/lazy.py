@@ -90,7 +90,7 @@ class FileTensor:
         return self._rows(range(self.shape[0]), shown, contiguous=True)
 
     def minima(self, shown: str) -> Optional[np.ndarray]:
-        """Each block's |m| of a GGUF Q4_1 / Q5_1 weight (:func:`gamma.io.ggml.block_minima`), else None."""
+        """Each block's m of a GGUF Q4_1 / Q5_1 weight (:func:`gamma.io.ggml.block_minima`), else None."""
         if self.kind != "gguf" or self.dtype not in MINIMUM_AT:
             return None
         m = block_minima(read_bytes(self.path, self.offset, self.nbytes, shown), self.dtype, self.shape)

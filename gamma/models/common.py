@@ -34,7 +34,7 @@ class Weights:
 
     def ggml(self, name: str) -> dict:
         """A linear node's params saying how llama.cpp feeds it activations (:mod:`gamma.io.ggml`)
-        where its weight ``name`` comes from a GGUF file: the weight's type, and each block's |m|
+        where its weight ``name`` comes from a GGUF file: the weight's type, and each block's m
         for Q4_1 / Q5_1; empty for other formats."""
         if self.ckpt.format != "gguf" or self.ckpt.dtypes[name] == "F32":
             return {}                   # float32 weights: float32 activations, as any float32 engine

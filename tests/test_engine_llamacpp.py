@@ -234,3 +234,12 @@ def test_cli_engine_llamacpp_bad_input(capsys, llama_hf_dir, llama_gguf_q6_k, ll
         "Q4_1, Q5_1)\n")
     code, out, err = _run(capsys, llama_gguf_q4_1[0], "--engine", "llama")
     assert code == 2 and "invalid choice: 'llama'" in err
+
+
+def test_resume_key_names_the_engine():
+    from gamma.parallel.resume import run_key
+    base = {"model": {"path": "m"}, "component": "decoder", "output": "hidden", "seq_len": 2, "method": "crown",
+            "intermediate": "crown", "epsilon": 1e-3, "arithmetic": "float32"}
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    assert "engine" not in run_key({**base, "engine": "float32"}, 20, x)
+    assert run_key({**base, "engine": "llama.cpp"}, 20, x)["engine"] == "llama.cpp"

@@ -40,6 +40,8 @@ def run_key(report: dict, alpha_iters: int, x: torch.Tensor) -> dict:
         key["after_saturation"] = report["after_saturation"]
     if report.get("layernorm_variance", "any") != "any":
         key["layernorm_variance"] = report["layernorm_variance"]
+    if report.get("engine", "float32") != "float32":
+        key["engine"] = report["engine"]
     if report["method"] == "alpha":
         key["alpha_iters"] = int(alpha_iters)
     key["input_sha256"] = tensor_sha256(x)

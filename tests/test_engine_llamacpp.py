@@ -190,8 +190,8 @@ def test_llamacpp_bounds_contain_the_emulated_engine(request, fixture, permuted,
             r = compute_bounds(g, x, eps, "crown", arithmetic=arith, engine="llama.cpp", allow_zero=True)
             assert sum(_inside(r, y) for y in ys) == 0, (arith, eps)
             assert bool((r.lower <= plain.lower).all() if arith == "float32" else True)
-        for method in ("ibp", "zonotope") if scope is not None else ():
-            r = compute_bounds(g, x, eps, method, engine="llama.cpp", allow_zero=True)
+        for method in ("ibp", "zonotope", "alpha") if scope is not None else ():
+            r = compute_bounds(g, x, eps, method, engine="llama.cpp", allow_zero=True, alpha_iters=3)
             assert sum(_inside(r, y) for y in ys) == 0, (method, eps)
     if "f16" not in fixture:
         assert left > 0           # the engine leaves the float32 bounds: the option is needed

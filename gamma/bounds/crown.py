@@ -355,7 +355,7 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
         off = ctx.offsets.get(node.name)
         if m is not None or off is not None:
             bias = _charge(bias, _acc(bias, sym, None if off is None else cot.dot(off), m), trace, node.name, "margin")
-            if not bool(torch.isfinite(m).all()) and bool(torch.isneginf(bias).all()):
+            if m is not None and not bool(torch.isfinite(m).all()) and bool(torch.isneginf(bias).all()):
                 return _pooled_charge(ctx, bias, pool, trace)   # an unbounded margin reached every row
         ins, odd, even = crown_rules.apply(node, cot, ctx)
         bias = _charge(bias, _acc(bias, sym, odd, even), trace, node.name, "rule")

@@ -243,3 +243,29 @@ def test_resume_key_names_the_engine():
     x = torch.zeros(2, 2, dtype=torch.float64)
     assert "engine" not in run_key({**base, "engine": "float32"}, 20, x)
     assert run_key({**base, "engine": "llama.cpp"}, 20, x)["engine"] == "llama.cpp"
+
+
+def test_compare_under_llamacpp(capsys, llama_gguf_q8_0, llama_gguf_q4_1, llama_hf_dir):
+    """Two GGUF quantizations of one model as llama.cpp runs both: the certified difference contains
+    the emulated engines' difference at the centre and at sampled points; a non-GGUF side is refused."""
+    from gamma import compare as C
+    ref, tgt = llama_gguf_q8_0[0], llama_gguf_q4_1[0]
+    res = C.compare(ref, tgt, 1e-4, 1.0, engine="llama.cpp", seq_len=2, samples=16, attack_steps=2, restarts=1)
+    r = res.report
+    assert r["engine"] == "llama.cpp"
+    from gamma.verify import load
+    mr, mt = load(ref), load(tgt)
+    gr, gt = mr.graph("decoder", 2), mt.graph("decoder", 2)
+    x = mr.input_point("decoder", seq_len=2).x
+    b = C.bound_difference(C.difference_graph(gr, gt), gr, gt, x, 1e-4, "crown", naive=False, engine="llama.cpp")
+    er = Engine(gr, ref, mr.ckpt.config.rope_theta)
+    et = Engine(gt, tgt, mt.ckpt.config.rope_theta)
+    gen = torch.Generator().manual_seed(5)
+    for u in [x] + [x + 1e-4 * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) for _ in range(8)]:
+        d = er(u) - et(u)
+        assert bool(((d >= b.lower) & (d <= b.upper)).all())
+    code = cli.main(["compare", ref, llama_hf_dir[0], "--epsilon", "1e-4", "--tolerance", "1", "--seq-len", "2",
+                     "--engine", "llama.cpp", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"gamma: error: --engine llama.cpp needs a GGUF checkpoint (llama.cpp runs GGUF "
+                                 f"files only); {llama_hf_dir[0]} is safetensors\n")

@@ -19,7 +19,7 @@ from gamma.verify import schema
 
 NOTE = ("llama.cpp's CPU matmuls with {} weights quantize or round their activations (to Q8_0/Q8_1/Q8_K "
         "or F16), which the float32 margins do not cover: the bounds hold for the dequantized weights in "
-        "float32 engines (transformers); gamma verify --engine llama.cpp covers llama.cpp")
+        "float32 engines (transformers); --engine llama.cpp covers llama.cpp")
 
 
 def test_activation_note_names_the_rounded_types_only():

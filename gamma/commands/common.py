@@ -198,7 +198,7 @@ def activation_note(model: dict, r: dict) -> Optional[str]:
         return None
     return (f"llama.cpp's CPU matmuls with {'/'.join(types)} weights quantize or round their activations "
             "(to Q8_0/Q8_1/Q8_K or F16), which the float32 margins do not cover: the bounds hold for the "
-            "dequantized weights in float32 engines (transformers); gamma verify --engine llama.cpp covers llama.cpp")
+            "dequantized weights in float32 engines (transformers); --engine llama.cpp covers llama.cpp")
 
 
 def engine_note(model: dict, r: dict) -> Optional[str]:

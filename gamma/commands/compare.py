@@ -14,7 +14,7 @@ from typing import Optional
 from .. import compare as lib
 from ..bounds import METHODS
 from ..bounds.engine import INTERMEDIATE
-from ..options import ARITHMETIC, LAYERNORM_VARIANCE
+from ..options import ARITHMETIC, ENGINES, LAYERNORM_VARIANCE
 from .common import Progress, add_input_options, input_kwargs, num, print_json, seconds, table, warn_engine
 
 
@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
                    help="as in gamma verify: formula for engines that compute LayerNorm's variance by "
                         "E[x^2] - E[x]^2 or mean((x - mean)^2) (CTranslate2, llama.cpp), two-pass for "
                         "mean((x - mean)^2) only (llama.cpp, whisper.cpp)")
+    s.add_argument("--engine", choices=ENGINES, default="float32",
+                   help="as in gamma verify: float32 (default) or llama.cpp (both models GGUF files as ggml's CPU "
+                        "backend runs them)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -94,7 +97,7 @@ def run_compare(args) -> int:
                           samples=args.samples, attack_steps=args.attack_steps, restarts=args.restarts,
                           seed=args.seed, intermediate=args.intermediate, device=args.device,
                           alpha_iters=args.alpha_iters, progress=progress, arithmetic=args.arithmetic,
-                          layernorm_variance=args.layernorm_variance, **input_kwargs(args))
+                          layernorm_variance=args.layernorm_variance, engine=args.engine, **input_kwargs(args))
     finally:
         done()
     for who in ("reference", "target"):
@@ -139,7 +142,8 @@ def compare_lines(r: dict, top: int = 5) -> list[str]:
                           f"tolerance {num(r['tolerance'])}" + ("" if r["merged"] else ", no merging")
                           + (f", arithmetic {r['arithmetic']}" if r.get("arithmetic", "float32") != "float32" else "")
                           + (f", layernorm variance {r['layernorm_variance']}"
-                             if r.get("layernorm_variance", "any") != "any" else "")]
+                             if r.get("layernorm_variance", "any") != "any" else "")
+                          + (f", engine {r['engine']}" if r.get("engine", "float32") != "float32" else "")]
     if r["mode"] == "full":
         g = r["difference_graph"]
         lines.append(f"network    {g['nodes']} nodes, {g['shared_nodes']} shared of {g['reference_nodes']} + "

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import GammaError
+from ..io import ggml
 from ..models import Model
 from ..ops import evaluate
 from ..progress import CountEstimate
@@ -89,7 +90,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def _setup(reference, target, component, seq_len, tokens, input_path, center, output, progress: Progress = None):
+def _setup(reference, target, component, seq_len, tokens, input_path, center, output, progress: Progress = None,
+           engine: str = "float32"):
     if progress and not isinstance(reference, Model):
         progress("loading the reference")
     ref, t_ref = _model(reference)
@@ -100,6 +102,9 @@ def _setup(reference, target, component, seq_len, tokens, input_path, center, ou
             progress("loading the target")
         tgt, t_tgt = _model(target)
     check_compatible(ref, tgt, output)
+    if engine == "llama.cpp":
+        for m in (ref, tgt):
+            ggml.check_checkpoint(m.ckpt, output)
     t0 = time.perf_counter()
     comp = ref.component(component)
     point = ref.input_point(comp, seq_len, input_path=input_path, tokens=parse_tokens(tokens), center=center)
@@ -119,7 +124,7 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
             merge: bool = True, naive: bool = False, samples: int = 256, attack_steps: int = 20,
             restarts: int = 2, seed: int = 0, intermediate: str = "crown", device: str = "cpu",
             alpha_iters: int = 20, progress: Progress = None, arithmetic: str = "float32",
-            layernorm_variance: str = "any") -> CompareResult:
+            layernorm_variance: str = "any", engine: str = "float32") -> CompareResult:
     """Certified max |reference - target| over the box of radius ``epsilon`` at
     the reference's input point (block-wise: every selected block over the
     reference's nominal block input +- epsilon).
@@ -129,11 +134,12 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     by default: it costs two more whole-model bounds, each as long as
     ``gamma verify --full`` on one model (over 14 minutes for SmolLM2-135M
     compared with itself, where the joint bound is free).  ``arithmetic`` and
-    ``layernorm_variance``: what the bounds hold for, as in :func:`gamma.verify` (the float32
-    margins apply to both models' nodes)."""
+    ``layernorm_variance`` and ``engine``: what the bounds hold for, as in :func:`gamma.verify` (the
+    float32 margins apply to both models' nodes; ``engine="llama.cpp"``: both run by llama.cpp, so
+    both must be GGUF files)."""
     t_start = time.perf_counter()
     checked = BoundOptions(epsilon, method, intermediate, arithmetic, device=device, alpha_iters=alpha_iters,
-                           layernorm_variance=layernorm_variance)
+                           layernorm_variance=layernorm_variance, engine=engine)
     eps = checked.epsilon
     tol = check_tolerance(tolerance)
     for name, v, low in (("--samples", samples, 0), ("--attack-steps", attack_steps, 0), ("--restarts", restarts, 0)):
@@ -142,14 +148,15 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     if blocks is not None and not block_wise:
         raise GammaError("--blocks applies to --block-wise runs")
     head, x, (g_ref, g_tgt), timings = _setup(reference, target, component, seq_len, tokens, input_path,
-                                              center, output, progress)
+                                              center, output, progress, checked.engine)
     opts = dict(method=method, merge=merge, naive=naive, progress=progress, intermediate=intermediate,
                 device=device, alpha_iters=alpha_iters, arithmetic=checked.arithmetic,
-                layernorm_variance=checked.layernorm_variance,
+                layernorm_variance=checked.layernorm_variance, engine=checked.engine,
                 attack=dict(samples=int(samples), steps=int(attack_steps), restarts=int(restarts), seed=seed))
     report: dict[str, Any] = {"command": "compare", "mode": "block_wise" if block_wise else "full", **head,
                               "method": method, "epsilon": eps, "tolerance": tol, "merged": merge,
-                              "arithmetic": checked.arithmetic, "layernorm_variance": checked.layernorm_variance}
+                              "arithmetic": checked.arithmetic, "layernorm_variance": checked.layernorm_variance,
+                              "engine": checked.engine}
     result = CompareResult(report)
     if not block_wise:
         body, worst = compare_graphs(g_ref, g_tgt, x, eps, tol, **opts)

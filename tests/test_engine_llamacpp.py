@@ -269,3 +269,22 @@ def test_compare_under_llamacpp(capsys, llama_gguf_q8_0, llama_gguf_q4_1, llama_
     err = capsys.readouterr().err
     assert code == 2 and err == (f"gamma: error: --engine llama.cpp needs a GGUF checkpoint (llama.cpp runs GGUF "
                                  f"files only); {llama_hf_dir[0]} is safetensors\n")
+
+
+def test_float64_attack_is_no_violation_of_llamacpp_bounds(capsys, llama_gguf_q8_0):
+    """The attack evaluates gamma's float64 forward: under --engine llama.cpp its points outside the
+    bounds are reported apart (float64_outside), never as violations, and the text says why."""
+    from gamma.verify.api import _float64_attack
+    rep = {"attack": {"violations": 3}, "blocks": [{"attack_violations": 2}, {"status": "FAILED"}]}
+    _float64_attack(rep)
+    assert rep == {"attack": {"violations": 0, "float64_outside": 3},
+                   "blocks": [{"attack_violations": 0, "float64_outside": 2}, {"status": "FAILED"}]}
+    code, out, err = _run(capsys, llama_gguf_q8_0[0], "--engine", "llama.cpp", "--attack", "--json")
+    assert code == 0
+    r = json.loads(out)
+    jsonschema.validate(r, schema())
+    assert r["attack"]["violations"] == 0 and r["attack"]["float64_outside"] >= 0
+    from gamma.commands.verify import _violations
+    assert _violations(0, 4) == ["note     4 attacked outputs of gamma's float64 forward lie outside the bounds, "
+                                 "which hold for the engine named above instead: the attack does not evaluate "
+                                 "that engine"]

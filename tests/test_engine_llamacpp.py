@@ -279,9 +279,10 @@ def test_float64_attack_is_no_violation_of_llamacpp_bounds(capsys, llama_gguf_q8
     _float64_attack(rep)
     assert rep == {"attack": {"violations": 0, "float64_outside": 3},
                    "blocks": [{"attack_violations": 0, "float64_outside": 2}, {"status": "FAILED"}]}
-    code, out, err = _run(capsys, llama_gguf_q8_0[0], "--engine", "llama.cpp", "--attack", "--json")
+    code = cli.main(["verify", llama_gguf_q8_0[0], "--seq-len", "2", "--epsilon", "1e-4", "--quiet", "--engine",
+                     "llama.cpp", "--attack", "--json"])
     assert code == 0
-    r = json.loads(out)
+    r = json.loads(capsys.readouterr().out)
     jsonschema.validate(r, schema())
     assert r["attack"]["violations"] == 0 and r["attack"]["float64_outside"] >= 0
     from gamma.commands.verify import _violations

@@ -289,3 +289,17 @@ def test_float64_attack_is_no_violation_of_llamacpp_bounds(capsys, llama_gguf_q8
     assert _violations(0, 4) == ["note     4 attacked outputs of gamma's float64 forward lie outside the bounds, "
                                  "which hold for the engine named above instead: the attack does not evaluate "
                                  "that engine"]
+
+
+def test_inspect_says_whether_the_engine_models_the_file(capsys, llama_gguf_q4_1, llama_gguf_q6_k, llama_hf_dir):
+    def info(path):
+        assert cli.main(["inspect", path, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+    assert info(llama_gguf_q4_1[0])["llama_cpp_engine"] == "modelled"
+    got = info(llama_gguf_q6_k[0])["llama_cpp_engine"]
+    assert got.startswith("not modelled: tensor 'blk.") and " is Q6_K, whose activation path in ggml" in got
+    assert info(llama_hf_dir[0])["llama_cpp_engine"] is None
+    assert cli.main(["inspect", llama_gguf_q4_1[0]]) == 0
+    assert "llama.cpp     --engine llama.cpp: modelled\n" in capsys.readouterr().out
+    assert cli.main(["inspect", llama_hf_dir[0]]) == 0
+    assert "llama.cpp" not in capsys.readouterr().out

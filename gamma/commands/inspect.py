@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+from ..errors import GammaError
+from ..io import ggml
 from ..models import COMPONENTS, Model
 from ..verify import load
 from .common import emit
@@ -44,7 +48,24 @@ def describe(model: Model) -> dict:
         "parameters": ck.n_params, "tensors": len(ck.tensors),
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: (-kv[1], kv[0]))),
         "notes": list(ck.notes),
+        "llama_cpp_engine": _llama_cpp(ck),
     }
+
+
+def _llama_cpp(ck) -> Optional[str]:
+    """GGUF only: whether ``--engine llama.cpp`` models this file's matmuls (the hidden state's; the
+    LM head too where it is modelled), else the reason in one line; None for other formats."""
+    if ck.format != "gguf":
+        return None
+    try:
+        ggml.check_checkpoint(ck, "hidden")
+    except GammaError as e:
+        return str(e).replace("--engine llama.cpp: ", "not modelled: ")
+    try:
+        ggml.check_checkpoint(ck, "logits")
+    except GammaError:
+        return "modelled (the hidden state; not the LM head's type)"
+    return "modelled"
 
 
 def _per_component(d: dict) -> str:
@@ -67,6 +88,8 @@ def inspect_lines(info: dict) -> list[str]:
         ("parameters", f"{info['parameters']:,} ({info['tensors']} tensors)"),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items()) or "-"),
     ]
+    if info.get("llama_cpp_engine"):
+        rows.append(("llama.cpp", f"--engine llama.cpp: {info['llama_cpp_engine']}"))
     lines = [f"{k:<13} {v}" for k, v in rows]
     for note in info["notes"]:
         lines.append(f"{'note':<13} {note}")

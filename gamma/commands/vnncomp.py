@@ -52,6 +52,8 @@ def run_verify(args) -> int:
     for attr, flag in _NOT_WITH_VNNLIB:
         if getattr(args, attr, None):
             raise GammaError(f"{flag} does not apply with --vnnlib")
+    if getattr(args, "engine", "float32") != "float32":          # an ONNX graph has no GGUF weights
+        raise GammaError(f"--engine {args.engine} does not apply with --vnnlib")
     if args.model is None:
         raise GammaError("--vnnlib needs MODEL (an ONNX file)")
     timeout = _timeout("100" if args.timeout is None else args.timeout)

@@ -48,8 +48,8 @@ def test_activation_error_by_hand():
 @pytest.mark.parametrize("act", ["Q8_0", "Q8_1"])
 def test_q8_error_contains_ggml_quantizer(act):
     """Boxes of several widths and scales (fp16-subnormal steps included): at the box's corners and
-    random points, every ``x~ - x`` lies in q8_error's range and within activation_error's bound;
-    Q8_1's s too."""
+    random points, every ``x~ - x`` lies in q8_error's range and within activation_error's bound,
+    every ``x~`` in its held range; Q8_1's s too."""
     gen = torch.Generator().manual_seed(1)
     for scale in (1e-7, 1e-3, 1.0, 300.0):
         c = torch.randn(16, 128, generator=gen, dtype=torch.float64) * scale
@@ -60,8 +60,8 @@ def test_q8_error_contains_ggml_quantizer(act):
             lo32, hi32 = torch.nextafter((c - r).float(), -inf), torch.nextafter((c + r).float(), inf)
             box = Interval(lo32.double(), hi32.double())                  # float32 ends
             dx, ds = fpggml.activation_error(box.abs_max(), act)
-            lo, hi, se = fpggml.q8_error(box, act, dx, ds)
-            assert bool((lo <= hi).all())
+            lo, hi, se, held = fpggml.q8_error(box, act, dx, ds)
+            assert bool((lo <= hi).all()) and bool((held[0] <= held[1]).all())
             for k in range(26):
                 if k < 2:                             # the box's two extreme corners, then random points
                     x = lo32 if k == 0 else hi32
@@ -73,6 +73,7 @@ def test_q8_error_contains_ggml_quantizer(act):
                 err = xq - x.double()
                 assert bool((err >= lo).all()) and bool((err <= hi).all()), (scale, r)
                 assert bool((err.abs() <= dx).all())
+                assert bool((xq >= held[0]).all()) and bool((xq <= held[1]).all()), (scale, r)
                 if act == "Q8_1":
                     gap = torch.from_numpy(s16.astype(np.float64) - d16.astype(np.float64) * q.sum(-1))
                     assert bool(((gap - se[0]).abs() <= se[1]).all()) and bool((se[1] <= ds).all())
@@ -106,6 +107,45 @@ def test_known_shift_centres_the_bound():
     shift = (y - x @ w.T).abs()
     assert float(shift.max()) > 1e-3
     assert bool(((r.upper - r.lower) < 0.1 * shift.max()).all())
+
+
+def test_pinned_conversions_stop_the_box(monkeypatch):
+    """Two Q8_0 layers on a box narrow next to the blocks' steps: most conversions are pinned, so
+    the walk takes those activations as constants (slope 0, ``Extra.walk``) and the input's range
+    never reaches the layer.  The bound is then far narrower than with slope 1 throughout, and the
+    emulated engine stays inside it at the corners and random points."""
+    from gamma.graph import Graph
+    from ggml_emu import ggml_linear
+    gen = torch.Generator().manual_seed(5)
+    ds = [torch.rand(16, 2, generator=gen, dtype=torch.float64).half().double() * 0.01 + 0.002 for _ in range(2)]
+    ws = [(torch.randint(-127, 128, (64, 64), generator=gen).double() * torch.cat([d, d, d, d]).repeat_interleave(32, 1))
+          for d in ds]
+    x = (torch.randn(3, 64, generator=gen, dtype=torch.float64) * 2).float().double()
+    g = Graph("two", "x", (3, 64))
+    g.add("lin1", "linear", "x", weight=ws[0], ggml_type="Q8_0")
+    g.add("lin2", "linear", "lin1", weight=ws[1], ggml_type="Q8_0")
+    g.infer_shapes()
+    eps = 1e-4
+    r = compute_bounds(g, x, eps, "crown", engine="llama.cpp")
+    for name, box in (("lin1", Interval(x - eps, x + eps)), ("lin2", r.nodes["lin1"])):
+        ex = fpggml.extra(g[name], [box])
+        assert ex.walk is not None and float((~ex.walk[0]).double().mean()) > 0.9, name   # most inputs pinned
+    extra = fpggml.extra
+    monkeypatch.setattr(fpggml, "extra", lambda node, ins: extra(node, ins)._replace(walk=None))
+    sloped = compute_bounds(g, x, eps, "crown", engine="llama.cpp")
+    monkeypatch.undo()
+    w, ws1 = r.upper - r.lower, sloped.upper - sloped.lower
+    assert bool((w <= ws1 + 1e-12).all()) and float(w.median()) < 0.2 * float(ws1.median())   # 0.074 against 1.18
+
+    def engine(u):
+        h = u.float().numpy()
+        for w, d in zip(ws, ds):
+            h = ggml_linear(h, w.numpy(), None, "Q8_0", (torch.cat([d, d, d, d]).float().numpy(), None))
+        return torch.from_numpy(h).double()
+    pts = [x - eps, x + eps] + [x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) for _ in range(64)]
+    for u in pts:
+        y = engine(torch.minimum(torch.maximum(u, x - eps), x + eps))
+        assert bool(((y >= r.lower) & (y <= r.upper)).all())
 
 
 # ---------------------------------------------------------------- the weights' block minima

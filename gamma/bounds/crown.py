@@ -58,6 +58,9 @@ class Context:
         # (``margins`` keeps |offset| + that margin for every other reader)
         self.offsets: dict = {}
         self.about: dict = {}
+        # and a linear node whose walk takes the input elements where keep (.., n) is False as constants
+        # (their range is in the offset and margin): name -> keep (bool, the input's shape)
+        self.keep: dict = {}
         self.means: dict = {}           # LayerNorm name -> bounds of its input's row mean (refine.norm_mean_square)
         self.alpha = alpha or {}        # name -> (alpha_lower, alpha_upper) tensors
         self.stops: dict = {}           # name -> frozenset: where backward passes for it stop (--intermediate cut)
@@ -118,7 +121,7 @@ class Context:
         in float32, that product's error term (:class:`fp.CotangentProduct`)."""
         if m is False:
             m = self.about[node.name] if node.name in self.about else self.margins.get(node.name)
-        if node.op != "linear":
+        if node.op != "linear" or node.name in self.keep:      # (keep: the transpose runs in float64)
             return m
         p = self.linear_product(node)
         if p is None:
@@ -366,11 +369,13 @@ def backward(ctx: Context, lams: dict, bias: Tensor, box: Interval, stop: frozen
     return _pooled_charge(ctx, bias, pool, trace)
 
 
-def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, dtype, device) -> Tensor:
+def _linear_spec_bias(node, idx: Tensor, unit: Tensor, m, off, dtype, device) -> Tensor:
     """Constants (2k,) of the specs ``[e_idx; -e_idx]`` placed through a linear
-    target: its bias and, outward, its float32 margin."""
+    target: its bias (and the engine's offset ``off``) and, outward, its margin."""
     b = node.params.get("bias")
     const = b[unit] if b is not None else torch.zeros(len(idx), dtype=dtype, device=device)
+    if off is not None:
+        const = const + off.reshape(-1)[idx]
     bias = torch.cat([const, -const])
     if m is not None:
         mm = m.reshape(-1)[idx]
@@ -397,15 +402,22 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
     k = len(idx)
     n = numel(shape)
     m = ctx.margins.get(target)
+    off, keep = None, ctx.keep.get(target)
+    if node.op == "linear" and target in ctx.offsets:           # --engine llama.cpp: the walk's form
+        m, off = ctx.about[target], ctx.offsets[target]
     if ctx.tunings.compact_rows and node.op == "linear" and len(shape) >= 2:
         W = node.params["weight"]                               # (out, in)
         in_shape = graph[node.inputs[0]].shape
         T, out = shape[-2], shape[-1]
         unit, tok, lead = idx % out, (idx // out) % T, idx // (out * T)
         t = torch.zeros(k, max(1, numel(in_shape[:-2])), in_shape[-1], dtype=dtype, device=device)
-        t[torch.arange(k, device=device), lead] = W[unit]
+        rw = W[unit]
+        if keep is not None:
+            rw = rw * keep.reshape(-1, T, in_shape[-1])[lead, tok]
+        t[torch.arange(k, device=device), lead] = rw
         t = t.reshape(k, *in_shape[:-2], 1, in_shape[-1])
-        return {node.inputs[0]: rows.Sym(Rows.of(t, tok, T))}, _linear_spec_bias(node, idx, unit, m, dtype, device)
+        return ({node.inputs[0]: rows.Sym(Rows.of(t, tok, T))},
+                _linear_spec_bias(node, idx, unit, m, off, dtype, device))
     if ctx.tunings.compact_rows and len(shape) >= 2:
         return {target: rows.first_rows(graph, target, idx, dtype, device)}, torch.zeros(2 * k, dtype=dtype,
                                                                                           device=device)
@@ -416,9 +428,12 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
         in_shape = graph[node.inputs[0]].shape
         lead = numel(in_shape[:-1])
         lam = torch.zeros(k, lead, in_shape[-1], dtype=dtype, device=device)
-        lam[torch.arange(k), tok] = W[unit]
-        return {node.inputs[0]: rows.Sym(lam.reshape(k, *in_shape))}, _linear_spec_bias(node, idx, unit, m, dtype,
-                                                                                         device)
+        rw = W[unit]
+        if keep is not None:
+            rw = rw * keep.reshape(-1, in_shape[-1])[tok]
+        lam[torch.arange(k), tok] = rw
+        return ({node.inputs[0]: rows.Sym(lam.reshape(k, *in_shape))},
+                _linear_spec_bias(node, idx, unit, m, off, dtype, device))
     eye = torch.zeros(k, n, dtype=dtype, device=device)
     eye[torch.arange(k), idx] = 1.0
     return {target: rows.Sym(eye.reshape(k, *shape))}, eye.new_zeros(2 * k)

@@ -66,7 +66,13 @@ def _affine(node, lam, ctx):
 
 def _linear(node, lam, ctx):
     """``lam W`` as a float32 product where it applies (:class:`.fp.CotangentProduct`;
-    its error term is in :meth:`.crown.Context.margin`), else in float64."""
+    its error term is in :meth:`.crown.Context.margin`), else in float64.  Under
+    ``--engine llama.cpp`` the input elements the walk takes as constants (``ctx.keep``)
+    get no cotangent: ``lam (W (keep x) + b)`` in float64, the rest in the node's offset."""
+    keep = ctx.keep.get(node.name)
+    if keep is not None:
+        (lin,), odd, even = _affine(node, lam, ctx)
+        return [lin.like(lin.t * lin.take(keep))], odd, even
     p = ctx.linear_product(node)
     if p is not None:
         lin = lam.like(p.product(lam.t, sparse=lam.sparse))

@@ -148,6 +148,28 @@ def cut_points(graph, need: set[str]) -> dict[str, frozenset]:
     return out
 
 
+def _ggml_charge(ctx, node, ins, m, ex) -> tuple:
+    """``(margin, offset, box or None)`` of ``node`` under ``--engine llama.cpp`` from its float32
+    margin ``m`` and :func:`.fpggml.extra`'s ``ex``; records what the CROWN walk charges there
+    (``ctx.offsets`` / ``ctx.about``, and ``ctx.keep`` where the walk takes some of a linear layer's
+    inputs as constants, whose own box is then returned)."""
+    pooled = node.name in ctx.pooled
+    base = 0.0 if ex.own and not pooled else m      # (a pooled float32 margin stays, the extra added)
+    keep, w_off, w_add = ex.walk if ex.walk is not None else (None, ex.offset, ex.margin)
+    if pooled:                                      # charged with the pooled margin's own part
+        sp = ctx.pooled[node.name]
+        ctx.pooled[node.name] = fpprob.Split(sp.det + w_add, sp.dot, sp.var)
+    if w_off is not None:
+        ctx.offsets[node.name], ctx.about[node.name] = w_off, base + w_add
+    box = None
+    if keep is not None:
+        ctx.keep[node.name] = keep
+        x, zero = ins[0], torch.zeros_like(ins[0].lower)
+        box = ibp_node(node, Interval(torch.where(keep, x.lower, zero), torch.where(keep, x.upper, zero)))
+        box = Interval(box.lower + w_off, box.upper + w_off).widen(base + w_add)
+    return base + ex.margin, ex.offset, box
+
+
 def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None, method: str = "crown", *,
                    intermediate: str = "crown", device: str = "cpu", alpha_iters: int = 20,
                    progress: Optional[Callable[[str], None]] = None, allow_zero: bool = False,
@@ -263,22 +285,20 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                 m = torch.minimum(m, sp.elementwise())      # each bound holds (the model's per element)
                 ctx.pooled[node.name] = sp
                 ctx.events += m.numel()
-        off = None
+        off = walk_iv = None
         if ggml and m is not None:
-            off, add = fpggml.extra(node, ins)              # what ggml computes beyond float32 (llama.cpp)
-            if add is not None:
-                if node.name in ctx.pooled:                 # charged with the pooled margin's own part
-                    sp = ctx.pooled[node.name]
-                    ctx.pooled[node.name] = fpprob.Split(sp.det + add, sp.dot, sp.var)
-                m = m + add
+            ex = fpggml.extra(node, ins)                    # what ggml computes beyond float32 (llama.cpp)
+            if ex is not None:
+                m, off, walk_iv = _ggml_charge(ctx, node, ins, m, ex)
             if off is not None:                             # the engine's value: off from the real one, +- m
-                ctx.offsets[node.name], ctx.about[node.name] = off, m
                 iv = Interval(iv.lower + off, iv.upper + off)
                 m_about, m = m, m + off.abs() * (1 + 2.0 ** -40)
         margins[node.name] = m
         if modes is not None:
             ctx.modes[node.name] = modes
         iv = iv.widen(m if off is None else m_about)
+        if walk_iv is not None:
+            iv = iv.intersect(walk_iv)
         cap = output_cap(node) if m is not None else None
         if cap is not None and bool(torch.isfinite(ins[0].lower).all()) and bool(torch.isfinite(ins[0].upper).all()):
             # (a float32 input that may be inf makes the output NaN: no cap there)

@@ -40,7 +40,7 @@ quantized KV cache, ggml's SIMD exp in SiLU beyond the ulp accuracy the SiLU mar
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -106,10 +106,11 @@ def _to_f16(d: torch.Tensor) -> torch.Tensor:
 
 
 def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -> tuple:
-    """``(lo, hi, s)``: lo, hi (.., n) the range of ``x~ - x`` over the box ``x`` (an Interval) for
+    """``(lo, hi, s, held)``: lo, hi (.., n) the range of ``x~ - x`` over the box ``x`` (an Interval) for
     Q8_0 / Q8_1, within ``[-dx, dx]`` (:func:`activation_error`'s bound); s (.., n / 32) for Q8_1
     (else None) ``(centre, radius)`` (.., n / 32) of ``s - fp16(d) sum q`` over the box (the radius
-    within ``ds``), by interval arithmetic on the scales and integer sums the box allows.  Where the box is narrow next to the
+    within ``ds``), by interval arithmetic on the scales and integer sums the box allows; held
+    ``(lo, hi)`` (.., n) the range of x~ itself.  Where the box is narrow next to the
     block's step d, few elements can cross a rounding boundary: x~ = fp16(d) q then stays within
     the hull of ``fp16(d) q`` over the scales and integers the box allows, and ``x~ - x`` within
     that hull less x's range.  The known signed shift of each element then cancels in ``W (x~ - x)``
@@ -130,6 +131,8 @@ def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -
     t_hi = torch.maximum(s_lo * q_hi, s_hi * q_hi)
     e_lo = torch.where(ok, torch.maximum(-dx, t_lo - hi), -dx)
     e_hi = torch.where(ok, torch.minimum(dx, t_hi - lo), dx)
+    # x~ itself over the box: the hull above, or x's range +- dx where the scale is not bounded below
+    held = (torch.where(ok, torch.maximum(t_lo, lo - dx), lo - dx), torch.where(ok, torch.minimum(t_hi, hi + dx), hi + dx))
     s = None
     if ds is not None:                 # s - fp16(d) sum q over the box's scales and integer sums, by intervals
         Q_lo, Q_hi = _sum32(q_lo), _sum32(q_hi)
@@ -146,7 +149,7 @@ def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -
         narrow = (_blocks(ok.to(dl.dtype), 32) > 0) & ((g_hi - g_lo) / 2 <= by_size)
         s = (torch.where(narrow, (g_lo + g_hi) / 2, torch.zeros_like(ds)),
              torch.minimum(torch.where(narrow, (g_hi - g_lo) / 2, by_size), ds))
-    return e_lo, torch.maximum(e_hi, e_lo), s
+    return e_lo, torch.maximum(e_hi, e_lo), s, held
 
 
 def _sum32(t: torch.Tensor) -> torch.Tensor:
@@ -157,27 +160,38 @@ def _linear(node, ins):
     wtype = node.params.get("ggml_type")
     act = activation_type(wtype, node.name) if wtype is not None else None
     if act is None:
-        return None, None                         # float32 weights: float32 activations, the float32 margin
+        return None                               # float32 weights: float32 activations, the float32 margin
     a = ins[0].abs_max()                                           # (.., n)
     w = node.params["weight"]
     dx, ds = activation_error(a, act)
     m = node.params.get("ggml_minima")                             # (out, n / 32) or None
-    shift = None
+    shift = walk = None
     if act in ("Q8_0", "Q8_1"):                                    # the conversion: its signed shift, and a spread
-        e_lo, e_hi, s_err = q8_error(ins[0], act, dx, ds if m is not None else None)
-        shift = ((e_lo + e_hi) / 2) @ w.T
+        e_lo, e_hi, s_err, (h_lo, h_hi) = q8_error(ins[0], act, dx, ds if m is not None else None)
+        e_c, e_r = (e_lo + e_hi) / 2, (e_hi - e_lo) / 2
+        h_c, h_r = (h_lo + h_hi) / 2, (h_hi - h_lo) / 2
+        s_c = 0.0
         if m is not None:                                          # Q8_1's s, times each block's minimum
-            shift = shift + s_err[0] @ m.T
+            s_c = s_err[0] @ m.T
             ds = s_err[1]
-        out = shift.abs() * 2.0 ** -40 + _mm((e_hi - e_lo) / 2, w.abs().T)   # (the shift's float64 rounding)
+        shift = e_c @ w.T + s_c
+        out = shift.abs() * 2.0 ** -40 + _mm(e_r, w.abs().T)      # (the shift's float64 rounding)
+        # Where x~'s own range is no wider than x~ - x's, the walk takes x~ as a constant (slope 0):
+        # what the box allows of x then never reaches the layer, where slope 1 passes it through W.
+        keep = ~(h_r <= e_r)                                       # (.., n) True: x~ = x + e (slope 1)
+        if not bool(keep.all()):
+            w_shift = torch.where(keep, e_c, h_c) @ w.T + s_c
+            w_out = w_shift.abs() * 2.0 ** -40 + _mm(torch.where(keep, e_r, h_r), w.abs().T)
+            walk = (keep, w_shift, w_out)
     else:
         out = _mm(dx, w.abs().T)
     xs = a + dx
     size = w.abs()
+    tail = 0.0
     if m is not None:
         m = m.abs()
         size = size + _spread(m, 32)
-        out = out + _mm(ds, m.T)
+        tail = _mm(ds, m.T)
     s = _mm(xs, size.T)
     if m is not None:
         s = s + _mm(_sum32(xs) + ds, m.T)                          # |s| <= sum |x~| (+ its own rounding)
@@ -185,11 +199,15 @@ def _linear(node, ins):
     if b is not None:
         s = s + b.abs()
     n = w.shape[1]
-    # at most n integer pieces and n / 32 pieces m s, each rounded at most 3 times, summed in any order
-    spread = out + gamma(n + n // 32 + 4) * s + n * 2.0 ** -126    # (a BF16 dot instruction flushes subnormals)
+    # at most n integer pieces and n / 32 pieces m s, each rounded at most 3 times, summed in any order;
+    # this bounds the whole float32 evaluation of the pieces, so it replaces the node's float32 margin
+    tail = tail + gamma(n + n // 32 + 4) * s + n * 2.0 ** -126    # (a BF16 dot instruction flushes subnormals)
     if shift is not None and not bool(torch.isfinite(shift).all()):
-        return None, spread + shift.abs()
-    return shift, spread
+        return Extra(None, out + tail + shift.abs(), own=True)
+    if walk is not None:
+        keep, w_shift, w_out = walk
+        walk = (keep, w_shift, w_out + tail) if bool(torch.isfinite(w_shift).all()) else None
+    return Extra(shift, out + tail, own=True, walk=walk)
 
 
 def _matmul(node, ins) -> torch.Tensor:
@@ -220,15 +238,27 @@ def _rope(node, ins) -> torch.Tensor:
 RULES = {"linear": _linear, "matmul": _matmul, "rope": _rope}
 
 
-def extra(node, ins) -> tuple:
-    """``(offset, margin)``: where ggml's value of ``node`` lies beyond float32's, each of the node's
-    shape or None: within ``offset +- margin`` of the float32 margin's reach (``offset``: a known
-    signed shift, the Q8 conversions' at their boxes; the engine centres the node's box there)."""
+class Extra(NamedTuple):
+    """Where ggml's value of a node lies beyond the real function's, as :func:`extra` finds it."""
+    offset: Optional[torch.Tensor]    # a known signed shift (node shape; the Q8 conversions'), or None
+    margin: torch.Tensor              # (node shape) symmetric, about the offset
+    own: bool = False                 # the margin bounds the node's whole float32 evaluation too: it
+                                      # replaces the float32 margin (else it adds to it)
+    walk: Optional[tuple] = None      # ``(keep, offset, margin)``: the form the CROWN walk charges, with
+                                      # the linear layer's input elements where ``keep`` (.., n) is False
+                                      # taken as constants (slope 0), their range inside offset +- margin
+
+
+def extra(node, ins) -> Optional[Extra]:
+    """What ggml computes at ``node`` beyond the real function (None where nothing beyond the float32
+    margin): ggml's value lies within ``offset +- margin`` of the real function's (plus the float32
+    margin unless ``own``); the engine centres the node's box on the offset.  With ``walk``, also
+    within ``W (keep x) + b + offset +- margin`` of that form."""
     rule = RULES.get(node.op)
     if rule is None:
-        return None, None
+        return None
     out = rule(node, ins)
-    return out if isinstance(out, tuple) else (None, out)
+    return out if out is None or isinstance(out, Extra) else Extra(None, out)
 
 
 def check(graph) -> None:

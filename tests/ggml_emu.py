@@ -8,6 +8,7 @@
   blocks accumulated in float32;
 * attention's products with an F16 KV cache: both operands rounded to F16, sums in float32;
 * RoPE with ggml's angles: ``theta *= powf(base, -2 / dh)`` pair after pair, cosf / sinf;
+* RMSNorm as ggml_rms_norm: squares in float32 summed in double, the mean rounded to float32;
 * every other op in float32 (gamma's own ops on float32 tensors).
 
 The weights' block scales and minima are read from the GGUF file's raw bytes here (gguf-py's
@@ -163,6 +164,12 @@ class Engine:
         if node.op == "matmul":                                    # F16 KV cache: both sides in F16
             x, y = (t.half().float() for t in ins)
             return x @ y.transpose(-1, -2)
+        if node.op == "rmsnorm":                                   # ggml_rms_norm, then the weight
+            x = ins[0].numpy()
+            mean = (((x * x).astype(F32).astype(np.float64).sum(-1, keepdims=True)) / x.shape[-1]).astype(F32)
+            scale = (F32(1.0) / np.sqrt((mean + F32(node.params["eps"])).astype(F32))).astype(F32)
+            y = ((x * scale).astype(F32) * node.params["weight"].numpy().astype(F32)).astype(F32)
+            return torch.from_numpy(y)
         if node.op == "rope":
             T, dh = node.params["cos"].shape
             c, s = (torch.from_numpy(a) for a in ggml_rope_tables(T, dh, self.base))

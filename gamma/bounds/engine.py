@@ -275,7 +275,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         if iv is None:
             iv = ibp_node(node, *ins)
         prob = arithmetic == "float32-probabilistic"
-        m, modes = (margin_split(node, ins, iv, margins, fpprob.NORM_SUMS if prob else None, variance)
+        sums = fpggml.RMS_SUMS if ggml and node.op == "rmsnorm" else fpprob.NORM_SUMS if prob else None
+        m, modes = (margin_split(node, ins, iv, margins, sums, variance)
                     if arithmetic != "real" else (None, None))
         if prob and modes is not None:
             ctx.events += 2 * iv.lower.numel()          # (at most) two sums per element's row, one event each

@@ -26,6 +26,11 @@ from that in three places, each bounded here as an extra margin over the node's 
   in q k^T, the probabilities and v in attention @ V are rounded to F16, so each product moves
   by ``e16(|x|) (|y| + e16(|y|)) + |x| e16(|y|)``, summed along the inner axis (the float32
   sums stay in the float32 margin, which a product of F16 values does not exceed).
+* **RMSNorm** (``ggml_rms_norm``): each square in float32, their sum in double, the mean rounded
+  to float32, then ``1 / sqrtf(mean + eps)`` and the two products in float32.  So the mean of
+  squares is within ``2 U (1 + U) + (n + 2) 2^-52`` of its value, relative (the terms are
+  non-negative), against the ``gamma_n``-sized bound that any float32 summation order needs:
+  :data:`RMS_SUMS`, which the engine passes to the norm's margin (:mod:`.fpmargin`) in place of it.
 * **RoPE's tables**: ggml computes ``theta_i = p theta_scale^i`` by i float32 products with
   ``theta_scale = powf(base, -2 / d)`` and takes cosf / sinf of it; transformers' float32 table
   holds cos / sin of ``p inv_freq_i``.  Both are within ``(3i + 26) U`` of the exact angle,
@@ -48,6 +53,7 @@ from .. import ops
 from ..errors import GammaError
 from ..io.ggml import BLOCK, activation_type
 from .fp import gamma
+from .fpprob import NormSums
 
 U = 2.0 ** -24
 F16_MAX = 65504.0
@@ -236,6 +242,20 @@ def _rope(node, ins) -> torch.Tensor:
 
 
 RULES = {"linear": _linear, "matmul": _matmul, "rope": _rope}
+
+
+def _rms_relative(n: int) -> float:
+    """ggml's mean of n squares against the exact one, relative: the squares (U each, all of one
+    sign), the double sum and division ((n + 1) 2^-53, padded), the cast to float32 (U)."""
+    return 2 * U * (1 + U) + (n + 2) * 2.0 ** -52
+
+
+def _rms_tree(t: torch.Tensor) -> torch.Tensor:
+    return _rms_relative(t.shape[-1]) * t.sum(-1, keepdim=True) * (1 + 2.0 ** -40)
+
+
+# how ggml's RMSNorm sums its row (fpmargin's ``sums``; every form a deterministic bound)
+RMS_SUMS = NormSums(_rms_relative, _rms_relative, _rms_tree, _rms_tree)
 
 
 class Extra(NamedTuple):

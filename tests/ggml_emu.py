@@ -92,6 +92,15 @@ def ggml_linear(x: np.ndarray, w: np.ndarray, bias, qtype: str, blocks) -> np.nd
     return y
 
 
+def ggml_rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rms_norm, then the weight: squares in float32 summed in double, the mean rounded to
+    float32, ``1 / sqrtf(mean + eps)``, the two products in float32."""
+    x = x.astype(F32)
+    mean = ((x * x).astype(F32).astype(np.float64).sum(-1, keepdims=True) / x.shape[-1]).astype(F32)
+    scale = (F32(1.0) / np.sqrt((mean + F32(eps)).astype(F32))).astype(F32)
+    return ((x * scale).astype(F32) * w.astype(F32)).astype(F32)
+
+
 def ggml_rope_tables(T: int, dh: int, base: float):
     """cos, sin (T, dh) as ggml's rope cache computes them (NEOX layout: pair i at i, i + dh/2)."""
     scale = np.power(F32(base), F32(-2.0) / F32(dh)).astype(F32)
@@ -164,12 +173,8 @@ class Engine:
         if node.op == "matmul":                                    # F16 KV cache: both sides in F16
             x, y = (t.half().float() for t in ins)
             return x @ y.transpose(-1, -2)
-        if node.op == "rmsnorm":                                   # ggml_rms_norm, then the weight
-            x = ins[0].numpy()
-            mean = (((x * x).astype(F32).astype(np.float64).sum(-1, keepdims=True)) / x.shape[-1]).astype(F32)
-            scale = (F32(1.0) / np.sqrt((mean + F32(node.params["eps"])).astype(F32))).astype(F32)
-            y = ((x * scale).astype(F32) * node.params["weight"].numpy().astype(F32)).astype(F32)
-            return torch.from_numpy(y)
+        if node.op == "rmsnorm":
+            return torch.from_numpy(ggml_rms_norm(ins[0].numpy(), node.params["weight"].numpy(), node.params["eps"]))
         if node.op == "rope":
             T, dh = node.params["cos"].shape
             c, s = (torch.from_numpy(a) for a in ggml_rope_tables(T, dh, self.base))

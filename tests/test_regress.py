@@ -78,7 +78,7 @@ def test_shipped_suites_parse():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     quick = R.load_suite(os.path.join(root, "suites", "quick.toml"))
     default = R.load_suite(os.path.join(root, "suites", "default.toml"))
-    assert {c.model for c in quick} == {"fixture:tiny-qwen3", "zoo:whisper_tiny_en"}
+    assert {c.model for c in quick} == {"fixture:tiny-qwen3", "zoo:whisper_tiny_en", "zoo:smollm2_135m"}
     assert {(c.method, c.mode) for c in default} == {(m, d) for m in ("ibp", "crown")
                                                      for d in ("full", "block_wise")}
     with open(os.path.join(root, "suites", "baseline.json")) as f:
@@ -91,6 +91,8 @@ def test_shipped_suites_parse():
     assert "arithmetic" not in next(c for c in quick if c.name == "tiny-qwen3-crown-full").config()
     lv = {c.name: c.config().get("layernorm_variance") for c in quick}         # the default: not in the key
     assert lv.pop("whisper-tiny-en-crown-block0-two-pass") == "two-pass" and set(lv.values()) == {None}
+    eng = {c.name: c.config().get("engine") for c in quick}
+    assert eng.pop("smollm2-135m-crown-block15-llamacpp") == "llama.cpp" and set(eng.values()) == {None}
 
 
 def test_suite_case_with_the_layernorm_variance_option(tmp_path):
@@ -117,12 +119,47 @@ def test_suite_case_with_the_layernorm_variance_option(tmp_path):
      "unknown arithmetic 'float16' (choose from float32, float32-probabilistic, real)"),
     ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nlayernorm_variance="welford"',
      "unknown layernorm_variance 'welford' (choose from any, formula, two-pass)"),
+    ('name="a"\nmodel="m"\nmethod="crown"\nepsilon=1e-3\nmode="full"\nengine="ggml"',
+     "unknown engine 'ggml' (choose from float32, llama.cpp)"),
 ])
 def test_suite_errors_name_the_case_and_key(tmp_path, body, message):
     p = tmp_path / "s.toml"
     p.write_text("[[case]]\n" + body + "\n")
     with pytest.raises(GammaError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         R.load_suite(str(p))
+
+
+def test_options_are_part_of_the_question():
+    """engine, arithmetic and layernorm_variance: in a case's config where not the default, and a
+    baseline under another setting (or from before the key, read as its default) is CHANGED."""
+    assert "engine" not in _case().config() and _case(engine="llama.cpp").config()["engine"] == "llama.cpp"
+    base = {"c": _record("c", max_width=1.0, seconds=2.0)}           # an old record: no option keys
+    for opt in ({"engine": "llama.cpp"}, {"arithmetic": "real"}, {"layernorm_variance": "two-pass"}):
+        rec = _record("c", max_width=1.0, seconds=2.0)
+        rec["config"].update(opt)
+        rows = R.compare([_case(**opt)], {"c": rec}, base)
+        assert rows[-1]["status"] == "CHANGED" and rows[-1]["note"].endswith(next(iter(opt))), opt
+        same = R.compare([_case(**opt)], {"c": rec}, {"c": rec})
+        assert [r["status"] for r in same] == ["OK", "OK", "OK"], opt
+
+
+def test_engine_case_is_measured_but_not_judged_by_the_float64_attack(llama_gguf_q4_1, tmp_path):
+    """A llama.cpp-engine case (a GGUF file) runs end to end: its bounds are recorded, the float64
+    attack's points outside them are ``float64_outside`` (not violations), the soundness row says
+    the check was not made, and an attacked width above the certified one is no UNSOUND verdict."""
+    case = R.Case(name="e", model=llama_gguf_q4_1[0], method="crown", epsilon=1e-4, mode="full",
+                  track=("max_width", "ratio", "seconds"), seq_len=2, samples=20, attack_steps=2, engine="llama.cpp")
+    rec = R.run_case(case, R.Models(str(tmp_path / "cache")))
+    assert "error" not in rec, rec.get("error")
+    assert rec["config"]["engine"] == "llama.cpp" and math.isfinite(rec["figures"]["max_width"])
+    snd = rec["soundness"]
+    assert snd["checked"] is False and snd["violations"] == 0 and snd["float64_outside"] >= 0
+    rec["figures"]["attacked_max_width"] = 2 * rec["figures"]["max_width"]
+    assert R.unsound(rec) is None
+    row = R.compare([case], {"e": rec}, {"e": rec})[0]
+    assert row["status"] == "OK" and row["note"].startswith("not checked: bounds for llama.cpp, the attack runs float64")
+    from gamma.commands.regress import _summary
+    assert "soundness not checked (float64 attack; " in _summary(rec)
 
 
 # ------------------------------------------------------------------ history store

@@ -94,6 +94,8 @@ def _summary(rec: dict) -> str:
     main = "max_width" if rec["config"]["mode"] == "full" else "max_sensitivity"
     why = R.unsound(rec)
     sound = "sound" if not why else f"UNSOUND: {why}"
+    if s.get("checked") is False:
+        sound = f"soundness not checked (float64 attack; {s.get('float64_outside', 0)} of its points outside)"
     return (f"{main} {g(R.figure(rec, main))} (attacked {g(_empirical(rec, main))}, certified / attacked "
             f"{_x(R.figure(rec, 'ratio'))}), {f['seconds']:.2f}s, +{f['peak_memory_mb']:.0f} MiB, {sound} "
             f"({s['points']} points)")
@@ -270,6 +272,8 @@ def _sound(r: dict) -> str:
     if r.get("error"):
         return "error"
     s = r["soundness"]
+    if s.get("checked") is False:
+        return f"not checked ({s.get('float64_outside', 0)} / {s['points']} float64 points outside)"
     over = None if s["violations"] else R.unsound(r)
     return f"{s['violations']} / {s['points']}" + (f" UNSOUND ({over})" if over else "")
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..errors import GammaError
 from .measure import figure, unsound
-from .suite import CONFIG_KEYS, FAILING, FIGURES, MIN_MEMORY_MB, Case
+from .suite import CONFIG_KEYS, FAILING, FIGURES, MIN_MEMORY_MB, OPTION_DEFAULTS, Case
 
 
 # ------------------------------------------------------------------ history (JSON Lines)
@@ -172,8 +172,11 @@ def compare(cases: list[Case], new: dict, base: dict) -> list[dict]:
             continue
         bad = rec["soundness"]["violations"]
         old_bad = (b or {}).get("soundness", {}).get("violations")
-        row(case, "soundness", old_bad, bad, "REGRESSION" if bad else "OK",
-            note=f"{bad} of {rec['soundness']['points']} points outside the bounds" if bad else "")
+        note = f"{bad} of {rec['soundness']['points']} points outside the bounds" if bad else ""
+        if rec["soundness"].get("checked") is False:
+            note = (f"not checked: bounds for {case.engine}, the attack runs float64 "
+                    f"({rec['soundness'].get('float64_outside', 0)} of its points outside)")
+        row(case, "soundness", old_bad, bad, "REGRESSION" if bad else "OK", note=note)
         over = None if bad else unsound(rec)          # attacked width above the certified one
         if over:
             row(case, "attacked<=certified", None, figure(rec, "attacked_max_width"), "UNSOUND", note=over)
@@ -181,7 +184,8 @@ def compare(cases: list[Case], new: dict, base: dict) -> list[dict]:
             for fig in case.track:
                 row(case, fig, None, figure(rec, fig), "NEW", note="no baseline")
             continue
-        diff = [k for k in CONFIG_KEYS if b.get("config", {}).get(k) != rec["config"].get(k)]
+        diff = [k for k in (*CONFIG_KEYS, *OPTION_DEFAULTS)
+                if b.get("config", {}).get(k, OPTION_DEFAULTS.get(k)) != rec["config"].get(k, OPTION_DEFAULTS.get(k))]
         if b.get("model_id") != rec.get("model_id"):
             diff.append("model_id")
         if diff:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GammaError
-from ..options import ARITHMETIC, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, check_epsilon
+from ..options import ARITHMETIC, ENGINES, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, check_epsilon
 
 try:
     import tomllib
@@ -29,9 +29,11 @@ MIN_MEMORY_MB = 64.0     # a memory growth below this never regresses
 FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION", "UNSOUND")
 _KEYS = {"name", "model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks",
          "output", "track", "tolerance", "time_factor", "memory_factor", "min_seconds", "samples",
-         "attack_steps", "intermediate", "arithmetic", "layernorm_variance"}
+         "attack_steps", "intermediate", "arithmetic", "layernorm_variance", "engine"}
 CONFIG_KEYS = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output",
            "intermediate")
+# options a record's config names only where they differ from these defaults (older records lack them)
+OPTION_DEFAULTS = {"arithmetic": "float32", "layernorm_variance": "any", "engine": "float32"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Case:
     intermediate: str = "crown"         # crown / alpha: how intermediate bounds are computed (crown, cut, ibp)
     arithmetic: str = "float32"         # what the bounds hold for (gamma.options.ARITHMETIC)
     layernorm_variance: str = "any"     # the engine's LayerNorm variance (gamma.options.LAYERNORM_VARIANCE)
+    engine: str = "float32"             # the engine the bounds hold for (gamma.options.ENGINES)
     tolerance: float = 0.01
     time_factor: float = 3.0
     memory_factor: float = 2.0
@@ -62,10 +65,9 @@ class Case:
     def config(self) -> dict:
         """What defines the question asked: two records answer the same one iff these agree."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in CONFIG_KEYS)}
-        if self.arithmetic != "float32":            # (records from before the key: the default)
-            out["arithmetic"] = self.arithmetic
-        if self.layernorm_variance != "any":
-            out["layernorm_variance"] = self.layernorm_variance
+        for k, default in OPTION_DEFAULTS.items():   # (records from before a key: its default)
+            if getattr(self, k) != default:
+                out[k] = getattr(self, k)
         return out
 
 
@@ -131,6 +133,10 @@ def _case(path: str, i: int, t: dict) -> Case:
             raise GammaError(f"{where}: unknown layernorm_variance '{t['layernorm_variance']}' "
                              f"(choose from {', '.join(LAYERNORM_VARIANCE)})")
         kw["layernorm_variance"] = t["layernorm_variance"]
+    if "engine" in t:
+        if t["engine"] not in ENGINES:
+            raise GammaError(f"{where}: unknown engine '{t['engine']}' (choose from {', '.join(ENGINES)})")
+        kw["engine"] = t["engine"]
     for k in ("tolerance", "time_factor", "memory_factor", "min_seconds"):
         if k in t:
             v = t[k]

@@ -264,6 +264,8 @@ def test_llamacpp_bounds_contain_the_emulated_engine(request, fixture, permuted,
         for arith in ("float32", "float32-probabilistic"):
             r = compute_bounds(g, x, eps, "crown", arithmetic=arith, engine="llama.cpp", allow_zero=True)
             assert sum(_inside(r, y) for y in ys) == 0, (arith, eps)
+        r = compute_bounds(g, x, eps, "crown", intermediate="cut", engine="llama.cpp", allow_zero=True)
+        assert sum(_inside(r, y) for y in ys) == 0, ("cut", eps)
         for method in ("ibp", "zonotope", "alpha") if scope is not None else ():
             r = compute_bounds(g, x, eps, method, engine="llama.cpp", allow_zero=True, alpha_iters=3)
             assert sum(_inside(r, y) for y in ys) == 0, (method, eps)

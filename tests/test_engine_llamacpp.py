@@ -113,7 +113,7 @@ def test_pinned_conversions_stop_the_box(monkeypatch):
     """Two Q8_0 layers on a box narrow next to the blocks' steps: most conversions are pinned, so
     the walk takes those activations as constants (slope 0, ``Extra.walk``) and the input's range
     never reaches the layer.  The bound is then far narrower than with slope 1 throughout, and the
-    emulated engine stays inside it at the corners and random points."""
+    emulated engine stays inside it at the corners, random points and gradient-pushed points."""
     from gamma.graph import Graph
     from ggml_emu import ggml_linear
     gen = torch.Generator().manual_seed(5)
@@ -143,6 +143,7 @@ def test_pinned_conversions_stop_the_box(monkeypatch):
             h = ggml_linear(h, w.numpy(), None, "Q8_0", (torch.cat([d, d, d, d]).float().numpy(), None))
         return torch.from_numpy(h).double()
     pts = [x - eps, x + eps] + [x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) for _ in range(64)]
+    pts += _pushed(g, x, eps, n=4, steps=8)                 # pushed along the real function's gradients
     for u in pts:
         y = engine(torch.minimum(torch.maximum(u, x - eps), x + eps))
         assert bool(((y >= r.lower) & (y <= r.upper)).all())

@@ -65,8 +65,10 @@ def weight_blocks(raw: np.ndarray, qtype: str, shape: tuple):
     return d, m
 
 
-def ggml_linear(x: np.ndarray, w: np.ndarray, bias, qtype: str, blocks) -> np.ndarray:
-    """One linear layer as ggml computes it; x (.., n) float32, w (out, n) the dequantized weights."""
+def ggml_linear(x: np.ndarray, w: np.ndarray, bias, qtype: str, blocks, order: str = "sequential") -> np.ndarray:
+    """One linear layer as ggml computes it; x (.., n) float32, w (out, n) the dequantized weights.
+    ``order``: how the blocks' float32 pieces are summed (ggml: sequential; the others stand for SIMD
+    lanes and other kernels: "reverse", "largest-first", "pairwise")."""
     act = Q8.get(qtype)
     if act is None:                                               # F32 weights: a float32 dot
         y = (x.astype(F32) @ w.astype(F32).T).astype(F32)
@@ -84,9 +86,20 @@ def ggml_linear(x: np.ndarray, w: np.ndarray, bias, qtype: str, blocks) -> np.nd
         terms = (scale * I.astype(F32)).astype(F32)
         if m is not None:
             terms = np.concatenate([terms, (m * s.astype(F32)[..., None, :]).astype(F32)], -1)
-        y = np.zeros(terms.shape[:-1], dtype=F32)
-        for k in range(terms.shape[-1]):                         # sequential float32 accumulation
-            y = (y + terms[..., k]).astype(F32)
+        if order == "reverse":
+            terms = terms[..., ::-1]
+        elif order == "largest-first":
+            terms = np.take_along_axis(terms, np.argsort(-np.abs(terms), axis=-1), -1)
+        if order == "pairwise":
+            while terms.shape[-1] > 1:
+                if terms.shape[-1] % 2:
+                    terms = np.concatenate([terms, np.zeros_like(terms[..., :1])], -1)
+                terms = (terms[..., 0::2] + terms[..., 1::2]).astype(F32)
+            y = terms[..., 0]
+        else:
+            y = np.zeros(terms.shape[:-1], dtype=F32)
+            for k in range(terms.shape[-1]):                     # sequential float32 accumulation
+                y = (y + terms[..., k]).astype(F32)
     if bias is not None:
         y = (y + bias.astype(F32)).astype(F32)
     return y

@@ -109,6 +109,38 @@ def test_known_shift_centres_the_bound():
     assert bool(((r.upper - r.lower) < 0.1 * shift.max()).all())
 
 
+@pytest.mark.parametrize("qtype,one_sign", [("Q8_0", False), ("Q8_0", True), ("Q4_1", False)])
+def test_pieces_in_any_order_within_the_bound(qtype, one_sign):
+    """One quantized layer at a point, its blocks' pieces summed in float32 in four orders (ggml's
+    sequential one, reversed, largest first, pairwise), with terms of both signs or of one sign:
+    every result inside the bound, whose pieces' part uses their cancellation (dot_error_signed)."""
+    from gamma.graph import Graph
+    from ggml_emu import ggml_linear
+    gen = torch.Generator().manual_seed(7)
+    n, out = 256, 16
+    d = torch.rand(out, n // 32, generator=gen, dtype=torch.float64).half().double() * 0.01 + 0.001
+    x = (torch.randn(2, n, generator=gen, dtype=torch.float64) * 3).float().double()
+    g = Graph("one", "x", (2, n))
+    if qtype == "Q4_1":                                            # w = d q + m, q in 0..15, m the block minimum
+        m = (-8 * d).half().double()
+        w = torch.randint(0, 16, (out, n), generator=gen).double() * d.repeat_interleave(32, 1) \
+            + m.repeat_interleave(32, 1)
+        g.add("lin", "linear", "x", weight=w, ggml_type=qtype, ggml_minima=m)
+    else:
+        m = None
+        q = torch.randint(-127, 128, (out, n), generator=gen).double()
+        if one_sign:
+            q, x = q.abs(), x.abs()
+        w = q * d.repeat_interleave(32, 1)
+        g.add("lin", "linear", "x", weight=w, ggml_type=qtype)
+    g.infer_shapes()
+    r = compute_bounds(g, x, 0.0, "crown", engine="llama.cpp", allow_zero=True)
+    blocks = (d.float().numpy(), None if m is None else m.float().numpy())
+    for order in ("sequential", "reverse", "largest-first", "pairwise"):
+        y = torch.from_numpy(ggml_linear(x.float().numpy(), w.numpy(), None, qtype, blocks, order)).double()
+        assert bool(((y >= r.lower) & (y <= r.upper)).all()), order
+
+
 def test_pinned_conversions_stop_the_box(monkeypatch):
     """Two Q8_0 layers on a box narrow next to the blocks' steps: most conversions are pinned, so
     the walk takes those activations as constants (slope 0, ``Extra.walk``) and the input's range

@@ -52,7 +52,7 @@ import torch
 from .. import ops
 from ..errors import GammaError
 from ..io.ggml import BLOCK, activation_type
-from .fp import gamma
+from .fp import dot_error_signed, gamma
 from .fpprob import NormSums
 
 U = 2.0 ** -24
@@ -207,7 +207,19 @@ def _linear(node, ins):
     n = w.shape[1]
     # at most n integer pieces and n / 32 pieces m s, each rounded at most 3 times, summed in any order;
     # this bounds the whole float32 evaluation of the pieces, so it replaces the node's float32 margin
-    tail = tail + gamma(n + n // 32 + 4) * s + n * 2.0 ** -126    # (a BF16 dot instruction flushes subnormals)
+    # or by the pieces' cancellation (fp.dot_error_signed's lemma: every partial sum is a subset sum of the
+    # pieces, within max(P, N) = (S + |sum|) / 2): each piece is one rounding of an exact integer block sum
+    # times a scale (or an exact product of F16 / BF16 values), and 4 more roundings of size S cover the
+    # weights we hold against d q + m, the bias add and two spare; |sum| from x's box, the conversion and
+    # Q8_1's sums
+    val = (ins[0].center @ w.T).abs() + _mm(ins[0].radius, w.abs().T) + out + tail
+    if shift is not None:
+        val = val + shift.abs()
+    if b is not None:
+        val = val + b.abs()
+    val = torch.nan_to_num(val, nan=math.inf)
+    pieces = torch.minimum(gamma(n + n // 32 + 4) * s, dot_error_signed(s, val, n + n // 32, extra=4))
+    tail = tail + pieces + n * 2.0 ** -126                         # (a BF16 dot instruction flushes subnormals)
     if shift is not None and not bool(torch.isfinite(shift).all()):
         return Extra(None, out + tail + shift.abs(), own=True)
     if walk is not None:

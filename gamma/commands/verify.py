@@ -73,7 +73,8 @@ def add_parser(subparsers) -> None:
                    help="which engine's arithmetic the float32 bounds hold for: float32 (default: any engine computing "
                         "every op in float32, as transformers does) or llama.cpp (a GGUF file as ggml's CPU backend "
                         "computes it: matmul activations quantized to Q8_0/Q8_1 blocks or rounded to F16/BF16 as the "
-                        "weight's type asks, an F16 KV cache without flash attention (llama.cpp -fa off), ggml's own RoPE angles)")
+                        "weight's type asks, an F16 KV cache without flash attention (llama.cpp -fa off), ggml's own RoPE angles "
+                        "and RMSNorm)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -133,7 +134,7 @@ ARITHMETIC_LINE = {
 ENGINE_LINE = {
     "float32": None,
     "llama.cpp": "engine   llama.cpp's CPU backend (--engine llama.cpp): matmul activations quantized or rounded to "
-                 "the weights' vec_dot types, an F16 KV cache without flash attention, ggml's RoPE angles",
+                 "the weights' vec_dot types, an F16 KV cache without flash attention, ggml's RoPE angles and RMSNorm",
 }
 
 LAYERNORM_LINE = {

@@ -400,6 +400,9 @@ def test_float64_attack_is_no_violation_of_llamacpp_bounds(capsys, llama_gguf_q8
     assert _violations(0, 4) == ["note     4 attacked outputs of gamma's float64 forward lie outside the bounds, "
                                  "which hold for the engine named above instead: the attack does not evaluate "
                                  "that engine"]
+    assert _violations(0, 0) == ["note     the attack evaluates gamma's float64 forward, not the engine named above: "
+                                 "its widths are the real function's (none of its points lies outside the bounds)"]
+    assert _violations(0) == [] and _violations(2) == ["UNSOUND  2 attacked outputs fall outside the certified bounds"]
 
 
 def test_inspect_says_whether_the_engine_models_the_file(capsys, llama_gguf_q4_1, llama_gguf_q6_k, llama_hf_dir):

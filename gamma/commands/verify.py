@@ -261,7 +261,7 @@ def _full_attack_lines(a: Optional[dict]) -> list[str]:
         return []
     lines = [f"attack   max width {num(a['max_width'])} (certified / attacked {_growth(a['ratio'])}), "
              f"{a['points']} points, {a['targets']} outputs pushed up and down  ({seconds(a['seconds'])})"]
-    lines += _violations(a["violations"], a.get("float64_outside", 0))
+    lines += _violations(a["violations"], a.get("float64_outside"))
     if len(a["per_position"]) > 1:
         lines.append("per output position:")
         lines += ["  " + s for s in table(
@@ -271,11 +271,16 @@ def _full_attack_lines(a: Optional[dict]) -> list[str]:
     return lines
 
 
-def _violations(n: int, outside: int = 0) -> list[str]:
+def _violations(n: int, outside: Optional[int] = None) -> list[str]:
+    """The verdict lines of an attack; ``outside``: under another engine than float32 (the key is
+    there), how many of the float64 attack's points lie outside that engine's bounds."""
     lines = [f"UNSOUND  {n} attacked outputs fall outside the certified bounds"] if n else []
     if outside:
         lines.append(f"note     {outside} attacked outputs of gamma's float64 forward lie outside the bounds, which "
                      "hold for the engine named above instead: the attack does not evaluate that engine")
+    elif outside is not None:
+        lines.append("note     the attack evaluates gamma's float64 forward, not the engine named above: its widths "
+                     "are the real function's (none of its points lies outside the bounds)")
     return lines
 
 
@@ -372,7 +377,7 @@ def _block_attack_lines(a: Optional[dict]) -> list[str]:
     if a["worst_ratio_blocks"]:
         lines.append("loosest blocks (certified / attacked): " + ", ".join(
             f"{w['name']} ({_growth(w['ratio'])})" for w in a["worst_ratio_blocks"]))
-    return lines + _violations(a["violations"], a.get("float64_outside", 0))
+    return lines + _violations(a["violations"], a.get("float64_outside"))
 
 
 def verify_lines(r: dict) -> list[str]:

@@ -150,7 +150,8 @@ def q8_error(x, act: str, dx: torch.Tensor, ds: Optional[torch.Tensor] = None) -
                          _blocks(s_hi, 32) * Q_hi])
         g_lo, g_hi = s16_lo - t.amax(0), s16_hi - t.amin(0)
         qs = torch.maximum(Q_lo.abs(), Q_hi.abs())                   # or by sizes: |sum q| at most qs
-        gap = torch.maximum((_blocks(s_hi, 32) - dl).abs(), (dh - _blocks(s_lo, 32)).abs())
+        # |fp16(d) - d| over the box's scales: from fp16(d)'s range, or (where d's range is wide) its rounding
+        gap = torch.minimum(torch.maximum((_blocks(s_hi, 32) - dl).abs(), (dh - _blocks(s_lo, 32)).abs()), _e16(dh))
         by_size = _e16(dh * qs * (1 + U)) + U * dh * qs + gap * qs
         narrow = (_blocks(ok.to(dl.dtype), 32) > 0) & ((g_hi - g_lo) / 2 <= by_size)
         s = (torch.where(narrow, (g_lo + g_hi) / 2, torch.zeros_like(ds)),

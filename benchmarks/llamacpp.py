@@ -119,10 +119,10 @@ def section(rows, eps: float, samples: int, load: str, rev=None) -> str:
                   "activation quantization moves them far beyond float32 rounding. The llama.cpp-engine bounds "
                   "contain them and are vacuous on this model: docs/depth.md, fourteenth and fifteenth rounds.",
               "* What narrows them (fifteenth round): a Q8 conversion whose box pins it is a constant in the CROWN "
-              "walk, the pieces' rounding (by their cancellation) replaces a quantized linear layer's float32 margin, and RMSNorm's margin "
+              "walk, the pieces' rounding (by their cancellation) replaces a quantized linear layer's float32 margin, Q8_1's sum error is charged for its roundings only, and RMSNorm's margin "
               "follows ggml_rms_norm's double sum. They stay vacuous because the conversions that the box does "
               "not pin (a rounding boundary inside it) are charged at up to half a step each with the worst sign: "
-              "with those spreads set to zero (a diagnostic, not a bound) block 15's floor would be 0.11.", ""]
+              "with those spreads set to zero (a diagnostic, not a bound) block 15's floor would be 0.057.", ""]
     return "\n".join(lines)
 
 

@@ -79,6 +79,27 @@ def test_q8_error_contains_ggml_quantizer(act):
                     assert bool(((gap - se[0]).abs() <= se[1]).all()) and bool((se[1] <= ds).all())
 
 
+def test_q8_1_sum_error_is_rounding_only():
+    """A Q8_1 block whose largest element spans [50, 100] (the rest 0): d moves by a factor of 2 over
+    the box, but ``s - fp16(d) sum q`` (sum q = 127 throughout) is only roundings, within
+    ``e16(100) + U 100 + e16(100 / 127) 127`` = 0.0977 (not d's range times 127, about 50), and the
+    quantizer's own gaps at points of the box lie in it."""
+    lo = torch.zeros(1, 32, dtype=torch.float64)
+    hi = lo.clone()
+    lo[0, 0], hi[0, 0] = 50.0, 100.0
+    box = Interval(lo, hi)
+    dx, ds = fpggml.activation_error(box.abs_max(), "Q8_1")
+    _, _, se, _ = fpggml.q8_error(box, "Q8_1", dx, ds)
+    hand = 2.0 ** -11 * 100 * (1 + 3 * U) + U * 100 / 127 * 127 * 1.01 + 2.0 ** -11 * 100 / 127 * (1 + 3 * U) * 127
+    assert float(se[1].max()) <= hand and float(se[1].max()) > 0.9 * hand
+    for v in torch.linspace(50, 100, 101, dtype=torch.float64):
+        x = torch.zeros(1, 32, dtype=torch.float32)
+        x[0, 0] = float(v)
+        d16, q, s16 = quantize_q8(x.numpy(), True)
+        gap = float(s16.astype(np.float64).sum() - d16.astype(np.float64).sum() * q.sum())
+        assert abs(gap - float(se[0][0, 0])) <= float(se[1][0, 0])
+
+
 def test_bf16_rounding_within_bound():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4096, generator=gen, dtype=torch.float64).float() * 100

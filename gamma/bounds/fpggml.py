@@ -218,7 +218,7 @@ def _linear(node, ins):
         val = val + shift.abs()
     if b is not None:
         val = val + b.abs()
-    val = torch.nan_to_num(val, nan=math.inf)
+    val = torch.nan_to_num(val + U * s, nan=math.inf)             # (+ the weights we hold against d q + m)
     pieces = torch.minimum(gamma(n + n // 32 + 4) * s, dot_error_signed(s, val, n + n // 32, extra=4))
     tail = tail + pieces + n * 2.0 ** -126                         # (a BF16 dot instruction flushes subnormals)
     if shift is not None and not bool(torch.isfinite(shift).all()):

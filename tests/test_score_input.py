@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gamma.bounds import Tunings, compute_bounds, score_input
+from gamma.bounds import Tunings, compute_bounds, score_input, value_input
 from gamma.ops import evaluate
 from draw import tensor as _t
 from soundness import graph_fn, violations
@@ -166,6 +166,7 @@ def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
     compute_bounds(g, x0, 0.05, "crown", intermediate="cut")
     assert not seen
     monkeypatch.setattr(score_input, "BUDGET", 16)
+    monkeypatch.setattr(value_input, "BUDGET", 16)          # (which keeps V for attention @ V otherwise)
     a = compute_bounds(g, x0, 0.05, "crown")
     b = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_input=False))
     assert not seen

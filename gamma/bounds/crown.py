@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..ops import ELEMENTWISE
-from . import crown_rules, fpprob, norm_side, relax, rows, score_input, score_side, value_side
+from . import crown_rules, fpprob, norm_side, relax, rows, score_input, score_side, value_input, value_side
 from .bilinear import planes
 from .fp import CotangentProduct
 from .interval import Interval
@@ -136,6 +136,17 @@ class Context:
         key = ("value_side", node.name)
         if key not in self._const:
             self._const[key] = value_side.build(self.graph, node, self.bounds, self.margins, self.inb(node, 1))
+        return self._const[key]
+
+    def value_input(self, node):
+        """The constants of :func:`.value_input.entries` for attention @ V ``node`` (None where
+        V's linear bounds over the input were not kept, or the tuning is off)."""
+        if not (self.tunings.value_input and node.params.get("rows_sum_to_one")):
+            return None
+        key = ("value_input", node.name)
+        if key not in self._const:
+            self._const[key] = (value_input.build(self.graph, node, self.linear, self.inb(node, 1))
+                                if self.linear else None)
         return self._const[key]
 
     def score_side(self, node):

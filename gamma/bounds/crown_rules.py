@@ -41,6 +41,7 @@ from .bilinear import mul_planes, polar_band, shift_constant, simplex_shift
 from .linearization import row_dot
 from .rows import Dense, Rows, layout, outer
 from .norm_side import saving as norm_saving
+from . import value_input
 from .value_side import remainder as value_remainder
 
 Tensor = torch.Tensor
@@ -160,13 +161,16 @@ def _matmul_centre(node, lam, ctx):
 def _remainder(node, lam, ctx, x, y) -> Tensor:
     """(S,): the half-sum remainder ``sum |lam| (rx ry^T)``, or, where y is a linear
     layer's heads (attention @ V), the narrower one read through that layer
-    (:mod:`.value_side`), or, where both sides are (q k^T), through both layers
+    (:mod:`.value_side`) or through V's linear bounds over the input (:mod:`.value_input`),
+    or, where both sides are (q k^T), through both layers
     (:mod:`.score_side`); either also through both sides' linear bounds over the input
     (:mod:`.score_input`), the narrower per row (per entry for q k^T)."""
+    vi = ctx.value_input(node)                      # (first: score_side frees the kept slopes)
     vs = ctx.value_side(node)
     r = ctx.score_side(node)                        # per-entry bounds (score_side.py, score_input.py)
-    if vs is not None:
-        v = value_remainder(vs, lam.t, lam.take(x.radius), y.radius)
+    if vs is not None or vi is not None:
+        other = None if vi is None else value_input.entries(vi, lam.t)
+        v = value_remainder(vs, lam.t, lam.take(x.radius), y.radius, other)
         return v if r is None else torch.minimum(v, lam.abs_dot(r))
     return lam.abs_dot(x.radius @ _t(y.radius) if r is None else r)
 

@@ -33,7 +33,7 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, SATURATION_WIDTH, BoundOptions
 from .alpha import optimize
-from . import fpggml, fpprob, score_input
+from . import fpggml, fpprob, score_input, value_input
 from .crown import Context, node_bounds, numel as _numel
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
@@ -242,10 +242,16 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
                  and tunings.norm_input_from_centre else set())
     need -= from_norm
     stops = cut_points(graph, need) if intermediate == "cut" else {}
-    if tunings.score_input and intermediate == "crown" and method in ("crown", "alpha"):
-        # the score products' sides keep their linear bounds over the input (score_input.py), where small
-        ctx.keep_linear = {n for n in score_input.wanted(graph, need)
-                           if _numel(graph[n].shape) * box.center.numel() <= score_input.BUDGET}
+    if intermediate == "crown" and method in ("crown", "alpha"):
+        # the attention products' sides keep their linear bounds over the input, where small
+        # (score_input.py; V for attention @ V's value side: value_input.py)
+        size = lambda n: _numel(graph[n].shape) * box.center.numel()     # noqa: E731
+        keep = set()
+        if tunings.score_input:
+            keep |= {n for n in score_input.wanted(graph, need) if size(n) <= score_input.BUDGET}
+        if tunings.value_input:
+            keep |= {n for n in value_input.wanted(graph, need) if size(n) <= value_input.BUDGET}
+        ctx.keep_linear = keep
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
     refine = method in ("crown", "alpha") and intermediate != "ibp"
     ctx.stops = stops

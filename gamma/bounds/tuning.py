@@ -28,6 +28,7 @@ class Tunings:
     # value-side remainder is tighter: Whisper block 2 0.670 with planes, 0.598 without; docs/depth.md)
     matmul_planes: bool = False
     value_side: bool = True           # attention @ V's remainder also through the value layer (value_side.py)
+    value_input: bool = True          # attention @ V's remainder also through V's linear bounds over the input (value_input.py)
     score_side: bool = True           # q k^T's remainder also through both projections (score_side.py)
     score_spectral: bool = True       # with score_side, its quadratic term also by the heads' spectral norms
     score_input: bool = True          # q k^T's remainder also from both sides' linear bounds over the input (score_input.py)

@@ -111,13 +111,27 @@ def build(graph, node, bounds: dict, margins: dict, y_box) -> Optional[ValueSide
                      y_box.center.transpose(-1, -2) - _heads(back, kv, idx), w32, through)
 
 
-def remainder(vs: ValueSide, lam: Tensor, r_p: Tensor, r_v: Tensor) -> Tensor:
-    """(S,): ``sum_hij r_P,hij min(R_box, R_back + |shift term|)`` per row.
+def remainder(vs: Optional[ValueSide], lam: Tensor, r_p: Tensor, r_v: Tensor,
+              other: Optional[Tensor] = None) -> Tensor:
+    """(S,): ``sum_hij r_P,hij min(R_box, R_back + |shift term|, other)`` per row.
 
     lam (S, H, I, dh): the cotangent at z (I = T dense, 1 token-compact); r_p (S or 1,
-    H, I, Tk): P's radius as each row sees it; r_v (H, dh, Tk): V^T's radius."""
+    H, I, Tk): P's radius as each row sees it; r_v (H, dh, Tk): V^T's radius; ``vs`` None:
+    no reading through the value layer; ``other`` (S, H, I, Tk): another bound of
+    ``max |u_ij - cu_ij|`` per entry (:func:`.value_input.entries`), or None."""
     r_vt = r_v.transpose(-1, -2)                                         # (H, Tk, dh)
-    r_box = torch.einsum("shic,hjc->shij", lam.abs(), r_vt)
+    r = torch.einsum("shic,hjc->shij", lam.abs(), r_vt)                  # R_box
+    if vs is not None:
+        r = torch.minimum(r, _back(vs, lam))
+    if other is not None:
+        r = torch.minimum(r, other)
+    if r_p.dim() == r.dim() - 1:
+        r_p = r_p.unsqueeze(0)
+    return (r_p * r).reshape(r.shape[0], -1).sum(1)
+
+
+def _back(vs: ValueSide, lam: Tensor) -> Tensor:
+    """(S, H, I, Tk): ``R_back + |shift term|``, the reach of u_ij read through the value layer."""
     if vs.w32 is None:
         a = torch.einsum("shic,hcd->shid", lam, vs.w)                    # W_h^T lam_i: (S, H, I, d)
         r_back = a.abs() @ vs.r_n.transpose(0, 1)                        # (S, H, I, Tk)
@@ -133,8 +147,4 @@ def remainder(vs: ValueSide, lam: Tensor, r_p: Tensor, r_v: Tensor) -> Tensor:
     if vs.margin is not None:
         r_back = r_back + torch.einsum("shic,hjc->shij", lam.abs(), vs.margin)
     r_back = (r_back + torch.einsum("shic,hjc->shij", lam, vs.shift).abs()) * _OUT
-    r_back = torch.where(torch.isnan(r_back), torch.full_like(r_back, math.inf), r_back)
-    r = torch.minimum(r_box, r_back)
-    if r_p.dim() == r.dim() - 1:
-        r_p = r_p.unsqueeze(0)
-    return (r_p * r).reshape(r.shape[0], -1).sum(1)
+    return torch.where(torch.isnan(r_back), torch.full_like(r_back, math.inf), r_back)

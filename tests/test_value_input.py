@@ -1,0 +1,149 @@
+"""Attention @ V's product remainder with V read through its linear bounds over the input
+(gamma.bounds.value_input): exact by hand, the per-entry bound contains the value side's
+products at sampled and PGD-pushed inputs, the token-block layout equals the dense one, and
+whole graphs stay sound (samples + PGD, float64 and float32 engines) and no wider than without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gamma.bounds import Tunings, compute_bounds, score_input, value_input
+from gamma.bounds.value_input import ValueInput, entries
+from gamma.ops import evaluate
+from soundness import as_dtype, graph_fn, violations
+from test_score_side import attention, push
+
+OFF = Tunings(value_input=False)
+
+
+def _capture(monkeypatch) -> dict:
+    """node name -> (ValueInput, y box) as the engine built them."""
+    seen: dict = {}
+    real = value_input.build
+
+    def spy(graph, node, linear, y_box):
+        vi = real(graph, node, linear, y_box)
+        seen[node.name] = (vi, y_box)
+        return vi
+    monkeypatch.setattr(value_input, "build", spy)
+    return seen
+
+
+def test_entries_by_hand():
+    """One head, two value columns over two input elements: B_0 = [1, 1], B_1 = [1, -1], bands
+    0.1 and 0.2, r_u = 1.  For lam = (1, 1) the slopes cancel in the second input element:
+    |(2, 0)| . r_u + 0.1 + 0.2 = 2.3; for lam = (1, -1): |(0, 2)| . r_u + 0.3 = 2.3; for
+    lam = (2, 0): |(2, 2)| . r_u + 0.2 = 4.2 (no cancellation)."""
+    slopes = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64).reshape(1, 2, 1, 2)   # (H, dh, Tk, m)
+    band = torch.tensor([0.1, 0.2], dtype=torch.float64).reshape(1, 2, 1)
+    vi = ValueInput(slopes, band, torch.ones(1, 2, dtype=torch.float64))
+    lam = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.0]], dtype=torch.float64).reshape(3, 1, 1, 2)
+    assert entries(vi, lam).flatten().tolist() == pytest.approx([2.3, 2.3, 4.2], rel=1e-10)
+
+
+@pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
+def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
+    """A block on its own input: V's key j moves with input token j alone, so the slopes are kept
+    as that token's block; entries from them equal those of the slopes over the whole input (the
+    other blocks are zero)."""
+    seen = _capture(monkeypatch)
+    g = attention(rope, rep, d=16, heads=4)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    compute_bounds(g, x0, 0.05, "crown", arithmetic="real")
+    vi, _ = seen["av"]
+    assert vi is not None
+    H, dh, Tk, d = vi.slopes.shape
+    assert (H, dh, Tk, d) == (4, 4, 4, 16)
+    dense = torch.zeros(H, dh, Tk, Tk, d, dtype=torch.float64)
+    idx = torch.arange(Tk)
+    dense[:, :, idx, idx] = vi.slopes
+    full = ValueInput(dense.reshape(H, dh, Tk, Tk * d), vi.band, vi.reach.reshape(1, -1))
+    lam = torch.randn(5, H, 3, dh, generator=gen, dtype=torch.float64)
+    assert torch.allclose(entries(vi, lam), entries(full, lam), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
+@pytest.mark.parametrize("arithmetic", ["real", "float32"])
+def test_entries_contain_the_products(monkeypatch, rope, rep, arithmetic):
+    """For random cotangents, |sum_c lam_ic (V_jc - cV_jc)| at 128 sampled inputs and at inputs PGD
+    pushes to maximise one entry each lies within ``entries``; the float32 engine's V too (float32
+    mode); and the bound is narrower than V's box somewhere."""
+    seen = _capture(monkeypatch)
+    g = attention(rope, rep, d=32, heads=4)
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.08
+    compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    vi, yb = seen["av"]
+    yn = g["av"].inputs[1]
+    lam = torch.randn(3, *vi.band.shape[:1], g["av"].shape[-2], vi.band.shape[1], generator=gen,
+                      dtype=torch.float64)                                             # (S, H, T, dh)
+    bound = entries(vi, lam)                                                           # (S, H, T, Tk)
+    box = torch.einsum("shic,hcj->shij", lam.abs(), yb.radius)
+    assert bool((bound < box).any())
+
+    def products(z, dtype=torch.float64):
+        gg = as_dtype(g, dtype)
+        y = evaluate(gg, z.to(dtype), keep_all=True)[yn].double() - yb.center        # (N, H, dh, Tk)
+        return torch.einsum("shic,nhcj->nshij", lam, y).flatten(1)
+    xs = x0 + eps * (2 * torch.rand((128,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+    b = bound.flatten()
+    assert bool((products(xs).abs() <= b + 1e-12).all())
+    if arithmetic == "float32":
+        assert bool((products(xs, torch.float32).abs() <= b + 1e-12).all())
+    pushed = push(products, x0, xs, eps, gen, steps=20)
+    assert bool((products(pushed).abs() <= b + 1e-12).all())
+
+
+@pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
+@pytest.mark.parametrize("arithmetic", ["real", "float32", "float32-probabilistic"])
+def test_sound_and_no_wider(rope, rep, arithmetic):
+    """The residual output no wider than without the module (attention @ V's inputs and everything
+    before are the same passes), narrower somewhere, and zero violations under samples + PGD of
+    float64 and float32 engines."""
+    g = attention(rope, rep, d=32, heads=4)
+    gen = torch.Generator().manual_seed(13)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.05
+    on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=OFF)
+    for name in on.nodes:
+        assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + 1e-9) + 1e-12).all()), name
+    assert bool((on.width() < off.width() * 0.999).any())
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, steps=30) == 0
+
+
+def test_whisper_encoder_sound(whisper_hf_dir):
+    """The tiny Whisper encoder (two blocks, transformers' weights) in the default mode: its bounds
+    contain gamma's float64 and float32 forwards under samples + PGD, and are no wider than
+    without the module."""
+    from gamma import Model
+    from gamma.io import load_checkpoint
+    model = Model(load_checkpoint(whisper_hf_dir[0]))
+    ip = model.input_point("encoder", seq_len=4)
+    g = model.graph("encoder", seq_len=4)
+    eps = 1e-3
+    on = compute_bounds(g, ip.x, eps, "crown")
+    off = compute_bounds(g, ip.x, eps, "crown", tunings=OFF)
+    assert bool((on.width() <= off.width() * (1 + 1e-3)).all())
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), ip.x, eps, on.lower, on.upper, steps=20) == 0
+
+
+def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
+    """--intermediate cut keeps no linear bounds, nor does V above both modules' budgets (score_input
+    may keep V for its own reading): the bounds are then those without the module."""
+    seen = _capture(monkeypatch)
+    g = attention(False, 1, d=16, heads=2)
+    x0 = torch.zeros(g.input_shape, dtype=torch.float64)
+    compute_bounds(g, x0, 0.05, "crown", intermediate="cut")
+    assert not seen
+    monkeypatch.setattr(value_input, "BUDGET", 16)
+    monkeypatch.setattr(score_input, "BUDGET", 16)
+    a = compute_bounds(g, x0, 0.05, "crown")
+    b = compute_bounds(g, x0, 0.05, "crown", tunings=OFF)
+    assert all(v[0] is None for v in seen.values())
+    assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

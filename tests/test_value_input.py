@@ -53,7 +53,8 @@ def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
     x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
     compute_bounds(g, x0, 0.05, "crown", arithmetic="real")
     vi, _ = seen["av"]
-    assert vi is not None
+    assert vi is not None and vi.f32 is not None
+    vi = vi._replace(f32=None)                          # the float64 products in both layouts
     H, dh, Tk, d = vi.slopes.shape
     assert (H, dh, Tk, d) == (4, 4, 4, 16)
     dense = torch.zeros(H, dh, Tk, Tk, d, dtype=torch.float64)
@@ -62,6 +63,25 @@ def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
     full = ValueInput(dense.reshape(H, dh, Tk, Tk * d), vi.band, vi.reach.reshape(1, -1))
     lam = torch.randn(5, H, 3, dh, generator=gen, dtype=torch.float64)
     assert torch.allclose(entries(vi, lam), entries(full, lam), rtol=1e-12, atol=0)
+
+
+def test_float32_products_bound_the_float64_ones(monkeypatch):
+    """The float32 products' bound is never below the float64 products' (which equal the exact
+    sums to float64 rounding) and within 1e-5 of them; rows of mixed magnitudes (1e-30 to 1e3),
+    so underflow and cancellation are both met."""
+    seen = _capture(monkeypatch)
+    g = attention(False, 1, d=32, heads=4)
+    gen = torch.Generator().manual_seed(23)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    compute_bounds(g, x0, 0.05, "crown", arithmetic="real")
+    vi, _ = seen["av"]
+    H, dh = vi.band.shape[:2]
+    scale = 10.0 ** torch.randint(-30, 4, (6, H, 2, dh), generator=gen).double()
+    lam = torch.randn(6, H, 2, dh, generator=gen, dtype=torch.float64) * scale
+    lam[0] = lam[0].sign()                              # +-1: the dot products cancel exactly in places
+    a, b = entries(vi, lam), entries(vi._replace(f32=None), lam)
+    assert bool((a >= b).all())
+    assert bool((a <= b * (1 + 1e-5) + 1e-30).all())
 
 
 @pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])

@@ -35,11 +35,13 @@ block 0 max width 0.368 -> 0.329, median 0.170 -> 0.154.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from ..ops import forward_op
+from . import fp
 from .score_input import kept_source
 
 Tensor = torch.Tensor
@@ -52,6 +54,35 @@ class ValueInput(NamedTuple):
     slopes: Tensor            # (H, dh, Tk, m): V^T's midpoint slopes B over key j's token block of the input
     band: Tensor              # (H, dh, Tk): |g|, what the relaxations before V add beyond B du
     reach: Tensor             # (Tk, m): key j's token block of r_u ((1, n) for slopes over all of u)
+    f32: Optional["Float32"] = None   # the products in float32 (:func:`float32`), where float32 matmuls are IEEE
+
+
+class Float32(NamedTuple):
+    """The per-row products in float32 with their error bound (:func:`entries`): the slopes are
+    B32 = B rounded to float32 (``band`` holds ``|B - B32| r_u`` too), the reach r32 rounded up."""
+    slopes: Tensor            # (H, dh, Tk, m) float32: B32
+    reach: Tensor             # (Tk, m) float32: r32 >= r_u
+    rho: Tensor               # (H, dh, Tk) float64: |B32| r_u per column, rounded up
+    const: Tensor             # (H, Tk) float64: the underflows' share, lam-free
+    band: Tensor              # (H, dh, Tk) float64: the band plus |B - B32| r_u
+
+
+def float32(slopes: Tensor, band: Tensor, reach: Tensor) -> Float32:
+    """:class:`Float32` of float64 slopes (H, dh, Tk, m), band (H, dh, Tk) and reach (Tk, m).
+
+    For a row lam (float64) and w32 = fl32(sum_c fl32(lam_c) B32_c) by any float32 matmul:
+    ``|sum_c lam_c B32_c - w32| <= k sum_c |lam_c| |B32_c| + FLOOR (1 + gamma_dh) sum_c |B32_c| + dh FLOOR``
+    elementwise, ``k = U + gamma_dh (1 + U)`` (lam's rounding, then the dot product's in any
+    order; FLOOR covers an underflow or flush per operation), so over the reach
+    ``sum_m |w_m| r_m <= sum_m |w32_m| r32_m + k sum_c |lam_c| rho_c + const``."""
+    dh, m = slopes.shape[1], slopes.shape[-1]
+    b32 = slopes.float()
+    r32 = reach.float()
+    r32 = torch.where(r32.double() < reach, torch.nextafter(r32, torch.full_like(r32, math.inf)), r32)
+    rho = (b32.double().abs() * reach).sum(-1) * _OUT
+    const = (fp.FLOOR * (1 + fp.gamma(dh)) * rho.sum(1) + dh * fp.FLOOR * reach.sum(-1)) * _OUT
+    extra = ((slopes - b32.double()).abs() * reach).sum(-1) * _OUT
+    return Float32(b32, r32, rho, const, band + extra)
 
 
 def wanted(graph, need: set) -> set:
@@ -95,22 +126,36 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
         own = torch.eye(Tk, dtype=torch.bool, device=slopes.device).reshape(1, 1, Tk, Tk, 1)
         if not bool(blocks.masked_fill(own, 0).any()):      # key j moves with input token j only
             idx = torch.arange(Tk, device=slopes.device)
-            return ValueInput(blocks[:, :, idx, idx], band, r_u.reshape(Tk, d))
+            b, reach = blocks[:, :, idx, idx].contiguous(), r_u.reshape(Tk, d)
+            return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None)
     return None
 
 
 def entries(vi: ValueInput, lam: Tensor) -> Tensor:
     """(S, H, I, Tk): a bound of ``|sum_c lam_ic (V_jc - cV_jc)|`` per row, head, query i and key j.
 
-    lam (S, H, I, dh): the cotangent at z (I = T dense, 1 token-compact)."""
+    lam (S, H, I, dh): the cotangent at z (I = T dense, 1 token-compact).  With :attr:`ValueInput.f32`
+    the products run in float32 (about half the time) and the bound adds their error
+    (:func:`float32`), and the float32 sums' (``sum_m`` of m nonnegative products: at most
+    ``gamma_m`` of the exact sum, plus an underflow each)."""
     S, H, I, dh = lam.shape
     Tk, m = vi.slopes.shape[2], vi.slopes.shape[3]
+    f = vi.f32
     out = lam.new_empty(S, H, I, Tk)
     step = max(1, ROW_CHUNK // max(1, H * I * Tk * m))
     for s in range(0, S, step):
         part = lam[s:s + step]
-        w = torch.einsum("shic,hcjm->shijm", part, vi.slopes)                   # (s, H, I, Tk, m)
-        out[s:s + step] = (w.abs() * vi.reach).sum(-1)
-    out = out + torch.einsum("shic,hcj->shij", lam.abs(), vi.band)
+        if f is None:
+            w = torch.einsum("shic,hcjm->shijm", part, vi.slopes)               # (s, H, I, Tk, m)
+            out[s:s + step] = (w.abs() * vi.reach).sum(-1)
+        else:
+            w = torch.einsum("shic,hcjm->shijm", part.float(), f.slopes)         # float32
+            out[s:s + step] = (w.abs_() * f.reach).sum(-1).double()
+    if f is None:
+        out = out + torch.einsum("shic,hcj->shij", lam.abs(), vi.band)
+    else:
+        k = fp.U + fp.gamma(dh) * (1 + fp.U)
+        out = (out / (1 - fp.gamma(m)) + m * fp.FLOOR + f.const.unsqueeze(-2)
+               + torch.einsum("shic,hcj->shij", lam.abs(), k * f.rho + f.band))
     out = out * _OUT
     return torch.where(torch.isnan(out), torch.full_like(out, float("inf")), out)

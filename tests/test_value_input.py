@@ -42,6 +42,16 @@ def test_entries_by_hand():
     assert entries(vi, lam).flatten().tolist() == pytest.approx([2.3, 2.3, 4.2], rel=1e-10)
 
 
+def test_usable():
+    """Token blocks serve every row; slopes over the whole input serve token-compact rows only."""
+    one = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    blocks = ValueInput(one, one[0, 0], torch.zeros(2, 1, dtype=torch.float64))
+    whole = ValueInput(one, one[0, 0], torch.zeros(1, 2, dtype=torch.float64))
+    assert value_input.usable(blocks, False) and value_input.usable(blocks, True)
+    assert value_input.usable(whole, True) and not value_input.usable(whole, False)
+    assert not value_input.usable(None, True)
+
+
 @pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
 def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
     """A block on its own input: V's key j moves with input token j alone, so the slopes are kept
@@ -136,10 +146,12 @@ def test_sound_and_no_wider(rope, rep, arithmetic):
         assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, steps=30) == 0
 
 
-def test_whisper_encoder_sound(whisper_hf_dir):
+def test_whisper_encoder_sound(monkeypatch, whisper_hf_dir):
     """The tiny Whisper encoder (two blocks, transformers' weights) in the default mode: its bounds
     contain gamma's float64 and float32 forwards under samples + PGD, and are no wider than
-    without the module."""
+    without the module.  The stem's convolutions mix the input frames, so V's slopes span the
+    whole input there (the layout served to token-compact rows only)."""
+    seen = _capture(monkeypatch)
     from gamma import Model
     from gamma.io import load_checkpoint
     model = Model(load_checkpoint(whisper_hf_dir[0]))
@@ -147,6 +159,7 @@ def test_whisper_encoder_sound(whisper_hf_dir):
     g = model.graph("encoder", seq_len=4)
     eps = 1e-3
     on = compute_bounds(g, ip.x, eps, "crown")
+    assert seen and all(vi is not None and vi.reach.shape[0] == 1 for vi, _ in seen.values())
     off = compute_bounds(g, ip.x, eps, "crown", tunings=OFF)
     assert bool((on.width() <= off.width() * (1 + 1e-3)).all())
     for dtype in (torch.float64, torch.float32):

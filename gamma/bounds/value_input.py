@@ -24,10 +24,11 @@ contains ``w_ij``, so the bound stays sound.
 
 Where V's key j depends on the input's token j alone (a block on its own input: V is a norm and
 a linear layer per token), the slopes are kept as that token's block only: the cost per cotangent
-row is ``H dh Tk d`` instead of ``H dh Tk n``.  Elsewhere the module steps aside: where V's keys
-move with every input element (the whole encoder: the stem's convolutions, then attention, mix the
-input frames) each row costs ``H dh Tk n``, x T where it has spread over the queries, which took
-the whole Whisper tiny.en encoder's bound from about a minute to over ten (measured, then left).
+row is ``H dh Tk d`` instead of ``H dh Tk n``.  Where V's keys move with every input element (the
+whole encoder: the stem's convolutions, then attention, mix the input frames) each row costs
+``H dh Tk n``, x T where it has spread over the queries: there the module serves token-compact
+rows only (:func:`usable`; every row's cotangent at its own block's attention), as serving every row
+took the whole Whisper tiny.en encoder's bound from about a minute to over ten (measured).
 
 Measured (real arithmetic, eps 1e-3, CROWN; docs/depth.md, sixteenth round): Whisper tiny.en
 block 0 max width 0.368 -> 0.329, median 0.170 -> 0.154.
@@ -120,6 +121,7 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
     if slopes.dim() != 4 or slopes.shape[:-1] != y_box.center.shape:
         return None
     H, dh, Tk, n = slopes.shape
+    b, reach = slopes.contiguous(), r_u.reshape(1, n)
     if n % Tk == 0 and lin.box.center.dim() >= 2 and lin.box.center.shape[0] == Tk:
         d = n // Tk
         blocks = slopes.reshape(H, dh, Tk, Tk, d)
@@ -127,8 +129,13 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
         if not bool(blocks.masked_fill(own, 0).any()):      # key j moves with input token j only
             idx = torch.arange(Tk, device=slopes.device)
             b, reach = blocks[:, :, idx, idx].contiguous(), r_u.reshape(Tk, d)
-            return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None)
-    return None
+    return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None)
+
+
+def usable(vi: Optional[ValueInput], compact: bool) -> bool:
+    """Whether :func:`entries` is worth its cost for a cotangent of that layout: always over token
+    blocks; over the whole input (``reach`` one row) only for token-compact rows (I = 1)."""
+    return vi is not None and (compact or vi.reach.shape[0] > 1)
 
 
 def entries(vi: ValueInput, lam: Tensor) -> Tensor:

@@ -91,9 +91,9 @@ class Context:
             self._lin[node.name] = lin if self.tunings.row_remainder else replace(lin, rem=None)
         return self._lin[node.name]
 
-    def cached(self, node, make):
-        """``make()`` once per node and Context (a rule's per-node constants)."""
-        key = ("rule", node.name)
+    def cached(self, node, make, kind: str = "rule"):
+        """``make()`` once per node, ``kind`` and Context (a rule's per-node constants)."""
+        key = (kind, node.name)
         if key not in self._const:
             self._const[key] = make()
         return self._const[key]
@@ -133,21 +133,16 @@ class Context:
         (None where its y is not a linear layer's heads, or the tuning is off)."""
         if not self.tunings.value_side:
             return None
-        key = ("value_side", node.name)
-        if key not in self._const:
-            self._const[key] = value_side.build(self.graph, node, self.bounds, self.margins, self.inb(node, 1))
-        return self._const[key]
+        return self.cached(node, lambda: value_side.build(self.graph, node, self.bounds, self.margins,
+                                                          self.inb(node, 1)), "value_side")
 
     def value_input(self, node):
         """The constants of :func:`.value_input.entries` for attention @ V ``node`` (None where
         V's linear bounds over the input were not kept, or the tuning is off)."""
         if not (self.tunings.value_input and node.params.get("rows_sum_to_one")):
             return None
-        key = ("value_input", node.name)
-        if key not in self._const:
-            self._const[key] = (value_input.build(self.graph, node, self.linear, self.inb(node, 1))
-                                if self.linear else None)
-        return self._const[key]
+        return self.cached(node, lambda: value_input.build(self.graph, node, self.linear, self.inb(node, 1))
+                           if self.linear else None, "value_input")
 
     def score_side(self, node):
         """The per-entry remainder bound of :func:`.score_side.remainder` (not for attention @ V)
@@ -172,10 +167,7 @@ class Context:
         ops, where its input is not a residual add of a linear layer, or the tuning is off)."""
         if node.op != "rmsnorm" or not self.tunings.norm_side:
             return None
-        key = ("norm_side", node.name)
-        if key not in self._const:
-            self._const[key] = norm_side.build(self.graph, node, self.bounds, self.margins)
-        return self._const[key]
+        return self.cached(node, lambda: norm_side.build(self.graph, node, self.bounds, self.margins), "norm_side")
 
     def use_planes(self, node) -> bool:
         """Whether this pass relaxes the product ``node`` by McCormick planes chosen

@@ -166,11 +166,10 @@ def _remainder(node, lam, ctx, x, y) -> Tensor:
     (:mod:`.score_side`); either also through both sides' linear bounds over the input
     (:mod:`.score_input`), the narrower per row (per entry for q k^T)."""
     vi = ctx.value_input(node)                      # (first: score_side frees the kept slopes)
-    vi = vi if value_input.usable(vi, isinstance(lam, Rows)) else None
     vs = ctx.value_side(node)
     r = ctx.score_side(node)                        # per-entry bounds (score_side.py, score_input.py)
-    if vs is not None or vi is not None:
-        other = None if vi is None else value_input.entries(vi, lam.t)
+    other = value_input.served(vi, lam.t, isinstance(lam, Rows))
+    if vs is not None or other is not None:
         v = value_remainder(vs, lam.t, lam.take(x.radius), y.radius, other)
         return v if r is None else torch.minimum(v, lam.abs_dot(r))
     return lam.abs_dot(x.radius @ _t(y.radius) if r is None else r)

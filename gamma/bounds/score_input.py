@@ -64,6 +64,29 @@ def wanted(graph, need: set) -> set:
     return out
 
 
+def side(graph, src: tuple, linear: dict, box) -> tuple:
+    """``(slopes, rho, g, r_u)`` of the kept node ``src = (name, chain)`` carried to the product's
+    side (``box``: that side's box): ``slopes`` (*side shape, n) the midpoint slopes A, ``rho =
+    |A| r_u`` and ``g`` (side shape) the band of the module docstring, ``r_u`` (n,) the input's radius."""
+    name, chain = src
+    lin = linear[name]
+    c_u, r_u = lin.box.center.reshape(-1), lin.box.radius.reshape(-1)
+    shape = graph[name].shape
+
+    def carry(t: Tensor, lead: int) -> Tensor:           # (lead..., *src) -> (lead..., *side)
+        t = t.reshape(*t.shape[:lead], *shape)
+        for op in chain:
+            t = forward_op(op, t)
+        return t
+    a = 0.5 * (lin.a_lo + lin.a_hi)                                           # (m, n)
+    rho = carry(a.abs() @ r_u, 0)
+    half = carry(0.5 * (lin.a_hi - lin.a_lo).abs() @ r_u, 0)
+    lo = carry(lin.a_lo @ c_u + lin.b_lo, 0) - box.center
+    hi = carry(lin.a_hi @ c_u + lin.b_hi, 0) - box.center
+    slopes = carry(a.T.contiguous(), 1).movedim(0, -1)                        # (*side, n)
+    return slopes, rho, half + torch.maximum(lo.abs(), hi.abs()), r_u
+
+
 def remainder(graph, node, linear: dict, x_box, y_box) -> Optional[Tensor]:
     """(.., T, Tk): a bound of ``|(x_i - cx_i) . (y_j - cy_j)|`` per score, never above the
     boxes' ``r_x r_y^T``; None where a side's linear bounds were not kept."""
@@ -71,22 +94,8 @@ def remainder(graph, node, linear: dict, x_box, y_box) -> Optional[Tensor]:
     if any(s is None for s in sides):
         return None
     parts = []
-    for (name, chain), b in zip(sides, (x_box, y_box)):
-        lin = linear[name]
-        c_u, r_u = lin.box.center.reshape(-1), lin.box.radius.reshape(-1)
-        src = graph[name].shape
-        def carry(t: Tensor, lead: int) -> Tensor:           # (lead..., *src) -> (lead..., *heads)
-            t = t.reshape(*t.shape[:lead], *src)
-            for op in chain:
-                t = forward_op(op, t)
-            return t
-        a = 0.5 * (lin.a_lo + lin.a_hi)                                       # (m, n)
-        rho = carry(a.abs() @ r_u, 0)
-        half = carry(0.5 * (lin.a_hi - lin.a_lo).abs() @ r_u, 0)
-        lo = carry(lin.a_lo @ c_u + lin.b_lo, 0) - b.center
-        hi = carry(lin.a_hi @ c_u + lin.b_hi, 0) - b.center
-        g = half + torch.maximum(lo.abs(), hi.abs())
-        slopes = carry(a.T.contiguous(), 1).movedim(0, -1)                    # (.., T, dh, n)
+    for src, b in zip(sides, (x_box, y_box)):
+        slopes, rho, g, r_u = side(graph, src, linear, b)
         if slopes.shape[:-1] != b.center.shape:
             return None
         parts.append((slopes, rho, g, float((r_u * r_u).sum())))

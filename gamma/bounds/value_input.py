@@ -42,9 +42,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..ops import forward_op
 from . import fp
-from .score_input import kept_source
+from .score_input import kept_source, side
 
 Tensor = torch.Tensor
 _OUT = 1.0 + 1e-12            # float64 rounding of the sums below, outward
@@ -104,23 +103,11 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
     src = kept_source(graph, node.inputs[1], linear)
     if src is None:
         return None
-    name, chain = src
-    lin = linear[name]
-    shape = graph[name].shape
-
-    def carry(t: Tensor, lead: int) -> Tensor:             # (lead..., *V's node shape) -> (lead..., H, dh, Tk)
-        t = t.reshape(*t.shape[:lead], *shape)
-        for op in chain:
-            t = forward_op(op, t)
-        return t
-
-    c_u, r_u = lin.box.center.reshape(-1), lin.box.radius.reshape(-1)
-    lo = carry(lin.a_lo @ c_u + lin.b_lo, 0) - y_box.center
-    hi = carry(lin.a_hi @ c_u + lin.b_hi, 0) - y_box.center
-    band = (carry(0.5 * (lin.a_hi - lin.a_lo).abs() @ r_u, 0) + torch.maximum(lo.abs(), hi.abs())) * _OUT
-    slopes = carry((0.5 * (lin.a_lo + lin.a_hi)).T.contiguous(), 1).movedim(0, -1)      # (H, dh, Tk, n)
+    slopes, _, band, r_u = side(graph, src, linear, y_box)                   # (H, dh, Tk, n), (H, dh, Tk)
+    band = band * _OUT
     if slopes.dim() != 4 or slopes.shape[:-1] != y_box.center.shape:
         return None
+    lin = linear[src[0]]
     H, dh, Tk, n = slopes.shape
     b, reach = slopes.contiguous(), r_u.reshape(1, n)
     if n % Tk == 0 and lin.box.center.dim() >= 2 and lin.box.center.shape[0] == Tk:

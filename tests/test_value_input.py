@@ -42,6 +42,32 @@ def test_entries_by_hand():
     assert entries(vi, lam).flatten().tolist() == pytest.approx([2.3, 2.3, 4.2], rel=1e-10)
 
 
+def test_served_rows_by_hand():
+    """Slopes over the whole input: token-compact rows are all served; of a dense cotangent, the rows
+    at one query get that query's entries and inf elsewhere, rows over two queries get inf (no
+    reading), a row at no query gets zeros at query 0 (its cotangent is zero); token blocks serve
+    every row."""
+    gen = torch.Generator().manual_seed(29)
+    slopes = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)           # (H, dh, Tk, n)
+    band = torch.rand(2, 3, 4, generator=gen, dtype=torch.float64)
+    whole = ValueInput(slopes, band, torch.rand(1, 5, generator=gen, dtype=torch.float64))
+    t = torch.zeros(3, 2, 4, 3, dtype=torch.float64)                                  # (S, H, T, dh)
+    t[0, :, 2] = torch.randn(2, 3, generator=gen, dtype=torch.float64)                # row 0: query 2 only
+    t[1, :, 0] = 1.0
+    t[1, 1, 3] = -1.0                                                                   # row 1: queries 0 and 3
+    got = value_input.served(whole, t, compact=False)
+    want = entries(whole, t[0:1, :, 2:3])[0, :, 0]
+    assert torch.equal(got[0, :, 2], want)
+    assert bool(torch.isinf(got[0, :, [0, 1, 3]]).all())
+    assert bool(torch.isinf(got[1]).all())
+    assert bool((got[2, :, 0] == 0).all()) and bool(torch.isinf(got[2, :, 1:]).all())
+    assert torch.equal(value_input.served(whole, t[0:1, :, 2:3], compact=True), entries(whole, t[0:1, :, 2:3]))
+    blocks = ValueInput(slopes, band, torch.rand(4, 5, generator=gen, dtype=torch.float64))
+    assert torch.equal(value_input.served(blocks, t, compact=False), entries(blocks, t))
+    assert value_input.served(None, t, compact=True) is None
+    assert value_input.served(whole, t[1:2], compact=False) is None
+
+
 @pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
 def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
     """A block on its own input: V's key j moves with input token j alone, so the slopes are kept
@@ -140,7 +166,7 @@ def test_whisper_encoder_sound(monkeypatch, whisper_hf_dir):
     """The tiny Whisper encoder (two blocks, transformers' weights) in the default mode: its bounds
     contain gamma's float64 and float32 forwards under samples + PGD, and are no wider than
     without the module.  The stem's convolutions mix the input frames, so V's slopes span the
-    whole input there."""
+    whole input there (the layout served to token-compact rows only)."""
     seen = _capture(monkeypatch)
     from gamma import Model
     from gamma.io import load_checkpoint

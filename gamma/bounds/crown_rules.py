@@ -168,7 +168,7 @@ def _remainder(node, lam, ctx, x, y) -> Tensor:
     vi = ctx.value_input(node)                      # (first: score_side frees the kept slopes)
     vs = ctx.value_side(node)
     r = ctx.score_side(node)                        # per-entry bounds (score_side.py, score_input.py)
-    other = None if vi is None else value_input.entries(vi, lam.t)
+    other = value_input.served(vi, lam.t, isinstance(lam, Rows))
     if vs is not None or other is not None:
         v = value_remainder(vs, lam.t, lam.take(x.radius), y.radius, other)
         return v if r is None else torch.minimum(v, lam.abs_dot(r))

@@ -26,8 +26,10 @@ Where V's key j depends on the input's token j alone (a block on its own input: 
 a linear layer per token), the slopes are kept as that token's block only: the cost per cotangent
 row is ``H dh Tk d`` instead of ``H dh Tk n``.  Where V's keys move with every input element (the
 whole encoder: the stem's convolutions, then attention, mix the input frames) each row costs
-``H dh Tk n``, x T where it has spread over the queries: the whole Whisper tiny.en encoder's bound
-(real arithmetic, eps 1e-4) takes about 2x the time without the module, and is 0.68x as wide.
+``H dh Tk n``, x T where it has spread over the queries: there the module serves the rows whose
+cotangent sits at one query only (:func:`served`; every row's cotangent at its own block's
+attention), as serving every row took the whole Whisper tiny.en encoder's bound from about a
+minute to over ten (measured).
 
 Measured (real arithmetic, eps 1e-3, CROWN; docs/depth.md, sixteenth round): Whisper tiny.en
 block 0 max width 0.368 -> 0.329, median 0.170 -> 0.154.
@@ -116,6 +118,28 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
             idx = torch.arange(Tk, device=slopes.device)
             b, reach = blocks[:, :, idx, idx].contiguous(), r_u.reshape(Tk, d)
     return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None)
+
+
+def served(vi: Optional[ValueInput], t: Tensor, compact: bool) -> Optional[Tensor]:
+    """(S, H, I, Tk) :func:`entries` for the cotangent t (S, H, I, dh) of either layout (``compact``:
+    token-compact, I = 1), or None.  Over token blocks every row is served; over the whole input
+    only rows whose cotangent sits at one query (every row of a token-compact pass, and the same
+    rows of a dense one, so both layouts give the same bounds); the others get inf (no reading)."""
+    if vi is None:
+        return None
+    if compact or vi.reach.shape[0] > 1:
+        return entries(vi, t)
+    at = t.abs().sum(-1).sum(1) > 0                                     # (S, T): queries each row reaches
+    one = at.sum(1) <= 1
+    if not bool(one.any()):
+        return None
+    rows = one.nonzero().squeeze(1)
+    tok = at[rows].to(torch.int8).argmax(1)                             # (s,): the row's query (0 when none)
+    part = t[rows, :, tok].unsqueeze(2)                                  # (s, H, 1, dh)
+    S, H, T, _ = t.shape
+    out = t.new_full((S, H, T, vi.slopes.shape[2]), float("inf"))
+    out[rows, :, tok] = entries(vi, part).squeeze(2)
+    return out
 
 
 def entries(vi: ValueInput, lam: Tensor) -> Tensor:

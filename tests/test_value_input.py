@@ -194,5 +194,5 @@ def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
     monkeypatch.setattr(score_input, "BUDGET", 16)
     a = compute_bounds(g, x0, 0.05, "crown")
     b = compute_bounds(g, x0, 0.05, "crown", tunings=OFF)
-    assert all(v[0] is None for v in seen.values())
+    assert not seen                                     # (nothing kept: build never ran)
     assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

@@ -79,12 +79,18 @@ def side(graph, src: tuple, linear: dict, box) -> tuple:
             t = forward_op(op, t)
         return t
     a = 0.5 * (lin.a_lo + lin.a_hi)                                           # (m, n)
-    rho = carry(a.abs() @ r_u, 0)
+    # this float64 arithmetic's rounding, outward: every sum below has at most n + 2 roundings (gamma),
+    # on terms no larger than |a_lo| |c_u| + |a_hi| |c_u| + |b| + |centre| + the slopes' reach (the
+    # computed midpoint a is within 2^-53 |a| of the exact one, so its reach covers that too)
+    k = (len(c_u) + 4) * 2.0 ** -53 * (1 + 2.0 ** -40)
+    rho = carry(a.abs() @ r_u, 0) * (1 + k)
     half = carry(0.5 * (lin.a_hi - lin.a_lo).abs() @ r_u, 0)
     lo = carry(lin.a_lo @ c_u + lin.b_lo, 0) - box.center
     hi = carry(lin.a_hi @ c_u + lin.b_hi, 0) - box.center
+    size = carry((lin.a_lo.abs() + lin.a_hi.abs()) @ c_u.abs() + lin.b_lo.abs() + lin.b_hi.abs(), 0)
+    pad = k * (size + box.center.abs() + rho + half)
     slopes = carry(a.T.contiguous(), 1).movedim(0, -1)                        # (*side, n)
-    return slopes, rho, half + torch.maximum(lo.abs(), hi.abs()), r_u
+    return slopes, rho, (half + torch.maximum(lo.abs(), hi.abs()) + pad) * (1 + k), r_u
 
 
 def remainder(graph, node, linear: dict, x_box, y_box) -> Optional[Tensor]:

@@ -163,7 +163,10 @@ def entries(vi: ValueInput, lam: Tensor) -> Tensor:
             w = torch.einsum("shic,hcjm->shijm", part.float(), f.slopes)         # float32
             out[s:s + step] = (w.abs_() * f.reach).sum(-1).double()
     if f is None:
-        out = out + torch.einsum("shic,hcj->shij", lam.abs(), vi.band)
+        # the float64 products' rounding: at most gamma_{dh+m+1} (2^-53 units) of sum_c |lam_c| |B_c| . r
+        k64 = (dh + m + 2) * 2.0 ** -53 * (1 + 2.0 ** -40)
+        rho = (vi.slopes.abs() * vi.reach).sum(-1)                               # (H, dh, Tk)
+        out = out + torch.einsum("shic,hcj->shij", lam.abs(), vi.band + k64 * rho)
     else:
         k = fp.U + fp.gamma(dh) * (1 + fp.U)
         out = (out / (1 - fp.gamma(m)) + m * fp.FLOOR + f.const.unsqueeze(-2)

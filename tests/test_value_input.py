@@ -68,6 +68,62 @@ def test_served_rows_by_hand():
     assert value_input.served(whole, t[1:2], compact=False) is None
 
 
+def test_spread_by_hand():
+    """One head, two value columns over two input elements, B_0 = [1, 1], B_1 = [1, -1], no band.
+    With r = (1, 4) the row lam = (1, 0) gives v = (1, 1): |v| . r = 5 and Cauchy-Schwarz
+    sqrt(1 + 4) sqrt(5) = 5, equal; with r = (1, 1) the row (1, 1) gives v = (2, 0): |v| . r = 2
+    against sqrt(4) sqrt(2) = 2.83, the price of reading every query at dh^2 per entry."""
+    slopes = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64).reshape(1, 2, 1, 2)
+    band = torch.zeros(1, 2, 1, dtype=torch.float64)
+    for r, lam, want in (([1.0, 4.0], [1.0, 0.0], 5.0), ([1.0, 1.0], [1.0, 1.0], 2 * 2 ** 0.5)):
+        reach = torch.tensor([r], dtype=torch.float64)
+        vi = ValueInput(slopes, band, reach, gram=value_input.gram(slopes, reach))
+        lam_t = torch.tensor(lam, dtype=torch.float64).reshape(1, 1, 1, 2)
+        assert value_input.spread(vi, lam_t).item() == pytest.approx(want, rel=1e-10)
+        assert value_input.spread(vi, lam_t).item() >= want
+
+
+def test_spread_contains_the_products(monkeypatch, whisper_hf_dir):
+    """The tiny Whisper encoder (V's slopes over the whole input: the stem mixes the frames), the
+    last block's attention @ V, random cotangents over every query: the Cauchy-Schwarz reading is
+    never below the exact one (:func:`entries`), and contains ``|sum_c lam_ic (V_jc - cV_jc)|``
+    at 64 sampled and PGD-pushed inputs, float64 and float32 engines; the served rows spread over
+    the queries get it, the rows at one query the exact one."""
+    seen = _capture(monkeypatch)
+    from gamma import Model
+    from gamma.io import load_checkpoint
+    model = Model(load_checkpoint(whisper_hf_dir[0]))
+    x0 = model.input_point("encoder", seq_len=4).x
+    g = model.graph("encoder", seq_len=4)
+    eps = 1e-3
+    compute_bounds(g, x0, eps, "crown")
+    name = [n for n in seen if n.endswith("attn.av")][-1]
+    vi, yb = seen[name]
+    assert vi.gram is not None and vi.reach.shape[0] == 1
+    gen = torch.Generator().manual_seed(37)
+    H, dh, Tk = vi.band.shape
+    lam = torch.randn(4, H, g[name].shape[-2], dh, generator=gen, dtype=torch.float64)   # (S, H, T, dh)
+    bound = value_input.spread(vi, lam)
+    assert bool((bound >= entries(vi._replace(f32=None), lam) * (1 - 1e-12)).all())
+    assert bool((bound < torch.einsum("shic,hcj->shij", lam.abs(), yb.radius)).any())   # V's box
+    one = torch.zeros_like(lam)
+    one[:, :, 1] = lam[:, :, 1]
+    both = value_input.served(vi, torch.cat([lam, one]), compact=False)
+    assert torch.equal(both[:4], bound)
+    assert torch.equal(both[4:, :, 1], entries(vi, one[:, :, 1:2])[:, :, 0])
+    yn = g[name].inputs[1]
+
+    def products(z, dtype=torch.float64):
+        y = evaluate(as_dtype(g, dtype), z.to(dtype), keep_all=True)[yn].double() - yb.center
+        return torch.einsum("shic,nhcj->nshij", lam, y).flatten(1)
+    xs = x0 + eps * (2 * torch.rand((64,) + x0.shape, generator=gen, dtype=torch.float64) - 1)
+    b = bound.flatten()
+    for dtype in (torch.float64, torch.float32):
+        assert bool((products(xs, dtype).abs() <= b).all())
+    pushed = push(products, x0, xs, eps, gen, steps=20)
+    assert bool((products(pushed).abs() <= b).all())
+
+
 @pytest.mark.parametrize("rope,rep", [(False, 1), (True, 2)])
 def test_built_per_token_and_equal_to_the_dense_layout(monkeypatch, rope, rep):
     """A block on its own input: V's key j moves with input token j alone, so the slopes are kept

@@ -56,6 +56,40 @@ class ValueInput(NamedTuple):
     band: Tensor              # (H, dh, Tk): |g|, what the relaxations before V add beyond B du
     reach: Tensor             # (Tk, m): key j's token block of r_u ((1, n) for slopes over all of u)
     f32: Optional["Float32"] = None   # the products in float32 (:func:`float32`), where float32 matmuls are IEEE
+    gram: Optional["Gram"] = None     # slopes over all of u: the rows spread over the queries (:func:`spread`)
+
+
+class Gram(NamedTuple):
+    """``|v| . r <= sqrt(sum_m v_m^2 r_m) sqrt(sum_m r_m)`` (Cauchy-Schwarz) for ``v = sum_c lam_c B_c``:
+    ``sum_m v_m^2 r_m = lam^T G lam`` with G per head and key (dh, dh), so a row costs ``dh^2`` per
+    (head, query, key) instead of ``dh n``."""
+    g: Tensor                 # (H, Tk, dh, dh): B_j diag(r) B_j^T
+    s: Tensor                 # (H, dh, Tk): sqrt(G_cc), rounded up
+    rsum: float               # sqrt(sum_m r_m), rounded up
+    k: float                  # the float64 rounding of lam^T G lam, relative to (|lam| . s)^2
+
+
+def gram(slopes: Tensor, reach: Tensor) -> Gram:
+    """:class:`Gram` of slopes (H, dh, Tk, n) over the whole input, reach (1, n).  G's entries are
+    sums of n products, lam^T G lam one of dh^2: the computed value is within ``gamma_{n + dh^2 + 4}
+    sum_cc' |lam_c| |lam_c'| sum_m r_m |B_cm| |B_c'm|`` of the exact one, and that sum is at most
+    ``(|lam| . s)^2`` (Minkowski's inequality in the r-weighted 2-norm)."""
+    dh, n = slopes.shape[1], slopes.shape[-1]
+    w = slopes * reach.sqrt()                                          # the sqrt's rounding: in k below
+    g = torch.einsum("hcjm,hdjm->hjcd", w, w)
+    k = (n + dh * dh + 8) * 2.0 ** -53 * (1 + 2.0 ** -40)
+    s = (slopes * slopes * reach).sum(-1).sqrt() * (1 + k)
+    return Gram(g, s, math.sqrt(float(reach.sum())) * (1 + k), 4 * k)
+
+
+def spread(vi: ValueInput, lam: Tensor) -> Tensor:
+    """(S, H, I, Tk): :func:`entries`'s bound by :class:`Gram` (for rows over every query)."""
+    gr = vi.gram
+    q = torch.einsum("shic,hjcd,shid->shij", lam, gr.g, lam).clamp_min(0)
+    pad = gr.k * torch.einsum("shic,hcj->shij", lam.abs(), gr.s) ** 2
+    out = (q + pad).sqrt() * gr.rsum + torch.einsum("shic,hcj->shij", lam.abs(), vi.band)
+    out = out * _OUT
+    return torch.where(torch.isnan(out), torch.full_like(out, float("inf")), out)
 
 
 class Float32(NamedTuple):
@@ -117,7 +151,8 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
         if not bool(blocks.masked_fill(own, 0).any()):      # key j moves with input token j only
             idx = torch.arange(Tk, device=slopes.device)
             b, reach = blocks[:, :, idx, idx].contiguous(), r_u.reshape(Tk, d)
-    return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None)
+    return ValueInput(b, band, reach, float32(b, band, reach) if fp.f32_matmul_is_ieee(b.device) else None,
+                      gram(b, reach) if reach.shape[0] == 1 else None)
 
 
 def served(vi: Optional[ValueInput], t: Tensor, compact: bool) -> Optional[Tensor]:
@@ -131,13 +166,16 @@ def served(vi: Optional[ValueInput], t: Tensor, compact: bool) -> Optional[Tenso
         return entries(vi, t)
     at = t.abs().sum(-1).sum(1) > 0                                     # (S, T): queries each row reaches
     one = at.sum(1) <= 1
-    if not bool(one.any()):
+    S, H, T, _ = t.shape
+    out = t.new_full((S, H, T, vi.slopes.shape[2]), float("inf"))
+    if vi.gram is not None and not bool(one.all()):
+        many = (~one).nonzero().squeeze(1)
+        out[many] = spread(vi, t[many])
+    elif not bool(one.any()):
         return None
     rows = one.nonzero().squeeze(1)
     tok = at[rows].to(torch.int8).argmax(1)                             # (s,): the row's query (0 when none)
     part = t[rows, :, tok].unsqueeze(2)                                  # (s, H, 1, dh)
-    S, H, T, _ = t.shape
-    out = t.new_full((S, H, T, vi.slopes.shape[2]), float("inf"))
     out[rows, :, tok] = entries(vi, part).squeeze(2)
     return out
 

@@ -26,10 +26,12 @@ Where V's key j depends on the input's token j alone (a block on its own input: 
 a linear layer per token), the slopes are kept as that token's block only: the cost per cotangent
 row is ``H dh Tk d`` instead of ``H dh Tk n``.  Where V's keys move with every input element (the
 whole encoder: the stem's convolutions, then attention, mix the input frames) each row costs
-``H dh Tk n``, x T where it has spread over the queries: there the module serves the rows whose
-cotangent sits at one query only (:func:`served`; every row's cotangent at its own block's
-attention), as serving every row took the whole Whisper tiny.en encoder's bound from about a
-minute to over ten (measured).
+``H dh Tk n``, x T where it has spread over the queries: there the rows whose cotangent sits at one
+query get that exact reading (:func:`served`; every row at its own block's attention), and the rows
+spread over the queries a Cauchy-Schwarz one, ``|v| . r_u <= sqrt(v^T diag(r_u) v) sqrt(sum r_u)`` with
+``v^T diag(r_u) v = lam^T G_j lam`` through one (dh, dh) Gram matrix per head and key (:class:`Gram`,
+:func:`spread`): ``H Tk dh^2`` per query.  Serving every row the exact reading took the whole Whisper
+tiny.en encoder's bound from about a minute to over ten (measured).
 
 Measured (real arithmetic, eps 1e-3, CROWN; docs/depth.md, sixteenth round): Whisper tiny.en
 block 0 max width 0.368 -> 0.329, median 0.170 -> 0.154.

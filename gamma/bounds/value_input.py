@@ -87,7 +87,13 @@ def gram(slopes: Tensor, reach: Tensor) -> Gram:
 def spread(vi: ValueInput, lam: Tensor) -> Tensor:
     """(S, H, I, Tk): :func:`entries`'s bound by :class:`Gram` (for rows over every query)."""
     gr = vi.gram
-    q = torch.einsum("shic,hjcd,shid->shij", lam, gr.g, lam).clamp_min(0)
+    S, H, I, dh = lam.shape
+    q = lam.new_empty(S, H, I, gr.g.shape[1])
+    step = max(1, ROW_CHUNK // max(1, H * I * gr.g.shape[1] * dh))      # (s, H, I, Tk, dh) at once
+    for a in range(0, S, step):
+        part = lam[a:a + step]
+        q[a:a + step] = torch.einsum("shijd,shid->shij", torch.einsum("shic,hjcd->shijd", part, gr.g), part)
+    q = q.clamp_min(0)
     pad = gr.k * torch.einsum("shic,hcj->shij", lam.abs(), gr.s) ** 2
     out = (q + pad).sqrt() * gr.rsum + torch.einsum("shic,hcj->shij", lam.abs(), vi.band)
     out = out * _OUT

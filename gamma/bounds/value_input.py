@@ -33,8 +33,9 @@ spread over the queries a Cauchy-Schwarz one, ``|v| . r_u <= sqrt(v^T diag(r_u) 
 :func:`spread`): ``H Tk dh^2`` per query.  Serving every row the exact reading took the whole Whisper
 tiny.en encoder's bound from about a minute to over ten (measured).
 
-Measured (real arithmetic, eps 1e-3, CROWN; docs/depth.md, sixteenth round): Whisper tiny.en
-block 0 max width 0.368 -> 0.329, median 0.170 -> 0.154.
+Measured (real arithmetic, CROWN; docs/depth.md, sixteenth and seventeenth rounds): Whisper tiny.en
+block 0 at eps 1e-3, max width 0.368 -> 0.329, median 0.170 -> 0.154; the whole encoder at eps 1e-4
+0.207 -> 0.179 (rows at one query) -> 0.148 (with the spread rows' Gram reading).
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ def build(graph, node, linear: dict, y_box) -> Optional[ValueInput]:
 def served(vi: Optional[ValueInput], t: Tensor, compact: bool) -> Optional[Tensor]:
     """(S, H, I, Tk) :func:`entries` for the cotangent t (S, H, I, dh) of either layout (``compact``:
     token-compact, I = 1), or None.  Over token blocks every row is served; over the whole input
-    only rows whose cotangent sits at one query (every row of a token-compact pass, and the same
-    rows of a dense one, so both layouts give the same bounds); the others get inf (no reading)."""
+    the rows whose cotangent sits at one query (every row of a token-compact pass, and the same
+    rows of a dense one, so both layouts give the same bounds) get :func:`entries` there (inf at the
+    other queries), and the rows spread over the queries :func:`spread`."""
     if vi is None:
         return None
     if compact or vi.reach.shape[0] > 1:

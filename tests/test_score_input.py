@@ -159,15 +159,19 @@ def test_sound_and_never_wider(rope, arithmetic):
 
 def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
     """--intermediate cut keeps no linear bounds (its passes stop early), nor does a side whose
-    slopes would exceed BUDGET entries; the bounds are then those without the module."""
+    slopes would exceed BUDGET entries (score_input's for q and k, value_input's for V, each of
+    which may keep V for the other): the bounds are then those without either module."""
     seen = _capture(monkeypatch)
+    built: list = []
+    real = value_input.build
+    monkeypatch.setattr(value_input, "build", lambda *a: built.append(a[1].name) or real(*a))
     g = attention(False, 1, d=16, heads=2)
     x0 = torch.zeros(g.input_shape, dtype=torch.float64)
     compute_bounds(g, x0, 0.05, "crown", intermediate="cut")
-    assert not seen
+    assert not seen and not built
     monkeypatch.setattr(score_input, "BUDGET", 16)
-    monkeypatch.setattr(value_input, "BUDGET", 16)          # (which keeps V for attention @ V otherwise)
+    monkeypatch.setattr(value_input, "BUDGET", 16)
     a = compute_bounds(g, x0, 0.05, "crown")
-    b = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_input=False))
-    assert not seen
+    b = compute_bounds(g, x0, 0.05, "crown", tunings=Tunings(score_input=False, value_input=False))
+    assert not seen and not built                       # (value_input.build never ran: nothing kept)
     assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

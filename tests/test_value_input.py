@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gamma.bounds import Tunings, compute_bounds, score_input, value_input
+from gamma.bounds import Tunings, compute_bounds, value_input
 from gamma.bounds.value_input import ValueInput, entries
 from gamma.ops import evaluate
 from soundness import as_dtype, graph_fn, violations
@@ -236,19 +236,3 @@ def test_whisper_encoder_sound(monkeypatch, whisper_hf_dir):
     assert bool((on.width() <= off.width() * (1 + 1e-3)).all())
     for dtype in (torch.float64, torch.float32):
         assert violations(graph_fn(g, dtype), ip.x, eps, on.lower, on.upper, steps=20) == 0
-
-
-def test_not_kept_under_cut_or_above_the_budget(monkeypatch):
-    """--intermediate cut keeps no linear bounds, nor does V above both modules' budgets (score_input
-    may keep V for its own reading): the bounds are then those without the module."""
-    seen = _capture(monkeypatch)
-    g = attention(False, 1, d=16, heads=2)
-    x0 = torch.zeros(g.input_shape, dtype=torch.float64)
-    compute_bounds(g, x0, 0.05, "crown", intermediate="cut")
-    assert not seen
-    monkeypatch.setattr(value_input, "BUDGET", 16)
-    monkeypatch.setattr(score_input, "BUDGET", 16)
-    a = compute_bounds(g, x0, 0.05, "crown")
-    b = compute_bounds(g, x0, 0.05, "crown", tunings=OFF)
-    assert not seen                                     # (nothing kept: build never ran)
-    assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)

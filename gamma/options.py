@@ -126,6 +126,20 @@ def check_alpha_iters(iters) -> int:
     return n
 
 
+MAX_NORM_SPLITS = 64
+
+
+def check_norm_splits(value) -> int:
+    """An integer from 1 (no split) to :data:`MAX_NORM_SPLITS`."""
+    try:
+        n = 0 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = 0
+    if not 1 <= n <= MAX_NORM_SPLITS:
+        raise GammaError(f"--norm-splits must be an integer from 1 to {MAX_NORM_SPLITS}, got {value}")
+    return n
+
+
 def check_tolerance(tolerance) -> Optional[float]:
     """None, or a finite float >= 0."""
     if tolerance is None:
@@ -156,6 +170,7 @@ class BoundOptions:
     after_saturation: str = "crown"   # AFTER_SATURATION
     layernorm_variance: str = "any"   # LAYERNORM_VARIANCE
     engine: str = "float32"           # ENGINES
+    norm_splits: int = 1              # pieces of each norm's mean square (1: no split; gamma.bounds.split)
 
     def __post_init__(self):
         checked = {"epsilon": check_epsilon(self.epsilon), "method": check_method(self.method),
@@ -164,7 +179,7 @@ class BoundOptions:
                    "alpha_iters": check_alpha_iters(self.alpha_iters), "products": check_products(self.products),
                    "after_saturation": check_after_saturation(self.after_saturation),
                    "layernorm_variance": check_layernorm_variance(self.layernorm_variance),
-                   "engine": check_engine(self.engine)}
+                   "engine": check_engine(self.engine), "norm_splits": check_norm_splits(self.norm_splits)}
         if checked["engine"] != "float32" and checked["arithmetic"] == "real":
             raise GammaError("--engine llama.cpp bounds a float32 engine: it needs --arithmetic float32 or "
                              "float32-probabilistic, not real")

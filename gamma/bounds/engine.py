@@ -33,7 +33,7 @@ from ..errors import GammaError
 from ..ops import BILINEAR, ELEMENTWISE, JACOBIAN
 from ..options import ARITHMETIC, INTERMEDIATE, METHODS, SATURATION_WIDTH, BoundOptions
 from .alpha import optimize
-from . import fpggml, fpprob, score_input, value_input
+from . import fpggml, fpprob, score_input, split, value_input
 from .crown import Context, node_bounds, numel as _numel
 from .fpmargin import margin_split, output_cap
 from .ibp import ibp_node
@@ -198,7 +198,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
     ``options``: the options checked already (:class:`gamma.options.BoundOptions`), in place
     of ``epsilon``, ``method``, ``intermediate``, ``device``, ``alpha_iters``, ``arithmetic`` and
     ``layernorm_variance``; without it those are checked here, by the same checks.  Its
-    ``products="half-sum"`` turns ``tunings.product_sums`` off.  ``graph`` stays where
+    ``products="half-sum"`` turns ``tunings.product_sums`` off, and its ``norm_splits``
+    sets ``tunings.norm_splits`` (:mod:`.split`).  ``graph`` stays where
     it is: on another device the engine works on a copy (:meth:`Graph.on`)."""
     zero = allow_zero and options is None and epsilon == 0       # the rounding floor alone (benchmarks)
     if options is None:
@@ -214,6 +215,8 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         raise GammaError(f"tunings must be a gamma.bounds.Tunings, got {type(tunings).__name__}")
     if options.products == "half-sum" and tunings.product_sums:
         tunings = replace(tunings, product_sums=False)
+    if options.norm_splits > 1:
+        tunings = replace(tunings, norm_splits=options.norm_splits)
     method, intermediate, arithmetic = options.method, options.intermediate, options.arithmetic
     eps = 0.0 if zero else options.epsilon
     variance = options.layernorm_variance
@@ -252,6 +255,10 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
         if tunings.value_input:
             keep |= {n for n in value_input.wanted(graph, need) if size(n) <= value_input.BUDGET}
         ctx.keep_linear = keep
+    # a norm's mean square cut into pieces for the row-local nodes after it (split.py)
+    splits = split.make(ctx, graph, need, method, intermediate) if zonos is None else None
+    if splits is not None:
+        stats["split_norms"] = len(splits.norms)
     # norms' boxes (and so their float32 margins) from CROWN's statistics of their input
     refine = method in ("crown", "alpha") and intermediate != "ibp"
     ctx.stops = stops
@@ -330,7 +337,12 @@ def compute_bounds(graph, center: torch.Tensor, epsilon: Optional[float] = None,
             ctx.planes = intermediate != "cut" and node.name == graph.output
             iv = iv.intersect(node_bounds(ctx, node.name, box, stop=stops.get(node.name, frozenset())))
             stats["crown_nodes"] += 1
+        if splits is not None and splits.owns(node.name) and "ibp_from" not in stats:
+            iv = splits.bound(node, iv, box, node.name in need or node.name == graph.output,
+                              stops.get(node.name, frozenset()))
         bounds[node.name] = iv = _sanitize(iv)
+        if splits is not None and node.name in splits.norms and "ibp_from" not in stats:
+            bounds[node.name] = iv = _sanitize(splits.start(node, iv))
         if watch and saturated(iv):
             watch = False
             if switch:

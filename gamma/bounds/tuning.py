@@ -38,6 +38,7 @@ class Tunings:
     norm_input_from_centre: bool = True   # a LayerNorm input's box as centred input + mean (no pass of its own)
     softmax_pairs: bool = True        # softmax's box from its score differences' own backward pass
     softmax_shift: bool = True        # with softmax_pairs, its mean-value remainder on those differences (shift invariance)
+    norm_splits: int = 1              # pieces of a norm's mean square for the row-local nodes after it (split.py)
     product_sums: bool = True         # x * y also by (s^2 - d^2) / 4 with CROWN bounds of s = x + y, d = x - y
     # linearisations (CROWN and zonotopes)
     norm_decomposed: bool = True      # LayerNorm / RMSNorm may take the decomposed form (False: mean value only)

@@ -75,6 +75,11 @@ def add_parser(subparsers) -> None:
                         "computes it: matmul activations quantized to Q8_0/Q8_1 blocks or rounded to F16/BF16 as the "
                         "weight's type asks, an F16 KV cache without flash attention (llama.cpp -fa off), ggml's own RoPE angles "
                         "and RMSNorm)")
+    s.add_argument("--norm-splits", type=int, default=1, metavar="K",
+                   help="CROWN bounds the nodes after each LayerNorm / RMSNorm (its MLP and residual add, up to the "
+                        "next norm or attention) once per piece of K of the norm's mean square, and takes their union: "
+                        "tighter where the norm's scale varies over the box (blocks at eps 1e-3), at up to K times "
+                        "those nodes' passes (default 1: no split)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")
@@ -92,7 +97,8 @@ def run(args) -> int:
         return run_vnnlib(args)
     options = BoundOptions("1e-3" if args.epsilon is None else args.epsilon, args.method, args.intermediate,
                            args.arithmetic, args.device, args.alpha_iters, args.products,
-                           args.after_saturation, args.layernorm_variance, args.engine)   # a bad --epsilon shown as typed
+                           args.after_saturation, args.layernorm_variance, args.engine,
+                           args.norm_splits)   # a bad --epsilon shown as typed
     check_writable(args.save_bounds)
     block_wise = args.block_wise or (args.model is None and not args.layer_by_layer and not args.full)
     spec = RunSpec("block_wise" if block_wise else "layer_by_layer" if args.layer_by_layer else "full",
@@ -154,6 +160,8 @@ def _header(r: dict) -> list[str]:
         inter += f", products {r['products']}"
     if r.get("after_saturation", "crown") != "crown" and r["method"] in ("crown", "alpha"):
         inter += f", after saturation {r['after_saturation']}"
+    if r.get("norm_splits", 1) > 1 and r["method"] in ("crown", "alpha"):
+        inter += f", norm splits {r['norm_splits']}"
     real = [ARITHMETIC_LINE[r.get("arithmetic", "float32")].format(
         p=r.get("rounding_failure", 1.0), ln=LAYERNORM_LINE[r.get("layernorm_variance", "any")])]
     if ENGINE_LINE[r.get("engine", "float32")]:

@@ -42,6 +42,8 @@ def run_key(report: dict, alpha_iters: int, x: torch.Tensor) -> dict:
         key["layernorm_variance"] = report["layernorm_variance"]
     if report.get("engine", "float32") != "float32":
         key["engine"] = report["engine"]
+    if report.get("norm_splits", 1) != 1:
+        key["norm_splits"] = report["norm_splits"]
     if report["method"] == "alpha":
         key["alpha_iters"] = int(alpha_iters)
     key["input_sha256"] = tensor_sha256(x)

@@ -75,7 +75,8 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
            workers: Optional[int] = None, ray: Optional[str] = None, checkpoint: Optional[str] = None,
            progress: Progress = None, arithmetic: str = "float32",
            attack: Union[bool, AttackConfig, None] = None, products: str = "polar",
-           after_saturation: str = "crown", layernorm_variance: str = "any", engine: str = "float32") -> VerifyResult:
+           after_saturation: str = "crown", layernorm_variance: str = "any", engine: str = "float32",
+           norm_splits: int = 1) -> VerifyResult:
     """Bound ``model`` over the L-inf box of radius ``epsilon`` at its input point.
 
     ``model`` is a :class:`Model`, a path, or None (the default Whisper tiny.en).
@@ -98,14 +99,17 @@ def verify(model=None, epsilon: float = 1e-3, method: str = "crown", *, block_wi
     mean((x - mean)^2) only (llama.cpp, whisper.cpp), not CTranslate2's E[x^2] - E[x]^2.
     ``engine``: "float32" (default: any engine computing in float32, such as transformers) or
     "llama.cpp" (a GGUF file as ggml's CPU backend computes it: quantized or F16 activations in the
-    matmuls, an F16 KV cache, ggml's RoPE angles; :mod:`gamma.bounds.fpggml`).
+    matmuls, an F16 KV cache, ggml's RoPE angles; :mod:`gamma.bounds.fpggml`).  ``norm_splits``: 1
+    (default) or K > 1: CROWN bounds the nodes after each norm (up to the next norm or attention) once
+    per piece of K of the norm's mean square and takes their union (:mod:`gamma.bounds.split`):
+    tighter where the norm's scale varies over the box, at up to K times those nodes' passes.
 
     The arguments are checked here, before the model is read, grouped into
     :class:`~gamma.options.BoundOptions`, :class:`InputSpec` and :class:`RunSpec`,
     and run by :func:`run`.
     """
     options = BoundOptions(epsilon, method, intermediate, arithmetic, device, alpha_iters, products, after_saturation,
-                           layernorm_variance, engine)
+                           layernorm_variance, engine, norm_splits)
     spec = RunSpec(mode_of(block_wise, layer_by_layer), blocks, tolerance, property, worst_k, workers, ray,
                    checkpoint, attack)
     inputs = InputSpec(component, seq_len, tokens, input_path, center, output)
@@ -151,7 +155,7 @@ def run(model, options: BoundOptions, inputs: InputSpec = InputSpec(), spec: Run
         "method": options.method, "intermediate": options.intermediate, "epsilon": options.epsilon,
         "device": options.device, "arithmetic": options.arithmetic, "products": options.products,
         "after_saturation": options.after_saturation, "layernorm_variance": options.layernorm_variance,
-        "engine": options.engine,
+        "engine": options.engine, "norm_splits": options.norm_splits,
         "input_point": {"description": point.description, "shape": list(point.x.shape), "tokens": point.tokens},
         "output_node": graph.output_node if block_wise else graph.output,
         "output_shape": list(graph.output_shape),

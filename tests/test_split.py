@@ -1,0 +1,146 @@
+"""Norms split on their mean square (gamma.bounds.split): which nodes take the pieces, that
+the pieces cover the norm's interval, narrower and never (beyond CROWN's own non-monotonicity) wider, soundness (samples + PGD against float64 and float32 engines, every arithmetic mode, tiny
+pre-norm blocks and the tiny Whisper encoder), and the option's checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gamma.bounds import Tunings, compute_bounds, split
+from gamma.bounds.engine import needs_bounds
+from gamma.errors import GammaError
+from gamma.graph import Graph
+from gamma.options import BoundOptions
+from draw import G, rnd
+from soundness import graph_fn, violations
+from test_score_side import attention
+
+
+def block(style: str, seed: int) -> Graph:
+    """A pre-norm block: attention (test_score_side's) then an MLP, Whisper's (LayerNorm, fc1,
+    GELU, fc2) or Llama's (RMSNorm, gate / up, SiLU, product, down), each with its residual add."""
+    G.manual_seed(seed)
+    llama = style == "llama"
+    g = attention(rope=llama, rep=2 if llama else 1, d=32, heads=4)
+    if llama:
+        g.add("n2", "rmsnorm", "y", weight=1 + rnd(32, scale=0.2), eps=1e-5)
+        g.add("gate", "linear", "n2", weight=rnd(64, 32, scale=0.3))
+        g.add("up", "linear", "n2", weight=rnd(64, 32, scale=0.3))
+        g.add("act", "silu", "gate")
+        g.add("h", "mul", "act", "up")
+    else:
+        g.add("n2", "layernorm", "y", weight=1 + rnd(32, scale=0.2), bias=rnd(32, scale=0.1), eps=1e-5)
+        g.add("f1", "linear", "n2", weight=rnd(64, 32, scale=0.3), bias=rnd(64, scale=0.1))
+        g.add("h", "gelu", "f1")
+    g.add("down", "linear", "h", weight=rnd(32, 64, scale=0.3))
+    g.add("z", "add", "y", "down")
+    return g.infer_shapes()
+
+
+def test_plan_picks_the_row_local_nodes():
+    """The MLP after the second norm and its residual add are row-local; the attention's norm has
+    none worth splitting (q, k, v feed products that mix the tokens, and their linear bounds are
+    kept).  A node that also reads the norm through a token-mixing path is not row-local, nor is
+    anything after it."""
+    g = block("llama", 1)
+    need = needs_bounds(g)
+    assert split.plan(g, need, {"q", "k", "v"}, 3) == {"n2": ["gate", "up", "act", "h", "down", "z"]}
+    assert split.plan(g, need, set(), 1) == {}
+    h = Graph("mix", "x", (4, 8))
+    h.add("n", "rmsnorm", "x", weight=torch.ones(8, dtype=torch.float64), eps=1e-5)
+    h.add("f", "linear", "n", weight=rnd(8, 8))
+    h.add("fh", "split_heads", "f", heads=1)
+    h.add("s", "matmul", "fh", "fh")
+    h.add("p", "softmax", "s")
+    h.add("av", "matmul", "p", h.add("ft", "transpose", "fh"), rows_sum_to_one=True)
+    h.add("m", "merge_heads", "av")
+    h.add("a", "add", "f", "m")                 # f (row-local) + the tokens' mix of f: not row-local
+    h.add("g", "gelu", "a")
+    h.infer_shapes()
+    assert split.plan(h, needs_bounds(h), set(), 2) == {"n": ["f"]}
+
+
+def test_pieces_cover_the_mean_square(monkeypatch):
+    """The pieces' intervals of q share their edges, run from the refined interval's lower end to
+    its upper end, and each is an interval; rows whose interval is not finite keep it whole."""
+    seen = []
+    orig = split._piece
+
+    def spy(ctx, norm, own, facts):
+        seen.append((norm.name, facts["q"]))
+        return orig(ctx, norm, own, facts)
+    monkeypatch.setattr(split, "_piece", spy)
+    g = block("whisper", 2)
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    compute_bounds(g, x0, 0.05, "crown", arithmetic="real", tunings=Tunings(norm_splits=5))
+    assert [n for n, _ in seen] == ["n2"] * 5
+    pieces = [q for _, q in seen]
+    for (lo, hi), (lo2, _) in zip(pieces, pieces[1:]):
+        assert torch.equal(hi, lo2)
+    assert all(bool((lo <= hi).all()) for lo, hi in pieces)
+    assert bool((pieces[0][0] < pieces[-1][1]).all())          # a box of radius 0.05 moves every row's q
+    lo, hi = pieces[0][0], pieces[-1][1]
+    inner = torch.stack([p[1] for p in pieces[:-1]])
+    assert bool(((inner >= lo) & (inner <= hi)).all())
+    e = torch.stack([split._edge(lo, hi, 1e-5, f / 5) for f in range(6)])
+    assert bool((e[1:] >= e[:-1]).all()) and bool((e >= lo).all()) and bool((e <= hi).all())
+
+
+@pytest.mark.parametrize("style", ["whisper", "llama"])
+@pytest.mark.parametrize("arithmetic", ["real", "float32", "float32-probabilistic"])
+def test_sound_and_narrower(style, arithmetic):
+    """A tiny pre-norm block, eps wide enough that the second norm's scale moves: with 3 pieces
+    the output's widest bound is narrower than without, and samples + PGD of float64 and float32
+    engines find no point outside."""
+    g = block(style, 4)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(g.input_shape, generator=gen, dtype=torch.float64)
+    eps = 0.01
+    on = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic, tunings=Tunings(norm_splits=3))
+    off = compute_bounds(g, x0, eps, "crown", arithmetic=arithmetic)
+    assert on.stats["split_norms"] == 1 and "split_norms" not in off.stats
+    assert float(on.width().max()) < 0.99 * float(off.width().max())
+    for name in on.nodes:                    # (CROWN is not monotone in its intermediate boxes: up to 1e-3)
+        assert bool((on.nodes[name].width() <= off.nodes[name].width() * (1 + 1e-3) + 1e-9).all()), name
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), x0, eps, on.lower, on.upper, steps=30) == 0
+
+
+def test_whisper_encoder_sound(whisper_hf_dir):
+    """The tiny Whisper encoder (stem and two blocks, transformers' weights), default mode, three
+    pieces for each block's MLP norm: its bounds contain gamma's float64 and float32 forwards under
+    samples + PGD."""
+    from gamma import Model
+    from gamma.io import load_checkpoint
+    model = Model(load_checkpoint(whisper_hf_dir[0]))
+    ip = model.input_point("encoder", seq_len=4)
+    g = model.graph("encoder", seq_len=4)
+    eps = 1e-3
+    on = compute_bounds(g, ip.x, options=BoundOptions(eps, norm_splits=3))
+    assert on.stats["split_norms"] == 2
+    for dtype in (torch.float64, torch.float32):
+        assert violations(graph_fn(g, dtype), ip.x, eps, on.lower, on.upper, steps=20) == 0
+
+
+@pytest.mark.parametrize("value", [0, 65, -1, 2.5, True, "3"])
+def test_bad_values(value):
+    with pytest.raises(GammaError, match=rf"^--norm-splits must be an integer from 1 to 64, got {value}$"):
+        BoundOptions(1e-3, norm_splits=value)
+
+
+def test_cli(capsys, whisper_hf_dir):
+    """``--norm-splits``: one line and exit 2 when bad; in the run line and the JSON when used."""
+    from gamma.cli import main
+    assert main(["verify", whisper_hf_dir[0], "--norm-splits", "0"]) == 2
+    assert capsys.readouterr().err == "gamma: error: --norm-splits must be an integer from 1 to 64, got 0\n"
+    assert main(["verify", whisper_hf_dir[0], "--block-wise", "--blocks", "0", "--seq-len", "4", "--no-attack",
+                 "--norm-splits", "2", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["norm_splits"] == 2
+    assert main(["verify", whisper_hf_dir[0], "--block-wise", "--blocks", "0", "--seq-len", "4", "--no-attack",
+                 "--norm-splits", "2", "--quiet"]) == 0
+    assert "norm splits 2" in capsys.readouterr().out

@@ -90,10 +90,11 @@ def graph_and_point(path, scope):
     return bg, vals[bg.input].contiguous()
 
 
-def bounds(path, scope, eps, layernorm_variance=None, skip=()):
+def bounds(path, scope, eps, layernorm_variance=None, skip=(), norm_splits=1):
     """Certified bounds of one case: default mode, real arithmetic, the rounding floor, and the
     probabilistic mode's two; ``layernorm_variance``: the option, where given (another revision
-    may not have it); ``skip``: keys not to compute."""
+    may not have it); ``skip``: keys not to compute; ``norm_splits`` > 1: the bounds at eps with
+    that many pieces of each norm's mean square (the floors without: at eps 0 no scale moves)."""
     g, x = graph_and_point(path, scope)
     extra = {} if layernorm_variance is None else {"layernorm_variance": layernorm_variance}
     out = {}
@@ -102,6 +103,11 @@ def bounds(path, scope, eps, layernorm_variance=None, skip=()):
         if arith == PROB and OLD or key in skip:  # another revision: it may not have the mode
             continue
         t0 = time.perf_counter()
+        if norm_splits > 1 and e > 0:
+            from gamma.bounds import Tunings
+            extra["tunings"] = Tunings(norm_splits=norm_splits)
+        else:
+            extra.pop("tunings", None)
         r = compute_bounds(g, x, e, "crown", arithmetic=arith, allow_zero=True, **extra)
         out[key] = {"lower": r.lower.reshape(-1).tolist(), "upper": r.upper.reshape(-1).tolist(),
                     "seconds": time.perf_counter() - t0}
@@ -162,10 +168,11 @@ def _w(b):
     return torch.tensor(b["upper"], dtype=torch.float64) - torch.tensor(b["lower"], dtype=torch.float64)
 
 
-def measure(label, path, scope, eps, src, layernorm_variance=None):
+def measure(label, path, scope, eps, src, layernorm_variance=None, norm_splits=1):
     """One row.  ``layernorm_variance`` "formula" or "two-pass": every float32 mode with that option,
-    and beside it ("old") the same case with :data:`AGAINST`'s setting, in the same process."""
-    new = bounds(path, scope, eps, layernorm_variance)
+    and beside it ("old") the same case with :data:`AGAINST`'s setting, in the same process;
+    ``norm_splits``: this code's bounds at eps with that many pieces (:func:`bounds`)."""
+    new = bounds(path, scope, eps, layernorm_variance, norm_splits=norm_splits)
     if layernorm_variance not in (None, "any"):
         old = bounds(path, scope, eps, AGAINST[layernorm_variance][0], skip=("real",))  # real: no margins, the same
     else:
@@ -261,6 +268,8 @@ def main(argv=None):
     ap.add_argument("--layernorm-variance", default="any", choices=("any", "formula", "two-pass"),
                     help="formula: every float32 mode with --layernorm-variance formula, beside the default's "
                          "(in place of --compare-with; its own section); two-pass likewise, beside formula")
+    ap.add_argument("--norm-splits", type=int, default=1, metavar="K",
+                    help="this code's bounds at eps with K pieces of each norm's mean square (--norm-splits)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
@@ -280,7 +289,7 @@ def main(argv=None):
         subprocess.run(["git", "worktree", "add", "--detach", src, args.compare_with], check=True,
                        capture_output=True)
     try:
-        rows = [measure(lbl, p, s, float(e), src, args.layernorm_variance if formula else None)
+        rows = [measure(lbl, p, s, float(e), src, args.layernorm_variance if formula else None, args.norm_splits)
                 for e in args.eps.split(",")
                 for lbl, p, s in cases(args.models.split(","), "only" if args.whole_only else args.whole,
                                        [int(b) for b in args.smollm2_blocks.split(",")])]
@@ -295,6 +304,7 @@ def main(argv=None):
 def section_text(args, rows, load: float, compared: bool) -> tuple:
     """(section title, markdown) of the measured ``rows`` for the command line ``args``."""
     lv = args.layernorm_variance
+    splits = getattr(args, "norm_splits", 1)
     formula = lv in AGAINST
     section = AGAINST[lv][1] if formula else WHOLE_SECTION if args.whole_only else SECTION
     lines = [f"## {section}", "",
@@ -302,13 +312,16 @@ def section_text(args, rows, load: float, compared: bool) -> tuple:
              + (" --whole" if args.whole else "") + (" --whole-only" if args.whole_only else "")
              + (f" --compare-with {args.compare_with}" if compared else "")
              + (f" --layernorm-variance {lv}" if formula else "")
+             + (f" --norm-splits {splits}" if splits > 1 else "")
              + f"` (load average {load:.1f} at the end). Block rows: the block on its nominal input +- eps. "
              "Ratios: certified / attacked max width; per output: over the attacked outputs. Rounding floor: "
              "certified width at eps 0; float32 diff: largest |float32 - float64| of gamma's forward at the centre. "
              + _attack_note(rows)
              + (f" Every float32 mode with `--layernorm-variance {lv}`; the columns marked 'at "
                 f"--layernorm-variance {AGAINST[lv][0]}' are the same case with that setting, in the same run."
-                if formula else ""),
+                if formula else "")
+             + (f" This code's bounds at eps with `--norm-splits {splits}` (the rounding floors without: at eps 0 "
+                "no norm's scale moves)." if splits > 1 else ""),
              ""] + table(rows, f"--layernorm-variance {AGAINST[lv][0]}" if formula else args.compare_with) + [""]
     return section, "\n".join(lines)
 

@@ -177,6 +177,14 @@ def test_depth_table_shows_each_mode_s_seconds_beside_the_other_revision_s():
     assert text.splitlines()[2].endswith("the columns marked 'at --layernorm-variance formula' are the same case "
                                          "with that setting, in the same run.")
     assert text.splitlines()[4].endswith("| seconds at --layernorm-variance formula |")
+    # --norm-splits: named in the command and the note
+    args = argparse.Namespace(models="whisper", eps="1e-3", whole=False, whole_only=False, compare_with="abc123",
+                              layernorm_variance="any", norm_splits=4)
+    title, text = depth.section_text(args, [dict(ln, targets_from="f32", violations=0)], 2.04, True)
+    assert title == "10. Bounds through depth"
+    assert "--eps 1e-3 --compare-with abc123 --norm-splits 4` (load average 2.0 at the end)" in text.splitlines()[2]
+    assert text.splitlines()[2].endswith("This code's bounds at eps with `--norm-splits 4` (the rounding floors "
+                                         "without: at eps 0 no norm's scale moves).")
 
 
 def test_depth_attack_aims_where_the_bounds_are_finite_and_checks_every_mode():

@@ -183,5 +183,8 @@ class BoundOptions:
         if checked["engine"] != "float32" and checked["arithmetic"] == "real":
             raise GammaError("--engine llama.cpp bounds a float32 engine: it needs --arithmetic float32 or "
                              "float32-probabilistic, not real")
+        if checked["norm_splits"] > 1 and (checked["method"] not in ("crown", "alpha")
+                                           or checked["intermediate"] != "crown"):
+            raise GammaError("--norm-splits needs --method crown or alpha with --intermediate crown")
         for name, value in checked.items():
             object.__setattr__(self, name, value)

@@ -132,6 +132,14 @@ def test_bad_values(value):
         BoundOptions(1e-3, norm_splits=value)
 
 
+@pytest.mark.parametrize("method,intermediate", [("ibp", "crown"), ("zonotope", "crown"), ("crown", "cut"),
+                                                 ("crown", "ibp")])
+def test_needs_crown_passes_to_the_input(method, intermediate):
+    with pytest.raises(GammaError, match=r"^--norm-splits needs --method crown or alpha with --intermediate crown$"):
+        BoundOptions(1e-3, method, intermediate, norm_splits=2)
+    assert BoundOptions(1e-3, method, intermediate, norm_splits=1).norm_splits == 1
+
+
 def test_cli(capsys, whisper_hf_dir):
     """``--norm-splits``: one line and exit 2 when bad; in the run line and the JSON when used."""
     from gamma.cli import main

@@ -79,7 +79,7 @@ def add_parser(subparsers) -> None:
                    help="CROWN bounds the nodes after each LayerNorm / RMSNorm (its MLP and residual add, up to the "
                         "next norm or attention) once per piece of K of the norm's mean square, and takes their union: "
                         "tighter where the norm's scale varies over the box (blocks at eps 1e-3), at up to K times "
-                        "those nodes' passes (default 1: no split)")
+                        "those nodes' passes (default 1: no split; K > 1 needs --method crown or alpha, --intermediate crown)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     g = s.add_argument_group("scale-out (--block-wise)")

@@ -42,6 +42,10 @@ from .norm import norm_stats
 from .refine import refined_interval
 
 NORMS = ("layernorm", "rmsnorm")
+# the pieces' edges at (k / K)^SKEW of the way in s: narrower pieces where s is large (its lines are steepest
+# there, and the widest piece sets the union); measured at K = 4, eps 1e-3, default mode: SKEW 1 / 1.3 / 1.6 / 2
+# gave Whisper layer2 0.4104 / 0.4085 / 0.4097 / 0.4132, SmolLM2 block 0 14.69 / 14.44 / 14.46 / 14.64
+SKEW = 1.3
 ROW_LOCAL = {"linear", "add", "add_const", "mul", "mul_const"} | ELEMENTWISE   # row t of the output from row t of the inputs
 
 
@@ -150,7 +154,7 @@ class Splits:
         _, _, (q_lo, q_hi), _ = norm_stats(x, norm.params["eps"], norm.op == "layernorm", facts["q"], facts.get("c"))
         eps = norm.params["eps"]
         ok = torch.isfinite(q_lo) & torch.isfinite(q_hi)
-        edges = [q_lo] + [torch.where(ok, _edge(q_lo, q_hi, eps, k / self.pieces), q_lo)
+        edges = [q_lo] + [torch.where(ok, _edge(q_lo, q_hi, eps, (k / self.pieces) ** SKEW), q_lo)
                           for k in range(1, self.pieces)] + [q_hi]
         own = {norm.name} | {n for n, m in self.norm_of.items() if m == norm.name}
         runs = []

@@ -152,3 +152,15 @@ def test_cli(capsys, whisper_hf_dir):
     assert main(["verify", whisper_hf_dir[0], "--block-wise", "--blocks", "0", "--seq-len", "4", "--no-attack",
                  "--norm-splits", "2", "--quiet"]) == 0
     assert "norm splits 2" in capsys.readouterr().out
+
+
+def test_resume_key_names_the_option():
+    """A checkpoint written with --norm-splits is resumed only with the same number of pieces; keys
+    written before the option (no field) stay valid at 1."""
+    from gamma.parallel.resume import run_key
+    report = {"model": {"path": None}, "component": "encoder", "output": "hidden", "seq_len": 4, "method": "crown",
+              "intermediate": "crown", "epsilon": 1e-3}
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    assert "norm_splits" not in run_key(report, 20, x)
+    assert "norm_splits" not in run_key(dict(report, norm_splits=1), 20, x)
+    assert run_key(dict(report, norm_splits=4), 20, x)["norm_splits"] == 4

@@ -65,7 +65,7 @@ def test_plan_picks_the_row_local_nodes():
 
 def test_pieces_cover_the_mean_square(monkeypatch):
     """The pieces' intervals of q share their edges, run from the refined interval's lower end to
-    its upper end, and each is an interval; rows whose interval is not finite keep it whole."""
+    its upper end, and each is an interval."""
     seen = []
     orig = split._piece
 
@@ -88,6 +88,24 @@ def test_pieces_cover_the_mean_square(monkeypatch):
     assert bool(((inner >= lo) & (inner <= hi)).all())
     e = torch.stack([split._edge(lo, hi, 1e-5, f / 5) for f in range(6)])
     assert bool((e[1:] >= e[:-1]).all()) and bool((e >= lo).all()) and bool((e <= hi).all())
+
+
+def test_pieces_by_hand():
+    """q in [0, 3], eps 1: s runs from 1 down to 1/2.  An edge at half the way in s is s = 3/4, so
+    q = 16/9 - 1 = 7/9; two pieces at SKEW 1.3 put it at 2^-1.3 of the way.  A row whose interval
+    is not finite is whole in every piece, and the pieces of the others cover them with shared edges."""
+    lo, hi = torch.tensor([[0.0]], dtype=torch.float64), torch.tensor([[3.0]], dtype=torch.float64)
+    assert split._edge(lo, hi, 1.0, 0.5).item() == pytest.approx(7 / 9, rel=1e-14)
+    s = 1 - 0.5 * 0.5 ** split.SKEW
+    (a0, b0), (a1, b1) = split.pieces(lo, hi, 1.0, 2)
+    assert (a0.item(), a1.item(), b1.item()) == (0.0, b0.item(), 3.0)
+    assert b0.item() == pytest.approx(s ** -2 - 1, rel=1e-14)
+    lo2 = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    hi2 = torch.tensor([[3.0], [float("inf")]], dtype=torch.float64)
+    ps = split.pieces(lo2, hi2, 1.0, 3)
+    assert all(p[0][1].item() == 1.0 and p[1][1].item() == float("inf") for p in ps)
+    assert ps[0][0][0].item() == 0.0 and ps[-1][1][0].item() == 3.0
+    assert all(torch.equal(ps[i][1][0], ps[i + 1][0][0]) for i in range(2))
 
 
 @pytest.mark.parametrize("style", ["whisper", "llama"])

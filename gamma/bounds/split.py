@@ -152,16 +152,9 @@ class Splits:
             return iv
         x = ctx.inb(norm)
         _, _, (q_lo, q_hi), _ = norm_stats(x, norm.params["eps"], norm.op == "layernorm", facts["q"], facts.get("c"))
-        eps = norm.params["eps"]
-        ok = torch.isfinite(q_lo) & torch.isfinite(q_hi)
-        edges = [q_lo] + [torch.where(ok, _edge(q_lo, q_hi, eps, (k / self.pieces) ** SKEW), q_lo)
-                          for k in range(1, self.pieces)] + [q_hi]
         own = {norm.name} | {n for n, m in self.norm_of.items() if m == norm.name}
-        runs = []
-        for k in range(self.pieces):
-            lo = torch.where(ok, edges[k], q_lo)
-            hi = torch.where(ok, edges[k + 1], q_hi)
-            runs.append(_piece(ctx, norm, own, {**facts, "q": (lo, hi)}))
+        runs = [_piece(ctx, norm, own, {**facts, "q": q})
+                for q in pieces(q_lo, q_hi, norm.params["eps"], self.pieces)]
         self.live[norm.name] = runs
         m = ctx.margins.get(norm.name)
         return self._union(norm, iv, runs, lambda c: _widen(refined_interval(c, norm, [c.bounds[i] for i in norm.inputs]), m))
@@ -200,6 +193,14 @@ class Splits:
             self.ctx.events += c.events
             c.events = 0
         return Interval(lo, hi).intersect(iv)
+
+
+def pieces(q_lo, q_hi, eps: float, k: int) -> list:
+    """``k`` intervals ``(lo, hi)`` of q per row that share their edges and cover ``[q_lo, q_hi]``
+    (edges by :func:`_edge` at ``(i / k)^SKEW``); a row whose interval is not finite is whole in each."""
+    ok = torch.isfinite(q_lo) & torch.isfinite(q_hi)
+    edges = [q_lo] + [torch.where(ok, _edge(q_lo, q_hi, eps, (i / k) ** SKEW), q_lo) for i in range(1, k)] + [q_hi]
+    return [(torch.where(ok, edges[i], q_lo), torch.where(ok, edges[i + 1], q_hi)) for i in range(k)]
 
 
 def _edge(q_lo, q_hi, eps: float, f: float):

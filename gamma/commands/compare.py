@@ -62,6 +62,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--engine", choices=ENGINES, default="float32",
                    help="as in gamma verify: float32 (default) or llama.cpp (both models GGUF files as ggml's CPU "
                         "backend runs them)")
+    s.add_argument("--norm-splits", type=int, default=1, metavar="K",
+                   help="as in gamma verify: each norm's mean square in K pieces for the nodes after it, in both "
+                        "models (default 1: no split; K > 1 needs --method crown or alpha, --intermediate crown)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--alpha-iters", type=int, default=20, metavar="N", help="alpha-CROWN iterations")
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -97,7 +100,8 @@ def run_compare(args) -> int:
                           samples=args.samples, attack_steps=args.attack_steps, restarts=args.restarts,
                           seed=args.seed, intermediate=args.intermediate, device=args.device,
                           alpha_iters=args.alpha_iters, progress=progress, arithmetic=args.arithmetic,
-                          layernorm_variance=args.layernorm_variance, engine=args.engine, **input_kwargs(args))
+                          layernorm_variance=args.layernorm_variance, engine=args.engine,
+                          norm_splits=args.norm_splits, **input_kwargs(args))
     finally:
         done()
     for who in ("reference", "target"):
@@ -143,7 +147,8 @@ def compare_lines(r: dict, top: int = 5) -> list[str]:
                           + (f", arithmetic {r['arithmetic']}" if r.get("arithmetic", "float32") != "float32" else "")
                           + (f", layernorm variance {r['layernorm_variance']}"
                              if r.get("layernorm_variance", "any") != "any" else "")
-                          + (f", engine {r['engine']}" if r.get("engine", "float32") != "float32" else "")]
+                          + (f", engine {r['engine']}" if r.get("engine", "float32") != "float32" else "")
+                          + (f", norm splits {r['norm_splits']}" if r.get("norm_splits", 1) > 1 else "")]
     if r["mode"] == "full":
         g = r["difference_graph"]
         lines.append(f"network    {g['nodes']} nodes, {g['shared_nodes']} shared of {g['reference_nodes']} + "

@@ -116,6 +116,8 @@ def _run_cases(args, cases: list[R.Case], cache: str, history: Optional[str]) ->
         arith = "" if case.arithmetic == "float32" else f", arithmetic {case.arithmetic}"
         if case.layernorm_variance != "any":
             arith += f", layernorm variance {case.layernorm_variance}"
+        if case.norm_splits > 1:
+            arith += f", norm splits {case.norm_splits}"
         _say(args, f"{tag}: {case.method}, {case.mode.replace('_', '-')}, eps {case.epsilon:g}{arith}, {case.model}")
         rec = R.run_case(case, models, prov, run_id)
         if history:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..bounds import Tunings
 from ..errors import GammaError
 from ..io import ggml
 from ..models import Model
@@ -124,7 +125,7 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
             merge: bool = True, naive: bool = False, samples: int = 256, attack_steps: int = 20,
             restarts: int = 2, seed: int = 0, intermediate: str = "crown", device: str = "cpu",
             alpha_iters: int = 20, progress: Progress = None, arithmetic: str = "float32",
-            layernorm_variance: str = "any", engine: str = "float32") -> CompareResult:
+            layernorm_variance: str = "any", engine: str = "float32", norm_splits: int = 1) -> CompareResult:
     """Certified max |reference - target| over the box of radius ``epsilon`` at
     the reference's input point (block-wise: every selected block over the
     reference's nominal block input +- epsilon).
@@ -136,10 +137,11 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     compared with itself, where the joint bound is free).  ``arithmetic`` and
     ``layernorm_variance`` and ``engine``: what the bounds hold for, as in :func:`gamma.verify` (the
     float32 margins apply to both models' nodes; ``engine="llama.cpp"``: both run by llama.cpp, so
-    both must be GGUF files)."""
+    both must be GGUF files).  ``norm_splits``: as in :func:`gamma.verify`, each norm's mean square in
+    that many pieces for the nodes after it, in both models (:mod:`gamma.bounds.split`)."""
     t_start = time.perf_counter()
     checked = BoundOptions(epsilon, method, intermediate, arithmetic, device=device, alpha_iters=alpha_iters,
-                           layernorm_variance=layernorm_variance, engine=engine)
+                           layernorm_variance=layernorm_variance, engine=engine, norm_splits=norm_splits)
     eps = checked.epsilon
     tol = check_tolerance(tolerance)
     for name, v, low in (("--samples", samples, 0), ("--attack-steps", attack_steps, 0), ("--restarts", restarts, 0)):
@@ -152,11 +154,12 @@ def compare(reference, target, epsilon: float, tolerance: Optional[float] = None
     opts = dict(method=method, merge=merge, naive=naive, progress=progress, intermediate=intermediate,
                 device=device, alpha_iters=alpha_iters, arithmetic=checked.arithmetic,
                 layernorm_variance=checked.layernorm_variance, engine=checked.engine,
+                **({"tunings": Tunings(norm_splits=checked.norm_splits)} if checked.norm_splits > 1 else {}),
                 attack=dict(samples=int(samples), steps=int(attack_steps), restarts=int(restarts), seed=seed))
     report: dict[str, Any] = {"command": "compare", "mode": "block_wise" if block_wise else "full", **head,
                               "method": method, "epsilon": eps, "tolerance": tol, "merged": merge,
                               "arithmetic": checked.arithmetic, "layernorm_variance": checked.layernorm_variance,
-                              "engine": checked.engine}
+                              "engine": checked.engine, "norm_splits": checked.norm_splits}
     result = CompareResult(report)
     if not block_wise:
         body, worst = compare_graphs(g_ref, g_tgt, x, eps, tol, **opts)

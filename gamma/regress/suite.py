@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..errors import GammaError
-from ..options import ARITHMETIC, ENGINES, INTERMEDIATE, LAYERNORM_VARIANCE, METHODS, check_epsilon
+from ..options import (ARITHMETIC, ENGINES, INTERMEDIATE, LAYERNORM_VARIANCE, MAX_NORM_SPLITS, METHODS,
+                       check_epsilon, check_norm_splits)
 
 try:
     import tomllib
@@ -29,11 +30,11 @@ MIN_MEMORY_MB = 64.0     # a memory growth below this never regresses
 FAILING = ("ERROR", "MISSING", "CHANGED", "REGRESSION", "UNSOUND")
 _KEYS = {"name", "model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks",
          "output", "track", "tolerance", "time_factor", "memory_factor", "min_seconds", "samples",
-         "attack_steps", "intermediate", "arithmetic", "layernorm_variance", "engine"}
+         "attack_steps", "intermediate", "arithmetic", "layernorm_variance", "engine", "norm_splits"}
 CONFIG_KEYS = ("model", "method", "epsilon", "mode", "component", "seq_len", "tokens", "center", "blocks", "output",
            "intermediate")
 # options a record's config names only where they differ from these defaults (older records lack them)
-OPTION_DEFAULTS = {"arithmetic": "float32", "layernorm_variance": "any", "engine": "float32"}
+OPTION_DEFAULTS = {"arithmetic": "float32", "layernorm_variance": "any", "engine": "float32", "norm_splits": 1}
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Case:
     arithmetic: str = "float32"         # what the bounds hold for (gamma.options.ARITHMETIC)
     layernorm_variance: str = "any"     # the engine's LayerNorm variance (gamma.options.LAYERNORM_VARIANCE)
     engine: str = "float32"             # the engine the bounds hold for (gamma.options.ENGINES)
+    norm_splits: int = 1                # pieces of each norm's mean square (gamma.bounds.split; 1: no split)
     tolerance: float = 0.01
     time_factor: float = 3.0
     memory_factor: float = 2.0
@@ -137,6 +139,15 @@ def _case(path: str, i: int, t: dict) -> Case:
         if t["engine"] not in ENGINES:
             raise GammaError(f"{where}: unknown engine '{t['engine']}' (choose from {', '.join(ENGINES)})")
         kw["engine"] = t["engine"]
+    if "norm_splits" in t:
+        try:
+            kw["norm_splits"] = check_norm_splits(t["norm_splits"])
+        except GammaError:
+            raise GammaError(f"{where}: 'norm_splits' must be an integer from 1 to {MAX_NORM_SPLITS}, "
+                             f"got {t['norm_splits']!r}") from None
+        if kw["norm_splits"] > 1 and (t["method"] not in ("crown", "alpha")
+                                      or kw.get("intermediate", "crown") != "crown"):
+            raise GammaError(f"{where}: 'norm_splits' > 1 needs method crown or alpha with intermediate crown")
     for k in ("tolerance", "time_factor", "memory_factor", "min_seconds"):
         if k in t:
             v = t[k]

@@ -184,3 +184,26 @@ def test_float32_transposes_used_sound_and_as_tight(models, case, monkeypatch):
     assert violations(ref, ip.x, 1e-4, a.lower, a.upper, n_samples=1000, steps=10, restarts=1) == 0
     assert not torch.equal(a.lower, b.lower)
     assert float(a.width().sum()) <= 1.01 * float(b.width().sum())
+
+
+@pytest.mark.parametrize("arithmetic", ["float32", "float32-probabilistic", "real"])
+@pytest.mark.parametrize("case", CASES)
+def test_norm_splits_contain_transformers(models, case, arithmetic):
+    """--norm-splits 3 on whole tiny models: in both float32 modes transformers' float32 outputs lie
+    inside (samples + PGD), in real arithmetic gamma's float64 forward does; every MLP norm is split
+    (and Qwen3's attention norms too: q and k feed its q / k norms, which read their CROWN bounds), and the output is nowhere wider than without the split (beyond CROWN's own 1e-3 non-monotonicity)."""
+    from gamma.bounds import Tunings
+    from soundness import graph_fn
+    model, ref = models[case]
+    comp = "decoder" if case != "whisper-encoder" else "encoder"
+    ip = model.input_point(comp, seq_len=4)
+    g = model.graph(comp, seq_len=4)
+    eps = 1e-4
+    on = compute_bounds(g, ip.x, eps, "crown", arithmetic=arithmetic, tunings=Tunings(norm_splits=3))
+    off = compute_bounds(g, ip.x, eps, "crown", arithmetic=arithmetic)
+    assert on.stats["split_norms"] == (4 if case == "qwen3" else 2)
+    assert torch.isfinite(on.width()).all()
+    assert bool((on.width() <= off.width() * (1 + 1e-3) + 1e-12).all())
+    fn = graph_fn(g, torch.float64) if arithmetic == "real" else ref
+    bad = violations(fn, ip.x, eps, on.lower, on.upper, n_samples=1000, steps=10, restarts=1)
+    assert bad == 0, f"{case} {arithmetic}: {bad} violations"

@@ -111,8 +111,8 @@ def section_text(args, rows, equiv, load: float) -> str:
                      f"{_g(r['real_ratio'])} / {_g(r['real_median'])} | {_g(r['f32'])} | "
                      f"{_g(r['f32_ratio'])} / {_g(r['f32_median'])} | {_g(r['f32k'])} | "
                      f"{_g(r['f32k_ratio'])} / {_g(r['f32k_median'])} | {s} |")
-    lines += ["", "The box a block sees inside the whole encoder, as the eps of a block-wise run with an attention-norm "
-              "box as wide (median over its elements of the first-order ranges' ratio):", "",
+    lines += ["", "The box a block sees inside the whole encoder, as the eps of a block-wise run with an "
+              "attention-norm box as wide (median over its elements of the first-order ranges' ratio):", "",
               "| block | whole encoder at eps 1e-4 | whole encoder at eps 1e-3 |", "|---|---|---|"]
     for b, e in equiv.items():
         lines.append(f"| {b} | {e[1e-4]:.2g} | {e[1e-3]:.2g} |")

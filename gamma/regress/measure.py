@@ -190,8 +190,8 @@ def run_case(case: Case, models: Models, prov: Optional[dict] = None, run_id: Op
                             component=case.component, seq_len=case.seq_len, tokens=case.tokens,
                             center=case.center, blocks=case.blocks, output=case.output,
                             intermediate=case.intermediate, arithmetic=case.arithmetic,
-                            layernorm_variance=case.layernorm_variance, engine=case.engine, norm_splits=case.norm_splits,
-                            progress=progress,
+                            layernorm_variance=case.layernorm_variance, engine=case.engine,
+                            norm_splits=case.norm_splits, progress=progress,
                             attack=False)       # the attack runs below, on the bounds verify returns
             seconds = time.perf_counter() - t0
         if progress:

@@ -60,11 +60,18 @@ def equivalent_eps(path, blocks) -> dict:
         bg, bx = depth.graph_and_point(path, b)
         own = first_order_range(bg, bx.double())
         name = f"{b}.attn_norm"
-        f_w, f_b = whole[name].reshape(-1), own[name].reshape(-1)
-        ok = f_b > 1e-3 * f_b.max()
-        m = float((f_w[ok] / f_b[ok]).median())
-        out[b] = {e: e * m for e in WHOLE_EPS}
+        out[b] = equivalent(whole[name], own[name], WHOLE_EPS)
     return out
+
+
+def equivalent(f_whole: torch.Tensor, f_block: torch.Tensor, whole_eps) -> dict:
+    """{E: E times the median over elements of f_whole / f_block} (first-order ranges per unit eps of
+    the same node in the whole model and in the block alone; elements whose f_block is below 1e-3 of
+    its largest are left out)."""
+    f_w, f_b = f_whole.reshape(-1), f_block.reshape(-1)
+    ok = f_b > 1e-3 * f_b.max()
+    m = float((f_w[ok] / f_b[ok]).median())
+    return {e: e * m for e in whole_eps}
 
 
 def measure(path, block, eps, splits) -> dict:

@@ -302,3 +302,27 @@ def test_engines_table_shows_both_floors_against_the_largest_difference():
     assert lines[0].endswith("| rounding floor (probabilistic) | floor (probabilistic) / largest |")
     assert lines[2] == "| M | layer0 | 8 | - | 2e-06 | 1e-06 | 2e-06 | 0.02 | 1e+04 | 0.0002 | 100 |"
     assert lines[3] == "| M | whole | 1500 | 0.0004 | 0.001 | 0.0005 | 0.001 | - | - | - | - |"
+
+
+def test_eps_sweep_ratios_equivalent_eps_and_table():
+    """benchmarks/eps_sweep.py: the ratios over the attacked outputs, the equivalent block eps, and
+    a table row's cells, by hand."""
+    sw = _module("eps_sweep")
+    from types import SimpleNamespace
+    from gamma.attack import AttackRange
+    r = SimpleNamespace(lower=torch.tensor([0.0, 0.0, -1.0]), upper=torch.tensor([2.0, 3.0, 1.0]))
+    a = AttackRange(torch.tensor([0.5, 0.0, -0.5]), torch.tensor([1.5, 1.0, 0.0]), 10, 0, torch.tensor([0, 2]), 0.1)
+    assert sw.ratios(r, a) == (3.0, 3.0)            # max widths 3 / 1; outputs 0 and 2: 2 / 1, 2 / 0.5 -> median 3
+    e = sw.equivalent(torch.tensor([2.0, 6.0, 9.0, 1.0]), torch.tensor([1.0, 2.0, 3.0, 1e-9]), (1e-4, 1e-3))
+    assert e[1e-4] == pytest.approx(3e-4) and e[1e-3] == pytest.approx(3e-3)   # ratios 2, 3, 3 (the last left out)
+    args = SimpleNamespace(blocks="layer2", eps="1e-3", norm_splits=4)
+    row = {"block": "layer2", "eps": 1e-3, "attacked": 0.207, "violations": 0, "seconds": (3.3, 3.9, 12.5),
+           "real": 0.399, "real_ratio": 1.93, "real_median": 2.14, "f32": 0.444, "f32_ratio": 2.14,
+           "f32_median": 2.4, "f32k": 0.409, "f32k_ratio": 1.97, "f32k_median": 2.2}
+    text = sw.section_text(args, [row], {"layer2": {1e-4: 1e-3, 1e-3: 1e-2}}, 1.5)
+    lines = text.splitlines()
+    assert lines[0] == "## " + sw.SECTION
+    assert ("| layer2 | 0.001 | 0.207 | 0.399 | 1.93 / 2.14 | 0.444 | 2.14 / 2.4 | 0.409 | 1.97 / 2.2 "
+            "| 3.3 / 3.9 / 12.5 |") in lines
+    assert "| layer2 | 0.001 | 0.01 |" in lines
+    assert "Outputs of the attack outside any mode's bounds: 0." in text

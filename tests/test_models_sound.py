@@ -191,7 +191,8 @@ def test_float32_transposes_used_sound_and_as_tight(models, case, monkeypatch):
 def test_norm_splits_contain_transformers(models, case, arithmetic):
     """--norm-splits 3 on whole tiny models: in both float32 modes transformers' float32 outputs lie
     inside (samples + PGD), in real arithmetic gamma's float64 forward does; every MLP norm is split
-    (and Qwen3's attention norms too: q and k feed its q / k norms, which read their CROWN bounds), and the output is nowhere wider than without the split (beyond CROWN's own 1e-3 non-monotonicity)."""
+    (and Qwen3's attention norms too: q and k feed its q / k norms, which read their CROWN bounds),
+    and the output is nowhere wider than without the split (beyond CROWN's own 1e-3 non-monotonicity)."""
     from gamma.bounds import Tunings
     from soundness import graph_fn
     model, ref = models[case]

@@ -13,11 +13,11 @@ import pytest
 from gamma import cli
 from gamma import compare as C
 from gamma import regress as R
-from gamma.bounds import Tunings
+from gamma.bounds import Tunings, compute_bounds
 from gamma.errors import GammaError
 from gamma.verify import load
 
-from test_compare import check_sound
+from test_compare import _graphs, check_sound, lms, models  # noqa: F401 (fixtures)
 
 EPS = 2e-2      # wide enough that the tiny Whisper's MLP norms' scales move over the box
 
@@ -44,6 +44,27 @@ def test_compare_narrower_and_sound(whisper_pair):
                            tunings=Tunings(norm_splits=3))
     assert float((b.upper - b.lower).max()) == pytest.approx(on["certified_width"], rel=1e-9)
     bad, _ = check_sound(gr, gt, x, EPS, b.lower, b.upper, n=100)
+    assert bad == 0
+
+
+@pytest.mark.parametrize("case", [("llama_hf", "llama_perturbed"), ("qwen3_F32", "qwen3_Q8_0")])
+def test_merged_difference_network_sound(lms, models, case):
+    """A Llama whose second layer is perturbed (its first layer merged with the reference's: the
+    shared norm's pieces feed both models' nodes) and a Qwen3 against its Q8_0 export, 3 pieces:
+    transformers' float32 difference and the float64 / float32 difference networks stay inside under
+    samples + PGD, and no output is wider than without the split (beyond CROWN's 1e-3)."""
+    ref, tgt = models[case[0]], models[case[1]]
+    gr, gt, x = _graphs(ref, tgt)
+    dg = C.difference_graph(gr, gt)
+    stats = compute_bounds(dg.graph, x, 1e-3, "crown", tunings=Tunings(norm_splits=3)).stats
+    # llama: the shared layer-0 MLP norm, each model's layer-1 MLP norm, the reference's final norm (whose
+    # row-local set holds the difference); qwen3: the shared layer-0 attention norm (q and k feed Qwen3's
+    # q / k norms), each model's other three, the reference's final norm
+    assert stats["split_norms"] == (4 if case[1] == "llama_perturbed" else 8)
+    on = C.bound_difference(dg, gr, gt, x, 1e-3, "crown", naive=False, tunings=Tunings(norm_splits=3))
+    off = C.bound_difference(dg, gr, gt, x, 1e-3, "crown", naive=False)
+    assert bool(((on.upper - on.lower) <= (off.upper - off.lower) * (1 + 1e-3) + 1e-12).all())
+    bad, _ = check_sound(gr, gt, x, 1e-3, on.lower, on.upper, (lms[case[0]][1], lms[case[1]][1]))
     assert bad == 0
 
 

@@ -7,7 +7,8 @@ every iterate gives sound output bounds; we keep the elementwise best over
 all iterates, starting from the CROWN bounds, so the result is never looser
 than CROWN.  Intermediate bounds stay those of CROWN; alpha is shared by all
 output rows (one tensor per node and side), optimised with Adam on the sum of
-output widths.
+output widths, whose gradient is accumulated chunk by chunk of output rows
+(the memory of one chunk's graph, not of the whole output's).
 """
 
 from __future__ import annotations
@@ -43,11 +44,8 @@ def optimize(ctx: Context, target: str, box: Interval, init: Interval, iters: in
     try:
         for it in range(iters):
             opt.zero_grad()
-            b = node_bounds(ctx, target, box)
-            width = b.upper - b.lower
-            loss = torch.where(torch.isfinite(width), width, torch.zeros_like(width)).sum()
-            if loss.requires_grad:
-                loss.backward()
+            b = node_bounds(ctx, target, box, each=_grad)
+            if any(p.grad is not None for p in params):
                 for p in params:              # a non-finite gradient is no direction
                     if p.grad is not None:
                         p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -63,3 +61,13 @@ def optimize(ctx: Context, target: str, box: Interval, init: Interval, iters: in
     finally:
         ctx.alpha = saved
     return Interval(best_lo, best_hi)
+
+
+def _grad(lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """One chunk of output rows: its share of the loss (the sum of the finite widths) back-propagated
+    into the alphas at once, so that only this chunk's graph is held (the sum over chunks is the
+    whole loss's gradient)."""
+    width = hi - lo
+    loss = torch.where(torch.isfinite(width), width, torch.zeros_like(width)).sum()
+    if loss.requires_grad:
+        loss.backward()

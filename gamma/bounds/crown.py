@@ -443,8 +443,9 @@ def _first_step(ctx: Context, target: str, idx: Tensor, dtype, device):
 
 
 def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[int] = None,
-                stop: frozenset = frozenset()) -> Interval:
-    """CROWN bounds of every element of ``target``, in chunks of spec rows."""
+                stop: frozenset = frozenset(), each: Optional[Callable] = None) -> Interval:
+    """CROWN bounds of every element of ``target``, in chunks of spec rows; ``each(lo, hi)`` is called
+    on every chunk's bounds (alpha-CROWN's gradient, one chunk's graph at a time), which are then detached."""
     graph = ctx.graph
     shape = graph[target].shape
     n = numel(shape)
@@ -461,6 +462,9 @@ def node_bounds(ctx: Context, target: str, box: Interval, chunk_elems: Optional[
         lams = halves(lams, ctx.tunings)
         keep = [] if (target in ctx.keep_linear and not stop) else None
         lb = backward(ctx, lams, bias, box, stop, keep=keep)
+        if each is not None:
+            each(lb[:k], -lb[k:])
+            lb = lb.detach()
         lo[s:e] = lb[:k]
         hi[s:e] = -lb[k:]
         if keep is not None:
@@ -492,7 +496,4 @@ def _linear_rows(keep: list, lb: Tensor, k: int, box: Interval, dtype, device) -
 
 
 def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape)

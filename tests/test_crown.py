@@ -164,6 +164,17 @@ def test_trace_accounts_for_the_whole_width(op):
     assert float(width.min()) > 0
 
 
+def _swiglu(seed: int, outputs: int):
+    """A SwiGLU-shaped graph ``y = W (silu(G x) * (U x))`` on (3, 6) inputs, and a random point."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Graph("swiglu", "x", (3, 6))
+    gate = g.add("gate", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
+    up = g.add("up", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
+    h = g.add("h", "mul", g.add("act", "silu", gate), up)
+    g.add("y", "linear", h, weight=torch.randn(outputs, 8, generator=gen).double())
+    return g.infer_shapes(), torch.randn(3, 6, generator=gen, dtype=torch.float64)
+
+
 def test_mul_planes_by_hand_and_alpha_on_a_product_is_sound_and_never_looser():
     """alpha-CROWN mixes the two McCormick planes of x * y per element
     (bilinear.mul_planes): a = 1 gives P1 = xl y + yl x - xl yl exactly, a = b = 1/2
@@ -171,7 +182,6 @@ def test_mul_planes_by_hand_and_alpha_on_a_product_is_sound_and_never_looser():
     function (samples + PGD) and are never looser than CROWN's."""
     from gamma.bounds.bilinear import mul_planes
     from gamma.bounds.interval import Interval
-    from gamma.graph import Graph
     from soundness import graph_fn, violations
     x = Interval(torch.tensor([-1.0, 0.5], dtype=torch.float64), torch.tensor([2.0, 1.5], dtype=torch.float64))
     y = Interval(torch.tensor([0.5, -3.0], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64))
@@ -181,14 +191,7 @@ def test_mul_planes_by_hand_and_alpha_on_a_product_is_sound_and_never_looser():
     assert torch.equal(ux, y.lower) and torch.equal(uy, x.upper) and torch.equal(uc, -x.upper * y.lower)
     (lx, ly, lc), _ = mul_planes(x, y, half, half)
     assert torch.allclose(lc, -(x.center * y.center + x.radius * y.radius))
-    gen = torch.Generator().manual_seed(12)
-    g = Graph("swiglu", "x", (3, 6))
-    gate = g.add("gate", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
-    up = g.add("up", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
-    h = g.add("h", "mul", g.add("act", "silu", gate), up)
-    g.add("y", "linear", h, weight=torch.randn(4, 8, generator=gen).double())
-    g = g.infer_shapes()
-    x0 = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    g, x0 = _swiglu(seed=12, outputs=4)
     c = compute_bounds(g, x0, 0.3, "crown")
     a = compute_bounds(g, x0, 0.3, "alpha", alpha_iters=15)
     assert torch.all(a.lower >= c.lower) and torch.all(a.upper <= c.upper)
@@ -205,15 +208,7 @@ def test_alpha_gradient_by_chunks_is_the_whole_loss_gradient():
     from dataclasses import replace
     from gamma.bounds import alpha as A
     from gamma.bounds.crown import node_bounds
-    from gamma.graph import Graph
-    gen = torch.Generator().manual_seed(5)
-    g = Graph("swiglu", "x", (3, 6))
-    gate = g.add("gate", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
-    up = g.add("up", "linear", "x", weight=torch.randn(8, 6, generator=gen).double())
-    h = g.add("h", "mul", g.add("act", "silu", gate), up)
-    g.add("y", "linear", h, weight=torch.randn(7, 8, generator=gen).double())
-    g = g.infer_shapes()
-    x0 = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    g, x0 = _swiglu(seed=5, outputs=7)
     ctx = _ctx(g, x0, 0.3)
     box = ctx.bounds[g.input]
     grads, out = [], []

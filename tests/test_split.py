@@ -182,3 +182,17 @@ def test_resume_key_names_the_option():
     assert "norm_splits" not in run_key(report, 20, x)
     assert "norm_splits" not in run_key(dict(report, norm_splits=1), 20, x)
     assert run_key(dict(report, norm_splits=4), 20, x)["norm_splits"] == 4
+
+
+@pytest.mark.parametrize("style", ["whisper", "llama"])
+def test_alpha_with_pieces(style):
+    """alpha-CROWN optimises the output over the bounds the pieces gave: never looser than CROWN with
+    the same pieces (measured: Llama-style 38.36 -> 38.02, Whisper-style equal), split as CROWN is,
+    and sound under samples + PGD of a float32 engine."""
+    g = block(style, 4)
+    x0 = torch.randn(g.input_shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    a = compute_bounds(g, x0, 0.01, "alpha", alpha_iters=5, tunings=Tunings(norm_splits=3))
+    c = compute_bounds(g, x0, 0.01, "crown", tunings=Tunings(norm_splits=3))
+    assert a.stats["split_norms"] == 1
+    assert torch.all(a.lower >= c.lower) and torch.all(a.upper <= c.upper)
+    assert violations(graph_fn(g, torch.float32), x0, 0.01, a.lower, a.upper, steps=20) == 0

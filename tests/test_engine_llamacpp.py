@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gamma import cli
-from gamma.bounds import compute_bounds, fpggml
+from gamma.bounds import Tunings, compute_bounds, fpggml
 from gamma.bounds.interval import Interval
 from gamma.io import load_checkpoint
 from gamma.models import Model
@@ -320,6 +320,9 @@ def test_llamacpp_bounds_contain_the_emulated_engine(request, fixture, permuted,
             assert sum(_inside(r, y) for y in ys) == 0, (arith, eps)
         r = compute_bounds(g, x, eps, "crown", intermediate="cut", engine="llama.cpp", allow_zero=True)
         assert sum(_inside(r, y) for y in ys) == 0, ("cut", eps)
+        if eps:                   # each norm's mean square in pieces (split.py) under ggml's arithmetic
+            r = compute_bounds(g, x, eps, "crown", engine="llama.cpp", tunings=Tunings(norm_splits=3))
+            assert r.stats["split_norms"] >= 1 and sum(_inside(r, y) for y in ys) == 0, ("norm splits", eps)
         for method in ("ibp", "zonotope", "alpha") if scope is not None else ():
             r = compute_bounds(g, x, eps, method, engine="llama.cpp", allow_zero=True, alpha_iters=3)
             assert sum(_inside(r, y) for y in ys) == 0, (method, eps)
